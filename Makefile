@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine (Python 3.11 + pip):
+#   make run    the whole pipeline on this machine (embedded broker)
+#   make test   lint, type-check and the full test suite against a real broker
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install run test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/spendstream run
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) spendstream-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,72 @@
+"""OTLP/gRPC TraceService on grpc.aio. Takes the raw bytes so decoding errors are ours to answer."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
+    ExportTraceServiceResponse,
+)
+
+from collector import metrics
+from collector._status import RETRY_AFTER_S, answer_for
+from collector.service import TraceIngestService
+
+log = logging.getLogger(__name__)
+
+_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+_RETRY_INFO = RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S)).SerializeToString()
+
+
+class PortInUse(OSError):
+    """The configured port cannot be bound."""
+
+
+def _handler(service: TraceIngestService) -> grpc.GenericRpcHandler:
+    async def export(payload: bytes, context: grpc.aio.ServicerContext[bytes, ExportTraceServiceResponse]
+                     ) -> ExportTraceServiceResponse:
+        metadata = dict(context.invocation_metadata() or ())
+        authorization = metadata.get("authorization")
+        try:
+            outcome = await service.export(
+                payload, "protobuf", authorization if isinstance(authorization, str) else None, "grpc"
+            )
+        except Exception as exc:  # every failure becomes an OTLP answer; the server keeps serving
+            answer = answer_for(exc)
+            metrics.REQUESTS.labels("grpc", answer.grpc_code.name).inc()
+            trailing = (("google.rpc.retryinfo-bin", _RETRY_INFO),) if answer.retryable else ()
+            await context.abort(answer.grpc_code, answer.message, trailing)
+        metrics.REQUESTS.labels("grpc", "OK").inc()
+        if outcome.rejected_spans:
+            return ExportTraceServiceResponse(partial_success=ExportTracePartialSuccess(
+                rejected_spans=outcome.rejected_spans, error_message=outcome.error_message))
+        return ExportTraceServiceResponse()
+
+    return grpc.method_handlers_generic_handler(_SERVICE, {
+        "Export": grpc.unary_unary_rpc_method_handler(
+            export, request_deserializer=None, response_serializer=ExportTraceServiceResponse.SerializeToString
+        ),
+    })
+
+
+async def start_grpc_server(service: TraceIngestService, host: str, port: int,
+                            max_request_bytes: int) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC receiver; returns the server and the port it bound (useful with port 0)."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_request_bytes),
+        ("grpc.so_reuseport", 0),
+    ])
+    server.add_generic_rpc_handlers([_handler(service)])
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise PortInUse(f"cannot listen for OTLP/gRPC on {host}:{port} (in use? change it with --grpc-port)"
+                        ) from exc
+    if bound == 0:
+        raise PortInUse(f"cannot listen for OTLP/gRPC on {host}:{port} (in use? change it with --grpc-port)")
+    await server.start()
+    return server, bound

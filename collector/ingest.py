@@ -1,0 +1,172 @@
+"""Turn one decoded OTLP trace request into usage events and dead letters. Pure apart from a bounded memory.
+
+The memory (`NestedCallFilter`) remembers recently counted calls so that a model call
+instrumented twice (a framework span wrapping the SDK span, both with usage) counts once:
+the innermost span wins, as the reference recipe says.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from collector.attribution import Attribution, attribute
+from collector.normalize import InvalidSpan, SpanUsage, normalize_span
+from schemas.config import Config
+from schemas.deadletter import DeadLetter
+from schemas.usage import UsageEvent
+
+#: How many rejection messages one OTLP answer carries; the count covers all of them.
+MAX_MESSAGES = 5
+
+
+class NestedCallFilter:
+    """Remembers (trace, parent span) of counted calls; a span that is such a parent is a wrapper.
+
+    Spans end child-first, so the inner call normally arrives in the same or an earlier
+    request than its wrapper. Bounded: the oldest entries are forgotten first.
+    """
+
+    def __init__(self, capacity: int = 200_000) -> None:
+        self._capacity = capacity
+        self._parents: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def is_wrapper(self, trace_id: str, span_id: str) -> bool:
+        return (trace_id, span_id) in self._parents
+
+    def remember(self, trace_id: str, parent_span_id: str) -> None:
+        self._parents[(trace_id, parent_span_id)] = None
+        if len(self._parents) > self._capacity:
+            self._parents.popitem(last=False)
+
+
+@dataclass(slots=True)
+class IngestResult:
+    events: list[UsageEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    rejected_spans: int = 0
+    messages: list[str] = field(default_factory=list)
+    #: outcome -> spans: accepted, not_usage, nested_duplicate, unallocated, spoofed, rejected:<reason>
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def reject(self, message: str, reason: str) -> None:
+        self.rejected_spans += 1
+        self.outcomes[f"rejected:{reason}"] += 1
+        if len(self.messages) < MAX_MESSAGES:
+            self.messages.append(message)
+
+    @property
+    def error_message(self) -> str:
+        if not self.rejected_spans:
+            return ""
+        more = self.rejected_spans - len(self.messages)
+        return "; ".join(self.messages) + (f"; and {more} more" if more > 0 else "")
+
+
+def _attrs(kvs: object) -> dict[str, AnyValue]:
+    return {kv.key: kv.value for kv in kvs}  # type: ignore[attr-defined]  # repeated KeyValue
+
+
+def ingest_request(
+    request: ExportTraceServiceRequest,
+    config: Config,
+    identity: Mapping[str, str] | None,
+    nested: NestedCallFilter,
+) -> IngestResult:
+    """Normalise and attribute every span of a request.
+
+    Spans that are not model calls are skipped; model calls that cannot be priced as sent
+    are rejected (counted in the OTLP partial success) and kept as dead letters.
+    """
+    result = IngestResult()
+    limits = config.collector
+    candidates: list[tuple[UsageEvent, str | None]] = []
+    for resource_spans in request.resource_spans:
+        resource = _attrs(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            scope_name = scope_spans.scope.name
+            for span in scope_spans.spans:
+                attrs = _attrs(span.attributes)
+                trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+                who = attribute(attrs, resource, config.attribution, identity, limits.max_value_chars)
+                try:
+                    usage = normalize_span(
+                        span, attrs, resource, scope_name,
+                        max_tokens=limits.max_token_count, max_chars=limits.max_value_chars,
+                    )
+                    if usage is not None and (len(trace_id) != 32 or len(span_id) != 16):
+                        raise InvalidSpan("invalid_span_id", "trace_id must be 16 bytes and span_id 8 bytes")
+                except InvalidSpan as exc:
+                    result.reject(f"span {span_id or '?'}: {exc.detail}", exc.reason)
+                    result.dead_letters.append(DeadLetter(
+                        reason=exc.reason, detail=exc.detail, stage="collector", attribution_key=who.key,
+                        usage_id=f"{trace_id}-{span_id}",
+                        fields={"attribution": dict(who.values), "scope": scope_name[:limits.max_value_chars]},
+                    ))
+                    continue
+                if usage is None:
+                    result.outcomes["not_usage"] += 1
+                    continue
+                if who.missing and config.attribution.on_missing == "reject":
+                    result.reject(f"span {span_id}: missing attribution {', '.join(who.missing)}",
+                                  "missing_attribution")
+                    result.dead_letters.append(DeadLetter(
+                        reason="missing_attribution", detail=f"missing {', '.join(who.missing)}",
+                        stage="collector", attribution_key=who.key, usage_id=f"{trace_id}-{span_id}",
+                        fields=_event_fields(usage, dict(who.values)),
+                    ))
+                    continue
+                if who.spoofed:
+                    result.outcomes["spoofed"] += 1
+                if who.missing:
+                    result.outcomes["unallocated"] += 1
+                parent = span.parent_span_id.hex() or None
+                candidates.append((_event(span, parent, usage, who), parent))
+    parents_here = {(event.trace_id, parent) for event, parent in candidates if parent}
+    for event, parent in candidates:
+        if (event.trace_id, event.span_id) in parents_here or nested.is_wrapper(event.trace_id, event.span_id):
+            result.outcomes["nested_duplicate"] += 1
+            continue
+        if parent:
+            nested.remember(event.trace_id, parent)
+        result.events.append(event)
+        result.outcomes["accepted"] += 1
+    return result
+
+
+def _event_fields(usage: SpanUsage, attribution: dict[str, str]) -> dict[str, object]:
+    return {
+        "operation": usage.operation, "provider": usage.provider, "request_model": usage.request_model,
+        "response_model": usage.response_model, "tokens": asdict(usage.tokens), "attribution": attribution,
+    }
+
+
+def _event(span: Span, parent: str | None, usage: SpanUsage, who: Attribution) -> UsageEvent:
+    extra = {"reported_cost_usd": usage.reported_cost_usd} if usage.reported_cost_usd else {}
+    trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+    return UsageEvent(
+        id=f"{trace_id}-{span_id}",
+        trace_id=trace_id,
+        span_id=span_id,
+        parent_span_id=parent,
+        start_time_unix_nano=span.start_time_unix_nano,
+        end_time_unix_nano=span.end_time_unix_nano,
+        operation=usage.operation,
+        provider=usage.provider,
+        request_model=usage.request_model,
+        response_model=usage.response_model,
+        tokens=usage.tokens,
+        attribution=who.values,
+        attribution_key=who.key,
+        allocated=who.allocated,
+        service_tier=usage.service_tier,
+        server_address=usage.server_address,
+        dialect=usage.dialect,
+        error=usage.error,
+        extra=extra,
+    )

@@ -1,0 +1,28 @@
+"""Every metric the collector exports, declared in one place (Prometheus, default registry)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Histogram
+
+SPANS_RECEIVED: Final = Counter(
+    "spendstream_collector_spans_received", "Spans received over OTLP", ["transport"]
+)
+SPANS_OUTCOME: Final = Counter(
+    "spendstream_collector_spans", "Spans by outcome: accepted, not_usage, nested_duplicate, "
+    "unallocated, spoofed, rejected:<reason>", ["outcome"]
+)
+REQUESTS: Final = Counter(
+    "spendstream_collector_requests", "OTLP export requests by transport and answer", ["transport", "code"]
+)
+EVENTS_PUBLISHED: Final = Counter(
+    "spendstream_collector_usage_events_published", "Usage events acknowledged by Kafka"
+)
+DEADLETTERS_PUBLISHED: Final = Counter(
+    "spendstream_collector_deadletters_published", "Rejected spans kept in the dead-letter topic", ["reason"]
+)
+PUBLISH_SECONDS: Final = Histogram(
+    "spendstream_collector_publish_seconds", "Time from publish to broker acknowledgement",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)

@@ -1,0 +1,305 @@
+"""Map one OTLP span of any GenAI dialect to the fields of a UsageEvent. Pure: no I/O, no clock.
+
+Follows the recipe in shared/reference/genai-semconv.md §5: which spans are usage, which
+attribute wins for model, provider and each token meter, and which dialects report input
+tokens exclusive of cache tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import orjson
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from schemas.errors import PermanentError
+from schemas.usage import TokenCounts
+
+Attrs = Mapping[str, AnyValue]
+
+#: Operation names that are priced, mapped to their canonical semconv name.
+BILLABLE_OPERATIONS: Final[Mapping[str, str]] = {
+    "chat": "chat",
+    "text_completion": "text_completion",
+    "generate_content": "generate_content",
+    "embeddings": "embeddings",
+    # legacy and ad-hoc spellings still in the wild (Langfuse, pre-2025 OpenLLMetry)
+    "completion": "text_completion",
+    "generate": "generate_content",
+    "embedding": "embeddings",
+}
+_OPENINFERENCE_KINDS: Final[Mapping[str, str]] = {"LLM": "chat", "EMBEDDING": "embeddings"}
+
+_PROVIDER_ALIASES: Final[Mapping[str, str]] = {
+    "xai": "x_ai",
+    "az.ai.inference": "azure.ai.inference",
+    "az.ai.openai": "azure.ai.openai",
+    "vertex_ai": "gcp.vertex_ai",
+    "gemini": "gcp.gemini",
+    "google": "gcp.gemini",
+    "bedrock": "aws.bedrock",
+    "mistralai": "mistral_ai",
+    "mistral": "mistral_ai",
+}
+#: server.address suffix -> provider, for spans that name no provider.
+_PROVIDER_HOSTS: Final = (
+    ("api.openai.com", "openai"),
+    ("openai.azure.com", "azure.ai.openai"),
+    ("api.anthropic.com", "anthropic"),
+    ("generativelanguage.googleapis.com", "gcp.gemini"),
+    ("aiplatform.googleapis.com", "gcp.vertex_ai"),
+    ("amazonaws.com", "aws.bedrock"),
+    ("api.mistral.ai", "mistral_ai"),
+    ("api.groq.com", "groq"),
+    ("api.deepseek.com", "deepseek"),
+    ("api.x.ai", "x_ai"),
+    ("api.cohere.com", "cohere"),
+    ("api.cohere.ai", "cohere"),
+    ("openrouter.ai", "openrouter"),
+)
+
+_INPUT: Final = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.token_count.prompt",
+                 "ai.usage.promptTokens")
+_OUTPUT: Final = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens", "llm.token_count.completion",
+                  "ai.usage.completionTokens")
+_CACHE_READ: Final = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens",
+                      "llm.token_count.prompt_details.cache_read", "ai.usage.cachedInputTokens")
+_CACHE_WRITE: Final = ("gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens",
+                       "gen_ai.usage.cache_creation_input_tokens", "llm.token_count.prompt_details.cache_write")
+_REASONING: Final = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens",
+                     "llm.usage.reasoning_tokens", "llm.token_count.completion_details.reasoning",
+                     "ai.usage.reasoningTokens")
+_RESPONSE_MODEL: Final = ("gen_ai.response.model", "llm.response.model_name", "llm.model_name")
+_REQUEST_MODEL: Final = ("gen_ai.request.model", "llm.request.model_name", "ai.model.id",
+                         "langfuse.observation.model.name")
+_SERVICE_TIER: Final = ("openai.response.service_tier", "openai.request.service_tier",
+                        "gen_ai.openai.response.service_tier", "gen_ai.openai.request.service_tier")
+_REPORTED_COST: Final = ("gen_ai.usage.cost", "llm.cost.total")
+_LANGFUSE_USAGE: Final = "langfuse.observation.usage_details"
+
+
+class InvalidSpan(PermanentError):
+    """A usage span that cannot be priced as sent. `reason` is a stable code for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class SpanUsage:
+    """What one usage span says about its model call, before attribution."""
+
+    operation: str
+    provider: str | None
+    request_model: str | None
+    response_model: str | None
+    tokens: TokenCounts
+    dialect: str
+    service_tier: str | None
+    server_address: str | None
+    error: bool
+    reported_cost_usd: str | None
+
+
+def any_value_str(value: AnyValue) -> str | None:
+    """The value as a string if it is a scalar, else None (arrays and maps are never identities)."""
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "int_value":
+        return str(value.int_value)
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind == "double_value":
+        return repr(value.double_value)
+    return None
+
+
+def _first_str(attrs: Attrs, names: tuple[str, ...], max_chars: int) -> str | None:
+    for name in names:
+        value = attrs.get(name)
+        if value is not None:
+            text = any_value_str(value)
+            if text:
+                return text[:max_chars]
+    return None
+
+
+def _to_int(name: str, value: AnyValue) -> int:
+    kind = value.WhichOneof("value")
+    if kind == "int_value":
+        return value.int_value
+    if kind == "double_value" and value.double_value.is_integer():
+        return int(value.double_value)
+    if kind == "string_value":
+        try:
+            return int(value.string_value)
+        except ValueError:
+            pass
+    raise InvalidSpan("invalid_token_count", f"{name} is not an integer")
+
+
+def _first_int(attrs: Attrs, names: tuple[str, ...]) -> tuple[str, int] | None:
+    for name in names:
+        value = attrs.get(name)
+        if value is not None:
+            return name, _to_int(name, value)
+    return None
+
+
+def _operation(attrs: Attrs) -> str | None:
+    """The canonical billable operation, "" for a known non-billable span, None if it names none."""
+    for name in ("gen_ai.operation.name", "llm.request.type"):
+        value = attrs.get(name)
+        if value is not None:
+            return BILLABLE_OPERATIONS.get(value.string_value.lower(), "")
+    kind = attrs.get("openinference.span.kind")
+    if kind is not None:
+        return _OPENINFERENCE_KINDS.get(kind.string_value.upper(), "")
+    if _LANGFUSE_USAGE in attrs:
+        return "chat"
+    return None
+
+
+def _dialect(attrs: Attrs, resource: Attrs, scope_name: str) -> str:
+    if "openinference.span.kind" in attrs or "llm.token_count.prompt" in attrs:
+        return "openinference"
+    if _LANGFUSE_USAGE in attrs:
+        return "langfuse"
+    sdk = attrs.get("telemetry.sdk.name") or resource.get("telemetry.sdk.name")
+    if scope_name.startswith("openlit") or (sdk is not None and sdk.string_value == "openlit"):
+        return "openlit"
+    if scope_name == "ai" or "ai.model.id" in attrs:
+        return "vercel_ai"
+    if "gen_ai.usage.prompt_tokens" in attrs:
+        legacy_markers = ("llm.request.type", "llm.usage.total_tokens", "gen_ai.usage.cache_read_input_tokens")
+        if any(m in attrs for m in legacy_markers) or "traceloop" in scope_name:
+            return "openllmetry_legacy"
+        return "semconv_deprecated"
+    return "semconv"
+
+
+def normalize_provider(raw: str | None, server_address: str | None) -> str | None:
+    """Canonical semconv provider name: deprecated spellings mapped, else inferred from the host."""
+    if raw:
+        name = raw.strip().lower()
+        return _PROVIDER_ALIASES.get(name, name)
+    if server_address:
+        host = server_address.lower()
+        for suffix, provider in _PROVIDER_HOSTS:
+            if host.endswith(suffix):
+                return provider
+    return None
+
+
+def _langfuse_tokens(attrs: Attrs) -> dict[str, int]:
+    """Langfuse usage_details is a JSON object whose `input` already excludes cache tokens."""
+    raw = attrs[_LANGFUSE_USAGE].string_value
+    try:
+        details = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidSpan("invalid_token_count", f"{_LANGFUSE_USAGE} is not JSON") from exc
+    if not isinstance(details, dict):
+        raise InvalidSpan("invalid_token_count", f"{_LANGFUSE_USAGE} is not a JSON object")
+
+    def pick(*keys: str) -> int:
+        for key in keys:
+            value = details.get(key)
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise InvalidSpan("invalid_token_count", f"{_LANGFUSE_USAGE}.{key} is not an integer")
+                return value
+        return 0
+
+    return {
+        "input": pick("input"),
+        "output": pick("output"),
+        "cache_read": pick("input_cached_tokens", "cache_read_input_tokens"),
+        "cache_write": pick("input_cache_creation", "cache_creation_input_tokens"),
+        "reasoning": pick("output_reasoning_tokens"),
+    }
+
+
+def _tokens(attrs: Attrs, dialect: str, provider: str | None, max_tokens: int) -> TokenCounts | None:
+    """Token meters, or None when the span reports no token count at all."""
+    if dialect == "langfuse":
+        counts = _langfuse_tokens(attrs)
+        input_is_exclusive = True
+    else:
+        found = {
+            meter: _first_int(attrs, names)
+            for meter, names in (("input", _INPUT), ("output", _OUTPUT), ("cache_read", _CACHE_READ),
+                                 ("cache_write", _CACHE_WRITE), ("reasoning", _REASONING))
+        }
+        if found["input"] is None and found["output"] is None:
+            return None
+        counts = {meter: hit[1] if hit else 0 for meter, hit in found.items()}
+        # OpenLIT's Anthropic instrumentation reports Anthropic's own input_tokens, which exclude cache
+        input_is_exclusive = dialect == "openlit" and provider == "anthropic"
+    for meter, count in counts.items():
+        if count < 0 or count > max_tokens:
+            raise InvalidSpan("invalid_token_count", f"{meter} token count {count} is outside 0..{max_tokens}")
+    cached = counts["cache_read"] + counts["cache_write"]
+    uncached = counts["input"] if input_is_exclusive else max(counts["input"] - cached, 0)
+    return TokenCounts(
+        input_uncached=uncached,
+        cache_read=counts["cache_read"],
+        cache_write=counts["cache_write"],
+        output=counts["output"],
+        reasoning=counts["reasoning"],
+    )
+
+
+def _vercel_provider(attrs: Attrs) -> str | None:
+    value = attrs.get("ai.model.provider") or attrs.get("gen_ai.system")  # e.g. "openai.chat"
+    return value.string_value.split(".", 1)[0] if value is not None else None
+
+
+def normalize_span(
+    span: Span, attrs: Attrs, resource: Attrs, scope_name: str, *, max_tokens: int, max_chars: int
+) -> SpanUsage | None:
+    """Read the usage of one span; None if it is not a priceable model call.
+
+    `attrs` and `resource` are the span's and its resource's attributes by key.
+    Raises InvalidSpan when it is a model call that cannot be priced as sent (no model with
+    tokens reported, negative or absurd token counts).
+    """
+    operation = _operation(attrs)
+    if operation == "":
+        return None  # agent, workflow, tool, retrieval...: they may carry sums of their children
+    has_usage_attrs = any(name in attrs for name in _INPUT) or any(name in attrs for name in _OUTPUT)
+    if operation is None:
+        if not has_usage_attrs:
+            return None
+        operation = "chat"  # a legacy span with token counts and no operation name
+    dialect = _dialect(attrs, resource, scope_name)
+    server_address = _first_str(attrs, ("server.address",), max_chars)
+    raw_provider = _first_str(attrs, ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system"),
+                              max_chars)
+    if dialect == "vercel_ai":  # its gen_ai.system is e.g. "openai.chat"; ai.model.provider is the same
+        raw_provider = _vercel_provider(attrs) or raw_provider
+    provider = normalize_provider(raw_provider, server_address)
+    tokens = _tokens(attrs, dialect, provider, max_tokens)
+    request_model = _first_str(attrs, _REQUEST_MODEL, max_chars)
+    response_model = _first_str(attrs, _RESPONSE_MODEL, max_chars)
+    if request_model is None and response_model is None:
+        if tokens is None or tokens == TokenCounts():
+            return None  # nothing was consumed and nothing names a model: no call to price
+        raise InvalidSpan("missing_model", "span reports tokens but names no model")
+    return SpanUsage(
+        operation=operation,
+        provider=provider,
+        request_model=request_model,
+        response_model=response_model,
+        tokens=tokens or TokenCounts(),
+        dialect=dialect,
+        service_tier=_first_str(attrs, _SERVICE_TIER, max_chars),
+        server_address=server_address,
+        error="error.type" in attrs or span.status.code == Status.STATUS_CODE_ERROR,
+        reported_cost_usd=_first_str(attrs, _REPORTED_COST, 64),
+    )

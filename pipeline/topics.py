@@ -1,0 +1,52 @@
+"""Create the topics of the public contract, idempotently (the embedded broker never auto-creates)."""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from schemas import topics as contract
+from schemas.errors import TransientError
+from schemas.topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class TopicSetupError(TransientError):
+    """Topics could not be created; the message names the topic and the broker's reason."""
+
+
+async def ensure_topics(bootstrap_servers: str, names: TopicNames, *, partitions: int,
+                        replication_factor: int = 1) -> dict[str, str]:
+    """Create every contract topic that is missing. Returns topic -> "created" | "exists"."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        await admin.close()
+        raise TopicSetupError(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
+    try:
+        wanted = [
+            NewTopic(names.name(topic), partitions, replication_factor,
+                     topic_configs={"cleanup.policy": "compact"} if topic in contract.COMPACTED else {})
+            for topic in contract.ALL
+        ]
+        response = await admin.create_topics(wanted)
+    except KafkaError as exc:
+        raise TopicSetupError(f"creating topics on {bootstrap_servers} failed: {exc}") from exc
+    finally:
+        await admin.close()
+    result: dict[str, str] = {}
+    for topic, code, message in response.topic_errors:
+        if code == 0:
+            result[topic] = "created"
+        elif code == _TOPIC_ALREADY_EXISTS:
+            result[topic] = "exists"
+        else:
+            raise TopicSetupError(f"creating topic {topic} failed: error {code} {message or ''}".strip())
+    log.info("topics ready: %s", ", ".join(f"{t} ({s})" for t, s in sorted(result.items())))
+    return result

@@ -1,0 +1,232 @@
+"""spendstream.yaml: typed configuration, its defaults, and a loader whose errors name key and line.
+
+Defaults live in the dataclass fields and nowhere else. The JSON Schema (`config.schema.json`)
+rejects unknown keys and wrong types; `validate()` methods add the cross-field rules.
+Sections that later pipeline stages own (budgets, keys, velocity, downgrade, pricing) are
+validated by the schema and kept as plain data until their stage reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, Literal, cast
+
+import jsonschema
+import yaml
+
+from schemas.errors import ConfigError
+
+#: Where each attribution dimension is read from, first match wins (span, then resource).
+DEFAULT_DIMENSIONS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "team": ("team.name", "team", "gen_ai.team"),
+        "use_case": ("feature.name", "use_case", "gen_ai.use_case", "app.use_case"),
+        "env": ("deployment.environment.name", "deployment.environment", "env"),
+        "app": ("service.name",),
+        "key": ("gen_ai.virtual_key", "virtual_key", "api_key.name"),
+        "cost_center": ("cost_center", "cost.center"),
+        "user": ("enduser.id", "user.id"),
+        "tenant_tier": ("tenant.tier",),
+    }
+)
+UNALLOCATED: Final = "unallocated"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = ""
+    partitions: int = 8
+    replication_factor: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectorConfig:
+    host: str = "0.0.0.0"
+    grpc_port: int = 4317
+    http_port: int = 4318
+    #: Largest OTLP request accepted; a 1 MB attribute must fit with room to spare.
+    max_request_bytes: int = 16 * 1024 * 1024
+    #: How long an OTLP call waits for the broker's acknowledgement before answering UNAVAILABLE.
+    publish_timeout_s: float = 5.0
+    max_events_per_message: int = 500
+    #: Token counts above this are treated as corrupt, not as a real call.
+    max_token_count: int = 1_000_000_000
+    #: Attribution values and model names are cut to this many characters.
+    max_value_chars: int = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttributionConfig:
+    required: tuple[str, ...] = ("team", "use_case", "env")
+    on_missing: Literal["allocate_unallocated", "reject"] = "allocate_unallocated"
+    dimensions: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: DEFAULT_DIMENSIONS)
+    #: The dimensions whose values form the Kafka key of a usage event.
+    key_dimensions: tuple[str, ...] = ("team", "use_case", "env", "app", "key")
+    hash_user_ids: bool = True
+    user_id_salt: str = ""
+
+    def validate(self) -> list[str]:
+        problems = [
+            f"attribution.required: unknown dimension {name!r} (known: {', '.join(sorted(self.dimensions))})"
+            for name in self.required
+            if name not in self.dimensions
+        ]
+        problems += [
+            f"attribution.key_dimensions: unknown dimension {name!r}"
+            for name in self.key_dimensions
+            if name not in self.dimensions
+        ]
+        return problems
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    billing_currency: str = "USD"
+    fx: Mapping[str, float] = field(default_factory=dict)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    #: bearer token -> the identity (dimension -> value) that token may claim
+    ingest_tokens: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    budgets: Sequence[Mapping[str, Any]] = ()
+    keys: Sequence[Mapping[str, Any]] = ()
+    velocity: Mapping[str, Any] = field(default_factory=dict)
+    downgrade: Mapping[str, str] = field(default_factory=dict)
+    pricing: Mapping[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> list[str]:
+        problems = self.attribution.validate()
+        if self.billing_currency != "USD" and "USD" not in self.fx:
+            problems.append(
+                f"fx: billing_currency is {self.billing_currency} but fx has no USD rate "
+                "(prices are published in USD)"
+            )
+        for token, identity in self.ingest_tokens.items():
+            problems += [
+                f"ingest_tokens.{token[:4]}…: unknown dimension {dim!r}"
+                for dim in identity
+                if dim not in self.attribution.dimensions
+            ]
+        return problems
+
+
+def _schema() -> dict[str, Any]:
+    text = resources.files("schemas").joinpath("config.schema.json").read_text("utf-8")
+    return cast(dict[str, Any], json.loads(text))
+
+
+def _line_of(node: yaml.Node | None, path: Sequence[str | int]) -> int | None:
+    """1-based line of the YAML node at `path`, or of its deepest existing ancestor."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            match = node.value[part]
+        else:
+            match = None
+        if match is None:
+            break
+        node = match
+        line = node.start_mark.line + 1
+    return line
+
+
+def _dotted(path: Sequence[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _schema_problems(data: Any, root: yaml.Node | None) -> list[str]:
+    validator = jsonschema.Draft202012Validator(_schema())
+    problems = []
+    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+        path = list(err.absolute_path)
+        message = err.message
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            allowed = err.schema.get("properties", {})
+            extra = [k for k in err.instance if k not in allowed]
+            message = f"unknown key(s) {', '.join(map(repr, extra))}"
+            if extra:
+                path = [*path, extra[0]]
+        line = _line_of(root, path)
+        where = f" (line {line})" if line else ""
+        problems.append(f"{_dotted(path)}{where}: {message}")
+    return problems
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
+    """Build a validated Config from plain data. Raises ConfigError listing every problem."""
+    problems = _schema_problems(data, None)
+    if problems:
+        raise ConfigError(problems, source)
+    return _build(data, source)
+
+
+def _build(data: Mapping[str, Any], source: str) -> Config:
+    attribution = dict(data.get("attribution", {}))
+    if "dimensions" in attribution:
+        # configured names extend the defaults: a dimension named here replaces its default list
+        attribution["dimensions"] = MappingProxyType(
+            {**DEFAULT_DIMENSIONS, **{k: tuple(v) for k, v in attribution["dimensions"].items()}}
+        )
+    for key in ("required", "key_dimensions"):
+        if key in attribution:
+            attribution[key] = tuple(attribution[key])
+    config = Config(
+        billing_currency=data.get("billing_currency", "USD"),
+        fx=dict(data.get("fx", {})),
+        kafka=KafkaConfig(**data.get("kafka", {})),
+        collector=CollectorConfig(**data.get("collector", {})),
+        metrics=MetricsConfig(**data.get("metrics", {})),
+        attribution=AttributionConfig(**attribution),
+        ingest_tokens={k: dict(v) for k, v in data.get("ingest_tokens", {}).items()},
+        budgets=tuple(data.get("budgets", ())),
+        keys=tuple(data.get("keys", ())),
+        velocity=dict(data.get("velocity", {})),
+        downgrade=dict(data.get("downgrade", {})),
+        pricing=dict(data.get("pricing", {})),
+    )
+    problems = config.validate()
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a spendstream.yaml; None gives the defaults.
+
+    Raises ConfigError with one `key (line N): problem` entry per problem found.
+    """
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read file: {exc.strerror}"], source) from exc
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+    if data is None:
+        data = {}
+    problems = _schema_problems(data, root)
+    if problems:
+        raise ConfigError(problems, source)
+    return _build(data, source)

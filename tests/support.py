@@ -1,0 +1,175 @@
+"""Test support: OTLP request builders, a collector on its own event loop, and topic readers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import threading
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
+from dataclasses import replace
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from collector.app import Collector, Endpoints
+from schemas.config import CollectorConfig, Config, KafkaConfig
+from schemas.usage import UsageEvent, decode_usage_batch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def any_value(value: Any) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    if isinstance(value, bytes):
+        return AnyValue(bytes_value=value)
+    return AnyValue(string_value=str(value))
+
+
+def key_values(attrs: Mapping[str, Any]) -> list[KeyValue]:
+    return [KeyValue(key=k, value=any_value(v)) for k, v in attrs.items()]
+
+
+_span_counter = iter(range(1, 1 << 62))
+
+
+def make_span(attrs: Mapping[str, Any], *, trace_id: bytes | None = None, span_id: bytes | None = None,
+              parent: bytes = b"", name: str = "chat") -> Span:
+    n = next(_span_counter)
+    return Span(
+        trace_id=trace_id or os.urandom(16), span_id=span_id or n.to_bytes(8, "big"), parent_span_id=parent,
+        name=name, kind=Span.SPAN_KIND_CLIENT, start_time_unix_nano=1_767_225_600_000_000_000 + n,
+        end_time_unix_nano=1_767_225_601_000_000_000 + n, attributes=key_values(attrs),
+    )
+
+
+def make_request(spans: Iterable[Span], resource: Mapping[str, Any] | None = None,
+                 scope: str = "test") -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.extend(key_values(resource or {"service.name": "svc", "team.name": "t",
+                                                          "feature.name": "uc", "deployment.environment.name": "prod"}))
+    ss = rs.scope_spans.add()
+    ss.scope.name = scope
+    ss.spans.extend(spans)
+    return request
+
+
+def to_otlp_json(request: ExportTraceServiceRequest) -> bytes:
+    """OTLP/JSON as the spec writes it: lowerCamelCase, ids as hex, int64 as strings."""
+    data = json_format.MessageToDict(request)
+    for rs in data.get("resourceSpans", []):
+        for ss in rs.get("scopeSpans", []):
+            for span in ss.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64decode(span[key]).hex()
+    return orjson.dumps(data)
+
+
+class CollectorThread:
+    """A real Collector serving on ephemeral ports, on an event loop of its own thread.
+
+    The OTel SDK exporters block, so the collector cannot share the test's thread.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._collector = Collector(config)
+        self.endpoints: Endpoints | None = None
+
+    def _run(self, coro: Any) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout=30)
+
+    def start(self) -> CollectorThread:
+        self._thread.start()
+        self.endpoints = self._run(self._collector.start())
+        return self
+
+    @property
+    def grpc_endpoint(self) -> str:
+        assert self.endpoints
+        return f"localhost:{self.endpoints.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        assert self.endpoints
+        return f"http://127.0.0.1:{self.endpoints.http_port}/v1/traces"
+
+    def stop(self) -> None:
+        self._run(self._collector.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def collector_config(bootstrap: str, prefix: str, **overrides: Any) -> Config:
+    base = Config(
+        kafka=KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=prefix, partitions=2),
+        collector=CollectorConfig(host="127.0.0.1", grpc_port=0, http_port=0, publish_timeout_s=3.0),
+    )
+    return replace(base, **overrides)
+
+
+async def _read_all(bootstrap: str, topic: str, min_messages: int, timeout_s: float) -> list[Any]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()  # loads cluster metadata, so partitions_for_topic knows the topic
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or set())]
+        assert partitions, f"topic {topic} does not exist"
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records: list[Any] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            ends = await consumer.end_offsets(partitions)
+            done = all([await consumer.position(tp) >= ends[tp] for tp in partitions])
+            if done and len(records) >= min_messages:
+                break
+            batch = await consumer.getmany(timeout_ms=200)
+            for msgs in batch.values():
+                records.extend(msgs)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def read_topic(bootstrap: str, topic: str, *, min_messages: int = 0, timeout_s: float = 10.0) -> list[Any]:
+    """Every record in `topic` from the beginning (waits for at least `min_messages`)."""
+    return asyncio.run(_read_all(bootstrap, topic, min_messages, timeout_s))
+
+
+def read_usage(bootstrap: str, topic: str, *, min_events: int = 0, timeout_s: float = 10.0) -> list[UsageEvent]:
+    """All usage events in the topic, waiting until at least `min_events` arrived."""
+    loop_deadline = timeout_s
+    events: list[UsageEvent] = []
+    while True:
+        records = read_topic(bootstrap, topic, timeout_s=min(loop_deadline, 2.0))
+        events = [e for r in records for e in decode_usage_batch(r.value)]
+        loop_deadline -= 2.0
+        if len(events) >= min_events or loop_deadline <= 0:
+            return events
+
+
+def read_deadletters(bootstrap: str, topic: str, *, min_messages: int = 0) -> list[dict[str, Any]]:
+    return [orjson.loads(r.value) for r in read_topic(bootstrap, topic, min_messages=min_messages)]

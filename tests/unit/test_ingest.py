@@ -1,0 +1,173 @@
+"""The pure ingest path: dialects, which spans count, attribution, tokens, invalid input."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+
+from collector.ingest import NestedCallFilter, ingest_request
+from schemas.config import AttributionConfig, Config
+from tests.dialects import DIALECTS, Dialect, assert_matches
+from tests.support import make_request, make_span
+
+CONFIG = Config()
+
+
+def ingest(spans, config=CONFIG, identity=None, resource=None, scope="test", nested=None):
+    return ingest_request(make_request(spans, resource, scope), config, identity, nested or NestedCallFilter())
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.name)
+def test_each_dialect_normalises_to_the_same_meters(dialect: Dialect) -> None:
+    result = ingest([make_span(dialect.attrs)], scope=dialect.scope)
+    assert result.rejected_spans == 0
+    [event] = result.events
+    assert_matches(event.to_dict(), dialect.expected)
+
+
+@pytest.mark.parametrize("operation", ["invoke_agent", "invoke_workflow", "execute_tool", "create_agent",
+                                       "retrieval", "fetch_response", "handle_conversation_turn", "plan"])
+def test_agent_workflow_and_tool_spans_are_never_usage(operation: str) -> None:
+    span = make_span({"gen_ai.operation.name": operation, "gen_ai.request.model": "gpt-4o",
+                      "gen_ai.usage.input_tokens": 5000, "gen_ai.usage.output_tokens": 900})
+    result = ingest([span])
+    assert result.events == []
+    assert result.outcomes["not_usage"] == 1
+
+
+def test_plain_http_span_is_not_usage() -> None:
+    result = ingest([make_span({"http.request.method": "GET"})])
+    assert result.events == [] and result.rejected_spans == 0
+
+
+def test_double_instrumented_call_counts_once_innermost_wins() -> None:
+    trace = os.urandom(16)
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+             "gen_ai.usage.input_tokens": 100, "gen_ai.usage.output_tokens": 10}
+    outer = make_span(attrs, trace_id=trace, span_id=b"\x00" * 7 + b"\x01")
+    inner = make_span({**attrs, "gen_ai.provider.name": "openai"}, trace_id=trace, span_id=b"\x00" * 7 + b"\x02",
+                      parent=outer.span_id)
+    result = ingest([outer, inner])
+    [event] = result.events
+    assert event.span_id == inner.span_id.hex()
+    assert result.outcomes["nested_duplicate"] == 1
+
+
+def test_wrapper_arriving_in_a_later_request_is_still_skipped() -> None:
+    nested = NestedCallFilter()
+    trace = os.urandom(16)
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 1}
+    outer = make_span(attrs, trace_id=trace)
+    inner = make_span(attrs, trace_id=trace, parent=outer.span_id)
+    assert len(ingest([inner], nested=nested).events) == 1
+    assert ingest([outer], nested=nested).events == []
+
+
+def test_sibling_calls_in_one_trace_all_count() -> None:
+    trace = os.urandom(16)
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 1}
+    agent = make_span({"gen_ai.operation.name": "invoke_agent"}, trace_id=trace)
+    calls = [make_span(attrs, trace_id=trace, parent=agent.span_id) for _ in range(3)]
+    assert len(ingest([agent, *calls]).events) == 3
+
+
+def test_event_id_is_trace_and_span_id() -> None:
+    span = make_span(DIALECTS[0].attrs)
+    [event] = ingest([span]).events
+    assert event.id == f"{span.trace_id.hex()}-{span.span_id.hex()}"
+    assert event.start_time_unix_nano == span.start_time_unix_nano
+
+
+@pytest.mark.parametrize("tokens", [-1, 1_000_000_001])
+def test_negative_or_absurd_token_counts_are_rejected_and_dead_lettered(tokens: int) -> None:
+    good = make_span(DIALECTS[0].attrs)
+    bad = make_span({**DIALECTS[0].attrs, "gen_ai.usage.output_tokens": tokens})
+    result = ingest([good, bad])
+    assert [e.span_id for e in result.events] == [good.span_id.hex()]
+    assert result.rejected_spans == 1
+    [letter] = result.dead_letters
+    assert letter.reason == "invalid_token_count"
+    assert str(tokens) in letter.detail and "output" in letter.detail
+    assert "token count" in result.error_message
+
+
+def test_non_integer_token_count_is_rejected() -> None:
+    result = ingest([make_span({**DIALECTS[0].attrs, "gen_ai.usage.input_tokens": "many"})])
+    assert result.rejected_spans == 1 and result.dead_letters[0].reason == "invalid_token_count"
+
+
+def test_missing_model_with_tokens_is_rejected() -> None:
+    attrs = {k: v for k, v in DIALECTS[0].attrs.items() if "model" not in k}
+    result = ingest([make_span(attrs)])
+    assert result.events == []
+    assert result.dead_letters[0].reason == "missing_model"
+    assert "names no model" in result.error_message
+
+
+def test_failed_call_without_model_or_tokens_is_not_usage() -> None:
+    result = ingest([make_span({"gen_ai.operation.name": "chat", "error.type": "timeout"})])
+    assert result.events == [] and result.rejected_spans == 0
+
+
+def test_error_flag_from_error_type() -> None:
+    [event] = ingest([make_span({**DIALECTS[0].attrs, "error.type": "rate_limited"})]).events
+    assert event.error is True
+
+
+def test_huge_values_are_cut_not_fatal() -> None:
+    huge = "x" * 1_000_000
+    [event] = ingest([make_span({**DIALECTS[0].attrs, "gen_ai.request.model": huge, "team.name": huge})]).events
+    assert len(event.request_model or "") == CONFIG.collector.max_value_chars
+    assert len(event.attribution["team"]) == CONFIG.collector.max_value_chars
+
+
+def test_provider_inferred_from_server_address() -> None:
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "mistral-large-latest",
+             "gen_ai.usage.input_tokens": 3, "server.address": "api.mistral.ai"}
+    [event] = ingest([make_span(attrs)]).events
+    assert event.provider == "mistral_ai"
+
+
+class TestAttribution:
+    resource = {"service.name": "support-bot", "team.name": "support", "deployment.environment.name": "prod"}
+
+    def test_span_attributes_win_over_resource(self) -> None:
+        span = make_span({**DIALECTS[0].attrs, "feature.name": "rag", "team.name": "search"})
+        [event] = ingest([span], resource=self.resource).events
+        assert event.attribution["team"] == "search"
+        assert event.attribution["use_case"] == "rag"
+        assert event.attribution["app"] == "support-bot"
+        assert event.attribution_key == "team=search|use_case=rag|env=prod|app=support-bot|key="
+        assert event.allocated
+
+    def test_missing_required_dimension_goes_to_unallocated(self) -> None:
+        [event] = ingest([make_span(DIALECTS[0].attrs)], resource={"service.name": "x"}).events
+        assert event.attribution["team"] == "unallocated"
+        assert event.attribution["use_case"] == "unallocated"
+        assert not event.allocated
+
+    def test_missing_dimension_rejected_when_configured(self) -> None:
+        config = replace(CONFIG, attribution=AttributionConfig(on_missing="reject"))
+        result = ingest([make_span(DIALECTS[0].attrs)], config=config, resource={"service.name": "x"})
+        assert result.events == [] and result.dead_letters[0].reason == "missing_attribution"
+
+    def test_ingest_token_identity_overrides_and_counts_spoofing(self) -> None:
+        span = make_span({**DIALECTS[0].attrs, "feature.name": "rag", "team.name": "finance"})
+        result = ingest([span], identity={"team": "support", "key": "support-rag"}, resource=self.resource)
+        [event] = result.events
+        assert event.attribution["team"] == "support"
+        assert event.attribution["key"] == "support-rag"
+        assert result.outcomes["spoofed"] == 1
+
+    def test_user_ids_are_hashed_by_default_and_stable(self) -> None:
+        spans = [make_span({**DIALECTS[0].attrs, "enduser.id": "alice@example.com"}) for _ in range(2)]
+        first, second = ingest(spans).events
+        assert "alice" not in first.attribution["user"]
+        assert first.attribution["user"] == second.attribution["user"]
+
+    def test_user_ids_kept_when_hashing_is_off(self) -> None:
+        config = replace(CONFIG, attribution=AttributionConfig(hash_user_ids=False))
+        [event] = ingest([make_span({**DIALECTS[0].attrs, "enduser.id": "u-42"})], config=config).events
+        assert event.attribution["user"] == "u-42"
