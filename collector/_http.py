@@ -1,9 +1,6 @@
-"""OTLP/HTTP `POST /v1/traces`: protobuf or JSON bodies, optionally gzip-encoded."""
+"""OTLP/HTTP `POST /v1/traces`: protobuf or JSON bodies, optionally gzip-encoded (aiohttp inflates them)."""
 
 from __future__ import annotations
-
-import gzip
-import zlib
 
 import orjson
 from aiohttp import web
@@ -16,7 +13,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from collector import metrics
 from collector._status import RETRY_AFTER_S, answer_for
-from collector.decode import MalformedRequest
 from collector.service import Encoding, TraceIngestService
 
 _CONTENT_TYPES: dict[str, Encoding] = {"application/x-protobuf": "protobuf", "application/json": "json"}
@@ -41,21 +37,6 @@ def _error(encoding: Encoding, status: int, message: str, headers: dict[str, str
                         content_type="application/x-protobuf", headers=headers)
 
 
-def _decompress(body: bytes, content_encoding: str, max_bytes: int) -> bytes:
-    if content_encoding in ("", "identity"):
-        return body
-    if content_encoding != "gzip":
-        raise MalformedRequest(f"unsupported Content-Encoding {content_encoding!r} (use gzip or none)")
-    try:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        out = inflater.decompress(body, max_bytes + 1)
-    except (zlib.error, gzip.BadGzipFile) as exc:
-        raise MalformedRequest(f"body is not valid gzip: {exc}") from exc
-    if len(out) > max_bytes:
-        raise MalformedRequest(f"decompressed body exceeds {max_bytes} bytes")
-    return out
-
-
 def build_http_app(service: TraceIngestService, max_request_bytes: int) -> web.Application:
     async def traces(request: web.Request) -> web.Response:
         content_type = request.content_type
@@ -65,8 +46,7 @@ def build_http_app(service: TraceIngestService, max_request_bytes: int) -> web.A
             return _error("json", 415, f"unsupported Content-Type {content_type!r}; "
                                        "use application/x-protobuf or application/json")
         try:
-            body = _decompress(await request.read(), request.headers.get("Content-Encoding", "").lower(),
-                               max_request_bytes)
+            body = await request.read()  # aiohttp has already undone Content-Encoding: gzip / deflate
             outcome = await service.export(body, encoding, request.headers.get("Authorization"), "http")
         except Exception as exc:  # every failure becomes an OTLP answer; the server keeps serving
             answer = answer_for(exc)

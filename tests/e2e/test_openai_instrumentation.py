@@ -1,0 +1,97 @@
+"""The official OpenAI instrumentation wrapping the real `openai` client, against a local fake model server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import openai
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from pipeline.broker import EmbeddedBroker
+from schemas.topics import TopicNames
+from tests.support import CollectorThread, collector_config, read_topic, read_usage
+
+pytestmark = pytest.mark.e2e
+
+PROMPT_MARKER = "PROMPT-MARKER-7f3a9c"
+COMPLETION_MARKER = "COMPLETION-MARKER-b61e02"
+USAGE = {"prompt_tokens": 1234, "completion_tokens": 56, "total_tokens": 1290,
+         "prompt_tokens_details": {"cached_tokens": 1024}}
+
+
+class FakeChatCompletions(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        answer = {
+            "id": "chatcmpl-fake1", "object": "chat.completion", "created": 1767225600,
+            "model": body["model"] + "-2024-08-06", "system_fingerprint": "fp_1",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": f"answer {COMPLETION_MARKER}"}}],
+            "usage": USAGE,
+        }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def model_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeChatCompletions)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("content_capture", ["true", "false"])
+def test_openai_client_call_becomes_usage_event_without_content(
+    broker: EmbeddedBroker, topics: TopicNames, model_server: str, content_capture: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", content_capture)
+    collector = CollectorThread(collector_config(broker.bootstrap_servers, topics.prefix)).start()
+    provider = TracerProvider(resource=Resource.create({
+        "service.name": "support-bot", "team.name": "customer-support", "feature.name": "faq",
+        "deployment.environment.name": "prod"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=collector.grpc_endpoint,
+                                                                     insecure=True)))
+    instrumentor = OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        client = openai.OpenAI(base_url=model_server, api_key="sk-test")
+        reply = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": f"hello {PROMPT_MARKER}"}])
+        assert reply.usage is not None and reply.usage.prompt_tokens == 1234
+    finally:
+        instrumentor.uninstrument()
+        provider.shutdown()
+    try:
+        [event] = read_usage(broker.bootstrap_servers, topics.usage, min_events=1)
+        assert event.provider == "openai"
+        assert event.operation == "chat"
+        assert event.request_model == "gpt-4o"
+        assert event.response_model == "gpt-4o-2024-08-06"
+        # openai-v2 reports the total input; it does not report cached tokens on chat (reference §5.5)
+        assert event.tokens.input_total == USAGE["prompt_tokens"]
+        assert event.tokens.output == USAGE["completion_tokens"]
+        assert event.attribution["team"] == "customer-support"
+        for topic in topics.all():
+            for record in read_topic(broker.bootstrap_servers, topic):
+                assert PROMPT_MARKER.encode() not in record.value
+                assert COMPLETION_MARKER.encode() not in record.value
+    finally:
+        collector.stop()
