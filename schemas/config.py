@@ -35,6 +35,12 @@ DEFAULT_DIMENSIONS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     }
 )
 UNALLOCATED: Final = "unallocated"
+#: Attributes that carry prompt or completion text: never a source of attribution values.
+CONTENT_ATTRIBUTE_PREFIXES: Final = (
+    "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions", "gen_ai.tool.definitions",
+    "gen_ai.prompt", "gen_ai.completion", "llm.input_messages", "llm.output_messages", "llm.prompts",
+    "input.value", "output.value",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +92,13 @@ class AttributionConfig:
             f"attribution.key_dimensions: unknown dimension {name!r}"
             for name in self.key_dimensions
             if name not in self.dimensions
+        ]
+        problems += [
+            f"attribution.dimensions.{dim}: {name!r} is a content attribute; prompts and completions "
+            "never leave the collector"
+            for dim, names in self.dimensions.items()
+            for name in names
+            if name.startswith(CONTENT_ATTRIBUTE_PREFIXES)
         ]
         return problems
 

@@ -101,7 +101,8 @@ DIALECTS = [
     }, {"operation": "chat", "provider": None, "request_model": "gpt-4o", "dialect": "langfuse",
         "tokens": {"input_uncached": 300, "cache_read": 1000, "cache_write": 200, "output": 100, "reasoning": 20}}),
     Dialect("vercel_ai", {
-        "ai.operationId": "ai.generateText.doGenerate", "ai.model.id": "gpt-4o-mini", "ai.model.provider": "openai.chat",
+        "ai.operationId": "ai.generateText.doGenerate", "ai.model.id": "gpt-4o-mini",
+        "ai.model.provider": "openai.chat",
         "gen_ai.system": "openai.chat", "gen_ai.request.model": "gpt-4o-mini",
         "gen_ai.usage.input_tokens": 1000, "gen_ai.usage.output_tokens": 100,
         "ai.usage.cachedInputTokens": 400, "ai.usage.reasoningTokens": 10,

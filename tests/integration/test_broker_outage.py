@@ -8,12 +8,12 @@ import threading
 import time
 
 import pytest
-from prometheus_client import REGISTRY
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
+from prometheus_client import REGISTRY
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.topics import ensure_topics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from typing import ClassVar
 
 import pytest
 
@@ -131,7 +132,7 @@ def test_provider_inferred_from_server_address() -> None:
 
 
 class TestAttribution:
-    resource = {"service.name": "support-bot", "team.name": "support", "deployment.environment.name": "prod"}
+    resource: ClassVar = {"service.name": "support-bot", "team.name": "support", "deployment.environment.name": "prod"}
 
     def test_span_attributes_win_over_resource(self) -> None:
         span = make_span({**DIALECTS[0].attrs, "feature.name": "rag", "team.name": "search"})

@@ -1,0 +1,131 @@
+"""The `spendstream` command as a person runs it: run + demo end to end, topics, and its error lines."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.broker import EmbeddedBroker
+from tests.conftest import new_topics
+from tests.support import free_port, read_usage
+
+pytestmark = pytest.mark.e2e
+SPENDSTREAM = [sys.executable, "-m", "pipeline"]
+
+
+def spendstream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SPENDSTREAM, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_run_then_demo_counts_every_call_and_stops_cleanly(tmp_path: Path) -> None:
+    ports = {flag: free_port() for flag in ("--broker-port", "--grpc-port", "--http-port")}
+    metrics_port = free_port()
+    while not all(_free(metrics_port + i) for i in range(2)):
+        metrics_port = free_port()
+    output = tmp_path / "run.out"
+    with output.open("w") as out:
+        run = subprocess.Popen(
+            [*SPENDSTREAM, "run", "--data-dir", str(tmp_path), "--metrics-port", str(metrics_port),
+             *[x for flag, port in ports.items() for x in (flag, str(port))]],
+            stdout=out, stderr=subprocess.STDOUT, text=True,
+        )
+    try:
+        banner = _read_until(run, output, "try it:", timeout_s=60)
+        assert f"localhost:{ports['--grpc-port']}" in banner
+        demo = spendstream("demo", "--endpoint", f"localhost:{ports['--grpc-port']}", "--duration", "6",
+                           "--rate", "40", timeout=120)
+        assert demo.returncode == 0, demo.stderr
+        sent = int(re.search(r"sent (\d+) model calls", demo.stdout).group(1))  # type: ignore[union-attr]
+        assert sent > 100
+        deadline = time.monotonic() + 60
+        counted = 0.0
+        while time.monotonic() < deadline and counted < sent:
+            counted = metric(metrics_port + 1, "spendstream_worker_usage_events_total")
+            time.sleep(0.5)
+        # every model call once; the runaway agent's invoke_agent wrappers are not model calls
+        assert counted == sent
+        events = read_usage(f"127.0.0.1:{ports['--broker-port']}", "genai.usage", min_events=sent)
+        assert len({e.id for e in events}) == sent
+        assert {"customer-support", "search", "research", "unallocated"} <= {e.attribution["team"] for e in events}
+        assert metric(metrics_port, "spendstream_collector_usage_events_published_total") == sent
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=30) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert (tmp_path / "logs" / "worker-1.log").exists()
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _read_until(process: subprocess.Popen[str], output: Path, marker: str, timeout_s: float) -> str:
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = output.read_text()
+        if marker in seen:
+            return seen
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"no {marker!r} in output:\n{seen}")
+
+
+def test_topics_is_idempotent(broker: EmbeddedBroker) -> None:
+    config_dir = new_topics(broker.bootstrap_servers)  # an unrelated prefix exists already
+    assert config_dir.prefix
+    first = spendstream("topics", "--kafka", broker.bootstrap_servers, "--partitions", "3")
+    second = spendstream("topics", "--kafka", broker.bootstrap_servers)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "genai.usage: created" in first.stdout or "genai.usage: exists" in first.stdout
+    assert "genai.breaker.commands: exists" in second.stdout
+    assert "genai.deadletter: exists" in second.stdout
+
+
+def test_taken_port_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = spendstream("run", "--data-dir", str(tmp_path), "--grpc-port", str(port),
+                             "--broker-port", str(free_port()))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--grpc-port" in lines[0] and str(port) in lines[0]
+
+
+def test_unreachable_kafka_is_a_clear_error() -> None:
+    result = spendstream("topics", "--kafka", f"127.0.0.1:{free_port()}", timeout=90)
+    assert result.returncode == 1
+    assert "cannot reach Kafka" in result.stderr
+
+
+def test_bad_config_names_key_and_line(tmp_path: Path) -> None:
+    config = tmp_path / "spendstream.yaml"
+    config.write_text("billing_currency: USD\ncollector:\n  grpc_prot: 4317\n")
+    result = spendstream("collector", "--config", str(config))
+    assert result.returncode == 2
+    assert "collector.grpc_prot (line 3): unknown key" in result.stderr

@@ -1,0 +1,66 @@
+"""spendstream.yaml: the DESIGN example loads; every mistake is named with its key and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from schemas.config import Config, load_config
+from schemas.errors import ConfigError
+
+TESTDATA = Path(__file__).parent / "testdata"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spendstream.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_design_example_loads() -> None:
+    config = load_config(TESTDATA / "valid.yaml")
+    assert config.billing_currency == "EUR"
+    assert config.fx == {"USD": 0.92}
+    assert config.ingest_tokens["tok_support_rag"] == {"team": "customer-support", "key": "support-rag"}
+    assert config.attribution.required == ("team", "use_case", "env")
+    assert config.budgets[0]["amount"] == 2000
+
+
+def test_no_file_gives_defaults() -> None:
+    assert load_config(None) == Config()
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("billing_currency: EUR\nfx: {USD: 0.9}\nbilling_curency: USD\n", "billing_curency (line 3): unknown key"),
+    ("attribution:\n  required: [team]\n  on_missing: drop\n", "attribution.on_missing (line 3)"),
+    ("collector:\n  grpc_port: 99999\n", "collector.grpc_port (line 2)"),
+    ("collector:\n  max_token_count: -1\n", "collector.max_token_count (line 2)"),
+    ("budgets:\n  - scope: {team: search}\n    amount: -5\n", "budgets[0].amount (line 3)"),
+    ("budgets:\n  - scope: {team: search}\n    amount: 5\n    alerts: [0.5, 1.5]\n", "budgets[0].alerts[1] (line 4)"),
+    ("budgets:\n  - scope: {team: search}\n    amount: 5\n    treshold: 1\n", "budgets[0].treshold (line 4)"),
+    ("kafka:\n  partitions: many\n", "kafka.partitions (line 2)"),
+    ("billing_currency: EUR\n", "fx: billing_currency is EUR but fx has no USD rate"),
+    ("attribution:\n  required: [team, squad]\n", "attribution.required: unknown dimension 'squad'"),
+    ("attribution:\n  dimensions:\n    team: [gen_ai.input.messages]\n", "content attribute"),
+    ("key: [unclosed\n", "not valid YAML"),
+])
+def test_mistakes_are_named_with_key_and_line(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert any(expected in problem for problem in info.value.problems), info.value.problems
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "kafka:\n  partitions: 0\ncollector:\n  http_port: -1\n"))
+    assert len(info.value.problems) == 2
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_config(tmp_path / "missing.yaml")
