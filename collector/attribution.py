@@ -7,6 +7,7 @@ the explicit `unallocated` bucket (or make the span rejected, if configured).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class Attribution:
         return not self.missing
 
 
+@functools.lru_cache(maxsize=65_536)
 def hash_user_id(user_id: str, salt: str) -> str:
     """A stable pseudonym for a user id: the same user groups together, the id is not readable."""
     return "u_" + hashlib.sha256((salt + user_id).encode("utf-8", "surrogatepass")).hexdigest()[:20]
@@ -38,23 +40,32 @@ def attribution_key(values: Mapping[str, str], key_dimensions: tuple[str, ...]) 
     return "|".join(f"{dim}={values.get(dim, '')}" for dim in key_dimensions)
 
 
-def attribute(
-    span_attrs: Attrs,
-    resource_attrs: Attrs,
-    config: AttributionConfig,
-    identity: Mapping[str, str] | None,
-    max_chars: int,
-) -> Attribution:
-    """Attribute one call. Span attributes win over resource attributes; the token's identity wins over both."""
+def dimension_values(attrs: Attrs, config: AttributionConfig, max_chars: int) -> dict[str, str]:
+    """The dimensions one attribute map names (first configured name wins). Called once per resource."""
     values: dict[str, str] = {}
     for dim, names in config.dimensions.items():
-        for attrs in (span_attrs, resource_attrs):
-            hit = next((v for n in names if (v := attrs.get(n)) is not None), None)
+        for name in names:
+            hit = attrs.get(name)
             if hit is not None:
                 text = any_value_str(hit)
                 if text:
                     values[dim] = text[:max_chars]
                     break
+    return values
+
+
+def attribute(
+    span_attrs: Attrs,
+    resource_values: Mapping[str, str],
+    config: AttributionConfig,
+    identity: Mapping[str, str] | None,
+    max_chars: int,
+) -> Attribution:
+    """Attribute one call. Span attributes win over the resource's; the token's identity wins over both.
+
+    `resource_values` is `dimension_values()` of the span's resource.
+    """
+    values = {**resource_values, **dimension_values(span_attrs, config, max_chars)}
     spoofed: list[str] = []
     for dim, bound in (identity or {}).items():
         claimed = values.get(dim)

@@ -15,7 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector.attribution import Attribution, attribute
+from collector.attribution import Attribution, attribute, dimension_values
 from collector.normalize import InvalidSpan, SpanUsage, normalize_span
 from schemas.config import Config
 from schemas.deadletter import DeadLetter
@@ -88,20 +88,24 @@ def ingest_request(
     candidates: list[tuple[UsageEvent, str | None]] = []
     for resource_spans in request.resource_spans:
         resource = _attrs(resource_spans.resource.attributes)
+        resource_values = dimension_values(resource, config.attribution, limits.max_value_chars)
         for scope_spans in resource_spans.scope_spans:
             scope_name = scope_spans.scope.name
             for span in scope_spans.spans:
                 attrs = _attrs(span.attributes)
                 trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
-                who = attribute(attrs, resource, config.attribution, identity, limits.max_value_chars)
                 try:
                     usage = normalize_span(
                         span, attrs, resource, scope_name,
                         max_tokens=limits.max_token_count, max_chars=limits.max_value_chars,
                     )
-                    if usage is not None and (len(trace_id) != 32 or len(span_id) != 16):
+                    if usage is None:
+                        result.outcomes["not_usage"] += 1
+                        continue
+                    if len(trace_id) != 32 or len(span_id) != 16:
                         raise InvalidSpan("invalid_span_id", "trace_id must be 16 bytes and span_id 8 bytes")
                 except InvalidSpan as exc:
+                    who = attribute(attrs, resource_values, config.attribution, identity, limits.max_value_chars)
                     result.reject(f"span {span_id or '?'}: {exc.detail}", exc.reason)
                     result.dead_letters.append(DeadLetter(
                         reason=exc.reason, detail=exc.detail, stage="collector", attribution_key=who.key,
@@ -109,9 +113,7 @@ def ingest_request(
                         fields={"attribution": dict(who.values), "scope": scope_name[:limits.max_value_chars]},
                     ))
                     continue
-                if usage is None:
-                    result.outcomes["not_usage"] += 1
-                    continue
+                who = attribute(attrs, resource_values, config.attribution, identity, limits.max_value_chars)
                 if who.missing and config.attribution.on_missing == "reject":
                     result.reject(f"span {span_id}: missing attribution {', '.join(who.missing)}",
                                   "missing_attribution")

@@ -7,8 +7,8 @@ an attribution key, so one Kafka message carries many calls (DESIGN §3 "may be 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, cast
 
 import orjson
 
@@ -66,7 +66,7 @@ class UsageEvent:
         return self.response_model or self.request_model
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return cast(dict[str, Any], orjson.loads(orjson.dumps(self)))
 
 
 def usage_event_from_dict(data: Mapping[str, Any]) -> UsageEvent:
@@ -86,7 +86,8 @@ def usage_event_from_dict(data: Mapping[str, Any]) -> UsageEvent:
 
 def encode_usage_batch(events: Sequence[UsageEvent]) -> bytes:
     """Encode the events of one attribution key as one `genai.usage` message value."""
-    return orjson.dumps({"schema_version": USAGE_SCHEMA_VERSION, "events": [e.to_dict() for e in events]})
+    # orjson serialises (slotted) dataclasses natively, many times faster than dataclasses.asdict
+    return orjson.dumps({"schema_version": USAGE_SCHEMA_VERSION, "events": events})
 
 
 def decode_usage_batch(value: bytes) -> list[UsageEvent]:
