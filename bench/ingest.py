@@ -26,14 +26,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.chart import bar_chart  # noqa: E402
-from collector.ingest import NestedCallFilter, ingest_request  # noqa: E402
-from pipeline.broker import EmbeddedBroker  # noqa: E402
-from pipeline.topics import ensure_topics  # noqa: E402
-from schemas.config import Config  # noqa: E402
-from schemas.topics import TopicNames  # noqa: E402
-from schemas.usage import encode_usage_batch  # noqa: E402
-from tests.support import free_port, make_request, make_span  # noqa: E402
+from bench.chart import bar_chart
+from collector.ingest import NestedCallFilter, ingest_request
+from pipeline.broker import EmbeddedBroker
+from pipeline.topics import ensure_topics
+from schemas.config import Config
+from schemas.topics import TopicNames
+from schemas.usage import encode_usage_batch
+from tests.support import free_port, make_request, make_span
 
 SPANS_PER_REQUEST = 512
 RESULTS = Path(__file__).parent / "results"
