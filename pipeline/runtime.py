@@ -13,9 +13,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.broker import BrokerError, EmbeddedBroker, port_is_free
 from pipeline.topics import ensure_topics
@@ -23,6 +26,8 @@ from schemas.config import Config
 from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 5.0
 
 
 @dataclass(slots=True)
@@ -100,7 +105,14 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
             "--http-port", str(config.collector.http_port), "--metrics-port", str(config.metrics.port),
         ], logs))
         _print_endpoints(config, bootstrap, broker is not None, workers, data_dir)
+        last_status, next_status = "", time.monotonic() + STATUS_EVERY_S
         while not stopping:
+            if time.monotonic() >= next_status:
+                status = _flow_status(config.metrics.port, workers)
+                if status and status != last_status:
+                    print(status, flush=True)
+                    last_status = status
+                next_status = time.monotonic() + STATUS_EVERY_S
             for child in children:
                 code = child.process.poll()
                 if code is not None:
@@ -114,6 +126,39 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
         _stop(children)
         if broker is not None:
             broker.stop()
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Sum of each sample name on a local metrics endpoint; empty if it does not answer (yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name if sample.name != "spendstream_collector_spans_total" else (
+                f"{sample.name}:{sample.labels.get('outcome', '')}")
+            totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def _flow_status(metrics_port: int, workers: int) -> str:
+    """One line on what flowed so far, read from the roles' own metrics."""
+    collector = _scrape(metrics_port)
+    if not collector:
+        return ""
+    counted = sum(_scrape(metrics_port + 1 + i).get("spendstream_worker_usage_events_total", 0.0)
+                  for i in range(workers))
+    received = collector.get("spendstream_collector_spans_received_total", 0.0)
+    published = collector.get("spendstream_collector_usage_events_published_total", 0.0)
+    rejected = sum(v for k, v in collector.items() if k.startswith("spendstream_collector_spans_total:rejected"))
+    unallocated = collector.get("spendstream_collector_spans_total:unallocated", 0.0)
+    if not received:
+        return ""
+    return (f"flow: {received:,.0f} spans received → {published:,.0f} model calls on Kafka "
+            f"({unallocated:,.0f} unallocated, {rejected:,.0f} rejected) → {counted:,.0f} counted by workers")
 
 
 def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: int, data_dir: Path) -> None:
