@@ -20,6 +20,7 @@ from faust.types import EventT
 from pipeline import metrics
 from pipeline.tally import KeyTally, tally_messages
 from schemas.config import Config
+from schemas.deadletter import DeadLetter
 from schemas.errors import SchemaError
 from schemas.topics import TopicNames
 from schemas.usage import decode_usage_batch
@@ -52,6 +53,16 @@ def _in_event_context(event: EventT[bytes]) -> None:
     _current_event.set(weakref.ref(event))
 
 
+def invalid_usage_letter(key: str, event: EventT[bytes], exc: SchemaError) -> bytes:
+    """A `genai.usage` message that is not a UsageBatch, kept with where it came from."""
+    message = event.message
+    return DeadLetter(
+        reason="invalid_usage_message", detail=str(exc), stage="pricing", attribution_key=key,
+        # where to find it, not what it says: the value could hold anything a foreign producer wrote
+        fields={"topic": message.topic, "partition": message.partition, "offset": message.offset},
+    ).encode()
+
+
 def build_app(config: Config, settings: WorkerSettings) -> faust.App:
     names = TopicNames(config.kafka.topic_prefix)
     partitions = config.kafka.partitions
@@ -71,6 +82,8 @@ def build_app(config: Config, settings: WorkerSettings) -> faust.App:
     )
     usage_topic = app.topic(names.usage, key_type=bytes, value_type=bytes, key_serializer="raw",
                             value_serializer="raw", partitions=partitions)
+    deadletter_topic = app.topic(names.deadletter, key_type=bytes, value_type=bytes, key_serializer="raw",
+                                 value_serializer="raw")
     tallies = app.Table("usage-tally", default=None, partitions=partitions, key_type=str, value_type=Any)
     progress = {"events": 0, "skipped": 0, "invalid": 0, "at": time.monotonic(), "reported": 0}
 
@@ -83,9 +96,10 @@ def build_app(config: Config, settings: WorkerSettings) -> faust.App:
                 key = (event.key or b"").decode("utf-8", "replace")
                 try:
                     n_events = len(decode_usage_batch(event.value))
-                except SchemaError:
+                except SchemaError as exc:
                     progress["invalid"] += 1
                     metrics.USAGE_MESSAGES_INVALID.inc()
+                    await deadletter_topic.send(key=event.key, value=invalid_usage_letter(key, event, exc))
                     continue
                 messages.append((key, event.message.offset, n_events))
                 last_event[key] = event

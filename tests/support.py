@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import socket
 import threading
+import urllib.request
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import replace
@@ -173,3 +175,11 @@ def read_usage(bootstrap: str, topic: str, *, min_events: int = 0, timeout_s: fl
 
 def read_deadletters(bootstrap: str, topic: str, *, min_messages: int = 0) -> list[dict[str, Any]]:
     return [orjson.loads(r.value) for r in read_topic(bootstrap, topic, min_messages=min_messages)]
+
+
+def metric(port: int, name: str) -> float:
+    """The value of an unlabelled sample on a local Prometheus endpoint (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0

@@ -8,14 +8,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pipeline.broker import EmbeddedBroker
 from tests.conftest import new_topics
-from tests.support import free_port, read_usage
+from tests.support import free_port, metric, read_usage
 
 pytestmark = pytest.mark.e2e
 SPENDSTREAM = [sys.executable, "-m", "pipeline"]
@@ -23,13 +22,6 @@ SPENDSTREAM = [sys.executable, "-m", "pipeline"]
 
 def spendstream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*SPENDSTREAM, *args], capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_run_then_demo_counts_every_call_and_stops_cleanly(tmp_path: Path) -> None:
