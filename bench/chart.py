@@ -7,7 +7,7 @@ from html import escape
 
 
 def bar_chart(title: str, values: Mapping[str, float], *, baseline: float | None = None, unit: str = "") -> str:
-    width, bar_h, gap, left = 760, 28, 14, 250
+    width, bar_h, gap, left = 900, 28, 14, 420
     top = 50
     height = top + len(values) * (bar_h + gap) + 30
     peak = max(values.values()) or 1.0

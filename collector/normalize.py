@@ -65,6 +65,7 @@ _INPUT: Final = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm
                  "ai.usage.promptTokens")
 _OUTPUT: Final = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens", "llm.token_count.completion",
                   "ai.usage.completionTokens")
+_TOKEN_TOTALS: Final = _INPUT + _OUTPUT
 _CACHE_READ: Final = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens",
                       "llm.token_count.prompt_details.cache_read", "ai.usage.cachedInputTokens")
 _CACHE_WRITE: Final = ("gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens",
@@ -144,14 +145,6 @@ def _to_int(name: str, value: AnyValue) -> int:
     raise InvalidSpan("invalid_token_count", f"{name} is not an integer")
 
 
-def _first_int(attrs: Attrs, names: tuple[str, ...]) -> tuple[str, int] | None:
-    for name in names:
-        value = attrs.get(name)
-        if value is not None:
-            return name, _to_int(name, value)
-    return None
-
-
 def _operation(attrs: Attrs) -> str | None:
     """The canonical billable operation, "" for a known non-billable span, None if it names none."""
     for name in ("gen_ai.operation.name", "llm.request.type"):
@@ -225,20 +218,30 @@ def _langfuse_tokens(attrs: Attrs) -> dict[str, int]:
     }
 
 
+def _count(attrs: Attrs, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = attrs.get(name)
+        if value is not None:
+            return _to_int(name, value)
+    return None
+
+
 def _tokens(attrs: Attrs, dialect: str, provider: str | None, max_tokens: int) -> TokenCounts | None:
-    """Token meters, or None when the span reports no token count at all."""
+    """Token meters, or None when the span reports no input or output count at all."""
     if dialect == "langfuse":
         counts = _langfuse_tokens(attrs)
         input_is_exclusive = True
     else:
-        found = {
-            meter: _first_int(attrs, names)
-            for meter, names in (("input", _INPUT), ("output", _OUTPUT), ("cache_read", _CACHE_READ),
-                                 ("cache_write", _CACHE_WRITE), ("reasoning", _REASONING))
-        }
-        if found["input"] is None and found["output"] is None:
+        input_count, output_count = _count(attrs, _INPUT), _count(attrs, _OUTPUT)
+        if input_count is None and output_count is None:
             return None
-        counts = {meter: hit[1] if hit else 0 for meter, hit in found.items()}
+        counts = {
+            "input": input_count or 0,
+            "output": output_count or 0,
+            "cache_read": _count(attrs, _CACHE_READ) or 0,
+            "cache_write": _count(attrs, _CACHE_WRITE) or 0,
+            "reasoning": _count(attrs, _REASONING) or 0,
+        }
         # OpenLIT's Anthropic instrumentation reports Anthropic's own input_tokens, which exclude cache
         input_is_exclusive = dialect == "openlit" and provider == "anthropic"
     for meter, count in counts.items():
@@ -272,11 +275,8 @@ def normalize_span(
     operation = _operation(attrs)
     if operation == "":
         return None  # agent, workflow, tool, retrieval...: they may carry sums of their children
-    has_usage_attrs = any(name in attrs for name in _INPUT) or any(name in attrs for name in _OUTPUT)
-    if operation is None:
-        if not has_usage_attrs:
-            return None
-        operation = "chat"  # a legacy span with token counts and no operation name
+    if operation is None and not any(name in attrs for name in _TOKEN_TOTALS):
+        return None  # neither names an operation nor reports tokens: not a model call
     dialect = _dialect(attrs, resource, scope_name)
     server_address = _first_str(attrs, ("server.address",), max_chars)
     raw_provider = _first_str(attrs, ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system"),
@@ -285,6 +285,10 @@ def normalize_span(
         raw_provider = _vercel_provider(attrs) or raw_provider
     provider = normalize_provider(raw_provider, server_address)
     tokens = _tokens(attrs, dialect, provider, max_tokens)
+    if operation is None:
+        if tokens is None:
+            return None
+        operation = "chat"  # a legacy span with token counts and no operation name
     request_model = _first_str(attrs, _REQUEST_MODEL, max_chars)
     response_model = _first_str(attrs, _RESPONSE_MODEL, max_chars)
     if request_model is None and response_model is None:
