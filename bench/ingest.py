@@ -108,7 +108,7 @@ def end_to_end(payload: bytes, seconds: float, concurrency: int) -> float:
     broker = EmbeddedBroker(free_port())
     broker.start()
     grpc_port, metrics_port = free_port(), free_port()
-    asyncio.run(ensure_topics(broker.bootstrap_servers, TopicNames(), partitions=4))
+    asyncio.run(ensure_topics({"bootstrap_servers": broker.bootstrap_servers}, TopicNames(), partitions=4))
     collector = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "collector", "--kafka", broker.bootstrap_servers, "--grpc-port",
          str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(metrics_port),

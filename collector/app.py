@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -31,7 +32,8 @@ class Collector:
     def __init__(self, config: Config, publisher: Publisher | None = None) -> None:
         self._config = config
         self._publisher = publisher or KafkaPublisher(
-            config.kafka.bootstrap_servers, timeout_s=config.collector.publish_timeout_s
+            config.kafka.client_options(os.environ), timeout_s=config.collector.publish_timeout_s,
+            compression=config.kafka.compression,
         )
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None

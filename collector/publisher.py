@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -35,17 +35,19 @@ class Publisher(Protocol):
 class KafkaPublisher:
     """aiokafka producer with `acks=all`, compression and a deadline on every publish."""
 
-    def __init__(self, bootstrap_servers: str, *, timeout_s: float, compression: str | None = "lz4") -> None:
-        self._bootstrap = bootstrap_servers
+    def __init__(self, connection: Mapping[str, Any], *, timeout_s: float, compression: str = "lz4") -> None:
+        """`connection` holds aiokafka's connection options (`KafkaConfig.client_options()`)."""
+        self._connection = dict(connection)
+        self._bootstrap = str(connection["bootstrap_servers"])
         self._timeout_s = timeout_s
         self._compression = compression
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
+            **self._connection,
             acks="all",
-            compression_type=self._compression,
+            compression_type=None if self._compression == "none" else self._compression,
             linger_ms=2,
             max_batch_size=1024 * 1024,
             max_request_size=8 * 1024 * 1024,

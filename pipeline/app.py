@@ -7,8 +7,10 @@ into a changelog-backed table and logs progress.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,11 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 from faust.types import EventT
+from faust.types.auth import CredentialsT
 
 from pipeline import metrics
 from pipeline.tally import KeyTally, tally_messages
-from schemas.config import Config
+from schemas.config import Config, KafkaConfig
 from schemas.deadletter import DeadLetter
 from schemas.errors import SchemaError
 from schemas.topics import TopicNames
@@ -39,7 +42,6 @@ PROGRESS_EVERY_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    bootstrap_servers: str
     data_dir: Path
     store: str = "memory://"
 
@@ -63,12 +65,25 @@ def invalid_usage_letter(key: str, event: EventT[bytes], exc: SchemaError) -> by
     ).encode()
 
 
+def broker_credentials(kafka: KafkaConfig, environ: Mapping[str, str]) -> CredentialsT | None:
+    """The same connection security the collector's aiokafka clients use, in faust's terms."""
+    options = kafka.client_options(environ)
+    if kafka.security_protocol.startswith("SASL_"):
+        return faust.SASLCredentials(username=options["sasl_plain_username"],
+                                     password=options["sasl_plain_password"],
+                                     mechanism=options["sasl_mechanism"], ssl_context=options.get("ssl_context"))
+    if kafka.security_protocol == "SSL":
+        return faust.SSLCredentials(options["ssl_context"])
+    return None
+
+
 def build_app(config: Config, settings: WorkerSettings) -> faust.App:
     names = TopicNames(config.kafka.topic_prefix)
     partitions = config.kafka.partitions
     app = faust.App(
         GROUP_ID,
-        broker=f"kafka://{settings.bootstrap_servers}",
+        broker=f"kafka://{config.kafka.bootstrap_servers}",
+        broker_credentials=broker_credentials(config.kafka, os.environ),
         store=settings.store,
         datadir=str(settings.data_dir),
         topic_partitions=partitions,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -116,7 +117,7 @@ def _cmd_worker(args: argparse.Namespace) -> None:
     config = _config(args)
     serve_metrics(args.metrics_port if args.metrics_port is not None else config.metrics.port + 1)
     store = "memory://" if args.store == "memory" else "rocksdb://"
-    run_worker(config, WorkerSettings(config.kafka.bootstrap_servers, Path(args.data_dir), store),
+    run_worker(config, WorkerSettings(Path(args.data_dir), store),
                loglevel=args.log_level)
 
 
@@ -124,7 +125,7 @@ def _cmd_topics(args: argparse.Namespace) -> None:
     from pipeline.topics import ensure_topics  # noqa: PLC0415
 
     config = _config(args)
-    result = asyncio.run(ensure_topics(config.kafka.bootstrap_servers, TopicNames(config.kafka.topic_prefix),
+    result = asyncio.run(ensure_topics(config.kafka.client_options(os.environ), TopicNames(config.kafka.topic_prefix),
                                        partitions=config.kafka.partitions,
                                        replication_factor=config.kafka.replication_factor))
     for topic, state in sorted(result.items()):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -78,7 +79,9 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
     if broker_port is not None:
         broker = EmbeddedBroker(broker_port, log_file=logs / "broker.log")
         broker.start()
-    bootstrap = broker.bootstrap_servers if broker else config.kafka.bootstrap_servers
+    if broker is not None:
+        config = replace(config, kafka=replace(config.kafka, bootstrap_servers=broker.bootstrap_servers))
+    bootstrap = config.kafka.bootstrap_servers
     children: list[Child] = []
     stopping = False
 
@@ -89,7 +92,7 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        asyncio.run(ensure_topics(bootstrap, TopicNames(config.kafka.topic_prefix),
+        asyncio.run(ensure_topics(config.kafka.client_options(os.environ), TopicNames(config.kafka.topic_prefix),
                                   partitions=config.kafka.partitions,
                                   replication_factor=config.kafka.replication_factor))
         common = ["--kafka", bootstrap, "--log-level", log_level]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
@@ -20,10 +22,14 @@ class TopicSetupError(TransientError):
     """Topics could not be created; the message names the topic and the broker's reason."""
 
 
-async def ensure_topics(bootstrap_servers: str, names: TopicNames, *, partitions: int,
+async def ensure_topics(connection: Mapping[str, Any], names: TopicNames, *, partitions: int,
                         replication_factor: int = 1) -> dict[str, str]:
-    """Create every contract topic that is missing. Returns topic -> "created" | "exists"."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=10_000)
+    """Create every contract topic that is missing. Returns topic -> "created" | "exists".
+
+    `connection` holds aiokafka's connection options (`KafkaConfig.client_options()`).
+    """
+    bootstrap_servers = connection["bootstrap_servers"]
+    admin = AIOKafkaAdminClient(**connection, request_timeout_ms=10_000)
     try:
         await admin.start()
     except KafkaError as exc:

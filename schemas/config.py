@@ -9,6 +9,7 @@ validated by the schema and kept as plain data until their stage reads them.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,6 +50,37 @@ class KafkaConfig:
     topic_prefix: str = ""
     partitions: int = 8
     replication_factor: int = 1
+    compression: Literal["lz4", "gzip", "zstd", "snappy", "none"] = "lz4"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    #: name of the environment variable that holds the SASL password: secrets stay out of the file
+    sasl_password_env: str | None = None
+    ssl_cafile: str | None = None
+
+    def validate(self) -> list[str]:
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password_env):
+            return [f"kafka.security_protocol: {self.security_protocol} needs kafka.sasl_mechanism, "
+                    "kafka.sasl_username and kafka.sasl_password_env"]
+        if not sasl and self.sasl_mechanism:
+            return ["kafka.sasl_mechanism: set, but kafka.security_protocol is not SASL_PLAINTEXT or SASL_SSL"]
+        return []
+
+    def client_options(self, environ: Mapping[str, str]) -> dict[str, Any]:
+        """Connection keyword arguments for aiokafka clients. Raises ConfigError if the password is unset."""
+        options: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers,
+                                   "security_protocol": self.security_protocol}
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = ssl.create_default_context(cafile=self.ssl_cafile)
+        if self.security_protocol.startswith("SASL_"):
+            password = environ.get(self.sasl_password_env or "")
+            if not password:
+                raise ConfigError([f"kafka.sasl_password_env: environment variable {self.sasl_password_env} "
+                                   "is not set"], "environment")
+            options |= {"sasl_mechanism": self.sasl_mechanism, "sasl_plain_username": self.sasl_username,
+                        "sasl_plain_password": password}
+        return options
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,7 +152,7 @@ class Config:
     pricing: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self) -> list[str]:
-        problems = self.attribution.validate()
+        problems = self.attribution.validate() + self.kafka.validate()
         if self.billing_currency != "USD" and "USD" not in self.fx:
             problems.append(
                 f"fx: billing_currency is {self.billing_currency} but fx has no USD rate "

@@ -26,7 +26,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 def new_topics(bootstrap: str, partitions: int = 2) -> TopicNames:
     names = TopicNames(f"t{uuid.uuid4().hex[:10]}.")
-    asyncio.run(ensure_topics(bootstrap, names, partitions=partitions))
+    asyncio.run(ensure_topics({"bootstrap_servers": bootstrap}, names, partitions=partitions))
     return names
 
 

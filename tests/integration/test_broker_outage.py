@@ -30,7 +30,7 @@ def test_broker_restart_loses_no_span(tmp_path: object) -> None:
     broker = EmbeddedBroker(port)
     names = TopicNames("outage.")
     broker.start()
-    asyncio.run(ensure_topics(broker.bootstrap_servers, names, partitions=2))
+    asyncio.run(ensure_topics({"bootstrap_servers": broker.bootstrap_servers}, names, partitions=2))
     collector = CollectorThread(collector_config(broker.bootstrap_servers, names.prefix)).start()
     provider = TracerProvider(resource=Resource.create({"service.name": "svc", "team.name": "t"}))
     provider.add_span_processor(BatchSpanProcessor(
@@ -58,7 +58,7 @@ def test_broker_restart_loses_no_span(tmp_path: object) -> None:
 
         broker.stop()  # memory storage: what it held is gone, which is why we read it above
         restarter = threading.Timer(2.0, lambda: (broker.start(), asyncio.run(
-            ensure_topics(broker.bootstrap_servers, names, partitions=2))))
+            ensure_topics({"bootstrap_servers": broker.bootstrap_servers}, names, partitions=2))))
         restarter.start()
         send(300)  # the first of these meet a dead broker: UNAVAILABLE, the exporter backs off and retries
         restarter.join()
