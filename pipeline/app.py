@@ -13,7 +13,6 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faust
 from faust.streams import _current_event
@@ -21,7 +20,7 @@ from faust.types import EventT
 from faust.types.auth import CredentialsT
 
 from pipeline import metrics
-from pipeline.tally import KeyTally, tally_messages
+from pipeline.tally import KeyTally, newest, tally_messages
 from schemas.config import Config, KafkaConfig
 from schemas.deadletter import DeadLetter
 from schemas.errors import SchemaError
@@ -30,10 +29,11 @@ from schemas.usage import decode_usage_batch
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "spendstream"
+#: faust's app id: the consumer group and the prefix of its changelog topics (after the topic prefix)
+APP_ID = "spendstream"
 #: Consumer-group timeouts: a dead worker's partitions move after ~session timeout, not faust's 60 s.
-SESSION_TIMEOUT_S = 10.0
-REBALANCE_TIMEOUT_S = 10.0
+SESSION_TIMEOUT_S = 6.0  # Apache Kafka's group.min.session.timeout.ms default: the lowest it accepts
+REBALANCE_TIMEOUT_S = 6.0
 HEARTBEAT_INTERVAL_S = 1.0
 BATCH_MAX_EVENTS = 2000
 BATCH_WITHIN_S = 0.5
@@ -81,7 +81,8 @@ def build_app(config: Config, settings: WorkerSettings) -> faust.App:
     names = TopicNames(config.kafka.topic_prefix)
     partitions = config.kafka.partitions
     app = faust.App(
-        GROUP_ID,
+        # one deployment's prefix isolates its group and changelogs from another's on the same cluster
+        f"{config.kafka.topic_prefix}{APP_ID}",
         broker=f"kafka://{config.kafka.bootstrap_servers}",
         broker_credentials=broker_credentials(config.kafka, os.environ),
         store=settings.store,
@@ -99,7 +100,9 @@ def build_app(config: Config, settings: WorkerSettings) -> faust.App:
                             value_serializer="raw", partitions=partitions)
     deadletter_topic = app.topic(names.deadletter, key_type=bytes, value_type=bytes, key_serializer="raw",
                                  value_serializer="raw")
-    tallies = app.Table("usage-tally", default=None, partitions=partitions, key_type=str, value_type=Any)
+    # values are plain JSON [events, offset]: a typed value_type breaks faust's changelog recovery
+    tallies = app.Table("usage-tally", default=None, partitions=partitions, key_type=str)
+    written: dict[str, KeyTally] = {}  # what this worker last wrote per key
     progress = {"events": 0, "skipped": 0, "invalid": 0, "at": time.monotonic(), "reported": 0}
 
     @app.agent(usage_topic)  # type: ignore[arg-type]  # faust types agents over StreamT, take_events is on Stream
@@ -118,8 +121,11 @@ def build_app(config: Config, settings: WorkerSettings) -> faust.App:
                     continue
                 messages.append((key, event.message.offset, n_events))
                 last_event[key] = event
-            current = {k: KeyTally.from_json(tallies.get(k)) for k in last_event}
+            # the table may hand back an older value than this worker last wrote (faust re-applies the
+            # changelog on rebalance); the newest of the two is the truth
+            current = {k: newest(KeyTally.from_json(tallies.get(k)), written.get(k)) for k in last_event}
             update = tally_messages(current, messages)
+            written.update(update.tallies)
             for key, tally in update.tallies.items():
                 _in_event_context(last_event[key])
                 tallies[key] = tally.to_json()

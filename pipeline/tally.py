@@ -24,6 +24,12 @@ class KeyTally:
         return cls(value[0], value[1]) if value else cls()
 
 
+def newest(*tallies: KeyTally | None) -> KeyTally:
+    """The tally that includes the most: offsets only grow within a key's partition, so the highest
+    offset wins. Merging this way makes a stale read (e.g. a changelog restore racing a write) harmless."""
+    return max((t for t in tallies if t is not None), key=lambda t: t.offset, default=KeyTally())
+
+
 @dataclass(frozen=True, slots=True)
 class TallyUpdate:
     tallies: dict[str, KeyTally]

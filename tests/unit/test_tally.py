@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.tally import KeyTally, tally_messages
+from pipeline.tally import KeyTally, newest, tally_messages
 
 
 def test_counts_events_per_key_and_keeps_highest_offset() -> None:
@@ -27,3 +27,9 @@ def test_only_changed_keys_are_returned() -> None:
 def test_json_round_trip() -> None:
     assert KeyTally.from_json(KeyTally(7, 42).to_json()) == KeyTally(7, 42)
     assert KeyTally.from_json(None) == KeyTally()
+
+
+def test_newest_tally_wins_by_offset() -> None:
+    assert newest(KeyTally(5, 10), KeyTally(9, 14), None) == KeyTally(9, 14)
+    assert newest(KeyTally(9, 14), KeyTally(5, 10)) == KeyTally(9, 14)
+    assert newest(None, None) == KeyTally()
