@@ -44,7 +44,8 @@ def tally_messages(current: Mapping[str, KeyTally], messages: Iterable[tuple[str
     """
     changed: dict[str, KeyTally] = {}
     counted = skipped = 0
-    for key, offset, n_events in messages:
+    # in source order per key: a batch that mixes a refetch after a seek must not see 148 before 147
+    for key, offset, n_events in sorted(messages, key=lambda m: (m[0], m[1])):
         tally = changed.get(key) or current.get(key) or KeyTally()
         if offset <= tally.offset:
             skipped += 1

@@ -33,3 +33,9 @@ def test_newest_tally_wins_by_offset() -> None:
     assert newest(KeyTally(5, 10), KeyTally(9, 14), None) == KeyTally(9, 14)
     assert newest(KeyTally(9, 14), KeyTally(5, 10)) == KeyTally(9, 14)
     assert newest(None, None) == KeyTally()
+
+
+def test_out_of_order_messages_in_a_batch_are_all_counted() -> None:
+    update = tally_messages({"a": KeyTally(25, 73)}, [("a", 148, 1), ("a", 147, 1), ("a", 148, 1), ("a", 74, 1)])
+    assert update.tallies == {"a": KeyTally(28, 148)}
+    assert update.skipped_messages == 1  # the duplicate 148
