@@ -8,6 +8,7 @@ every span is parsed on its own, so only the broken spans are refused.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,17 +77,20 @@ def _fields(buf: bytes) -> list[tuple[int, int, bytes | int]]:
     return out
 
 
+def _embedded(buf: bytes) -> Iterator[tuple[int, bytes]]:
+    """(field number, bytes) of each length-delimited field: the sub-messages of a message."""
+    for number, wire, value in _fields(buf):
+        if wire == _LEN and isinstance(value, bytes):
+            yield number, value
+
+
 def _salvage(payload: bytes) -> DecodedRequest:
     decoded = DecodedRequest(ExportTraceServiceRequest())
-    for number, wire, rs_bytes in _fields(payload):
-        if number != 1 or wire != _LEN:
+    for number, rs_bytes in _embedded(payload):
+        if number != 1:
             continue
-        assert isinstance(rs_bytes, bytes)
         resource_spans = decoded.request.resource_spans.add()
-        for rs_number, rs_wire, rs_value in _fields(rs_bytes):
-            if rs_wire != _LEN:
-                continue
-            assert isinstance(rs_value, bytes)
+        for rs_number, rs_value in _embedded(rs_bytes):
             if rs_number == 1:
                 _parse_or_note(Resource, rs_value, resource_spans.resource, decoded, "resource")
             elif rs_number == 2:
@@ -95,10 +99,7 @@ def _salvage(payload: bytes) -> DecodedRequest:
 
 
 def _salvage_scope(buf: bytes, scope_spans: ScopeSpans, decoded: DecodedRequest) -> None:
-    for number, wire, value in _fields(buf):
-        if wire != _LEN:
-            continue
-        assert isinstance(value, bytes)
+    for number, value in _embedded(buf):
         if number == 1:
             _parse_or_note(InstrumentationScope, value, scope_spans.scope, decoded, "scope")
         elif number == 2:
