@@ -26,7 +26,7 @@ lint: install
 test: lint
 	$(BIN)/pytest -m "not failover"
 
-# two workers, one killed mid-stream; kept out of `make test` while it loses 1 event in ~12 runs
+# two workers, one killed mid-stream; kept out of `make test` while it loses 1 event in ~30 runs
 test-failover: install
 	$(BIN)/pytest -m failover -s
 

@@ -24,7 +24,7 @@ from tests.dialects import DIALECTS
 from tests.integration.test_worker import produce
 from tests.support import free_port, make_request, make_span, metric, read_topic
 
-# Not in `make test`: about 1 run in 12 loses one event (see docs/architecture.md "Known limits").
+# Not in `make test`: about 1 run in 30 loses one event (see docs/architecture.md "Known limits").
 # `make test-failover` runs it; it stays strict so it shows when the defect is fixed.
 pytestmark = [pytest.mark.integration, pytest.mark.failover]
 KEYS = 24
