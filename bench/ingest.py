@@ -30,8 +30,7 @@ from bench.chart import bar_chart
 from collector.ingest import NestedCallFilter, ingest_request
 from pipeline.broker import EmbeddedBroker
 from pipeline.topics import ensure_topics
-from schemas.config import Config
-from schemas.topics import TopicNames
+from schemas.config import Config, KafkaConfig
 from schemas.usage import encode_usage_batch
 from tests.support import free_port, make_request, make_span
 
@@ -108,7 +107,7 @@ def end_to_end(payload: bytes, seconds: float, concurrency: int) -> float:
     broker = EmbeddedBroker(free_port())
     broker.start()
     grpc_port, metrics_port = free_port(), free_port()
-    asyncio.run(ensure_topics({"bootstrap_servers": broker.bootstrap_servers}, TopicNames(), partitions=4))
+    asyncio.run(ensure_topics(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, partitions=4), {}))
     collector = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "collector", "--kafka", broker.bootstrap_servers, "--grpc-port",
          str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(metrics_port),

@@ -286,9 +286,7 @@ def normalize_span(
     provider = normalize_provider(raw_provider, server_address)
     tokens = _tokens(attrs, dialect, provider, max_tokens)
     if operation is None:
-        if tokens is None:
-            return None
-        operation = "chat"  # a legacy span with token counts and no operation name
+        operation = "chat"  # a legacy span with token counts (checked above) and no operation name
     request_model = _first_str(attrs, _REQUEST_MODEL, max_chars)
     response_model = _first_str(attrs, _RESPONSE_MODEL, max_chars)
     if request_model is None and response_model is None:

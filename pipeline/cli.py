@@ -14,7 +14,6 @@ from pathlib import Path
 
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, SpendstreamError
-from schemas.topics import TopicNames
 
 log = logging.getLogger("spendstream")
 
@@ -125,9 +124,7 @@ def _cmd_topics(args: argparse.Namespace) -> None:
     from pipeline.topics import ensure_topics  # noqa: PLC0415
 
     config = _config(args)
-    result = asyncio.run(ensure_topics(config.kafka.client_options(os.environ), TopicNames(config.kafka.topic_prefix),
-                                       partitions=config.kafka.partitions,
-                                       replication_factor=config.kafka.replication_factor))
+    result = asyncio.run(ensure_topics(config.kafka, os.environ))
     for topic, state in sorted(result.items()):
         print(f"{topic}: {state}")
 

@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.broker import BrokerError, EmbeddedBroker, port_is_free
 from pipeline.topics import ensure_topics
 from schemas.config import Config
-from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +91,7 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        asyncio.run(ensure_topics(config.kafka.client_options(os.environ), TopicNames(config.kafka.topic_prefix),
-                                  partitions=config.kafka.partitions,
-                                  replication_factor=config.kafka.replication_factor))
+        asyncio.run(ensure_topics(config.kafka, os.environ))
         common = ["--kafka", bootstrap, "--log-level", log_level]
         if config_path:
             common += ["--config", config_path]
@@ -141,8 +138,8 @@ def _scrape(port: int) -> dict[str, float]:
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            key = sample.name if sample.name != "spendstream_collector_spans_total" else (
-                f"{sample.name}:{sample.labels.get('outcome', '')}")
+            outcome = sample.labels.get("outcome")
+            key = f"{sample.name}:{outcome}" if outcome else sample.name
             totals[key] = totals.get(key, 0.0) + sample.value
     return totals
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from schemas import topics as contract
+from schemas.config import KafkaConfig
 from schemas.errors import TransientError
 from schemas.topics import TopicNames
 
@@ -22,14 +22,14 @@ class TopicSetupError(TransientError):
     """Topics could not be created; the message names the topic and the broker's reason."""
 
 
-async def ensure_topics(connection: Mapping[str, Any], names: TopicNames, *, partitions: int,
-                        replication_factor: int = 1) -> dict[str, str]:
-    """Create every contract topic that is missing. Returns topic -> "created" | "exists".
+async def ensure_topics(kafka: KafkaConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """Create every contract topic of this deployment that is missing. Returns topic -> "created" | "exists".
 
-    `connection` holds aiokafka's connection options (`KafkaConfig.client_options()`).
+    Names, partitions, replication and connection security all come from `kafka`.
     """
-    bootstrap_servers = connection["bootstrap_servers"]
-    admin = AIOKafkaAdminClient(**connection, request_timeout_ms=10_000)
+    bootstrap_servers = kafka.bootstrap_servers
+    names = TopicNames(kafka.topic_prefix)
+    admin = AIOKafkaAdminClient(**kafka.client_options(environ), request_timeout_ms=10_000)
     try:
         await admin.start()
     except KafkaError as exc:
@@ -37,7 +37,7 @@ async def ensure_topics(connection: Mapping[str, Any], names: TopicNames, *, par
         raise TopicSetupError(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
     try:
         wanted = [
-            NewTopic(names.name(topic), partitions, replication_factor,
+            NewTopic(names.name(topic), kafka.partitions, kafka.replication_factor,
                      topic_configs={"cleanup.policy": "compact"} if topic in contract.COMPACTED else {})
             for topic in contract.ALL
         ]

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.topics import ensure_topics
+from schemas.config import KafkaConfig
 from schemas.topics import TopicNames
 from tests.support import free_port
 
@@ -26,7 +27,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 def new_topics(bootstrap: str, partitions: int = 2) -> TopicNames:
     names = TopicNames(f"t{uuid.uuid4().hex[:10]}.")
-    asyncio.run(ensure_topics({"bootstrap_servers": bootstrap}, names, partitions=partitions))
+    asyncio.run(ensure_topics(KafkaConfig(bootstrap_servers=bootstrap, topic_prefix=names.prefix,
+                                          partitions=partitions), {}))
     return names
 
 

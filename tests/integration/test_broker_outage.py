@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from pipeline.broker import EmbeddedBroker
 from pipeline.topics import ensure_topics
+from schemas.config import KafkaConfig
 from schemas.topics import TopicNames
 from schemas.usage import UsageEvent
 from tests.dialects import DIALECTS
@@ -30,7 +31,8 @@ def test_broker_restart_loses_no_span(tmp_path: object) -> None:
     broker = EmbeddedBroker(port)
     names = TopicNames("outage.")
     broker.start()
-    asyncio.run(ensure_topics({"bootstrap_servers": broker.bootstrap_servers}, names, partitions=2))
+    kafka = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic_prefix=names.prefix, partitions=2)
+    asyncio.run(ensure_topics(kafka, {}))
     collector = CollectorThread(collector_config(broker.bootstrap_servers, names.prefix)).start()
     provider = TracerProvider(resource=Resource.create({"service.name": "svc", "team.name": "t"}))
     provider.add_span_processor(BatchSpanProcessor(
@@ -58,7 +60,7 @@ def test_broker_restart_loses_no_span(tmp_path: object) -> None:
 
         broker.stop()  # memory storage: what it held is gone, which is why we read it above
         restarter = threading.Timer(2.0, lambda: (broker.start(), asyncio.run(
-            ensure_topics({"bootstrap_servers": broker.bootstrap_servers}, names, partitions=2))))
+            ensure_topics(kafka, {}))))
         restarter.start()
         send(300)  # the first of these meet a dead broker: UNAVAILABLE, the exporter backs off and retries
         restarter.join()
