@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import Counter, start_http_server
+from prometheus_client import Counter, Gauge, start_http_server
 
 USAGE_EVENTS_COUNTED: Final = Counter(
     "spendstream_worker_usage_events", "Usage events counted once (replays excluded)"
@@ -15,6 +15,20 @@ USAGE_MESSAGES_REPLAYED: Final = Counter(
 USAGE_MESSAGES_INVALID: Final = Counter(
     "spendstream_worker_usage_messages_invalid", "genai.usage messages that do not match the schema"
 )
+
+USAGE_PRICED: Final = Counter("spendstream_worker_usage_priced", "Usage events priced into FOCUS rows")
+USAGE_UNPRICED: Final = Counter(
+    "spendstream_worker_usage_unpriced", "Usage events that could not be priced (dead-lettered); alert on any",
+    ["reason"])
+FOCUS_ROWS: Final = Counter("spendstream_worker_focus_rows", "FOCUS rows published to genai.cost.focus")
+COST_BILLED: Final = Counter(
+    "spendstream_cost_billed", "Billed cost in the billing currency", ["currency", "team", "provider", "model",
+                                                                         "meter"])
+CATALOG_INFO: Final = Gauge("spendstream_price_catalog_info", "The price catalog in use (value 1)", ["version"])
+EXPORTER_ROWS: Final = Counter("spendstream_exporter_rows", "FOCUS rows written to Parquet files")
+EXPORTER_DUPLICATES: Final = Counter("spendstream_exporter_duplicate_rows",
+                                     "FOCUS rows dropped as already written (same x_RowId)")
+EXPORTER_FILES: Final = Counter("spendstream_exporter_files", "Parquet files written")
 
 
 def serve_metrics(port: int) -> None:

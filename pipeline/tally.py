@@ -35,6 +35,8 @@ class TallyUpdate:
     tallies: dict[str, KeyTally]
     counted_events: int
     skipped_messages: int
+    #: (key, offset) of every message counted now: the ones to price
+    counted: frozenset[tuple[str, int]]
 
 
 def tally_messages(current: Mapping[str, KeyTally], messages: Iterable[tuple[str, int, int]]) -> TallyUpdate:
@@ -44,6 +46,7 @@ def tally_messages(current: Mapping[str, KeyTally], messages: Iterable[tuple[str
     """
     changed: dict[str, KeyTally] = {}
     counted = skipped = 0
+    fresh: set[tuple[str, int]] = set()
     # in source order per key: a batch that mixes a refetch after a seek must not see 148 before 147
     for key, offset, n_events in sorted(messages, key=lambda m: (m[0], m[1])):
         tally = changed.get(key) or current.get(key) or KeyTally()
@@ -52,4 +55,5 @@ def tally_messages(current: Mapping[str, KeyTally], messages: Iterable[tuple[str
             continue
         changed[key] = KeyTally(tally.events + n_events, offset)
         counted += n_events
-    return TallyUpdate(changed, counted, skipped)
+        fresh.add((key, offset))
+    return TallyUpdate(changed, counted, skipped, frozenset(fresh))

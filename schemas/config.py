@@ -12,6 +12,7 @@ import json
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -105,6 +106,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FocusConfig:
+    """Who the FOCUS rows are billed to: the organisation's account with its model providers."""
+
+    billing_account_id: str = "spendstream"
+    billing_account_name: str = "spendstream"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExporterConfig:
+    #: request: one FOCUS row per call and meter; hour/day: also a rollup per charge period x SKU x attribution
+    rollup: Literal["request", "hour", "day"] = "request"
+    #: how long rows may wait before they are written; a file is durable before its offsets are committed
+    flush_seconds: float = 5.0
+    max_rows_per_file: int = 200_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AttributionConfig:
     required: tuple[str, ...] = ("team", "use_case", "env")
     on_missing: Literal["allocate_unallocated", "reject"] = "allocate_unallocated"
@@ -150,6 +168,15 @@ class Config:
     velocity: Mapping[str, Any] = field(default_factory=dict)
     downgrade: Mapping[str, str] = field(default_factory=dict)
     pricing: Mapping[str, Any] = field(default_factory=dict)
+    focus: FocusConfig = field(default_factory=FocusConfig)
+    exporter: ExporterConfig = field(default_factory=ExporterConfig)
+
+    @property
+    def usd_rate(self) -> Decimal:
+        """Billing-currency units per USD, exact (the YAML number read as written)."""
+        if self.billing_currency == "USD":
+            return Decimal(1)
+        return Decimal(str(self.fx["USD"]))
 
     def validate(self) -> list[str]:
         problems = self.attribution.validate() + self.kafka.validate()
@@ -245,6 +272,8 @@ def _build(data: Mapping[str, Any], source: str) -> Config:
         velocity=dict(data.get("velocity", {})),
         downgrade=dict(data.get("downgrade", {})),
         pricing=dict(data.get("pricing", {})),
+        focus=FocusConfig(**data.get("focus", {})),
+        exporter=ExporterConfig(**data.get("exporter", {})),
     )
     problems = config.validate()
     if problems:

@@ -1,0 +1,60 @@
+"""Stage 1's pure core: usage events -> FOCUS row records and dead letters for what cannot be priced."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from pipeline.focus import Billing, focus_rows
+from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
+from schemas.deadletter import DeadLetter
+from schemas.focus import encode_row
+from schemas.usage import UsageEvent
+
+Record = tuple[bytes, bytes]
+
+
+@dataclass(slots=True)
+class CostOutput:
+    rows: list[Record] = field(default_factory=list)
+    dead_letters: list[Record] = field(default_factory=list)
+    priced_events: int = 0
+    unpriced: Counter[str] = field(default_factory=Counter)
+    #: (team, provider, model, meter) -> (billed cost, tokens), for metrics
+    cost_by_meter: defaultdict[tuple[str, str, str, str], Decimal] = field(
+        default_factory=lambda: defaultdict(Decimal))
+
+
+def unpriced_letter(event: UsageEvent, exc: UnpricedError) -> DeadLetter:
+    return DeadLetter(
+        reason=exc.reason, detail=str(exc), stage="pricing", attribution_key=event.attribution_key,
+        usage_id=event.id,
+        fields={"provider": event.provider, "model": event.model, "operation": event.operation,
+                "start_time_unix_nano": event.start_time_unix_nano, "service_tier": event.service_tier,
+                "tokens": {"input_uncached": event.tokens.input_uncached, "cache_read": event.tokens.cache_read,
+                           "cache_write": event.tokens.cache_write, "output": event.tokens.output,
+                           "reasoning": event.tokens.reasoning},
+                "attribution": dict(event.attribution)},
+    )
+
+
+def cost_records(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Billing) -> CostOutput:
+    """Price each event; a priced event gives one FOCUS row per meter, keyed by its attribution key."""
+    out = CostOutput()
+    for event in events:
+        key = event.attribution_key.encode()
+        try:
+            priced = price_usage(event, catalog)
+        except UnpricedError as exc:
+            out.unpriced[exc.reason] += 1
+            out.dead_letters.append((key, unpriced_letter(event, exc).encode()))
+            continue
+        out.priced_events += 1
+        for row in focus_rows(priced, billing):
+            out.rows.append((key, encode_row(row)))
+            labels = (event.attribution.get("team") or "unallocated", priced.price.provider_id,
+                      priced.price.model_id, row["x_Meter"])
+            out.cost_by_meter[labels] += row["BilledCost"]
+    return out

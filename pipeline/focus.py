@@ -1,0 +1,170 @@
+"""FOCUS 1.2 mapping: a priced call -> one cost row per token meter (reference/focus-1.2.md §4.3).
+
+Pure: no I/O. Money is Decimal; every product is computed in a 60-digit context and rounded once,
+to MONEY_SCALE places, so ListCost is ListUnitPrice x PricingQuantity and sums of rows are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Context, Decimal
+from typing import Any, Final
+
+from pipeline.pricing import PricedLine, PricedUsage
+from schemas.focus import ATTRIBUTION_COLUMNS, FOCUS_SCHEMA_VERSION, MONEY_QUANTUM
+
+_EXACT: Final = Context(prec=60)
+#: genai-prices usage key -> (SkuMeter, ConsumedUnit, token direction, cache action)
+METERS: Final[dict[str, tuple[str, str, str | None, str | None]]] = {
+    "input_tokens": ("Input Tokens", "Tokens", "Input", "Uncached"),
+    "cache_read_tokens": ("Cache Read Input Tokens", "Tokens", "Input", "Read"),
+    "cache_write_tokens": ("Cache Write Input Tokens", "Tokens", "Input", "Write"),
+    "output_tokens": ("Output Tokens", "Tokens", "Output", None),
+    "output_reasoning_tokens": ("Reasoning Output Tokens", "Tokens", "Output", None),
+    "requests": ("Requests", "Requests", None, None),
+}
+INPUT_METERS: Final = frozenset(k for k, v in METERS.items() if v[2] == "Input")
+OUTPUT_METERS: Final = frozenset(k for k, v in METERS.items() if v[2] == "Output")
+
+
+@dataclass(frozen=True, slots=True)
+class Billing:
+    """Who pays and in which currency; `usd_rate` is billing-currency units per USD."""
+
+    currency: str = "USD"
+    usd_rate: Decimal = Decimal(1)
+    account_id: str = "spendstream"
+    account_name: str = "spendstream"
+
+
+def iso_utc(unix_seconds: int) -> str:
+    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def month_bounds(unix_seconds: int) -> tuple[str, str]:
+    """The calendar month (UTC) holding `unix_seconds`, as FOCUS start (inclusive) and end (exclusive)."""
+    day = datetime.fromtimestamp(unix_seconds, UTC)
+    start = day.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def money(value: Decimal) -> Decimal:
+    return value.quantize(MONEY_QUANTUM, context=_EXACT)
+
+
+def _slug(text: str) -> str:
+    return text.lower().replace(" ", "-")
+
+
+def _meter_row(priced: PricedUsage, line: PricedLine, billing: Billing, common: dict[str, Any]) -> dict[str, Any]:
+    price = priced.price
+    sku_meter, unit, direction, cache_action = METERS.get(
+        line.meter, (line.meter.replace("_", " ").title(), "Units", None, None))
+    pricing_quantity = _EXACT.divide(Decimal(line.quantity), Decimal(line.per))
+    pricing_currency = price.contract_currency
+    # contract currency -> billing currency; list prices are USD
+    contract_rate = Decimal(1) if pricing_currency == billing.currency else billing.usd_rate
+    list_unit = money(_EXACT.multiply(line.list_price, billing.usd_rate))
+    contract_unit = money(_EXACT.multiply(line.contract_price, contract_rate))
+    contract_cost = money(_EXACT.multiply(contract_unit, pricing_quantity))
+    pc_list_unit = money(line.list_price if pricing_currency == "USD"
+                         else _EXACT.multiply(line.list_price, billing.usd_rate))
+    pc_contract_unit = money(line.contract_price)
+    sku_id = f"{price.provider_id}/{price.model_id}/{_slug(sku_meter)}"
+    tier = f">{line.tier}" if line.tier is not None else None
+    details: dict[str, Any] = {"x_ModelId": price.model_id, "x_PriceSource": "override" if not price.is_list
+                               else "genai-prices"}
+    if direction:
+        details["x_TokenDirection"] = direction
+    if cache_action:
+        details["x_TokenCacheAction"] = cache_action
+    if tier:
+        details["x_InputTokenTier"] = tier
+    if priced.event.service_tier:
+        details["x_ServiceTier"] = priced.event.service_tier
+    return {
+        **common,
+        "BilledCost": contract_cost,
+        "ChargeDescription": f"{price.model_id} {sku_meter.lower()}",
+        "ConsumedQuantity": Decimal(line.quantity),
+        "ConsumedUnit": unit,
+        "ContractedCost": contract_cost,
+        "ContractedUnitPrice": contract_unit,
+        "EffectiveCost": contract_cost,
+        "ListCost": money(_EXACT.multiply(list_unit, pricing_quantity)),
+        "ListUnitPrice": list_unit,
+        "PricingCurrency": pricing_currency,
+        "PricingCurrencyContractedUnitPrice": pc_contract_unit,
+        "PricingCurrencyEffectiveCost": money(_EXACT.multiply(pc_contract_unit, pricing_quantity)),
+        "PricingCurrencyListUnitPrice": pc_list_unit,
+        "PricingQuantity": pricing_quantity,
+        "PricingUnit": f"{line.per} {unit}",
+        "SkuId": sku_id,
+        "SkuMeter": sku_meter,
+        "SkuPriceDetails": details,
+        "SkuPriceId": f"{sku_id}@{line.per}:{_price_id(priced, tier)}",
+        "x_RowId": f"{priced.event.id}/{line.meter}",
+        "x_Meter": line.meter,
+        "x_PriceTier": tier,
+    }
+
+
+def _price_id(priced: PricedUsage, tier: str | None) -> str:
+    sheet = priced.price.contract_sheet.price_id
+    return f"{sheet}{tier or ''}"
+
+
+def focus_rows(priced: PricedUsage, billing: Billing) -> list[dict[str, Any]]:
+    """The FOCUS 1.2 rows of one priced call: one per meter it used."""
+    event = priced.event
+    price = priced.price
+    start_s = event.start_time_unix_nano // 10**9
+    period_start, period_end = month_bounds(start_s)
+    team = event.attribution.get("team")
+    common: dict[str, Any] = {
+        "AvailabilityZone": None,
+        "BillingAccountId": billing.account_id,
+        "BillingAccountName": billing.account_name,
+        "BillingCurrency": billing.currency,
+        "BillingPeriodEnd": period_end,
+        "BillingPeriodStart": period_start,
+        "ChargeCategory": "Usage",
+        "ChargeClass": None,
+        "ChargeFrequency": "Usage-Based",
+        "ChargePeriodEnd": iso_utc(start_s + 1),
+        "ChargePeriodStart": iso_utc(start_s),
+        "CommitmentDiscountStatus": None,
+        "InvoiceId": None,
+        "InvoiceIssuerName": price.provider_name,
+        "PricingCategory": "Standard",
+        "ProviderName": price.provider_name,
+        "PublisherName": price.publisher_name,
+        "RegionId": None,
+        "RegionName": None,
+        "ResourceId": None,
+        "ResourceName": None,
+        "ResourceType": None,
+        "ServiceCategory": "AI and Machine Learning",
+        "ServiceName": f"{price.provider_name} API",
+        "ServiceSubcategory": "Generative AI",
+        "SubAccountId": team,
+        "SubAccountName": team,
+        "Tags": dict(event.attribution),
+        "x_UsageId": event.id,
+        "x_TraceId": event.trace_id,
+        "x_SpanId": event.span_id,
+        "x_Provider": event.provider,
+        "x_Model": event.model,
+        "x_RequestModel": event.request_model,
+        "x_Operation": event.operation,
+        "x_ServiceTier": event.service_tier,
+        "x_CatalogVersion": priced.catalog_version,
+        "x_AttributionKey": event.attribution_key,
+        "x_Allocated": event.allocated,
+        **{column: event.attribution.get(dim) for dim, column in ATTRIBUTION_COLUMNS.items()},
+        "x_RequestCount": 1,
+        "x_SchemaVersion": FOCUS_SCHEMA_VERSION,
+    }
+    return [_meter_row(priced, line, billing, common) for line in priced.lines]

@@ -1,0 +1,368 @@
+"""The price catalog: genai-prices data compiled into lookup tables, plus contracted overrides.
+
+genai-prices resolves a model reference in tens of microseconds (it walks every provider's match
+rules) and re-derives its price structures on every call. Here a (provider, model, UTC day,
+service tier) lookup is resolved once with genai-prices' own matching rules and kept as a compiled
+`PriceSheet`, so pricing an event is one dict lookup and a few Decimal products.
+The arithmetic mirrors `genai_prices.calc_price` exactly (same leaf decomposition, same
+`price * count / per` per meter, same tier cliff), and a test checks every model against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import genai_prices
+import orjson
+from genai_prices import data_snapshot
+from genai_prices.data_units import unit_data
+from genai_prices.types import ModelInfo, ModelPrice, Provider, Tier, TieredPrices, TimeOfDateConstraint
+
+from schemas.errors import ConfigError
+
+NS_PER_DAY: Final = 86_400 * 10**9
+LIST_CURRENCY: Final = "USD"  # genai-prices publishes every price in USD
+#: our canonical (semconv) provider names -> genai-prices provider ids
+PROVIDER_IDS: Final[Mapping[str, str]] = {
+    "openai": "openai", "azure.ai.openai": "azure", "azure.ai.inference": "azure", "az.ai.inference": "azure",
+    "anthropic": "anthropic", "gcp.gemini": "google", "gcp.vertex_ai": "google", "gcp.gen_ai": "google",
+    "aws.bedrock": "aws", "mistral_ai": "mistral", "x_ai": "x-ai", "groq": "groq", "deepseek": "deepseek",
+    "cohere": "cohere", "openrouter": "openrouter", "perplexity": "perplexity", "together_ai": "together",
+}
+#: override keys in spendstream.yaml -> genai-prices price keys
+OVERRIDE_PRICE_KEYS: Final[Mapping[str, str]] = {
+    "input_per_mtok": "input_mtok", "output_per_mtok": "output_mtok",
+    "cache_read_per_mtok": "cache_read_mtok", "cache_write_per_mtok": "cache_write_mtok",
+}
+_UNITS_BY_PRICE_KEY: Final = {raw.get("price_key", key): (key, raw) for key, raw in unit_data.items()}
+_LOOKUP_CACHE_MAX: Final = 50_000
+
+
+class UnpricedError(Exception):
+    """A call the catalog cannot price. `reason` is a stable code for the dead-letter record."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class MeterPrice:
+    """The price of one usage meter, per `per` units (genai-prices' unit)."""
+
+    usage_key: str
+    price_key: str
+    per: int
+    base: Decimal
+    #: (threshold, price), highest threshold first: input above a threshold moves every token to its rate
+    tiers: tuple[tuple[int, Decimal], ...]
+    #: positions (in the sheet) of the priced meters this one includes, e.g. cache reads within input
+    includes: tuple[int, ...]
+
+    def price_for(self, total_input_tokens: int) -> tuple[Decimal, int | None]:
+        for threshold, price in self.tiers:
+            if total_input_tokens > threshold:
+                return price, threshold
+        return self.base, None
+
+
+@dataclass(frozen=True, slots=True)
+class PriceSheet:
+    """Every priced meter of one model at one point in time, most specific meter first."""
+
+    meters: tuple[MeterPrice, ...]
+    price_id: str
+
+    def leaves(self, usage: Mapping[str, int]) -> list[int]:
+        """Units billed at each meter's own rate: a meter's count minus what its more specific meters bill."""
+        out: list[int] = []
+        for meter in self.meters:
+            leaf = usage.get(meter.usage_key, 0) - sum(out[i] for i in meter.includes)
+            if leaf < 0:
+                inner = ", ".join(self.meters[i].usage_key for i in meter.includes)
+                raise UnpricedError("invalid_usage", f"{inner} exceed {meter.usage_key} "
+                                                     f"({usage.get(meter.usage_key, 0)})")
+            out.append(leaf)
+        return out
+
+
+def compile_sheet(prices: Mapping[str, Decimal | TieredPrices], price_id: str) -> PriceSheet:
+    """Compile price_key -> price into a sheet ordered like genai-prices' leaf decomposition."""
+    units = []
+    for price_key, price in prices.items():
+        if price_key not in _UNITS_BY_PRICE_KEY:
+            continue  # genai-prices warns and ignores price keys it has no unit for; so do we
+        usage_key, raw = _UNITS_BY_PRICE_KEY[price_key]
+        units.append((usage_key, price_key, int(raw["per"]), dict(raw.get("dimensions", {})), price))
+    # most dimensions first, as genai-prices computes leaves
+    units.sort(key=lambda u: (-len(u[3]), u[0]))
+    meters = []
+    for position, (usage_key, price_key, per, dims, price) in enumerate(units):
+        includes = tuple(
+            i for i, (other_key, _, _, other_dims, _) in enumerate(units[:position])
+            if dims.items() <= other_dims.items()
+        )
+        if isinstance(price, TieredPrices):
+            tiers = tuple((t.start, t.price) for t in sorted(price.tiers, key=lambda t: t.start, reverse=True))
+            base = price.base
+        else:
+            tiers, base = (), price
+        meters.append(MeterPrice(usage_key, price_key, per, base, tiers, includes))
+    return PriceSheet(tuple(meters), price_id)
+
+
+def scale_prices(prices: Mapping[str, Decimal | TieredPrices], rate: Decimal) -> dict[str, Decimal | TieredPrices]:
+    """Prices converted at `rate` (exact: a Decimal product)."""
+    out: dict[str, Decimal | TieredPrices] = {}
+    for key, price in prices.items():
+        if isinstance(price, TieredPrices):
+            out[key] = TieredPrices(base=price.base * rate,
+                                    tiers=[Tier(start=t.start, price=t.price * rate) for t in price.tiers])
+        else:
+            out[key] = price * rate
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class PriceOverride:
+    """A negotiated or self-hosted price from `pricing.overrides`: it wins for the meters it names."""
+
+    model: str
+    provider: str | None
+    prices: Mapping[str, Decimal]  # genai-prices price key -> price per million tokens
+    currency: str
+    valid_from: date | None
+    valid_until: date | None  # last day it applies (inclusive)
+
+    def applies(self, provider: str | None, model_refs: Sequence[str], day: date) -> bool:
+        if self.provider is not None and self.provider != provider:
+            return False
+        if self.valid_from is not None and day < self.valid_from:
+            return False
+        if self.valid_until is not None and day > self.valid_until:
+            return False
+        return self.model.lower() in model_refs
+
+
+def overrides_from_config(raw: Sequence[Mapping[str, Any]], billing_currency: str) -> tuple[PriceOverride, ...]:
+    """Parse `pricing.overrides`. Raises ConfigError naming the entry."""
+    out, problems = [], []
+    for index, entry in enumerate(raw):
+        where = f"pricing.overrides[{index}]"
+        currency = entry.get("currency", LIST_CURRENCY)
+        if currency not in (LIST_CURRENCY, billing_currency):
+            problems.append(f"{where}.currency: {currency} is neither USD nor the billing currency "
+                            f"{billing_currency}")
+        prices = {OVERRIDE_PRICE_KEYS[k]: Decimal(str(v)) for k, v in entry.items() if k in OVERRIDE_PRICE_KEYS}
+        if not prices:
+            problems.append(f"{where}: names no price ({', '.join(OVERRIDE_PRICE_KEYS)})")
+        valid_from = date.fromisoformat(entry["valid_from"]) if "valid_from" in entry else None
+        valid_until = date.fromisoformat(entry["valid_until"]) if "valid_until" in entry else None
+        if valid_from and valid_until and valid_until < valid_from:
+            problems.append(f"{where}.valid_until: {valid_until} is before valid_from {valid_from}")
+        out.append(PriceOverride(model=entry["model"], provider=entry.get("provider"), prices=prices,
+                                 currency=currency, valid_from=valid_from, valid_until=valid_until))
+    if problems:
+        raise ConfigError(problems, "config")
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedPrice:
+    """What a call is priced with: the list sheet (USD) and the contracted sheet (its own currency)."""
+
+    provider_id: str
+    provider_name: str
+    publisher_name: str
+    model_id: str
+    list_sheet: PriceSheet
+    contract_sheet: PriceSheet
+    contract_currency: str
+    #: the contracted price is the list price: no override applies
+    is_list: bool
+    #: no public price exists (self-hosted or unlisted model): the override is the only price
+    unlisted: bool
+
+
+class PriceCatalog:
+    """Compiled prices: `resolve(...)` answers which prices apply to a call, from memory after the first time."""
+
+    def __init__(self, overrides: Sequence[PriceOverride] = (), *, billing_currency: str = LIST_CURRENCY,
+                 usd_rate: Decimal = Decimal(1)) -> None:
+        self.overrides = tuple(overrides)
+        self.billing_currency = billing_currency
+        self.usd_rate = usd_rate  # billing currency units per USD
+        self._snapshot = data_snapshot.get_snapshot()
+        self._sheets: dict[tuple[int, int, tuple[int, ...]], PriceSheet] = {}
+        self._lookups: dict[tuple[str | None, str, int, str | None], ResolvedPrice | UnpricedError] = {}
+        digest = hashlib.sha256(orjson.dumps(
+            [billing_currency, str(usd_rate), [_override_json(o) for o in self.overrides]])).hexdigest()[:12]
+        self.version = f"genai-prices-{genai_prices.__version__}+{digest}"
+
+    def resolve(self, provider: str | None, model: str, start_unix_nano: int,
+                service_tier: str | None = None) -> ResolvedPrice:
+        """The prices in force for `model` at the call's start. Raises UnpricedError if there are none."""
+        key = (provider, model, start_unix_nano // NS_PER_DAY, service_tier)
+        found = self._lookups.get(key)
+        if found is None:
+            found, cacheable = self._resolve(provider, model, start_unix_nano, service_tier)
+            if cacheable:
+                if len(self._lookups) >= _LOOKUP_CACHE_MAX:
+                    self._lookups.clear()  # a flood of distinct model names must not grow memory
+                self._lookups[key] = found
+        if isinstance(found, UnpricedError):
+            raise found
+        return found
+
+    def _resolve(self, provider: str | None, model: str, start_unix_nano: int,
+                 service_tier: str | None) -> tuple[ResolvedPrice | UnpricedError, bool]:
+        when = datetime.fromtimestamp(start_unix_nano / 1e9, UTC)
+        try:
+            gp_provider, info = self._find(provider, model)
+        except UnpricedError as exc:
+            override = self._override(provider, [model.lower()], when.date())
+            if override is None:
+                return exc, True
+            sheet = compile_sheet(override.prices, f"override:{override.model}@{override.valid_from or '-'}")
+            return ResolvedPrice(provider_id=provider or "unknown", provider_name=provider or "unknown",
+                                 publisher_name=provider or "unknown", model_id=model, list_sheet=sheet,
+                                 contract_sheet=sheet, contract_currency=override.currency, is_list=False,
+                                 unlisted=True), True
+        context = _price_context(service_tier)
+        # genai-prices applies request variants only to a provider's own models, not fallback ones
+        own_model = any(info is m for m in gp_provider.models)
+        list_sheet, cacheable = self._list_sheet(info, when, context if own_model else None)
+        publisher = gp_provider.name if own_model else self._publisher(gp_provider, info)
+        override = self._override(provider, [model.lower(), info.id.lower()], when.date())
+        if override is None:
+            contract_sheet, currency = list_sheet, LIST_CURRENCY
+        else:
+            list_prices = _with_meters(_sheet_prices(list_sheet), override.prices.keys())
+            if len(list_prices) != len(list_sheet.meters):
+                list_sheet = compile_sheet(list_prices, list_sheet.price_id)
+            if override.currency != LIST_CURRENCY:
+                list_prices = scale_prices(list_prices, self.usd_rate)
+            contract_sheet = compile_sheet({**list_prices, **override.prices},
+                                           f"{list_sheet.price_id}+override@{override.valid_from or '-'}")
+            currency = override.currency
+        return ResolvedPrice(provider_id=gp_provider.id, provider_name=gp_provider.name, publisher_name=publisher,
+                             model_id=info.id, list_sheet=list_sheet, contract_sheet=contract_sheet,
+                             contract_currency=currency, is_list=override is None, unlisted=False), cacheable
+
+    def _find(self, provider: str | None, model: str) -> tuple[Provider, ModelInfo]:
+        provider_id = PROVIDER_IDS.get(provider, provider) if provider else None
+        try:
+            return self._snapshot.find_provider_model(model, None, provider_id, None)
+        except LookupError as exc:
+            vendor, _, bare = model.partition("/")
+            if bare and provider_id is None:  # "openai/gpt-4o", as gateways and routers spell it
+                try:
+                    return self._snapshot.find_provider_model(bare, None, PROVIDER_IDS.get(vendor, vendor), None)
+                except LookupError:
+                    pass
+            reason = "unknown_provider" if "provider" in str(exc) and provider_id else "unknown_model"
+            raise UnpricedError(reason, f"{model!r} from provider {provider!r} is not in genai-prices "
+                                        f"{genai_prices.__version__} and no pricing.overrides entry matches") from exc
+
+    def _publisher(self, provider: Provider, info: ModelInfo) -> str:
+        for fallback_id in provider.fallback_model_providers or ():
+            fallback = next((p for p in self._snapshot.providers if p.id == fallback_id), None)
+            if fallback is not None and any(info is m for m in fallback.models):
+                return fallback.name
+        return provider.name
+
+    def _override(self, provider: str | None, refs: list[str], day: date) -> PriceOverride | None:
+        # the last matching entry wins, so a later, narrower entry can refine an earlier one
+        for override in reversed(self.overrides):
+            if override.applies(provider, refs, day):
+                return override
+        return None
+
+    def _list_sheet(self, info: ModelInfo, when: datetime,
+                    context: Mapping[str, str] | None) -> tuple[PriceSheet, bool]:
+        """Mirror ModelInfo.get_prices: the last active conditional price, then matching variants."""
+        cacheable = True
+        if isinstance(info.prices, ModelPrice):
+            chosen, standard = 0, info.prices
+        else:
+            chosen, standard = 0, info.prices[0].prices
+            for index in range(len(info.prices) - 1, -1, -1):
+                constraint = info.prices[index].constraint
+                cacheable &= not isinstance(constraint, TimeOfDateConstraint)  # a price by time of day
+                if constraint is None or constraint.active(when):
+                    chosen, standard = index, info.prices[index].prices
+                    break
+        variants: list[int] = []
+        if context:
+            for index, variant in enumerate(info.price_variants or ()):
+                cacheable &= not isinstance(variant.constraint, TimeOfDateConstraint)
+                if variant.constraint is not None and not variant.constraint.active(when):
+                    continue
+                if all(context.get(k) == v for k, v in variant.when.items()):
+                    variants.append(index)
+        sheet_key = (id(info), chosen, tuple(variants))
+        sheet = self._sheets.get(sheet_key)
+        if sheet is None:
+            prices = {k: v for k, v in standard.__dict__.items() if v is not None and not k.startswith("_")}
+            chosen_variants: dict[str, Decimal | TieredPrices] = {}
+            for index in variants:  # per price key, the first matching variant wins
+                for k, v in info.price_variants[index].prices.__dict__.items():  # type: ignore[index]
+                    if v is not None:
+                        chosen_variants.setdefault(k, v)
+            prices.update(chosen_variants)
+            start = getattr(info.prices[chosen].constraint, "start_date", None) \
+                if not isinstance(info.prices, ModelPrice) else None
+            price_id = f"{start or 'base'}" + "".join(f"+{_variant_name(info, i)}" for i in variants)
+            sheet = self._sheets[sheet_key] = compile_sheet(prices, price_id)
+        return sheet, cacheable
+
+
+def _variant_name(info: ModelInfo, index: int) -> str:
+    variant = info.price_variants[index]  # type: ignore[index]
+    return ",".join(f"{k}={v}" for k, v in sorted(variant.when.items()))
+
+
+def _sheet_prices(sheet: PriceSheet) -> dict[str, Decimal | TieredPrices]:
+    return {m.price_key: (TieredPrices(base=m.base, tiers=[Tier(start=s, price=p) for s, p in m.tiers])
+                          if m.tiers else m.base) for m in sheet.meters}
+
+
+def _with_meters(prices: dict[str, Decimal | TieredPrices],
+                 keys: Iterable[str]) -> dict[str, Decimal | TieredPrices]:
+    """`prices` with a meter for each of `keys`, at the price of the meter that bills it today.
+
+    An override may price a meter the public list does not (cache writes, say); the list then bills
+    those units within a broader meter (input), so giving them that meter's price changes no total
+    and lets list and contract rows line up meter by meter.
+    """
+    out = dict(prices)
+    for key in keys:
+        if key in out:
+            continue
+        dims = _UNITS_BY_PRICE_KEY[key][1].get("dimensions", {}).items()
+        ancestors = [(len(_UNITS_BY_PRICE_KEY[k][1].get("dimensions", {})), k) for k in prices
+                     if _UNITS_BY_PRICE_KEY[k][1].get("dimensions", {}).items() <= dims]
+        if ancestors:
+            out[key] = prices[max(ancestors)[1]]
+    return out
+
+
+def _price_context(service_tier: str | None) -> dict[str, str] | None:
+    """genai-prices' request context: OpenAI-style service tiers, and batch processing."""
+    if not service_tier:
+        return None
+    context = {"service_tier": service_tier}
+    if service_tier == "batch":
+        context["processing"] = "batch"
+    return context
+
+
+def _override_json(override: PriceOverride) -> dict[str, Any]:
+    return {"model": override.model, "provider": override.provider, "currency": override.currency,
+            "prices": {k: str(v) for k, v in sorted(override.prices.items())},
+            "valid_from": str(override.valid_from), "valid_until": str(override.valid_until)}

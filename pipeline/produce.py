@@ -1,0 +1,68 @@
+"""BatchProducer: many keyed records to Kafka as one batch per partition, acknowledged before return.
+
+A FOCUS row per message makes 2-4 messages per call; aiokafka's per-message `send()` caps near
+26k/s, `create_batch()` + `send_batch()` per partition near 116k/s (DESIGN §5). Keys are placed
+with aiokafka's default partitioner, so a record lands where a keyed `send()` would put it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+
+Record = tuple[bytes, bytes]  # key, value
+
+
+class BatchProducer:
+    def __init__(self, connection: Mapping[str, Any], *, compression: str = "lz4") -> None:
+        self._options = dict(connection, acks="all", compression_type=None if compression == "none" else compression,
+                             max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024, linger_ms=0)
+        self._partitioner = DefaultPartitioner()
+        self._partitions: dict[str, list[int]] = {}
+        self._started: AIOKafkaProducer | None = None
+
+    @property
+    def _producer(self) -> AIOKafkaProducer:
+        if self._started is None:
+            raise RuntimeError("BatchProducer used before start()")
+        return self._started
+
+    async def start(self) -> None:
+        # aiokafka binds a producer to the running loop, so it is made here, not in __init__
+        producer = AIOKafkaProducer(**self._options)
+        await producer.start()
+        self._started = producer
+
+    async def stop(self) -> None:
+        producer, self._started = self._started, None
+        if producer is not None:
+            await producer.stop()
+
+    async def _partitions_of(self, topic: str) -> list[int]:
+        if topic not in self._partitions:
+            self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
+        return self._partitions[topic]
+
+    async def send_all(self, topic: str, records: Sequence[Record]) -> None:
+        """Return once the broker acknowledged every record (raises aiokafka's KafkaError otherwise)."""
+        if not records:
+            return
+        partitions = await self._partitions_of(topic)
+        by_partition: dict[int, list[Record]] = defaultdict(list)
+        for key, value in records:
+            by_partition[self._partitioner(key, partitions, partitions)].append((key, value))
+        futures = []
+        for partition, items in by_partition.items():
+            batch = self._producer.create_batch()
+            for key, value in items:
+                if batch.append(key=key, value=value, timestamp=None) is None:  # batch full: ship it
+                    futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+                    batch = self._producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*futures)

@@ -1,0 +1,119 @@
+"""FOCUS 1.2 cost rows: the columns spendstream emits, in order, and their JSON / Parquet forms.
+
+One row per model call x token meter (`reference/focus-1.2.md` §4.3). On Kafka a row is a JSON
+object: money and quantities are decimal strings (exact), Tags and SkuPriceDetails are objects.
+In Parquet, money is decimal128(38, 18), Tags and SkuPriceDetails are JSON strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any, Final
+
+import orjson
+
+FOCUS_SCHEMA_VERSION: Final = 1
+FOCUS_VERSION: Final = "1.2"
+#: decimal places of money in rows and files: only float-artifact prices in the source data
+#: (e.g. 0.0833333333333333 USD/MTok) have more, and are rounded half-even there
+MONEY_SCALE: Final = 18
+MONEY_QUANTUM: Final = Decimal(1).scaleb(-MONEY_SCALE)
+
+#: (column, kind); kinds: money, quantity, int, string, datetime, json, bool. FOCUS columns first, then x_.
+COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+    ("AvailabilityZone", "string"),
+    ("BilledCost", "money"),
+    ("BillingAccountId", "string"),
+    ("BillingAccountName", "string"),
+    ("BillingCurrency", "string"),
+    ("BillingPeriodEnd", "datetime"),
+    ("BillingPeriodStart", "datetime"),
+    ("ChargeCategory", "string"),
+    ("ChargeClass", "string"),
+    ("ChargeDescription", "string"),
+    ("ChargeFrequency", "string"),
+    ("ChargePeriodEnd", "datetime"),
+    ("ChargePeriodStart", "datetime"),
+    ("CommitmentDiscountStatus", "string"),
+    ("ConsumedQuantity", "quantity"),
+    ("ConsumedUnit", "string"),
+    ("ContractedCost", "money"),
+    ("ContractedUnitPrice", "money"),
+    ("EffectiveCost", "money"),
+    ("InvoiceId", "string"),
+    ("InvoiceIssuerName", "string"),
+    ("ListCost", "money"),
+    ("ListUnitPrice", "money"),
+    ("PricingCategory", "string"),
+    ("PricingCurrency", "string"),
+    ("PricingCurrencyContractedUnitPrice", "money"),
+    ("PricingCurrencyEffectiveCost", "money"),
+    ("PricingCurrencyListUnitPrice", "money"),
+    ("PricingQuantity", "quantity"),
+    ("PricingUnit", "string"),
+    ("ProviderName", "string"),
+    ("PublisherName", "string"),
+    ("RegionId", "string"),
+    ("RegionName", "string"),
+    ("ResourceId", "string"),
+    ("ResourceName", "string"),
+    ("ResourceType", "string"),
+    ("ServiceCategory", "string"),
+    ("ServiceName", "string"),
+    ("ServiceSubcategory", "string"),
+    ("SkuId", "string"),
+    ("SkuMeter", "string"),
+    ("SkuPriceDetails", "json"),
+    ("SkuPriceId", "string"),
+    ("SubAccountId", "string"),
+    ("SubAccountName", "string"),
+    ("Tags", "json"),
+    ("x_RowId", "string"),
+    ("x_UsageId", "string"),
+    ("x_TraceId", "string"),
+    ("x_SpanId", "string"),
+    ("x_Provider", "string"),
+    ("x_Model", "string"),
+    ("x_RequestModel", "string"),
+    ("x_Operation", "string"),
+    ("x_ServiceTier", "string"),
+    ("x_Meter", "string"),
+    ("x_PriceTier", "string"),
+    ("x_CatalogVersion", "string"),
+    ("x_AttributionKey", "string"),
+    ("x_Allocated", "bool"),
+    ("x_Team", "string"),
+    ("x_UseCase", "string"),
+    ("x_Env", "string"),
+    ("x_App", "string"),
+    ("x_Key", "string"),
+    ("x_CostCenter", "string"),
+    ("x_RequestCount", "int"),
+    ("x_SchemaVersion", "int"),
+)
+COLUMN_NAMES: Final = tuple(name for name, _ in COLUMNS)
+MONEY_COLUMNS: Final = tuple(name for name, kind in COLUMNS if kind == "money")
+#: attribution dimension -> its x_ column
+ATTRIBUTION_COLUMNS: Final[Mapping[str, str]] = {
+    "team": "x_Team", "use_case": "x_UseCase", "env": "x_Env", "app": "x_App", "key": "x_Key",
+    "cost_center": "x_CostCenter",
+}
+
+
+def encode_row(row: Mapping[str, Any]) -> bytes:
+    """A FOCUS row as its `genai.cost.focus` message value (Decimals as exact strings)."""
+    return orjson.dumps(row, default=_decimal_str)
+
+
+def decode_row(value: bytes) -> dict[str, Any]:
+    row = orjson.loads(value)
+    if not isinstance(row, dict) or "x_RowId" not in row:
+        raise ValueError("not a FOCUS row: expected an object with x_RowId")
+    return row
+
+
+def _decimal_str(value: object) -> str:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError(f"cannot encode {type(value).__name__}")
