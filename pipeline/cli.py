@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="table store: memory (state rebuilt from changelogs) or rocksdb")
     worker.add_argument("--metrics-port", type=int, help="Prometheus port (default 9465)")
 
+    exporter = sub.add_parser("exporter", help="write genai.cost.focus into FOCUS Parquet files")
+    _add_common(exporter)
+    exporter.add_argument("--data-dir", default="./spendstream-data", help="files go under DIR/focus/")
+    exporter.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464 + 2)")
+
     topics = sub.add_parser("topics", help="create the topics (idempotent)")
     _add_common(topics)
     topics.add_argument("--partitions", type=int, help="partitions per topic (default kafka.partitions)")
@@ -120,6 +125,16 @@ def _cmd_worker(args: argparse.Namespace) -> None:
                loglevel=args.log_level)
 
 
+def _cmd_exporter(args: argparse.Namespace) -> None:
+    from pipeline.exporter import FocusExporter  # noqa: PLC0415
+    from pipeline.metrics import serve_metrics  # noqa: PLC0415
+
+    config = _config(args)
+    serve_metrics(args.metrics_port if args.metrics_port is not None else config.metrics.port + 2)
+    exporter = FocusExporter(config, Path(args.data_dir))
+    _serve_until_signal(exporter.run)
+
+
 def _cmd_topics(args: argparse.Namespace) -> None:
     from pipeline.topics import ensure_topics  # noqa: PLC0415
 
@@ -145,8 +160,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
              token=args.token)
 
 
-COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker, "topics": _cmd_topics,
-            "demo": _cmd_demo}
+COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker, "exporter": _cmd_exporter,
+            "topics": _cmd_topics, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

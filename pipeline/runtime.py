@@ -39,7 +39,7 @@ class Child:
 def _check_ports(config: Config, workers: int) -> None:
     """Fail before starting anything when a port is taken, naming the flag that changes it."""
     wanted = [(config.collector.grpc_port, "--grpc-port"), (config.collector.http_port, "--http-port")]
-    wanted += [(config.metrics.port + i, "--metrics-port") for i in range(workers + 1)]
+    wanted += [(config.metrics.port + i, "--metrics-port") for i in range(workers + 2)]
     for port, flag in wanted:
         if port and not port_is_free("0.0.0.0", port):
             raise BrokerError(f"port {port} is taken; change it with {flag}")
@@ -100,6 +100,9 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
                 "worker", *common, "--data-dir", str(data_dir / f"worker-{i + 1}"),
                 "--metrics-port", str(config.metrics.port + 1 + i),
             ], logs))
+        children.append(_spawn("exporter", [
+            "exporter", *common, "--data-dir", str(data_dir), "--metrics-port", str(config.metrics.port + 1 + workers),
+        ], logs))
         children.append(_spawn("collector", [
             "collector", *common, "--grpc-port", str(config.collector.grpc_port),
             "--http-port", str(config.collector.http_port), "--metrics-port", str(config.metrics.port),
@@ -149,8 +152,11 @@ def _flow_status(metrics_port: int, workers: int) -> str:
     collector = _scrape(metrics_port)
     if not collector:
         return ""
-    counted = sum(_scrape(metrics_port + 1 + i).get("spendstream_worker_usage_events_total", 0.0)
-                  for i in range(workers))
+    worker_totals = [_scrape(metrics_port + 1 + i) for i in range(workers)]
+    counted = sum(w.get("spendstream_worker_usage_events_total", 0.0) for w in worker_totals)
+    priced = sum(w.get("spendstream_worker_usage_priced_total", 0.0) for w in worker_totals)
+    unpriced = sum(w.get("spendstream_worker_usage_unpriced_total", 0.0) for w in worker_totals)
+    in_files = _scrape(metrics_port + 1 + workers).get("spendstream_exporter_rows_total", 0.0)
     received = collector.get("spendstream_collector_spans_received_total", 0.0)
     published = collector.get("spendstream_collector_usage_events_published_total", 0.0)
     rejected = sum(v for k, v in collector.items() if k.startswith("spendstream_collector_spans_total:rejected"))
@@ -158,7 +164,8 @@ def _flow_status(metrics_port: int, workers: int) -> str:
     if not received:
         return ""
     return (f"flow: {received:,.0f} spans received → {published:,.0f} model calls on Kafka "
-            f"({unallocated:,.0f} unallocated, {rejected:,.0f} rejected) → {counted:,.0f} counted by workers")
+            f"({unallocated:,.0f} unallocated, {rejected:,.0f} rejected) → {counted:,.0f} counted by workers, "
+            f"{priced:,.0f} priced ({unpriced:,.0f} unpriced → genai.deadletter) → {in_files:,.0f} FOCUS rows in files")
 
 
 def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: int, data_dir: Path) -> None:
@@ -170,7 +177,8 @@ def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: in
         f"  OTLP/HTTP    http://localhost:{config.collector.http_port}/v1/traces",
         f"  Kafka        {bootstrap}{'   (embedded broker, in memory)' if embedded else ''}",
         f"  metrics      http://localhost:{m}/metrics (collector)"
-        + "".join(f", :{m + 1 + i} (worker-{i + 1})" for i in range(workers)),
+        + "".join(f", :{m + 1 + i} (worker-{i + 1})" for i in range(workers)) + f", :{m + 1 + workers} (exporter)",
+        f"  FOCUS files  {data_dir / 'focus'}   (spendstream report --data-dir {data_dir})",
         f"  data, logs   {data_dir}",
         "try it:        spendstream demo      stop: Ctrl-C",
     ]
