@@ -80,6 +80,30 @@ def _parser() -> argparse.ArgumentParser:
     exporter.add_argument("--data-dir", default="./spendstream-data", help="files go under DIR/focus/")
     exporter.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464 + 2)")
 
+    report = sub.add_parser("report", help="top N by cost from the FOCUS files (DuckDB)")
+    report.add_argument("--data-dir", default="./spendstream-data", help="where the exporter writes (default "
+                        "./spendstream-data)")
+    report.add_argument("--by", default="team,use_case", help="comma-separated: team, use_case, env, app, key, "
+                        "cost_center, provider, model, meter, service, day (default team,use_case)")
+    report.add_argument("--since", help="from this UTC date or date-time (inclusive)")
+    report.add_argument("--until", help="up to this UTC date or date-time (exclusive)")
+    report.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+    price = sub.add_parser("price", help="what one call costs, and why")
+    price.add_argument("model")
+    price.add_argument("--input", type=int, required=True, help="input tokens, cached ones included")
+    price.add_argument("--output", type=int, required=True, help="output tokens, reasoning included")
+    price.add_argument("--cache-read", type=int, default=0)
+    price.add_argument("--cache-write", type=int, default=0)
+    price.add_argument("--reasoning", type=int, default=0)
+    price.add_argument("--provider", help="e.g. openai, anthropic, aws.bedrock (default: found from the model)")
+    price.add_argument("--service-tier", help="e.g. flex, priority, batch")
+    price.add_argument("--at", metavar="DATE", help="price in force on this UTC date (default now)")
+    price.add_argument("--config", metavar="FILE", help="spendstream.yaml for overrides and fx")
+    price.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
     topics = sub.add_parser("topics", help="create the topics (idempotent)")
     _add_common(topics)
     topics.add_argument("--partitions", type=int, help="partitions per topic (default kafka.partitions)")
@@ -135,6 +159,32 @@ def _cmd_exporter(args: argparse.Namespace) -> None:
     _serve_until_signal(exporter.run)
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from pipeline.report import make_report, render_report  # noqa: PLC0415
+
+    by = [b.strip() for b in args.by.split(",") if b.strip()]
+    report = make_report(Path(args.data_dir), by, since=args.since, until=args.until, top=args.top)
+    print(render_report(report, args.format))
+
+
+def _cmd_price(args: argparse.Namespace) -> None:
+    from pipeline.app import catalog_from_config  # noqa: PLC0415
+    from pipeline.pricing import UnpricedError  # noqa: PLC0415
+    from pipeline.report import explain_price  # noqa: PLC0415
+
+    catalog = catalog_from_config(load_config(Path(args.config) if args.config else None))
+    for flag in ("input", "output", "cache_read", "cache_write", "reasoning"):
+        if getattr(args, flag) < 0:
+            raise SpendstreamError(f"--{flag.replace('_', '-')} must not be negative")
+    try:
+        _, text = explain_price(catalog, args.model, input_tokens=args.input, output_tokens=args.output,
+                                cache_read=args.cache_read, cache_write=args.cache_write, reasoning=args.reasoning,
+                                provider=args.provider, at=args.at, service_tier=args.service_tier)
+    except UnpricedError as exc:
+        raise SpendstreamError(f"cannot price: {exc} ({exc.reason})") from None
+    print(text)
+
+
 def _cmd_topics(args: argparse.Namespace) -> None:
     from pipeline.topics import ensure_topics  # noqa: PLC0415
 
@@ -161,7 +211,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker, "exporter": _cmd_exporter,
-            "topics": _cmd_topics, "demo": _cmd_demo}
+            "topics": _cmd_topics, "demo": _cmd_demo, "report": _cmd_report, "price": _cmd_price}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
