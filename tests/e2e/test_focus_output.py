@@ -1,0 +1,163 @@
+"""`spendstream run` + `spendstream demo` -> FOCUS files that DuckDB and the FOCUS validator accept.
+
+One pipeline run (module fixture) serves every test here: it is the real thing an operator runs,
+with the hourly rollup switched on.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import orjson
+import pytest
+
+from pipeline.focus import money
+from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
+from tests.e2e.test_cli import SPENDSTREAM, _free, _read_until, spendstream
+from tests.focus_validator import KNOWN_DEFECTS, validate, validator
+from tests.support import free_port, metric, read_deadletters, read_topic, read_usage
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    data_dir: Path
+    bootstrap: str
+    sent: int
+    rows_on_kafka: list[dict[str, object]]
+
+
+def _metrics_base() -> int:
+    port = free_port()
+    while not all(_free(port + i) for i in range(3)):
+        port = free_port()
+    return port
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    tmp = tmp_path_factory.mktemp("focus")
+    config = tmp / "spendstream.yaml"
+    config.write_text("exporter:\n  rollup: hour\n  flush_seconds: 1\n")
+    ports = {flag: free_port() for flag in ("--broker-port", "--grpc-port", "--http-port")}
+    metrics_port = _metrics_base()
+    output = tmp / "run.out"
+    with output.open("w") as out:
+        run = subprocess.Popen(
+            [*SPENDSTREAM, "run", "--data-dir", str(tmp / "data"), "--config", str(config),
+             "--metrics-port", str(metrics_port), *[x for flag, port in ports.items() for x in (flag, str(port))]],
+            stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        _read_until(run, output, "try it:", timeout_s=60)
+        demo = spendstream("demo", "--endpoint", f"localhost:{ports['--grpc-port']}", "--duration", "8",
+                           "--rate", "40", timeout=120)
+        assert demo.returncode == 0, demo.stderr
+        sent = int(re.search(r"sent (\d+) model calls", demo.stdout).group(1))  # type: ignore[union-attr]
+        bootstrap = f"127.0.0.1:{ports['--broker-port']}"
+        deadline = time.monotonic() + 90
+        rows: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            priced = metric(metrics_port + 1, "spendstream_worker_usage_priced_total")
+            unpriced = metric(metrics_port + 1, 'spendstream_worker_usage_unpriced_total{reason="unknown_provider"}')
+            published = metric(metrics_port + 1, "spendstream_worker_focus_rows_total")
+            in_files = metric(metrics_port + 2, "spendstream_exporter_rows_total")
+            if priced + unpriced >= sent and in_files >= published > 0:
+                rows = [orjson.loads(r.value) for r in read_topic(bootstrap, "genai.cost.focus",
+                                                                     min_messages=int(published))]
+                break
+            time.sleep(0.5)
+        assert rows, f"pipeline did not settle: {output.read_text()[-2000:]}"
+        time.sleep(1.5)  # the exporter rewrites the hourly rollup right after each file
+        yield DemoRun(tmp / "data", bootstrap, sent, rows)
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=30) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def _sql(query: str) -> list[tuple[object, ...]]:
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        return con.execute(query).fetchall()
+
+
+def _glob(data_dir: Path, grain: str = "request") -> str:
+    name = "part-*" if grain == "request" else "rollup"
+    return str(data_dir / "focus" / grain / "billing_period=*" / "charge_date=*" / f"{name}.parquet")
+
+
+def test_every_kafka_row_is_in_the_files_once(demo_run: DemoRun) -> None:
+    files = _glob(demo_run.data_dir)
+    [(rows, distinct)] = _sql(f"SELECT count(*), count(DISTINCT x_RowId) FROM read_parquet('{files}')")
+    assert rows == distinct == len({r["x_RowId"] for r in demo_run.rows_on_kafka})
+
+
+def test_billed_cost_in_the_files_equals_the_priced_usage(demo_run: DemoRun) -> None:
+    """The files' total equals pricing every usage event on genai.usage independently, to the last digit."""
+    events = read_usage(demo_run.bootstrap, "genai.usage", min_events=demo_run.sent)
+    catalog = PriceCatalog()
+    expected = Decimal(0)
+    unpriced = 0
+    for event in {e.id: e for e in events}.values():
+        try:
+            priced = price_usage(event, catalog)
+        except UnpricedError:
+            unpriced += 1
+            continue
+        expected += sum((money(line.contract_cost) for line in priced.lines), Decimal(0))
+    [(total,)] = _sql(f"SELECT sum(BilledCost) FROM read_parquet('{_glob(demo_run.data_dir)}')")
+    assert total == expected > 0
+    assert unpriced > 0  # the demo's self-hosted model has no price...
+    letters = [d for d in read_deadletters(demo_run.bootstrap, "genai.deadletter") if d["stage"] == "pricing"]
+    assert len(letters) == unpriced  # ...so each of its calls is a dead letter with a reason, never a 0 row
+    assert {d["reason"] for d in letters} == {"unknown_provider"}
+
+
+def test_hourly_rollup_equals_the_request_rows_exactly(demo_run: DemoRun) -> None:
+    sums = "sum(BilledCost), sum(ListCost), sum(ContractedCost), sum(PricingQuantity), sum(ConsumedQuantity)"
+    by = "x_Team, SkuId"
+    request = _sql(f"SELECT {by}, {sums} FROM read_parquet('{_glob(demo_run.data_dir)}') GROUP BY ALL ORDER BY ALL")
+    rollup = _sql(f"SELECT {by}, {sums} FROM read_parquet('{_glob(demo_run.data_dir, 'hour')}') "
+                  "GROUP BY ALL ORDER BY ALL")
+    assert request == rollup and request
+    [(rollup_rows, mismatched)] = _sql(
+        f"SELECT count(*), count(*) FILTER (WHERE ListCost != ListUnitPrice * PricingQuantity) "
+        f"FROM read_parquet('{_glob(demo_run.data_dir, 'hour')}')")
+    assert mismatched == 0
+    [(request_rows,)] = _sql(f"SELECT count(*) FROM read_parquet('{_glob(demo_run.data_dir)}')")
+    assert rollup_rows < request_rows
+
+
+def test_report_lists_the_top_teams(demo_run: DemoRun) -> None:
+    result = spendstream("report", "--data-dir", str(demo_run.data_dir), "--by", "team", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    report = orjson.loads(result.stdout)
+    costs = [Decimal(r["cost"]) for r in report["rows"]]
+    assert costs == sorted(costs, reverse=True) and report["rows"][0]["team"] == "research"  # the runaway agent
+    [(total,)] = _sql(f"SELECT sum(BilledCost) FROM read_parquet('{_glob(demo_run.data_dir)}')")
+    assert sum(costs) == total  # the demo has fewer than 10 teams: the report is complete
+
+
+def test_files_pass_the_focus_validator(demo_run: DemoRun, tmp_path: Path) -> None:
+    exe = validator()
+    if exe is None:
+        pytest.skip("NO PYTHON >= 3.12 ON THIS MACHINE: the FOCUS conformance check (focus-validator) did not run")
+    merged = tmp_path / "focus.parquet"
+    _sql(f"COPY (SELECT * FROM read_parquet('{_glob(demo_run.data_dir)}')) TO '{merged}' (FORMAT parquet)")
+    result = validate(exe, merged, tmp_path)
+    print(result.summary)
+    assert set(result.failed_rules) <= KNOWN_DEFECTS, result.output[-4000:]
+    assert len(result.failed_rules) == 1
+    passed = int(re.search(r"Pass: (\d+)", result.summary).group(1))  # type: ignore[union-attr]
+    assert passed >= 241
