@@ -172,10 +172,10 @@ def explain_price(catalog: PriceCatalog, model: str, *, input_tokens: int, outpu
              f"prices in force on {when:%Y-%m-%d} ({price.list_sheet.price_id})"]
     for line in priced.lines:
         tier = f"  [input above {line.tier:,} tokens: tier rate for every token]" if line.tier is not None else ""
-        lines.append(f"  {line.meter:<24} {line.quantity:>12,} × {line.list_price} USD / {line.per:,} "
+        lines.append(f"  {line.meter:<24} {line.quantity:>12,} x {line.list_price} USD / {line.per:,} "
                      f"= {line.list_cost} USD{tier}")
         if not price.is_list:
-            lines.append(f"  {'  contracted':<24} {line.quantity:>12,} × {line.contract_price} "
+            lines.append(f"  {'  contracted':<24} {line.quantity:>12,} x {line.contract_price} "
                          f"{price.contract_currency} / {line.per:,} = {line.contract_cost} {price.contract_currency}")
     lines.append(f"  {'list total':<24} {priced.list_cost} USD")
     if not price.is_list:

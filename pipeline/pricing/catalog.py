@@ -41,6 +41,9 @@ OVERRIDE_PRICE_KEYS: Final[Mapping[str, str]] = {
 }
 _UNITS_BY_PRICE_KEY: Final = {raw.get("price_key", key): (key, raw) for key, raw in unit_data.items()}
 _LOOKUP_CACHE_MAX: Final = 50_000
+#: the genai-prices usage keys a UsageEvent reports (see price.usage_counts)
+REPORTED_USAGE: Final = frozenset({"input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
+                                   "output_reasoning_tokens", "requests"})
 
 
 class UnpricedError(Exception):
@@ -82,11 +85,13 @@ class PriceSheet:
         """Units billed at each meter's own rate: a meter's count minus what its more specific meters bill."""
         out: list[int] = []
         for meter in self.meters:
-            leaf = usage.get(meter.usage_key, 0) - sum(out[i] for i in meter.includes)
+            leaf = usage[meter.usage_key]
+            for inner in meter.includes:
+                leaf -= out[inner]
             if leaf < 0:
-                inner = ", ".join(self.meters[i].usage_key for i in meter.includes)
-                raise UnpricedError("invalid_usage", f"{inner} exceed {meter.usage_key} "
-                                                     f"({usage.get(meter.usage_key, 0)})")
+                inner_keys = ", ".join(self.meters[i].usage_key for i in meter.includes)
+                raise UnpricedError("invalid_usage", f"{inner_keys} exceed {meter.usage_key} "
+                                                     f"({usage[meter.usage_key]})")
             out.append(leaf)
         return out
 
@@ -97,6 +102,8 @@ def compile_sheet(prices: Mapping[str, Decimal | TieredPrices], price_id: str) -
     for price_key, price in prices.items():
         if price_key not in _UNITS_BY_PRICE_KEY:
             continue  # genai-prices warns and ignores price keys it has no unit for; so do we
+        if _UNITS_BY_PRICE_KEY[price_key][0] not in REPORTED_USAGE:
+            continue  # spans never report it (web searches, audio...): its leaf is always 0
         usage_key, raw = _UNITS_BY_PRICE_KEY[price_key]
         units.append((usage_key, price_key, int(raw["per"]), dict(raw.get("dimensions", {})), price))
     # most dimensions first, as genai-prices computes leaves

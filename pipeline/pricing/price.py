@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import NamedTuple
 
-from pipeline.pricing.catalog import PriceCatalog, PriceSheet, ResolvedPrice, UnpricedError
+from pipeline.pricing.catalog import PriceCatalog, ResolvedPrice, UnpricedError
 from schemas.usage import TokenCounts, UsageEvent
 
 
-@dataclass(frozen=True, slots=True)
-class PricedLine:
+class PricedLine(NamedTuple):
     """One meter of one call. Prices are per `per` units; costs are exact Decimals."""
 
     meter: str  # genai-prices usage key, e.g. "cache_read_tokens"
@@ -23,7 +23,7 @@ class PricedLine:
     tier: int | None  # the input-token threshold whose rate applies, if any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses pay object.__setattr__ per field, per call
 class PricedUsage:
     event: UsageEvent
     price: ResolvedPrice
@@ -51,30 +51,28 @@ def usage_counts(tokens: TokenCounts) -> dict[str, int]:
     }
 
 
-def _meter_costs(sheet: PriceSheet, counts: dict[str, int]) -> list[tuple[int, Decimal, Decimal, int | None]]:
-    leaves = sheet.leaves(counts)
-    total_input = counts["input_tokens"]
-    out = []
-    for meter, leaf in zip(sheet.meters, leaves, strict=True):
-        price, tier = meter.price_for(total_input)
-        out.append((leaf, price, price * leaf / meter.per, tier))
-    return out
-
-
 def price_usage(event: UsageEvent, catalog: PriceCatalog) -> PricedUsage:
     """Price one call at the prices in force at its start. Raises UnpricedError (never prices at 0)."""
-    model = event.model
+    model = event.response_model or event.request_model
     if not model:
         raise UnpricedError("missing_model", "the call names no model")
     resolved = catalog.resolve(event.provider, model, event.start_time_unix_nano, event.service_tier)
     counts = usage_counts(event.tokens)
-    listed = _meter_costs(resolved.list_sheet, counts)
-    contracted = listed if resolved.is_list else _meter_costs(resolved.contract_sheet, counts)
-    lines = tuple(
-        PricedLine(meter=meter.usage_key, quantity=leaf, per=meter.per, list_price=list_price,
-                   contract_price=contract_price, list_cost=list_cost, contract_cost=contract_cost, tier=tier)
-        for meter, (leaf, list_price, list_cost, tier), (_, contract_price, contract_cost, _)
-        in zip(resolved.list_sheet.meters, listed, contracted, strict=True)
-        if leaf
-    )
-    return PricedUsage(event=event, price=resolved, lines=lines, catalog_version=catalog.version)
+    total_input = counts["input_tokens"]
+    listed = resolved.list_sheet.meters
+    # the contract sheet has the same meters in the same order (catalog._with_meters)
+    contracted = listed if resolved.is_list else resolved.contract_sheet.meters
+    lines = []
+    for meter, contract_meter, leaf in zip(listed, contracted, resolved.list_sheet.leaves(counts), strict=True):
+        if not leaf:
+            continue
+        list_price, tier = meter.price_for(total_input) if meter.tiers else (meter.base, None)
+        list_cost = list_price * leaf / meter.per  # genai-prices' own formula, so results are equal
+        if contract_meter is meter:
+            contract_price, contract_cost = list_price, list_cost
+        else:
+            contract_price = contract_meter.price_for(total_input)[0] if contract_meter.tiers else contract_meter.base
+            contract_cost = contract_price * leaf / meter.per
+        lines.append(PricedLine(meter.usage_key, leaf, meter.per, list_price, contract_price, list_cost,
+                                contract_cost, tier))
+    return PricedUsage(event=event, price=resolved, lines=tuple(lines), catalog_version=catalog.version)
