@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from pipeline.broker import EmbeddedBroker
 from schemas.topics import TopicNames
-from schemas.usage import TokenCounts, UsageEvent, encode_usage_batch
+from schemas.usage import TokenCounts, UsageEvent, decode_usage_batch, encode_usage_batch
 from tests.support import free_port, metric
 
 pytestmark = pytest.mark.integration
@@ -43,8 +43,6 @@ def usage_messages() -> list[tuple[bytes, bytes]]:
 
 
 def expected_rows(messages: list[tuple[bytes, bytes]]) -> int:
-    from schemas.usage import decode_usage_batch
-
     return sum(2 + (e.tokens.cache_read > 0) for _, v in messages for e in decode_usage_batch(v))
 
 
