@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from pipeline.focus import Billing, focus_rows
+from pipeline.focus import Billing, encoded_focus_rows
 from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
 from schemas.deadletter import DeadLetter
-from schemas.focus import encode_row
 from schemas.usage import UsageEvent
 
 Record = tuple[bytes, bytes]
@@ -52,9 +51,8 @@ def cost_records(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: B
             out.dead_letters.append((key, unpriced_letter(event, exc).encode()))
             continue
         out.priced_events += 1
-        for row in focus_rows(priced, billing):
-            out.rows.append((key, encode_row(row)))
-            labels = (event.attribution.get("team") or "unallocated", priced.price.provider_id,
-                      priced.price.model_id, row["x_Meter"])
-            out.cost_by_meter[labels] += row["BilledCost"]
+        team = event.attribution.get("team") or "unallocated"
+        for line, (value, billed) in zip(priced.lines, encoded_focus_rows(priced, billing), strict=True):
+            out.rows.append((key, value))
+            out.cost_by_meter[team, priced.price.provider_id, priced.price.model_id, line.meter] += billed
     return out

@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Context, Decimal
+from functools import lru_cache
 from typing import Any, Final
 
 from pipeline.pricing import PricedLine, PricedUsage
-from schemas.focus import ATTRIBUTION_COLUMNS, FOCUS_SCHEMA_VERSION, MONEY_QUANTUM
+from schemas.focus import ATTRIBUTION_COLUMNS, FOCUS_SCHEMA_VERSION, MONEY_QUANTUM, encode_row
 
 _EXACT: Final = Context(prec=60)
 #: genai-prices usage key -> (SkuMeter, ConsumedUnit, token direction, cache action)
@@ -38,13 +39,19 @@ class Billing:
     account_name: str = "spendstream"
 
 
+@lru_cache(maxsize=4096)  # calls cluster in time: most rows repeat a recent second
 def iso_utc(unix_seconds: int) -> str:
     return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def month_bounds(unix_seconds: int) -> tuple[str, str]:
     """The calendar month (UTC) holding `unix_seconds`, as FOCUS start (inclusive) and end (exclusive)."""
-    day = datetime.fromtimestamp(unix_seconds, UTC)
+    return _month_bounds(unix_seconds // 86_400)
+
+
+@lru_cache(maxsize=1024)
+def _month_bounds(epoch_day: int) -> tuple[str, str]:
+    day = datetime.fromtimestamp(epoch_day * 86_400, UTC)
     start = day.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
     return start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -58,7 +65,7 @@ def _slug(text: str) -> str:
     return text.lower().replace(" ", "-")
 
 
-def _meter_row(priced: PricedUsage, line: PricedLine, billing: Billing, common: dict[str, Any]) -> dict[str, Any]:
+def _meter_columns(priced: PricedUsage, line: PricedLine, billing: Billing) -> dict[str, Any]:
     price = priced.price
     sku_meter, unit, direction, cache_action = METERS.get(
         line.meter, (line.meter.replace("_", " ").title(), "Units", None, None))
@@ -85,7 +92,6 @@ def _meter_row(priced: PricedUsage, line: PricedLine, billing: Billing, common: 
     if priced.event.service_tier:
         details["x_ServiceTier"] = priced.event.service_tier
     return {
-        **common,
         "BilledCost": contract_cost,
         "ChargeDescription": f"{price.model_id} {sku_meter.lower()}",
         "ConsumedQuantity": Decimal(line.quantity),
@@ -118,12 +124,28 @@ def _price_id(priced: PricedUsage, tier: str | None) -> str:
 
 def focus_rows(priced: PricedUsage, billing: Billing) -> list[dict[str, Any]]:
     """The FOCUS 1.2 rows of one priced call: one per meter it used."""
+    common = _common_columns(priced, billing)
+    return [{**common, **_meter_columns(priced, line, billing)} for line in priced.lines]
+
+
+def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[bytes, Decimal]]:
+    """focus_rows as `genai.cost.focus` values with their BilledCost: the columns a call's rows share
+    are encoded once and spliced into each row's JSON object."""
+    head = encode_row(_common_columns(priced, billing))[:-1] + b","
+    out = []
+    for line in priced.lines:
+        columns = _meter_columns(priced, line, billing)
+        out.append((head + encode_row(columns)[1:], columns["BilledCost"]))
+    return out
+
+
+def _common_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
     event = priced.event
     price = priced.price
     start_s = event.start_time_unix_nano // 10**9
     period_start, period_end = month_bounds(start_s)
     team = event.attribution.get("team")
-    common: dict[str, Any] = {
+    return {
         "AvailabilityZone": None,
         "BillingAccountId": billing.account_id,
         "BillingAccountName": billing.account_name,
@@ -167,4 +189,3 @@ def focus_rows(priced: PricedUsage, billing: Billing) -> list[dict[str, Any]]:
         "x_RequestCount": 1,
         "x_SchemaVersion": FOCUS_SCHEMA_VERSION,
     }
-    return [_meter_row(priced, line, billing, common) for line in priced.lines]
