@@ -32,6 +32,7 @@ test-failover: install
 
 bench: install
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/pricing.py
 
 clean:
-	rm -rf $(VENV) spendstream-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-focus spendstream-data .pytest_cache .mypy_cache .ruff_cache
