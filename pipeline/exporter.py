@@ -70,6 +70,7 @@ class FocusExporter:
             row = decode_row(value or b"")
         except ValueError as exc:
             self.invalid += 1
+            metrics.EXPORTER_INVALID.inc()
             log.warning("exporter: skipping a message that is not a FOCUS row (%s[%d]@%d): %s",
                         topic, partition, offset, exc)
             return

@@ -28,6 +28,8 @@ CATALOG_INFO: Final = Gauge("spendstream_price_catalog_info", "The price catalog
 EXPORTER_ROWS: Final = Counter("spendstream_exporter_rows", "FOCUS rows written to Parquet files")
 EXPORTER_DUPLICATES: Final = Counter("spendstream_exporter_duplicate_rows",
                                      "FOCUS rows dropped as already written (same x_RowId)")
+EXPORTER_INVALID: Final = Counter("spendstream_exporter_invalid_messages",
+                                  "genai.cost.focus messages that are not FOCUS rows (skipped, logged)")
 EXPORTER_FILES: Final = Counter("spendstream_exporter_files", "Parquet files written")
 
 

@@ -121,3 +121,45 @@ def test_bad_config_names_key_and_line(tmp_path: Path) -> None:
     result = spendstream("collector", "--config", str(config))
     assert result.returncode == 2
     assert "collector.grpc_prot (line 3): unknown key" in result.stderr
+
+
+def test_price_explains_each_line() -> None:
+    result = spendstream("price", "gpt-4o", "--input", "1000000", "--output", "100000", "--cache-read", "200000",
+                         "--provider", "openai", "--at", "2026-11-01")
+    assert result.returncode == 0, result.stderr
+    # gpt-4o: 2.50 USD uncached input, 1.25 cached, 10 output per million tokens
+    assert "input_tokens" in result.stdout and "800,000 x 2.5 USD / 1,000,000 = 2.0 USD" in result.stdout
+    assert "list total               3.25 USD" in result.stdout
+
+
+def test_price_with_an_override_and_fx(tmp_path: Path) -> None:
+    config = tmp_path / "spendstream.yaml"
+    config.write_text("billing_currency: EUR\nfx: {USD: 0.9}\npricing:\n  overrides:\n"
+                      "    - {model: gpt-4o, input_per_mtok: 2, output_per_mtok: 8}\n")
+    result = spendstream("price", "gpt-4o", "--input", "1000000", "--output", "1000000", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "contracted total         10 USD" in result.stdout
+    assert "billed                   9.0 EUR" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["price", "gpt-made-up", "--input", "1", "--output", "1"], "cannot price: 'gpt-made-up'"),
+    (["price", "gpt-4o", "--input", "10", "--output", "1", "--cache-read", "20"], "exceed --input"),
+    (["price", "gpt-4o", "--input", "-1", "--output", "1"], "--input must not be negative"),
+    (["price", "gpt-4o", "--input", "1", "--output", "1", "--at", "yesterday"], "not a date"),
+    (["report", "--data-dir", "/nonexistent"], "no FOCUS files under /nonexistent"),
+])
+def test_cli_errors_are_one_clear_line(args: list[str], message: str) -> None:
+    result = spendstream(*args)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_report_rejects_an_unknown_grouping(tmp_path: Path) -> None:
+    from pipeline.focus_files import focus_dir  # noqa: PLC0415
+
+    day = focus_dir(tmp_path) / "billing_period=2026-11" / "charge_date=2026-11-01"
+    day.mkdir(parents=True)
+    (day / "part-1.parquet").write_bytes(b"")
+    result = spendstream("report", "--data-dir", str(tmp_path), "--by", "colour")
+    assert result.returncode == 1 and "--by: unknown colour" in result.stderr

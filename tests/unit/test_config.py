@@ -64,3 +64,17 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_exporter_and_focus_sections() -> None:
+    from schemas.config import config_from_dict  # noqa: PLC0415
+
+    config = config_from_dict({"exporter": {"rollup": "day", "flush_seconds": 2},
+                               "focus": {"billing_account_id": "acme"}, "billing_currency": "EUR",
+                               "fx": {"USD": 0.92}})
+    assert config.exporter.rollup == "day" and config.focus.billing_account_id == "acme"
+    assert str(config.usd_rate) == "0.92"
+    with pytest.raises(ConfigError, match=r"exporter.rollup: 'week' is not one of"):
+        config_from_dict({"exporter": {"rollup": "week"}})
+    with pytest.raises(ConfigError, match=r"focus.*unknown key\(s\) 'account'"):
+        config_from_dict({"focus": {"account": "x"}})
