@@ -66,6 +66,9 @@ class MeterPrice:
     tiers: tuple[tuple[int, Decimal], ...]
     #: positions (in the sheet) of the priced meters this one includes, e.g. cache reads within input
     includes: tuple[int, ...]
+    #: base / per, the price of one unit: exact (Decimal division by a power of ten), so
+    #: `unit_base * count` equals genai-prices' `base * count / per` with one operation instead of two
+    unit_base: Decimal
 
     def price_for(self, total_input_tokens: int) -> tuple[Decimal, int | None]:
         for threshold, price in self.tiers:
@@ -119,7 +122,7 @@ def compile_sheet(prices: Mapping[str, Decimal | TieredPrices], price_id: str) -
             base = price.base
         else:
             tiers, base = (), price
-        meters.append(MeterPrice(usage_key, price_key, per, base, tiers, includes))
+        meters.append(MeterPrice(usage_key, price_key, per, base, tiers, includes, base / per))
     return PriceSheet(tuple(meters), price_id)
 
 
