@@ -65,17 +65,46 @@ def _slug(text: str) -> str:
     return text.lower().replace(" ", "-")
 
 
-def _meter_columns(priced: PricedUsage, line: PricedLine, billing: Billing) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _PricePoint:
+    """The columns of a meter row that depend only on the price point, not on the call.
+
+    Built once per (resolved price, meter, tier, service tier, billing) and kept, with its
+    JSON fragment, so a row costs only its quantities and three products.
+    """
+
+    columns: dict[str, Any]
+    fragment: bytes  # the columns as JSON object members, without braces, ending in ","
+    list_unit: Decimal
+    contract_unit: Decimal
+    pc_contract_unit: Decimal
+    per: Decimal
+    keep_alive: object  # holds what the cache key names by id(), so those ids are never reused
+
+
+_PRICE_POINTS: dict[tuple[Any, ...], _PricePoint] = {}
+_PRICE_POINTS_MAX: Final = 20_000
+
+
+def _price_point(priced: PricedUsage, line: PricedLine, billing: Billing) -> _PricePoint:
+    key = (id(priced.price), line.meter, line.tier, priced.event.service_tier, id(billing))
+    point = _PRICE_POINTS.get(key)
+    if point is None:
+        if len(_PRICE_POINTS) >= _PRICE_POINTS_MAX:
+            _PRICE_POINTS.clear()
+        point = _PRICE_POINTS[key] = _new_price_point(priced, line, billing)
+    return point
+
+
+def _new_price_point(priced: PricedUsage, line: PricedLine, billing: Billing) -> _PricePoint:
     price = priced.price
     sku_meter, unit, direction, cache_action = METERS.get(
         line.meter, (line.meter.replace("_", " ").title(), "Units", None, None))
-    pricing_quantity = _EXACT.divide(Decimal(line.quantity), Decimal(line.per))
     pricing_currency = price.contract_currency
     # contract currency -> billing currency; list prices are USD
     contract_rate = Decimal(1) if pricing_currency == billing.currency else billing.usd_rate
     list_unit = money(_EXACT.multiply(line.list_price, billing.usd_rate))
     contract_unit = money(_EXACT.multiply(line.contract_price, contract_rate))
-    contract_cost = money(_EXACT.multiply(contract_unit, pricing_quantity))
     pc_list_unit = money(line.list_price if pricing_currency == "USD"
                          else _EXACT.multiply(line.list_price, billing.usd_rate))
     pc_contract_unit = money(line.contract_price)
@@ -91,51 +120,62 @@ def _meter_columns(priced: PricedUsage, line: PricedLine, billing: Billing) -> d
         details["x_InputTokenTier"] = tier
     if priced.event.service_tier:
         details["x_ServiceTier"] = priced.event.service_tier
-    return {
-        "BilledCost": contract_cost,
+    columns = {
         "ChargeDescription": f"{price.model_id} {sku_meter.lower()}",
-        "ConsumedQuantity": Decimal(line.quantity),
         "ConsumedUnit": unit,
-        "ContractedCost": contract_cost,
         "ContractedUnitPrice": contract_unit,
-        "EffectiveCost": contract_cost,
-        "ListCost": money(_EXACT.multiply(list_unit, pricing_quantity)),
         "ListUnitPrice": list_unit,
         "PricingCurrency": pricing_currency,
         "PricingCurrencyContractedUnitPrice": pc_contract_unit,
-        "PricingCurrencyEffectiveCost": money(_EXACT.multiply(pc_contract_unit, pricing_quantity)),
         "PricingCurrencyListUnitPrice": pc_list_unit,
-        "PricingQuantity": pricing_quantity,
         "PricingUnit": f"{line.per} {unit}",
         "SkuId": sku_id,
         "SkuMeter": sku_meter,
         "SkuPriceDetails": details,
-        "SkuPriceId": f"{sku_id}@{line.per}:{_price_id(priced, tier)}",
-        "x_RowId": f"{priced.event.id}/{line.meter}",
+        "SkuPriceId": f"{sku_id}@{line.per}:{price.contract_sheet.price_id}{tier or ''}",
         "x_Meter": line.meter,
         "x_PriceTier": tier,
     }
+    return _PricePoint(columns, encode_row(columns)[1:-1] + b",", list_unit, contract_unit, pc_contract_unit,
+                       Decimal(line.per), (price, billing))
 
 
-def _price_id(priced: PricedUsage, tier: str | None) -> str:
-    sheet = priced.price.contract_sheet.price_id
-    return f"{sheet}{tier or ''}"
+def _quantity_columns(point: _PricePoint, line: PricedLine, usage_id: str) -> dict[str, Any]:
+    """The columns that change with every call: quantities, the three costs, the row id."""
+    pricing_quantity = _EXACT.divide(Decimal(line.quantity), point.per)
+    contract_cost = money(_EXACT.multiply(point.contract_unit, pricing_quantity))
+    return {
+        "BilledCost": contract_cost,
+        "ConsumedQuantity": Decimal(line.quantity),
+        "ContractedCost": contract_cost,
+        "EffectiveCost": contract_cost,
+        "ListCost": money(_EXACT.multiply(point.list_unit, pricing_quantity)),
+        "PricingCurrencyEffectiveCost": money(_EXACT.multiply(point.pc_contract_unit, pricing_quantity)),
+        "PricingQuantity": pricing_quantity,
+        "x_RowId": f"{usage_id}/{line.meter}",
+    }
 
 
 def focus_rows(priced: PricedUsage, billing: Billing) -> list[dict[str, Any]]:
     """The FOCUS 1.2 rows of one priced call: one per meter it used."""
     common = _common_columns(priced, billing)
-    return [{**common, **_meter_columns(priced, line, billing)} for line in priced.lines]
+    rows = []
+    for line in priced.lines:
+        point = _price_point(priced, line, billing)
+        rows.append({**common, **point.columns, **_quantity_columns(point, line, priced.event.id)})
+    return rows
 
 
 def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[bytes, Decimal]]:
-    """focus_rows as `genai.cost.focus` values with their BilledCost: the columns a call's rows share
-    are encoded once and spliced into each row's JSON object."""
+    """focus_rows as `genai.cost.focus` values with their BilledCost. A row's JSON object is spliced
+    from three encoded parts: the call's shared columns (encoded once per call), the price
+    point's (encoded once, cached) and the row's own quantities and costs."""
     head = encode_row(_common_columns(priced, billing))[:-1] + b","
     out = []
     for line in priced.lines:
-        columns = _meter_columns(priced, line, billing)
-        out.append((head + encode_row(columns)[1:], columns["BilledCost"]))
+        point = _price_point(priced, line, billing)
+        columns = _quantity_columns(point, line, priced.event.id)
+        out.append((head + point.fragment + encode_row(columns)[1:], columns["BilledCost"]))
     return out
 
 

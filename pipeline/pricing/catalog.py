@@ -210,6 +210,9 @@ class PriceCatalog:
         self._snapshot = data_snapshot.get_snapshot()
         self._sheets: dict[tuple[int, int, tuple[int, ...]], PriceSheet] = {}
         self._lookups: dict[tuple[str | None, str, int, str | None], ResolvedPrice | UnpricedError] = {}
+        # one object per distinct answer: day after day a model resolves to the same prices, and
+        # downstream caches (FOCUS price points) key on the object
+        self._interned: dict[ResolvedPrice, ResolvedPrice] = {}
         digest = hashlib.sha256(orjson.dumps(
             [billing_currency, str(usd_rate), [_override_json(o) for o in self.overrides]])).hexdigest()[:12]
         self.version = f"genai-prices-{genai_prices.__version__}+{digest}"
@@ -221,6 +224,10 @@ class PriceCatalog:
         found = self._lookups.get(key)
         if found is None:
             found, cacheable = self._resolve(provider, model, start_unix_nano, service_tier)
+            if isinstance(found, ResolvedPrice):
+                if len(self._interned) >= _LOOKUP_CACHE_MAX:
+                    self._interned.clear()
+                found = self._interned.setdefault(found, found)
             if cacheable:
                 if len(self._lookups) >= _LOOKUP_CACHE_MAX:
                     self._lookups.clear()  # a flood of distinct model names must not grow memory
