@@ -34,6 +34,7 @@ class DemoRun:
     bootstrap: str
     sent: int
     rows_on_kafka: list[dict[str, object]]
+    unpriced_metric: float
 
 
 def _metrics_base() -> int:
@@ -77,7 +78,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
             time.sleep(0.5)
         assert rows, f"pipeline did not settle: {output.read_text()[-2000:]}"
         time.sleep(1.5)  # the exporter rewrites the hourly rollup right after each file
-        yield DemoRun(tmp / "data", bootstrap, sent, rows)
+        yield DemoRun(tmp / "data", bootstrap, sent, rows, metric(
+            metrics_port + 1, 'spendstream_worker_usage_unpriced_total{reason="unknown_provider"}'))
         run.send_signal(signal.SIGINT)
         assert run.wait(timeout=30) == 0
     finally:
@@ -122,6 +124,7 @@ def test_billed_cost_in_the_files_equals_the_priced_usage(demo_run: DemoRun) -> 
     letters = [d for d in read_deadletters(demo_run.bootstrap, "genai.deadletter") if d["stage"] == "pricing"]
     assert len(letters) == unpriced  # ...so each of its calls is a dead letter with a reason, never a 0 row
     assert {d["reason"] for d in letters} == {"unknown_provider"}
+    assert demo_run.unpriced_metric == unpriced  # the alert-worthy metric counts every one
 
 
 def test_hourly_rollup_equals_the_request_rows_exactly(demo_run: DemoRun) -> None:
