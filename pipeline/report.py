@@ -172,19 +172,20 @@ def explain_price(catalog: PriceCatalog, model: str, *, input_tokens: int, outpu
              f"prices in force on {when:%Y-%m-%d} ({price.list_sheet.price_id})"]
     for line in priced.lines:
         tier = f"  [input above {line.tier:,} tokens: tier rate for every token]" if line.tier is not None else ""
-        lines.append(f"  {line.meter:<24} {line.quantity:>12,} x {line.list_price} USD / {line.per:,} "
-                     f"= {line.list_cost} USD{tier}")
+        lines.append(f"  {line.meter:<24} {line.quantity:>12,} x {_plain(line.list_price)} USD / {line.per:,} "
+                     f"= {_plain(line.list_cost)} USD{tier}")
         if not price.is_list:
-            lines.append(f"  {'  contracted':<24} {line.quantity:>12,} x {line.contract_price} "
-                         f"{price.contract_currency} / {line.per:,} = {line.contract_cost} {price.contract_currency}")
-    lines.append(f"  {'list total':<24} {priced.list_cost} USD")
+            lines.append(f"  {'  contracted':<24} {line.quantity:>12,} x {_plain(line.contract_price)} "
+                         f"{price.contract_currency} / {line.per:,} = {_plain(line.contract_cost)} "
+                         f"{price.contract_currency}")
+    lines.append(f"  {'list total':<24} {_plain(priced.list_cost)} USD")
     if not price.is_list:
-        lines.append(f"  {'contracted total':<24} {priced.contract_cost} {price.contract_currency} "
+        lines.append(f"  {'contracted total':<24} {_plain(priced.contract_cost)} {price.contract_currency} "
                      "(pricing.overrides)")
     if catalog.billing_currency != "USD":
         billed = priced.contract_cost if price.contract_currency == catalog.billing_currency \
             else priced.contract_cost * catalog.usd_rate
-        lines.append(f"  {'billed':<24} {billed} {catalog.billing_currency} (fx: 1 USD = {catalog.usd_rate} "
+        lines.append(f"  {'billed':<24} {_plain(billed)} {catalog.billing_currency} (fx: 1 USD = {catalog.usd_rate} "
                      f"{catalog.billing_currency})")
     lines.append(f"  catalog {catalog.version}")
     return priced, "\n".join(lines)
