@@ -152,12 +152,13 @@ def test_report_lists_the_top_teams(demo_run: DemoRun) -> None:
     assert sum(costs) == total  # the demo has fewer than 10 teams: the report is complete
 
 
-def test_files_pass_the_focus_validator(demo_run: DemoRun, tmp_path: Path) -> None:
+@pytest.mark.parametrize("grain", ["request", "hour"])
+def test_files_pass_the_focus_validator(demo_run: DemoRun, tmp_path: Path, grain: str) -> None:
     exe = validator()
     if exe is None:
         pytest.skip("NO PYTHON >= 3.12 ON THIS MACHINE: the FOCUS conformance check (focus-validator) did not run")
     merged = tmp_path / "focus.parquet"
-    _sql(f"COPY (SELECT * FROM read_parquet('{_glob(demo_run.data_dir)}')) TO '{merged}' (FORMAT parquet)")
+    _sql(f"COPY (SELECT * FROM read_parquet('{_glob(demo_run.data_dir, grain)}')) TO '{merged}' (FORMAT parquet)")
     result = validate(exe, merged, tmp_path)
     print(result.summary)
     assert set(result.failed_rules) <= KNOWN_DEFECTS, result.output[-4000:]
