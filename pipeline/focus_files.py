@@ -11,19 +11,18 @@ whole file or none. Request-level files are always written (they are what rollup
 
 from __future__ import annotations
 
-import calendar
 import os
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
 import duckdb
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.focus import COLUMNS, FOCUS_VERSION, MONEY_SCALE
@@ -58,15 +57,17 @@ def partition_dir(root: Path, period: str, day: str) -> Path:
 
 
 def _column(name: str, rows: Sequence[Mapping[str, Any]]) -> pa.Array:
+    """One column from row dicts. Decimal and time strings are parsed by Arrow, in C++."""
     kind = _KINDS[name]
     values = [row.get(name) for row in rows]
     if kind in ("money", "quantity"):
-        values = [None if v is None else Decimal(v) for v in values]
-    elif kind == "json":
+        text = pa.array([v if v is None or isinstance(v, str) else format(v, "f") for v in values], pa.string())
+        return text.cast(_ARROW_TYPES[kind])  # exact: a string -> decimal cast raises rather than rounds
+    if kind == "datetime":
+        parsed = pc.strptime(pa.array(values, pa.string()), format="%Y-%m-%dT%H:%M:%SZ", unit="s")
+        return parsed.cast(_ARROW_TYPES[kind])
+    if kind == "json":
         values = [None if v is None else orjson.dumps(v).decode() for v in values]
-    elif kind == "datetime":
-        values = [None if v is None else calendar.timegm(time.strptime(v, "%Y-%m-%dT%H:%M:%SZ"))
-                  for v in values]
     return pa.array(values, type=_ARROW_TYPES[kind])
 
 
