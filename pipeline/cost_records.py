@@ -21,7 +21,7 @@ class CostOutput:
     dead_letters: list[Record] = field(default_factory=list)
     priced_events: int = 0
     unpriced: Counter[str] = field(default_factory=Counter)
-    #: (team, provider, model, meter) -> (billed cost, tokens), for metrics
+    #: (team, provider, model, meter) -> billed cost, for metrics
     cost_by_meter: defaultdict[tuple[str, str, str, str], Decimal] = field(
         default_factory=lambda: defaultdict(Decimal))
 
