@@ -51,15 +51,16 @@ def test_worker_counts_events_and_dead_letters_invalid_messages(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        counted = 0.0
-        while time.monotonic() < deadline and counted < len(events):
+        counted = invalid = 0.0
+        while time.monotonic() < deadline and (counted < len(events) or invalid < len(garbage)):
             time.sleep(0.5)
             try:
                 counted = metric(port, "spendstream_worker_usage_events_total")
+                invalid = metric(port, "spendstream_worker_usage_messages_invalid_total")
             except OSError:
                 continue
         assert counted == len(events)
-        assert metric(port, "spendstream_worker_usage_messages_invalid_total") == len(garbage)
+        assert invalid == len(garbage)
         letters = read_deadletters(broker.bootstrap_servers, topics.deadletter, min_messages=2)
         assert sorted(letter["reason"] for letter in letters) == ["invalid_usage_message"] * 2
         assert all(letter["fields"]["topic"] == topics.usage for letter in letters)

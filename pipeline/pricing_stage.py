@@ -1,0 +1,120 @@
+"""Stage 1's shell: `genai.usage` -> priced FOCUS rows on `genai.cost.focus`, with a plain aiokafka consumer.
+
+Money must not be lost, so this stage does not ride on faust's stream delivery: in faust
+0.15.3 a message whose delivery is cut short by a rebalance or a table recovery can be marked
+read without reaching the agent (docs/architecture.md, "Known limits"; seen here once in ~10
+kill-and-restart runs). Here the loop is the whole protocol: fetch a batch, price it, publish
+rows and dead letters, await the broker's acknowledgement, then commit exactly the offsets
+that were processed. A crash or a rebalance before the commit redelivers the batch; its rows
+carry the same `x_RowId`s and the exporter keeps one of each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, RebalanceInProgressError
+
+from pipeline import metrics
+from pipeline.cost_records import cost_records
+from pipeline.focus import Billing
+from pipeline.pricing import PriceCatalog
+from pipeline.produce import BatchProducer
+from schemas.config import Config
+from schemas.deadletter import DeadLetter
+from schemas.errors import SchemaError
+from schemas.topics import TopicNames
+from schemas.usage import UsageEvent, decode_usage_batch
+
+log = logging.getLogger(__name__)
+PRICING_GROUP = "spendstream-pricing"
+BATCH_MAX_MESSAGES = 2_000
+PROGRESS_EVERY_S = 10.0
+
+
+def invalid_usage_letter(key: str, topic: str, partition: int, offset: int, exc: SchemaError) -> bytes:
+    """A `genai.usage` message that is not a UsageBatch, kept with where it came from."""
+    return DeadLetter(
+        reason="invalid_usage_message", detail=str(exc), stage="pricing", attribution_key=key,
+        # where to find it, not what it says: the value could hold anything a foreign producer wrote
+        fields={"topic": topic, "partition": partition, "offset": offset},
+    ).encode()
+
+
+class PricingStage:
+    def __init__(self, config: Config, catalog: PriceCatalog, billing: Billing) -> None:
+        self._config = config
+        self._catalog = catalog
+        self._billing = billing
+        self._names = TopicNames(config.kafka.topic_prefix)
+        self.priced = self.unpriced = self.invalid = 0
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        kafka = self._config.kafka
+        return AIOKafkaConsumer(
+            self._names.usage, **kafka.client_options(os.environ),
+            group_id=f"{kafka.topic_prefix}{PRICING_GROUP}", enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=BATCH_MAX_MESSAGES,
+            # a dead worker's partitions move after ~6 s, as for the faust group
+            session_timeout_ms=6_000, heartbeat_interval_ms=1_000, rebalance_timeout_ms=6_000)
+
+    async def run(self) -> None:
+        """Price until cancelled."""
+        consumer = self._consumer()
+        producer = BatchProducer(self._config.kafka.client_options(os.environ),
+                                 compression=self._config.kafka.compression)
+        await producer.start()
+        await consumer.start()
+        reported, at = 0, time.monotonic()
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=BATCH_MAX_MESSAGES)
+                if batches:
+                    await self._price(batches, producer)
+                    await self._commit(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()})
+                if time.monotonic() - at >= PROGRESS_EVERY_S and self.priced != reported:
+                    log.info("pricing: %d usage events priced, %d unpriced (dead-lettered), %d invalid messages",
+                             self.priced, self.unpriced, self.invalid)
+                    reported, at = self.priced, time.monotonic()
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    async def _price(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+                     producer: BatchProducer) -> None:
+        events: list[UsageEvent] = []
+        invalid: list[tuple[bytes, bytes]] = []
+        for records in batches.values():
+            for record in records:
+                key = (record.key or b"").decode("utf-8", "replace")
+                try:
+                    events.extend(decode_usage_batch(record.value or b""))
+                except SchemaError as exc:
+                    self.invalid += 1
+                    metrics.USAGE_MESSAGES_INVALID.inc()
+                    invalid.append((record.key or b"", invalid_usage_letter(key, record.topic, record.partition,
+                                                                            record.offset, exc)))
+        out = cost_records(events, self._catalog, self._billing)
+        # acknowledged by the broker before the offsets are committed: at-least-once
+        await producer.send_all(self._names.cost_focus, out.rows)
+        await producer.send_all(self._names.deadletter, invalid + out.dead_letters)
+        self.priced += out.priced_events
+        self.unpriced += sum(out.unpriced.values())
+        metrics.USAGE_PRICED.inc(out.priced_events)
+        metrics.FOCUS_ROWS.inc(len(out.rows))
+        for reason, count in out.unpriced.items():
+            metrics.USAGE_UNPRICED.labels(reason).inc(count)
+        for (team, provider, model, meter), cost in out.cost_by_meter.items():
+            metrics.COST_BILLED.labels(self._billing.currency, team, provider, model, meter).inc(float(cost))
+
+    @staticmethod
+    async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, RebalanceInProgressError) as exc:
+            # the partitions moved while this batch was priced: their new owner prices it again,
+            # with the same row ids, and the exporter keeps one of each
+            log.info("pricing: commit skipped, partitions were reassigned (%s)", exc)
