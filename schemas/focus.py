@@ -93,7 +93,6 @@ COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("x_SchemaVersion", "int"),
 )
 COLUMN_NAMES: Final = tuple(name for name, _ in COLUMNS)
-MONEY_COLUMNS: Final = tuple(name for name, kind in COLUMNS if kind == "money")
 #: attribution dimension -> its x_ column
 ATTRIBUTION_COLUMNS: Final[Mapping[str, str]] = {
     "team": "x_Team", "use_case": "x_UseCase", "env": "x_Env", "app": "x_App", "key": "x_Key",
