@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,76 +10,29 @@ import pytest
 
 from pipeline.broker import EmbeddedBroker
 from tests.conftest import new_topics
+from tests.e2e.running import run_demo, spendstream, spendstream_run
 from tests.support import free_port, metric, read_usage
 
 pytestmark = pytest.mark.e2e
-SPENDSTREAM = [sys.executable, "-m", "pipeline"]
-
-
-def spendstream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SPENDSTREAM, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_run_then_demo_counts_every_call_and_stops_cleanly(tmp_path: Path) -> None:
-    ports = {flag: free_port() for flag in ("--broker-port", "--grpc-port", "--http-port")}
-    metrics_port = free_port()
-    while not all(_free(metrics_port + i) for i in range(2)):
-        metrics_port = free_port()
-    output = tmp_path / "run.out"
-    with output.open("w") as out:
-        run = subprocess.Popen(
-            [*SPENDSTREAM, "run", "--data-dir", str(tmp_path), "--metrics-port", str(metrics_port),
-             *[x for flag, port in ports.items() for x in (flag, str(port))]],
-            stdout=out, stderr=subprocess.STDOUT, text=True,
-        )
-    try:
-        banner = _read_until(run, output, "try it:", timeout_s=60)
-        assert f"localhost:{ports['--grpc-port']}" in banner
-        demo = spendstream("demo", "--endpoint", f"localhost:{ports['--grpc-port']}", "--duration", "6",
-                           "--rate", "40", timeout=120)
-        assert demo.returncode == 0, demo.stderr
-        sent = int(re.search(r"sent (\d+) model calls", demo.stdout).group(1))  # type: ignore[union-attr]
+    with spendstream_run(tmp_path, tmp_path / "run.out") as run:
+        assert f"localhost:{run.grpc_port}" in run.banner
+        sent = run_demo(run, 6)
         assert sent > 100
         deadline = time.monotonic() + 60
         counted = 0.0
         while time.monotonic() < deadline and counted < sent:
-            counted = metric(metrics_port + 1, "spendstream_worker_usage_events_total")
+            counted = metric(run.metrics_port + 1, "spendstream_worker_usage_events_total")
             time.sleep(0.5)
         # every model call once; the runaway agent's invoke_agent wrappers are not model calls
         assert counted == sent
-        events = read_usage(f"127.0.0.1:{ports['--broker-port']}", "genai.usage", min_events=sent)
+        events = read_usage(run.bootstrap, "genai.usage", min_events=sent)
         assert len({e.id for e in events}) == sent
         assert {"customer-support", "search", "research", "unallocated"} <= {e.attribution["team"] for e in events}
-        assert metric(metrics_port, "spendstream_collector_usage_events_published_total") == sent
-        run.send_signal(signal.SIGINT)
-        assert run.wait(timeout=30) == 0
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        assert metric(run.metrics_port, "spendstream_collector_usage_events_published_total") == sent
     assert (tmp_path / "logs" / "worker-1.log").exists()
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _read_until(process: subprocess.Popen[str], output: Path, marker: str, timeout_s: float) -> str:
-    seen = ""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        seen = output.read_text()
-        if marker in seen:
-            return seen
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"no {marker!r} in output:\n{seen}")
 
 
 def test_topics_is_idempotent(broker: EmbeddedBroker) -> None:

@@ -7,8 +7,6 @@ with the hourly rollup switched on.
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +19,9 @@ import pytest
 
 from pipeline.focus import money
 from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
-from tests.e2e.test_cli import SPENDSTREAM, _free, _read_until, spendstream
+from tests.e2e.running import run_demo, spendstream, spendstream_run
 from tests.focus_validator import KNOWN_DEFECTS, validate, validator
-from tests.support import free_port, metric, read_deadletters, read_topic, read_usage
+from tests.support import metric, read_deadletters, read_topic, read_usage
 
 pytestmark = pytest.mark.e2e
 
@@ -37,55 +35,30 @@ class DemoRun:
     unpriced_metric: float
 
 
-def _metrics_base() -> int:
-    port = free_port()
-    while not all(_free(port + i) for i in range(3)):
-        port = free_port()
-    return port
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     tmp = tmp_path_factory.mktemp("focus")
     config = tmp / "spendstream.yaml"
     config.write_text("exporter:\n  rollup: hour\n  flush_seconds: 1\n")
-    ports = {flag: free_port() for flag in ("--broker-port", "--grpc-port", "--http-port")}
-    metrics_port = _metrics_base()
-    output = tmp / "run.out"
-    with output.open("w") as out:
-        run = subprocess.Popen(
-            [*SPENDSTREAM, "run", "--data-dir", str(tmp / "data"), "--config", str(config),
-             "--metrics-port", str(metrics_port), *[x for flag, port in ports.items() for x in (flag, str(port))]],
-            stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        _read_until(run, output, "try it:", timeout_s=60)
-        demo = spendstream("demo", "--endpoint", f"localhost:{ports['--grpc-port']}", "--duration", "8",
-                           "--rate", "40", timeout=120)
-        assert demo.returncode == 0, demo.stderr
-        sent = int(re.search(r"sent (\d+) model calls", demo.stdout).group(1))  # type: ignore[union-attr]
-        bootstrap = f"127.0.0.1:{ports['--broker-port']}"
+    with spendstream_run(tmp / "data", tmp / "run.out", "--config", str(config)) as run:
+        sent = run_demo(run, 8)
+        worker, exporter = run.metrics_port + 1, run.metrics_port + 2
         deadline = time.monotonic() + 90
         rows: list[dict[str, object]] = []
         while time.monotonic() < deadline:
-            priced = metric(metrics_port + 1, "spendstream_worker_usage_priced_total")
-            unpriced = metric(metrics_port + 1, 'spendstream_worker_usage_unpriced_total{reason="unknown_provider"}')
-            published = metric(metrics_port + 1, "spendstream_worker_focus_rows_total")
-            in_files = metric(metrics_port + 2, "spendstream_exporter_rows_total")
+            priced = metric(worker, "spendstream_worker_usage_priced_total")
+            unpriced = metric(worker, 'spendstream_worker_usage_unpriced_total{reason="unknown_provider"}')
+            published = metric(worker, "spendstream_worker_focus_rows_total")
+            in_files = metric(exporter, "spendstream_exporter_rows_total")
             if priced + unpriced >= sent and in_files >= published > 0:
-                rows = [orjson.loads(r.value) for r in read_topic(bootstrap, "genai.cost.focus",
+                rows = [orjson.loads(r.value) for r in read_topic(run.bootstrap, "genai.cost.focus",
                                                                      min_messages=int(published))]
                 break
             time.sleep(0.5)
-        assert rows, f"pipeline did not settle: {output.read_text()[-2000:]}"
+        assert rows, f"pipeline did not settle: {(tmp / 'run.out').read_text()[-2000:]}"
         time.sleep(1.5)  # the exporter rewrites the hourly rollup right after each file
-        yield DemoRun(tmp / "data", bootstrap, sent, rows, metric(
-            metrics_port + 1, 'spendstream_worker_usage_unpriced_total{reason="unknown_provider"}'))
-        run.send_signal(signal.SIGINT)
-        assert run.wait(timeout=30) == 0
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        yield DemoRun(tmp / "data", run.bootstrap, sent, rows, metric(
+            worker, 'spendstream_worker_usage_unpriced_total{reason="unknown_provider"}'))
 
 
 def _sql(query: str) -> list[tuple[object, ...]]:

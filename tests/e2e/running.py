@@ -1,0 +1,90 @@
+"""`spendstream run` and `spendstream demo` as subprocesses, for the end-to-end tests that need both."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support import free_port
+
+SPENDSTREAM = [sys.executable, "-m", "pipeline"]
+#: metrics ports `spendstream run --workers 1` takes from --metrics-port on: collector, worker, exporter
+METRICS_PORTS = 3
+
+
+def spendstream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SPENDSTREAM, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@dataclass(frozen=True)
+class RunningPipeline:
+    process: subprocess.Popen[str]
+    banner: str
+    grpc_port: int
+    broker_port: int
+    metrics_port: int  # the collector's; the worker's is +1, the exporter's +2
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.broker_port}"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def read_until(process: subprocess.Popen[str], output: Path, marker: str, timeout_s: float) -> str:
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = output.read_text()
+        if marker in seen:
+            return seen
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"no {marker!r} in output:\n{seen}")
+
+
+@contextmanager
+def spendstream_run(data_dir: Path, output: Path, *extra: str) -> Iterator[RunningPipeline]:
+    """`spendstream run` on free ports, up to its banner; stopped with Ctrl-C on exit, which must exit 0."""
+    ports = {flag: free_port() for flag in ("--broker-port", "--grpc-port", "--http-port")}
+    metrics_port = free_port()
+    while not all(_free(metrics_port + i) for i in range(METRICS_PORTS)):
+        metrics_port = free_port()
+    with output.open("w") as out:
+        run = subprocess.Popen(
+            [*SPENDSTREAM, "run", "--data-dir", str(data_dir), "--metrics-port", str(metrics_port), *extra,
+             *[x for flag, port in ports.items() for x in (flag, str(port))]],
+            stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = read_until(run, output, "try it:", timeout_s=60)
+        yield RunningPipeline(run, banner, ports["--grpc-port"], ports["--broker-port"], metrics_port)
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=30) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def run_demo(pipeline: RunningPipeline, duration_s: float) -> int:
+    """Send demo traffic to the pipeline; returns how many model calls the demo sent."""
+    demo = spendstream("demo", "--endpoint", f"localhost:{pipeline.grpc_port}", "--duration", f"{duration_s:g}",
+                       "--rate", "40", timeout=120)
+    assert demo.returncode == 0, demo.stderr
+    return int(re.search(r"sent (\d+) model calls", demo.stdout).group(1))  # type: ignore[union-attr]
