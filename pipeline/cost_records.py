@@ -9,10 +9,9 @@ from decimal import Decimal
 
 from pipeline.focus import Billing, encoded_focus_rows
 from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
+from pipeline.produce import Record
 from schemas.deadletter import DeadLetter
 from schemas.usage import UsageEvent
-
-Record = tuple[bytes, bytes]
 
 
 @dataclass(slots=True)

@@ -154,7 +154,9 @@ def rollup_sql(grain: str, source_glob: str) -> str:
     Within one SkuPriceId the unit prices are the same, so ListCost = ListUnitPrice x PricingQuantity
     still holds for the sums, exactly (DECIMAL sums).
     """
-    trunc = {"hour": "hour", "day": "day"}[grain]
+    if grain not in ("hour", "day"):
+        raise ValueError(f"rollup grain must be hour or day, not {grain!r}")
+    trunc = grain
     keys = ", ".join(f'"{c}"' for c in _GROUP_COLUMNS)
     select = []
     for name, kind in COLUMNS:
@@ -165,12 +167,10 @@ def rollup_sql(grain: str, source_glob: str) -> str:
             select.append(f"date_trunc('{trunc}', \"ChargePeriodStart\") + INTERVAL 1 {trunc.upper()} AS {q}")
         elif name in _GROUP_COLUMNS:
             select.append(q)
-        elif "UnitPrice" in name:
+        elif "UnitPrice" in name or name == "x_SchemaVersion":  # one value per group
             select.append(f"any_value({q}) AS {q}")
-        elif kind in ("money", "quantity", "int") and name != "x_SchemaVersion":
+        elif kind in ("money", "quantity", "int"):
             select.append(f"CAST(sum({q}) AS {_sql_type(kind)}) AS {q}")
-        elif name == "x_SchemaVersion":
-            select.append(f"any_value({q}) AS {q}")
         elif name in _VARYING:
             select.append(f"CASE WHEN count(DISTINCT {q}) = 1 THEN any_value({q}) END AS {q}")
         else:  # per-request ids have no meaning in a rollup

@@ -22,7 +22,7 @@ from pipeline import metrics
 from pipeline.cost_records import cost_records
 from pipeline.focus import Billing
 from pipeline.pricing import PriceCatalog
-from pipeline.produce import BatchProducer
+from pipeline.produce import BatchProducer, Record
 from schemas.config import Config
 from schemas.deadletter import DeadLetter
 from schemas.errors import SchemaError
@@ -86,7 +86,7 @@ class PricingStage:
     async def _price(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
                      producer: BatchProducer) -> None:
         events: list[UsageEvent] = []
-        invalid: list[tuple[bytes, bytes]] = []
+        invalid: list[Record] = []
         for records in batches.values():
             for record in records:
                 key = (record.key or b"").decode("utf-8", "replace")

@@ -94,17 +94,16 @@ def make_report(data_dir: Path, by: Sequence[str], *, since: str | None = None, 
         cursor = con.execute(sql)
         names = [d[0] for d in cursor.description]
         rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
-    if any(row["currencies"] > 1 for row in rows):
+    currencies = {row.pop("currency") for row in rows}
+    mixed_within_a_group = [row.pop("currencies") > 1 for row in rows]
+    if len(currencies) > 1 or any(mixed_within_a_group):
         raise ReportError("the files mix billing currencies; report each billing period separately")
     for row in rows:
         row["cost"] = _plain(row["cost"] or Decimal(0))
         row["cost_per_request"] = (row["cost"] / row["requests"]).quantize(Decimal("1e-8")) if row["requests"] \
             else None
         row["out_in_ratio"] = round(row["tokens_out"] / row["tokens_in"], 3) if row["tokens_in"] else None
-        row.pop("currencies")
-    currency = rows[0].pop("currency") if rows else None
-    for row in rows:
-        row.pop("currency", None)
+    currency = currencies.pop() if currencies else None
     return Report(tuple(by), currency, rows, sum((r["cost"] for r in rows), Decimal(0)))
 
 
