@@ -172,7 +172,7 @@ def _cmd_price(args: argparse.Namespace) -> None:
     from pipeline.pricing import UnpricedError  # noqa: PLC0415
     from pipeline.report import explain_price  # noqa: PLC0415
 
-    catalog = catalog_from_config(load_config(Path(args.config) if args.config else None))
+    catalog = catalog_from_config(_config(args))
     for flag in ("input", "output", "cache_read", "cache_write", "reasoning"):
         if getattr(args, flag) < 0:
             raise SpendstreamError(f"--{flag.replace('_', '-')} must not be negative")

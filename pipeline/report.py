@@ -26,7 +26,7 @@ from schemas.focus import ATTRIBUTION_COLUMNS
 from schemas.usage import TokenCounts, UsageEvent
 
 #: --by names -> FOCUS columns
-GROUPABLE: Final = {**{dim: col for dim, col in ATTRIBUTION_COLUMNS.items()}, "provider": "ProviderName",
+GROUPABLE: Final = {**ATTRIBUTION_COLUMNS, "provider": "ProviderName",
                     "model": "x_Model", "meter": "SkuMeter", "service": "ServiceName", "day": "charge_date"}
 REPORT_COLUMNS: Final = ("cost", "tokens_in", "tokens_out", "requests", "cost_per_request", "out_in_ratio")
 
