@@ -3,14 +3,19 @@
 - the faust agent counts usage events per attribution key, exactly once across redeliveries
   (the pure `tally`), into a changelog-backed table;
 - the pricing stage (`pricing_stage.PricingStage`, a plain aiokafka consumer group) turns
-  `genai.usage` into FOCUS rows on `genai.cost.focus`. It runs as a faust task but does not
-  use faust's stream delivery, which can drop a message during a rebalance or recovery.
+  `genai.usage` into FOCUS rows on `genai.cost.focus` and partial spend per scope on `genai.spend`;
+- the guardrail stage (`guardrails.stage.GuardrailStage`, its own group on `genai.spend`) keeps
+  budgets, velocity and breakers per scope and publishes alerts and breaker commands.
+Both stages run as faust tasks but do not use faust's stream delivery, which can drop a
+message during a rebalance or recovery. The policy reloads on SIGHUP or when its file changes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import time
 import weakref
 from collections.abc import Mapping
@@ -24,6 +29,8 @@ from faust.types.auth import CredentialsT
 
 from pipeline import metrics
 from pipeline.focus import Billing
+from pipeline.guardrails.policy_file import PolicyFile
+from pipeline.guardrails.stage import GuardrailStage
 from pipeline.pricing import PriceCatalog, overrides_from_config
 from pipeline.pricing_stage import PricingStage
 from pipeline.tally import KeyTally, newest, tally_messages
@@ -43,12 +50,15 @@ HEARTBEAT_INTERVAL_S = 1.0
 BATCH_MAX_EVENTS = 2000
 BATCH_WITHIN_S = 0.5
 PROGRESS_EVERY_S = 10.0
+POLICY_CHECK_EVERY_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     data_dir: Path
     store: str = "memory://"
+    #: the config file, watched for policy changes (None: built-in defaults, nothing to reload)
+    config_path: Path | None = None
 
 
 def _in_event_context(event: EventT[bytes]) -> None:
@@ -86,6 +96,7 @@ def build_app(config: Config, settings: WorkerSettings) -> faust.App:
     names = TopicNames(config.kafka.topic_prefix)
     catalog = catalog_from_config(config)
     billing = billing_from_config(config)
+    policy = PolicyFile(settings.config_path, config.policy)
     metrics.CATALOG_INFO.labels(catalog.version).set(1)
     partitions = config.kafka.partitions
     app = faust.App(
@@ -139,7 +150,16 @@ def build_app(config: Config, settings: WorkerSettings) -> faust.App:
 
     @app.task
     async def price_usage() -> None:
-        await PricingStage(config, catalog, billing).run()
+        await PricingStage(config, catalog, billing, policy).run()
+
+    @app.task
+    async def guard_spend() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policy.request_reload)
+        await GuardrailStage(config, policy).run()
+
+    @app.timer(POLICY_CHECK_EVERY_S)
+    async def reload_policy() -> None:
+        policy.check()
 
     @app.timer(PROGRESS_EVERY_S)
     async def report_progress() -> None:

@@ -145,7 +145,7 @@ def _cmd_worker(args: argparse.Namespace) -> None:
     config = _config(args)
     serve_metrics(args.metrics_port if args.metrics_port is not None else config.metrics.port + 1)
     store = "memory://" if args.store == "memory" else "rocksdb://"
-    run_worker(config, WorkerSettings(Path(args.data_dir), store),
+    run_worker(config, WorkerSettings(Path(args.data_dir), store, Path(args.config) if args.config else None),
                loglevel=args.log_level)
 
 

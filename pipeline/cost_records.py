@@ -19,7 +19,11 @@ class CostOutput:
     rows: list[Record] = field(default_factory=list)
     dead_letters: list[Record] = field(default_factory=list)
     priced_events: int = 0
+    #: per input event, in order: its billed cost (the sum of its rows' BilledCost), None if unpriced
+    billed: list[Decimal | None] = field(default_factory=list)
     unpriced: Counter[str] = field(default_factory=Counter)
+    #: (provider, model) -> why it has no price, for one alert per model
+    unpriced_models: dict[tuple[str | None, str | None], UnpricedError] = field(default_factory=dict)
     #: (team, provider, model, meter) -> billed cost, for metrics
     cost_by_meter: defaultdict[tuple[str, str, str, str], Decimal] = field(
         default_factory=lambda: defaultdict(Decimal))
@@ -47,11 +51,16 @@ def cost_records(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: B
             priced = price_usage(event, catalog)
         except UnpricedError as exc:
             out.unpriced[exc.reason] += 1
+            out.unpriced_models.setdefault((event.provider, event.model), exc)
             out.dead_letters.append((key, unpriced_letter(event, exc).encode()))
+            out.billed.append(None)
             continue
         out.priced_events += 1
         team = event.attribution.get("team") or "unallocated"
+        total = Decimal(0)
         for line, (value, billed) in zip(priced.lines, encoded_focus_rows(priced, billing), strict=True):
             out.rows.append((key, value))
             out.cost_by_meter[team, priced.price.provider_id, priced.price.model_id, line.meter] += billed
+            total += billed
+        out.billed.append(total)
     return out

@@ -32,6 +32,16 @@ EXPORTER_INVALID: Final = Counter("spendstream_exporter_invalid_messages",
                                   "genai.cost.focus messages that are not FOCUS rows (skipped, logged)")
 EXPORTER_FILES: Final = Counter("spendstream_exporter_files", "Parquet files written")
 
+SPEND_MESSAGES: Final = Counter("spendstream_worker_spend_messages", "Partial-spend messages sent to genai.spend")
+POLICY_RELOADS: Final = Counter("spendstream_policy_reloads", "Policy reloads by outcome", ["outcome"])
+ALERTS: Final = Counter("spendstream_alerts", "Alerts published to genai.alerts", ["kind"])
+BREAKER_COMMANDS: Final = Counter("spendstream_breaker_commands", "Breaker commands published", ["state"])
+SPEND_REPLAYED: Final = Counter("spendstream_guardrails_entries_replayed",
+                                "Spend entries skipped as already added (redelivery after a crash or rebalance)")
+SCOPES: Final = Gauge("spendstream_guardrails_scopes", "Scopes whose state this worker holds")
+STATE_RESTORED: Final = Counter("spendstream_guardrails_scopes_restored",
+                                "Scope states read back from the changelog on taking over a partition")
+
 
 def serve_metrics(port: int) -> None:
     """Expose the default registry on :port. Raises OSError naming the flag when the port is taken."""

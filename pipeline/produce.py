@@ -16,6 +16,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 Record = tuple[bytes, bytes]  # key, value
+#: a record for an explicit partition; a None value is a tombstone (compacted topics)
+PlacedRecord = tuple[int, tuple[bytes, bytes | None]]
 
 
 class BatchProducer:
@@ -53,9 +55,20 @@ class BatchProducer:
         if not records:
             return
         partitions = await self._partitions_of(topic)
-        by_partition: dict[int, list[Record]] = defaultdict(list)
-        for key, value in records:
-            by_partition[self._partitioner(key, partitions, partitions)].append((key, value))
+        await self.send_to(topic, [(self._partitioner(key, partitions, partitions), (key, value))
+                                   for key, value in records])
+
+    async def send_everywhere(self, topic: str, value: bytes) -> None:
+        """The same value to every partition of `topic` (e.g. a clock tick), acknowledged."""
+        await self.send_to(topic, [(p, (b"", value)) for p in await self._partitions_of(topic)])
+
+    async def send_to(self, topic: str, records: Sequence[PlacedRecord]) -> None:
+        """Records to the partitions given with them, acknowledged before return."""
+        if not records:
+            return
+        by_partition: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        for partition, record in records:
+            by_partition[partition].append(record)
         futures = []
         for partition, items in by_partition.items():
             batch = self._producer.create_batch()

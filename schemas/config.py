@@ -2,8 +2,8 @@
 
 Defaults live in the dataclass fields and nowhere else. The JSON Schema (`config.schema.json`)
 rejects unknown keys and wrong types; `validate()` methods add the cross-field rules.
-Sections that later pipeline stages own (budgets, keys, velocity, downgrade, pricing) are
-validated by the schema and kept as plain data until their stage reads them.
+The guardrail sections (budgets, keys, velocity, breaker, downgrade) are kept as written and
+typed once into `Config.policy` (schemas/policy.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import jsonschema
 import yaml
 
 from schemas.errors import ConfigError
+from schemas.policy import Policy, policy_from_sections
 
 #: Where each attribution dimension is read from, first match wins (span, then resource).
 DEFAULT_DIMENSIONS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
@@ -131,6 +132,8 @@ class AttributionConfig:
     key_dimensions: tuple[str, ...] = ("team", "use_case", "env", "app", "key")
     hash_user_ids: bool = True
     user_id_salt: str = ""
+    #: alert when more than this share of a day's spend has no team (or other required dimension)
+    max_unallocated_share: float = 0.1
 
     def validate(self) -> list[str]:
         problems = [
@@ -166,7 +169,10 @@ class Config:
     budgets: Sequence[Mapping[str, Any]] = ()
     keys: Sequence[Mapping[str, Any]] = ()
     velocity: Mapping[str, Any] = field(default_factory=dict)
+    breaker: Mapping[str, Any] = field(default_factory=dict)
     downgrade: Mapping[str, str] = field(default_factory=dict)
+    #: budgets, keys, velocity, breaker and downgrade, typed (built from those sections)
+    policy: Policy = field(default_factory=Policy)
     pricing: Mapping[str, Any] = field(default_factory=dict)
     focus: FocusConfig = field(default_factory=FocusConfig)
     exporter: ExporterConfig = field(default_factory=ExporterConfig)
@@ -259,6 +265,7 @@ def _build(data: Mapping[str, Any], source: str) -> Config:
     for key in ("required", "key_dimensions"):
         if key in attribution:
             attribution[key] = tuple(attribution[key])
+    policy, policy_problems = policy_from_sections(data, list(attribution.get("dimensions", DEFAULT_DIMENSIONS)))
     config = Config(
         billing_currency=data.get("billing_currency", "USD"),
         fx=dict(data.get("fx", {})),
@@ -270,12 +277,14 @@ def _build(data: Mapping[str, Any], source: str) -> Config:
         budgets=tuple(data.get("budgets", ())),
         keys=tuple(data.get("keys", ())),
         velocity=dict(data.get("velocity", {})),
+        breaker=dict(data.get("breaker", {})),
         downgrade=dict(data.get("downgrade", {})),
+        policy=policy,
         pricing=dict(data.get("pricing", {})),
         focus=FocusConfig(**data.get("focus", {})),
         exporter=ExporterConfig(**data.get("exporter", {})),
     )
-    problems = config.validate()
+    problems = config.validate() + policy_problems
     if problems:
         raise ConfigError(problems, source)
     return config

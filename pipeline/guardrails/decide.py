@@ -1,0 +1,283 @@
+"""Stage 2's decisions for one scope at one event time: budget alerts, rate trips, breaker commands. Pure.
+
+Everything here runs on event time (`now_s`, from the spend and ticks stage 1 sends); the wall
+clock only stamps `issued_at`. What was decided is recorded in the ScopeState (alert ids,
+breaker states), so evaluating again after a replay or a restart decides nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Final
+
+from pipeline.guardrails.state import BUCKET_S, ScopeState, day_of, month_of, period_bounds
+from schemas.alert import Alert, AlertKind, Severity
+from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id
+from schemas.policy import Budget, Policy
+
+#: projected exhaustion is not forecast from the first tenth of a period: too little to go on
+PROJECTION_MIN_ELAPSED: Final = Decimal("0.1")
+#: the unallocated share is judged once the day's spend is above this many minutes of noise floor
+UNALLOCATED_MIN_MINUTES: Final = 10
+LIMITS_WINDOW_S: Final = 60
+
+
+def rfc3339(ts_s: float) -> str:
+    return datetime.fromtimestamp(ts_s, UTC).isoformat().replace("+00:00", "Z")
+
+
+def show(amount: Decimal) -> str:
+    """Money for sentences: two decimals (the exact figure is in `observed`)."""
+    return f"{amount.quantize(Decimal('0.01')):,}"
+
+
+def percent(ratio: Decimal) -> str:
+    return f"{(ratio * 100).quantize(Decimal('0.01')).normalize():f}%"
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """A rate that is over its threshold now."""
+
+    kind: AlertKind
+    observed: Decimal
+    threshold: Decimal
+    unit: str
+    sentence: str
+
+
+@dataclass(slots=True)
+class Decisions:
+    alerts: list[Alert] = field(default_factory=list)
+    commands: list[BreakerCommand] = field(default_factory=list)
+
+    def extend(self, other: Decisions) -> None:
+        self.alerts += other.alerts
+        self.commands += other.commands
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    policy: Policy
+    currency: str
+    now_s: int  # event time
+    issued_s: float  # wall clock, only for `issued_at` / `expires_at`
+
+
+def retain_from(policy: Policy, now_s: int) -> int:
+    """Oldest bucket start any decision still reads."""
+    v = policy.velocity
+    return now_s - now_s % BUCKET_S - max(v.window_s + v.rate_window_s, LIMITS_WINDOW_S) - BUCKET_S
+
+
+def _alert(ctx: Context, state: ScopeState, alert_id: str, kind: AlertKind, severity: Severity, *,
+           period: str | None, observed: Decimal, threshold: Decimal, unit: str, message: str) -> Alert:
+    return Alert(alert_id=alert_id, kind=kind, severity=severity, scope=state.scope.key,
+                 scope_attributes=state.scope.as_dict(), period=period, observed=str(observed),
+                 threshold=str(threshold), unit=unit, message=message, event_time=rfc3339(ctx.now_s),
+                 issued_at=rfc3339(ctx.issued_s))
+
+
+def _command(ctx: Context, state: ScopeState, source: BreakerSource, new_state: BreakerState, *, action: BreakerAction,
+             reason: str, trigger: dict[str, str], env_actions: dict[str, BreakerAction] | None = None,
+             expires_s: float | None = None) -> BreakerCommand:
+    bid = breaker_id(source, state.scope.key)
+    breaker = ctx.policy.breaker
+    # the same decision replayed gets the same id
+    command_id = hashlib.sha256(f"{bid}|{new_state}|{ctx.now_s}".encode()).hexdigest()[:20]
+    return BreakerCommand(
+        command_id=command_id, breaker_id=bid, source=source, scope=state.scope.key,
+        scope_attributes=state.scope.as_dict(), state=new_state, action=action, env_actions=env_actions or {},
+        prod_envs=breaker.prod_envs, downgrade=dict(ctx.policy.downgrade) if action == "downgrade" else {},
+        probe_ratio=float(breaker.probe_ratio) if new_state == "half_open" else 0.0, reason=reason,
+        trigger=trigger, issued_at=rfc3339(ctx.issued_s), event_time=rfc3339(ctx.now_s),
+        expires_at=rfc3339(expires_s) if expires_s is not None else None)
+
+
+# --- rates: velocity, ceilings, limits -------------------------------------------------------------------
+
+def rate_trips(state: ScopeState, ctx: Context) -> list[Trip]:
+    policy, v, cur = ctx.policy, ctx.policy.velocity, ctx.currency
+    scope = state.scope
+    end = ctx.now_s - ctx.now_s % BUCKET_S + BUCKET_S
+    rate_from = end - v.rate_window_s
+    per_min = state.sum_since(rate_from, end).cost * 60 / v.rate_window_s
+    trips = []
+    ceiling = policy.ceiling(scope)
+    if ceiling is not None and per_min > ceiling:
+        trips.append(Trip("velocity_ceiling", per_min, ceiling, f"{cur}/min",
+                          f"{scope.key} is spending {show(per_min)} {cur}/min, above its ceiling of "
+                          f"{show(ceiling)} {cur}/min"))
+    if scope.dims in v.shapes and state.first_s is not None and per_min >= v.min_spend_per_min:
+        history = min(v.window_s, rate_from - state.first_s)
+        if history >= v.min_history_s:
+            baseline = state.sum_since(rate_from - history, rate_from).cost * 60 / history
+            if per_min >= v.spike_ratio * baseline:
+                trips.append(Trip("velocity_spike", per_min, v.spike_ratio * baseline, f"{cur}/min",
+                                  f"{scope.key} is spending {show(per_min)} {cur}/min, "
+                                  f"{'with no spend before' if not baseline else f'{per_min / baseline:.1f}x'} "
+                                  f"its trailing baseline of {show(baseline)} {cur}/min"))
+    limits = policy.limits.get(scope.key)
+    if limits is not None:
+        minute = state.sum_since(end - LIMITS_WINDOW_S, end)
+        for observed, limit, unit in ((minute.requests, limits.requests_per_minute, "requests/min"),
+                                      (minute.tokens, limits.tokens_per_minute, "tokens/min")):
+            if limit is not None and observed > limit:
+                trips.append(Trip("limit_exceeded", Decimal(observed), Decimal(limit), unit,
+                                  f"{scope.key} made {observed:,} {unit.split('/')[0]} in the last minute, "
+                                  f"above its limit of {limit:,}"))
+    return trips
+
+
+def decide_rate(state: ScopeState, ctx: Context) -> Decisions:
+    """Move the rate breaker: closed -> open on a trip; open -> half_open after the cool-down once the
+    rate is back under; half_open -> closed after a probe period without a trip, or back to open."""
+    out = Decisions()
+    if not ctx.policy.watched(state.scope):
+        return out
+    trips = rate_trips(state, ctx)
+    breaker, policy = state.rate, ctx.policy.breaker
+    elapsed = ctx.now_s - breaker.since_s
+    if trips and breaker.state in ("closed", "half_open"):
+        minute = rfc3339(ctx.now_s - ctx.now_s % 60)
+        for trip in trips:
+            suffix = f"|{trip.unit}" if trip.kind == "limit_exceeded" else ""
+            out.alerts.append(_alert(
+                ctx, state, f"{trip.kind}|{state.scope.key}|{minute}{suffix}", trip.kind,
+                "warning" if trip.kind == "limit_exceeded" else "critical", period=minute,
+                observed=trip.observed, threshold=trip.threshold, unit=trip.unit,
+                message=f"{trip.sentence}; breaker {breaker_id('rate', state.scope.key)} opens ({policy.action})."))
+        first = trips[0]
+        breaker.state, breaker.since_s = "open", ctx.now_s
+        breaker.trigger = {"kind": first.kind, "observed": str(first.observed), "threshold": str(first.threshold),
+                           "unit": first.unit}
+        out.commands.append(_command(ctx, state, "rate", "open", action=policy.action, reason=first.sentence,
+                                     trigger=breaker.trigger, expires_s=ctx.issued_s + policy.expire_after_s))
+    elif breaker.state == "open" and not trips and elapsed >= policy.cool_down_s:
+        breaker.state, breaker.since_s = "half_open", ctx.now_s
+        out.commands.append(_command(
+            ctx, state, "rate", "half_open", action=policy.action, trigger=breaker.trigger,
+            reason=f"cool-down of {policy.cool_down_s}s over and the rate is back under its threshold: probing "
+                   f"with {percent(policy.probe_ratio)} of traffic", expires_s=ctx.issued_s + policy.expire_after_s))
+    elif breaker.state == "half_open" and not trips and elapsed >= policy.probe_s:
+        breaker.state, breaker.since_s = "closed", ctx.now_s
+        out.commands.append(_command(ctx, state, "rate", "closed", action=policy.action, trigger=breaker.trigger,
+                                     reason=f"{policy.probe_s}s of probing without a trip: closed"))
+    return out
+
+
+# --- budgets ---------------------------------------------------------------------------------------------
+
+def _budget_actions(budget: Budget) -> dict[str, BreakerAction]:
+    return {env: budget.on_exhausted.get(env, "none") for env in ("prod", "non_prod")}
+
+
+def decide_budgets(state: ScopeState, ctx: Context) -> Decisions:
+    out = Decisions()
+    cur, scope = ctx.currency, state.scope.key
+    for budget in ctx.policy.budgets_of(scope):
+        length = 7 if budget.period == "monthly" else 10
+        for period in sorted(p for p in state.periods if len(p) == length):
+            spent = state.periods[period]
+            end = period_bounds(period)[1]
+            for threshold in budget.thresholds:
+                limit = budget.amount * threshold.ratio
+                alert_id = f"budget_threshold|{scope}|{period}|{percent(threshold.ratio)}"
+                if spent < limit or alert_id in state.alerted:
+                    continue
+                state.alerted.add(alert_id)
+                hard = threshold.hard and end > ctx.now_s
+                severity: Severity = "critical" if threshold.ratio >= 1 else "warning" if threshold.ratio >= Decimal(
+                    "0.8") else "info"
+                action_text = ""
+                if hard:
+                    actions = _budget_actions(budget)
+                    action_text = (f"; breaker {breaker_id('budget', scope)} opens until {rfc3339(end)} "
+                                   f"(prod: {actions['prod']}, non-prod: {actions['non_prod']})")
+                    state.budget_open_until_s = max(state.budget_open_until_s or 0, end)
+                    out.commands.append(_command(
+                        ctx, state, "budget", "open", action=actions["non_prod"], env_actions=actions,
+                        reason=f"{budget.period} budget of {show(budget.amount)} {cur} for {scope} ({budget.source}) "
+                               f"is exhausted in {period}",
+                        trigger={"kind": "budget_threshold", "observed": str(spent), "threshold": str(limit),
+                                 "unit": cur, "period": period}, expires_s=end))
+                out.alerts.append(_alert(
+                    ctx, state, alert_id, "budget_threshold", severity, period=period, observed=spent,
+                    threshold=limit, unit=cur,
+                    message=f"{scope} has spent {show(spent)} {cur} in {period}, {percent(threshold.ratio)} of its "
+                            f"{budget.period} budget of {show(budget.amount)} {cur}{action_text}."))
+        out.extend(_projection(state, ctx, budget))
+    if state.budget_open_until_s is not None and ctx.now_s >= state.budget_open_until_s:
+        state.budget_open_until_s = None
+        out.commands.append(_command(ctx, state, "budget", "closed", action="none", trigger={},
+                                     reason="the budget period of the exhausted budget is over"))
+    return out
+
+
+def _projection(state: ScopeState, ctx: Context, budget: Budget) -> Decisions:
+    """Alert once per period when a linear forecast of the period-end spend crosses the budget."""
+    out = Decisions()
+    period = month_of(ctx.now_s) if budget.period == "monthly" else day_of(ctx.now_s)
+    start, end = period_bounds(period)
+    spent = state.periods.get(period, Decimal(0))
+    elapsed = Decimal(ctx.now_s - start) / (end - start)
+    alert_id = f"budget_projected|{state.scope.key}|{period}"
+    if elapsed < PROJECTION_MIN_ELAPSED or spent >= budget.amount or alert_id in state.alerted:
+        return out
+    projected = spent / elapsed
+    if projected >= budget.amount:
+        state.alerted.add(alert_id)
+        out.alerts.append(_alert(
+            ctx, state, alert_id, "budget_projected", "warning", period=period, observed=projected,
+            threshold=budget.amount, unit=ctx.currency,
+            message=f"{state.scope.key} is on course to spend {show(projected)} {ctx.currency} in {period}, above its "
+                    f"{budget.period} budget of {show(budget.amount)} {ctx.currency} "
+                    f"({show(spent)} spent with {percent(elapsed)} of the period gone)."))
+    return out
+
+
+# --- unallocated share (global scope) ---------------------------------------------------------------------
+
+def decide_unallocated(state: ScopeState, ctx: Context) -> Decisions:
+    out = Decisions()
+    share_limit = ctx.policy.max_unallocated_share
+    if state.scope.items or share_limit is None:
+        return out
+    day = day_of(ctx.now_s)
+    total = state.periods.get(day, Decimal(0))
+    alert_id = f"unallocated_share|{state.scope.key}|{day}"
+    if total < ctx.policy.velocity.min_spend_per_min * UNALLOCATED_MIN_MINUTES or alert_id in state.alerted:
+        return out
+    share = state.unallocated.get(day, Decimal(0)) / total
+    if share > share_limit:
+        state.alerted.add(alert_id)
+        out.alerts.append(_alert(
+            ctx, state, alert_id, "unallocated_share", "warning", period=day, observed=share, threshold=share_limit,
+            unit="share", message=f"{percent(share)} of today's spend ({show(total)} {ctx.currency}) has no team or "
+                                  f"other required attribution, above the {percent(share_limit)} allowed."))
+    return out
+
+
+def decide(state: ScopeState, ctx: Context) -> Decisions:
+    """Everything due for this scope now."""
+    out = decide_budgets(state, ctx)
+    out.extend(decide_rate(state, ctx))
+    out.extend(decide_unallocated(state, ctx))
+    return out
+
+
+def unpriced_alert(provider: str | None, model: str | None, exc_reason: tuple[str, str], *, now_s: int,
+                   issued_s: float) -> Alert:
+    """One alert per unpriced model per UTC day (stage 1 sends it; the id makes repeats harmless)."""
+    reason, detail = exc_reason
+    name = f"{provider or '?'}/{model or '?'}"
+    day = day_of(now_s)
+    return Alert(alert_id=f"unpriced_model|{name}|{day}", kind="unpriced_model", severity="warning", scope="global",
+                 scope_attributes={}, period=day, observed="1", threshold="0", unit="calls",
+                 message=f"Calls to {name} cannot be priced ({reason}): {detail}. They are in genai.deadletter; "
+                         "add a pricing override to bill them.",
+                 event_time=rfc3339(now_s), issued_at=rfc3339(issued_s),
+                 details={"provider": provider, "model": model, "reason": reason})

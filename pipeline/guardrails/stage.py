@@ -1,0 +1,220 @@
+"""Stage 2's shell: `genai.spend` -> state per scope -> `genai.alerts` and `genai.breaker.commands`.
+
+Like the pricing stage it is a plain aiokafka consumer group (faust's delivery can drop a message
+on rebalance, and money cannot be lost). Its state has its own changelog, `genai.guardrails.state`,
+partitioned like `genai.spend`: partition p's scopes are written to changelog partition p.
+
+One batch: add the spend (entries at or below a scope's stored usage offset are replays and
+skipped), decide, publish alerts, commands and the changed states, await the broker, commit.
+A worker that takes a partition over first reads its changelog partition to the end, so it
+continues with the same totals, offsets and decisions. Rebalances wait for the batch in hand
+(the revoke callback takes the same lock), so a worker that loses a partition cannot write a
+stale state after the new owner has read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, RebalanceInProgressError
+
+from pipeline import metrics
+from pipeline.guardrails.decide import Context, Decisions, decide, retain_from
+from pipeline.guardrails.policy_file import PolicyFile
+from pipeline.guardrails.state import ScopeState
+from pipeline.produce import BatchProducer, PlacedRecord
+from schemas.config import Config
+from schemas.errors import SchemaError
+from schemas.policy import Policy, Scope
+from schemas.spend import SpendMessage, Tick, decode_spend
+from schemas.topics import TopicNames
+
+log = logging.getLogger(__name__)
+GUARDRAILS_GROUP = "spendstream-guardrails"
+_NS = 1_000_000_000
+
+
+class PartitionState:
+    """The scopes of one `genai.spend` partition and its event-time clock."""
+
+    def __init__(self, scopes: dict[str, ScopeState]) -> None:
+        self.scopes = scopes
+        self.clock_s = 0
+
+    def advance(self, ts_s: int) -> None:
+        self.clock_s = max(self.clock_s, ts_s)
+
+    def pending(self) -> Iterable[ScopeState]:
+        """Scopes with a breaker that time alone can move (cool-down, probe, period end)."""
+        return (s for s in self.scopes.values() if s.rate.state != "closed" or s.budget_open_until_s is not None)
+
+
+def apply_messages(partition: PartitionState, messages: Iterable[SpendMessage | Tick], policy: Policy) -> set[str]:
+    """Add spend to the partition's scopes and move its clock; returns the keys of scopes that changed."""
+    changed: set[str] = set()
+    for message in messages:
+        if isinstance(message, Tick):
+            partition.advance(message.tick_ns // _NS)
+            continue
+        state = partition.scopes.get(message.scope)
+        if state is None:
+            state = partition.scopes[message.scope] = ScopeState(Scope.parse(message.scope))
+        if message.entries:
+            partition.advance(max(e.bucket_s for e in message.entries))
+        added = state.add(message.entries, retain_from(policy, partition.clock_s))
+        metrics.SPEND_REPLAYED.inc(len(message.entries) - added)
+        if added:
+            changed.add(message.scope)
+    return changed
+
+
+def decide_partition(partition: PartitionState, changed: set[str], ctx: Context) -> tuple[Decisions, set[str]]:
+    """Decide for the scopes that changed and those a clock tick can move; returns the decisions and every
+    scope whose state changed (to be written to the changelog)."""
+    out = Decisions()
+    dirty = set(changed)
+    due = {s.scope.key: s for s in partition.pending()}
+    due.update((key, partition.scopes[key]) for key in changed)
+    cutoff = retain_from(ctx.policy, ctx.now_s)
+    for key, state in due.items():
+        decided = decide(state, ctx)
+        state.prune(cutoff, ctx.now_s)
+        if decided.alerts or decided.commands:
+            dirty.add(key)
+        out.extend(decided)
+    return out, dirty
+
+
+def _forgettable(state: ScopeState, ctx: Context) -> bool:
+    """Nothing left that a decision reads: no recent spend, no breaker, no budget counting on its totals."""
+    return (not state.buckets and state.rate.state == "closed" and state.budget_open_until_s is None
+            and bool(state.scope.items) and not ctx.policy.budgets_of(state.scope.key))
+
+
+class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type hints
+    def __init__(self, config: Config, policy: PolicyFile) -> None:
+        self._config = config
+        self._policy = policy
+        self._names = TopicNames(config.kafka.topic_prefix)
+        self._partitions: dict[int, PartitionState] = {}
+        self._lock = asyncio.Lock()
+        self.alerts = self.commands = 0
+
+    # --- rebalance: restore before consuming, never write after losing a partition -----------------------
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        async with self._lock:
+            for tp in revoked:
+                self._partitions.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        async with self._lock:
+            missing = [tp.partition for tp in assigned if tp.partition not in self._partitions]
+            if missing:
+                restored = await self._restore(missing)
+                self._partitions.update(restored)
+            metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
+
+    async def _restore(self, partitions: list[int]) -> dict[int, PartitionState]:
+        reader = AIOKafkaConsumer(**self._config.kafka.client_options(os.environ), enable_auto_commit=False)
+        await reader.start()
+        out: dict[int, dict[str, ScopeState]] = {p: {} for p in partitions}
+        try:
+            tps = [TopicPartition(self._names.guardrail_state, p) for p in partitions]
+            reader.assign(tps)
+            await reader.seek_to_beginning(*tps)
+            ends = await reader.end_offsets(tps)
+            todo = {tp for tp in tps if ends[tp] > 0}
+            while todo:
+                for tp, records in (await reader.getmany(*todo, timeout_ms=500)).items():
+                    for record in records:
+                        key = (record.key or b"").decode()
+                        if not record.value:  # a tombstone: the scope was forgotten
+                            out[tp.partition].pop(key, None)
+                        else:
+                            out[tp.partition][key] = ScopeState.from_json(orjson.loads(record.value))
+                todo = {tp for tp in todo if await reader.position(tp) < ends[tp]}
+        finally:
+            await reader.stop()
+        count = sum(len(s) for s in out.values())
+        metrics.STATE_RESTORED.inc(count)
+        log.info("guardrails: took over spend partitions %s, %d scope states restored from the changelog",
+                 sorted(partitions), count)
+        return {p: PartitionState(scopes) for p, scopes in out.items()}
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        kafka = self._config.kafka
+        consumer = AIOKafkaConsumer(
+            **kafka.client_options(os.environ), group_id=f"{kafka.topic_prefix}{GUARDRAILS_GROUP}",
+            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=5_000,
+            session_timeout_ms=6_000, heartbeat_interval_ms=1_000, rebalance_timeout_ms=20_000)
+        consumer.subscribe([self._names.spend], listener=self)
+        producer = BatchProducer(kafka.client_options(os.environ), compression=kafka.compression)
+        await producer.start()
+        await consumer.start()
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=200, max_records=5_000)
+                async with self._lock:
+                    offsets = await self._process(batches, producer)
+                    if offsets:
+                        await self._commit(consumer, offsets)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+                       producer: BatchProducer) -> dict[TopicPartition, int]:
+        policy = self._policy.policy
+        issued = time.time()
+        decisions = Decisions()
+        states: list[PlacedRecord] = []
+        for p, partition in self._partitions.items():
+            records = next((r for tp, r in batches.items() if tp.partition == p), [])
+            messages: list[SpendMessage | Tick] = []
+            for record in records:
+                try:
+                    messages.append(decode_spend(record.value or b""))
+                except SchemaError as exc:
+                    log.warning("guardrails: skipped %s[%d]@%d: %s", record.topic, p, record.offset, exc)
+            changed = apply_messages(partition, messages, policy)
+            if not changed and not any(True for _ in partition.pending()):
+                continue
+            ctx = Context(policy, self._config.billing_currency, partition.clock_s, issued)
+            decided, dirty = decide_partition(partition, changed, ctx)
+            decisions.extend(decided)
+            for key in dirty:
+                state = partition.scopes[key]
+                if _forgettable(state, ctx):
+                    del partition.scopes[key]
+                    states.append((p, (key.encode(), None)))
+                else:
+                    states.append((p, (key.encode(), orjson.dumps(state.to_json()))))
+        await asyncio.gather(
+            producer.send_all(self._names.alerts, [(a.scope.encode(), a.encode()) for a in decisions.alerts]),
+            producer.send_all(self._names.breaker_commands,
+                              [(c.breaker_id.encode(), c.encode()) for c in decisions.commands]),
+            producer.send_to(self._names.guardrail_state, states))
+        for alert in decisions.alerts:
+            metrics.ALERTS.labels(alert.kind).inc()
+            log.info("alert %s: %s", alert.kind, alert.message)
+        for command in decisions.commands:
+            metrics.BREAKER_COMMANDS.labels(command.state).inc()
+            log.info("breaker %s %s: %s", command.breaker_id, command.state, command.reason)
+        metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
+        return {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+
+    @staticmethod
+    async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, RebalanceInProgressError) as exc:
+            log.info("guardrails: commit skipped, partitions were reassigned (%s)", exc)

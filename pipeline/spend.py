@@ -1,0 +1,78 @@
+"""Stage 1's partial spend per scope (`genai.spend`), from one pricing batch. Pure.
+
+Each priced call adds its billed cost (the exact sum of its FOCUS rows' BilledCost) to every
+scope it belongs to (`Policy.scopes_of`), in the entry of its usage message and event-time
+bucket. One message per scope per batch keeps stage 2's work proportional to scopes, not calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import NamedTuple
+
+from pipeline.guardrails.state import BUCKET_S
+from pipeline.produce import Record
+from schemas.policy import Policy, Scope
+from schemas.spend import SpendEntry, encode_spend
+from schemas.usage import UsageEvent
+
+_NS = 1_000_000_000
+#: attribution -> scopes, per policy; cleared when it reaches this size (a flood of new keys)
+SCOPE_CACHE_LIMIT = 100_000
+
+
+class PricedCall(NamedTuple):
+    event: UsageEvent
+    partition: int  # of genai.usage
+    offset: int
+    billed: Decimal
+
+
+class ScopeIndex:
+    """The scopes of an attribution under one policy, remembered: most calls repeat an attribution."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._cache: dict[tuple[tuple[str, str], ...], list[Scope]] = {}
+
+    def scopes_of(self, attribution: dict[str, str]) -> list[Scope]:
+        key = tuple(attribution.items())
+        scopes = self._cache.get(key)
+        if scopes is None:
+            if len(self._cache) >= SCOPE_CACHE_LIMIT:
+                self._cache.clear()
+            scopes = self._cache[key] = self.policy.scopes_of(attribution)
+        return scopes
+
+
+class _Partial:
+    __slots__ = ("cost", "requests", "tokens", "unallocated")
+
+    def __init__(self) -> None:
+        self.cost = self.unallocated = Decimal(0)
+        self.requests = self.tokens = 0
+
+
+def spend_records(calls: Iterable[PricedCall], index: ScopeIndex) -> list[Record]:
+    """One `genai.spend` record per scope touched, keyed by the scope key."""
+    per_scope: dict[str, dict[tuple[int, int, int], _Partial]] = {}
+    for call in calls:
+        event = call.event
+        bucket = event.start_time_unix_nano // _NS  # the charge period of its FOCUS rows
+        bucket -= bucket % BUCKET_S
+        tokens = event.tokens.input_total + event.tokens.output
+        at = (call.partition, call.offset, bucket)
+        for scope in index.scopes_of(dict(event.attribution)):
+            entries = per_scope.setdefault(scope.key, {})
+            partial = entries.get(at)
+            if partial is None:
+                partial = entries[at] = _Partial()
+            partial.cost += call.billed
+            partial.requests += 1
+            partial.tokens += tokens
+            if not event.allocated:
+                partial.unallocated += call.billed
+    return [(scope.encode(), encode_spend(scope, [SpendEntry(p, o, b, e.cost, e.requests, e.tokens, e.unallocated)
+                                                  for (p, o, b), e in entries.items()]))
+            for scope, entries in per_scope.items()]

@@ -1,0 +1,65 @@
+"""BreakerCommand: the latest state of one circuit breaker, on the compacted `genai.breaker.commands`.
+
+The Kafka key is `breaker_id` = `<source>|<scope>`: a breaker opened by a rate (velocity,
+ceiling, limits), by a budget or by hand is its own record, so closing one never overwrites
+another. Gateways apply every open breaker whose scope matches a request; the strictest wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Final, Literal
+
+import orjson
+
+from schemas.errors import SchemaError
+
+BREAKER_SCHEMA_VERSION: Final = 1
+BreakerSource = Literal["rate", "budget", "manual"]
+BreakerState = Literal["open", "half_open", "closed"]
+#: "none" lets traffic through (e.g. prod traffic under a budget that only blocks non-prod)
+BreakerAction = Literal["block", "downgrade", "approved_only", "none"]
+
+
+def breaker_id(source: str, scope: str) -> str:
+    return f"{source}|{scope}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerCommand:
+    command_id: str
+    breaker_id: str
+    source: BreakerSource
+    scope: str
+    scope_attributes: Mapping[str, str]
+    state: BreakerState
+    action: BreakerAction
+    #: per environment class ("prod" / "non_prod"), overriding `action`; `prod_envs` says which envs are prod
+    env_actions: Mapping[str, BreakerAction] = field(default_factory=dict)
+    prod_envs: tuple[str, ...] = ("prod", "production")
+    #: for `downgrade`: requested model -> the model to use instead
+    downgrade: Mapping[str, str] = field(default_factory=dict)
+    #: half-open: the share of requests gateways let through as probes
+    probe_ratio: float = 0.0
+    reason: str
+    trigger: Mapping[str, str] = field(default_factory=dict)  # the figures that tripped it (decimal text)
+    issued_at: str  # RFC 3339
+    event_time: str | None = None  # RFC 3339: the event time of the decision (automatic breakers)
+    expires_at: str | None = None  # RFC 3339; after it gateways ignore the command (fail open)
+    schema_version: int = BREAKER_SCHEMA_VERSION
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+
+def decode_command(value: bytes) -> BreakerCommand:
+    """Raises SchemaError naming what is wrong."""
+    try:
+        data = orjson.loads(value)
+        if data.get("schema_version") != BREAKER_SCHEMA_VERSION:
+            raise SchemaError(f"breaker command: unsupported schema_version {data.get('schema_version')!r}")
+        data["prod_envs"] = tuple(data.get("prod_envs", ()))
+        return BreakerCommand(**data)
+    except (orjson.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise SchemaError(f"breaker command: {exc}") from exc

@@ -1,0 +1,68 @@
+"""`genai.spend` (internal): stage 1's partial spend per scope, and its event-time ticks.
+
+A spend message carries, for one scope, one entry per (usage partition, usage offset, event-time
+bucket) of a pricing batch. Stage 2 remembers per scope the highest usage offset it has added
+from each usage partition and skips entries at or below it, so a batch priced twice (crash,
+rebalance) is added once, however the second pass cut its batches.
+
+A tick (`tick_ns`, sent to every partition) moves stage 2's event-time clock when a scope has
+no traffic: cool-downs and probes end on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Final, NamedTuple
+
+import orjson
+
+from schemas.errors import SchemaError
+
+SPEND_SCHEMA_VERSION: Final = 1
+
+
+class SpendEntry(NamedTuple):
+    partition: int  # of genai.usage
+    offset: int  # of the genai.usage message the calls came in
+    bucket_s: int  # start of the event-time bucket (unix seconds)
+    cost: Decimal  # billing currency, exact
+    requests: int
+    tokens: int
+    unallocated: Decimal  # the part of `cost` without a required attribution
+
+
+class SpendMessage(NamedTuple):
+    scope: str
+    entries: list[SpendEntry]
+
+
+class Tick(NamedTuple):
+    tick_ns: int
+
+
+def encode_spend(scope: str, entries: Sequence[SpendEntry]) -> bytes:
+    return orjson.dumps({"schema_version": SPEND_SCHEMA_VERSION, "scope": scope,
+                         "entries": [[e.partition, e.offset, e.bucket_s, str(e.cost), e.requests, e.tokens,
+                                      str(e.unallocated)] for e in entries]})
+
+
+def encode_tick(tick_ns: int) -> bytes:
+    return orjson.dumps({"schema_version": SPEND_SCHEMA_VERSION, "tick_ns": tick_ns})
+
+
+def decode_spend(value: bytes) -> SpendMessage | Tick:
+    """Raises SchemaError naming what is wrong."""
+    try:
+        data = orjson.loads(value)
+        if data.get("schema_version") != SPEND_SCHEMA_VERSION:
+            raise SchemaError(f"spend: unsupported schema_version {data.get('schema_version')!r}")
+        if "tick_ns" in data:
+            return Tick(int(data["tick_ns"]))
+        entries = [SpendEntry(int(p), int(o), int(b), Decimal(c), int(r), int(t), Decimal(u))
+                   for p, o, b, c, r, t, u in data["entries"]]
+        return SpendMessage(str(data["scope"]), entries)
+    except SchemaError:
+        raise
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
+        raise SchemaError(f"spend: not a spend message or tick ({exc!r})") from exc
