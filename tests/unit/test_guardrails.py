@@ -1,0 +1,249 @@
+"""Stage 2's pure core: spend added once, budgets, projection, velocity, limits, breaker state machine."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from pipeline.guardrails.decide import Context, decide, retain_from
+from pipeline.guardrails.state import ScopeState
+from pipeline.spend import PricedCall, ScopeIndex, spend_records
+from schemas.config import config_from_dict
+from schemas.errors import ConfigError
+from schemas.policy import Policy, Scope
+from schemas.spend import SpendEntry, SpendMessage, decode_spend
+from schemas.usage import TokenCounts, UsageEvent
+
+NOV_22 = int(datetime(2026, 11, 22, 12, 0, tzinfo=UTC).timestamp())  # 70 % of November gone
+
+
+def policy(**sections: object) -> Policy:
+    return config_from_dict({"billing_currency": "EUR", "fx": {"USD": 0.92}, **sections}).policy
+
+
+class Feed:
+    """Spend for one scope, one usage partition, consecutive offsets; decisions at the latest event time."""
+
+    def __init__(self, scope: str, pol: Policy) -> None:
+        self.state = ScopeState(Scope.parse(scope))
+        self.policy = pol
+        self.offset = 0
+        self.now = 0
+        self.alerts: list[str] = []
+        self.commands: list[tuple[str, str]] = []
+
+    def spend(self, at_s: int, cost: str, requests: int = 1, tokens: int = 100, unallocated: str = "0") -> None:
+        self.offset += 1
+        self.now = max(self.now, at_s)
+        entry = SpendEntry(0, self.offset, at_s - at_s % 5, Decimal(cost), requests, tokens, Decimal(unallocated))
+        self.state.add([entry], retain_from(self.policy, self.now))
+        self.decide()
+
+    def tick(self, at_s: int) -> None:
+        self.now = max(self.now, at_s)
+        self.decide()
+
+    def decide(self) -> None:
+        out = decide(self.state, Context(self.policy, "EUR", self.now, 0.0))
+        self.state.prune(retain_from(self.policy, self.now), self.now)
+        self.alerts += [a.alert_id for a in out.alerts]
+        self.commands += [(c.breaker_id, c.state) for c in out.commands]
+
+
+def call(team: str | None, key: str, start_s: int, *, allocated: bool = True) -> UsageEvent:
+    attribution = {"use_case": "chat", "env": "prod", "key": key, "team": team or "unallocated"}
+    return UsageEvent(id=f"t-{start_s}-{key}", trace_id="t", span_id="s", parent_span_id=None,
+                      start_time_unix_nano=start_s * 10**9, end_time_unix_nano=(start_s + 1) * 10**9,
+                      operation="chat", provider="openai", request_model="gpt-4o", response_model="gpt-4o",
+                      tokens=TokenCounts(input_uncached=100, output=50), attribution=attribution,
+                      attribution_key=f"{team}|{key}", allocated=allocated)
+
+
+# --- stage 1: partial spend per scope --------------------------------------------------------------------
+
+def test_spend_goes_to_every_scope_of_a_call_once_per_usage_message() -> None:
+    pol = policy(budgets=[{"scope": {"team": "search", "env": "prod"}, "amount": 100}],
+                 keys=[{"key": "k1", "limits": {"requests_per_minute": 5}}])
+    calls = [PricedCall(call("search", "k1", NOV_22), 0, 7, Decimal("0.25")),
+             PricedCall(call("search", "k1", NOV_22 + 1), 0, 7, Decimal("0.5")),
+             PricedCall(call(None, "k2", NOV_22, allocated=False), 1, 3, Decimal("1"))]
+    messages = {key.decode(): decode_spend(value) for key, value in spend_records(calls, ScopeIndex(pol))}
+    assert set(messages) == {"global", "team=search", "key=k1", "env=prod,team=search", "team=unallocated",
+                             "key=k2"}
+    search = messages["env=prod,team=search"]
+    assert isinstance(search, SpendMessage)
+    assert search.entries == [SpendEntry(0, 7, NOV_22, Decimal("0.75"), 2, 300, Decimal(0))]
+    world = messages["global"]
+    assert isinstance(world, SpendMessage)
+    assert sum(e.cost for e in world.entries) == Decimal("1.75")
+    assert sum(e.unallocated for e in world.entries) == Decimal("1")
+
+
+def test_spend_added_once_however_a_replay_cuts_its_batches() -> None:
+    entries = [SpendEntry(p, o, NOV_22, Decimal(f"0.{o}1"), 1, 10, Decimal(0)) for p in (0, 1) for o in range(1, 9)]
+    once = ScopeState(Scope())
+    once.add(entries, 0)
+    replayed = ScopeState(Scope())
+    replayed.add(entries[:5], 0)
+    replayed.add(entries[3:11], 0)  # a crash after 5: the replay starts earlier and ends later
+    replayed.add(entries, 0)
+    assert replayed.periods == once.periods
+    assert replayed.buckets == once.buckets
+    assert replayed.offsets == {0: 8, 1: 8}
+
+
+def test_state_survives_its_changelog_form() -> None:
+    feed = Feed("team=search", policy(budgets=[{"scope": {"team": "search"}, "amount": 10,
+                                                "on_exhausted": {"prod": "block"}}]))
+    feed.spend(NOV_22, "12.5")
+    restored = ScopeState.from_json(feed.state.to_json())
+    assert restored == feed.state
+
+
+# --- budgets ------------------------------------------------------------------------------------------------
+
+def test_each_threshold_alerts_once_and_the_hard_limit_opens_the_budget_breaker_until_month_end() -> None:
+    feed = Feed("team=search", policy(budgets=[{"scope": {"team": "search"}, "amount": 2000,
+                                                "on_exhausted": {"non_prod": "block", "prod": "approved_only"}}],
+                                      velocity={"scopes": []}))
+    month_start = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())
+    for i in range(30):  # 30 x 80 EUR = 2400 EUR, in the first days of the month (no projection yet)
+        feed.spend(month_start + 3600 * i, "80")
+    assert feed.alerts == ["budget_threshold|team=search|2026-11|50%", "budget_threshold|team=search|2026-11|80%",
+                           "budget_threshold|team=search|2026-11|100%"]
+    assert feed.commands == [("budget|team=search", "open")]
+    feed.tick(int(datetime(2026, 12, 1, 0, 0, 5, tzinfo=UTC).timestamp()))
+    assert feed.commands[-1] == ("budget|team=search", "closed")
+
+
+def test_budget_command_carries_the_action_of_each_environment() -> None:
+    pol = policy(budgets=[{"scope": {"team": "search"}, "amount": 10, "on_exhausted": {"non_prod": "block"}}])
+    state = ScopeState(Scope.parse("team=search"))
+    state.add([SpendEntry(0, 1, NOV_22, Decimal(11), 1, 1, Decimal(0))], 0)
+    command = decide(state, Context(pol, "EUR", NOV_22, 0.0)).commands[0]
+    assert (command.env_actions, command.action) == ({"prod": "none", "non_prod": "block"}, "block")
+    assert command.expires_at == "2026-12-01T00:00:00Z"
+
+
+def test_projected_exhaustion_alerts_once_when_the_forecast_crosses_the_budget() -> None:
+    feed = Feed("team=search", policy(budgets=[{"scope": {"team": "search"}, "amount": 1000, "alerts": [1.0]}]))
+    feed.spend(NOV_22, "600")  # 70 % of the month gone: 600 / 0.7 = 857 < 1000
+    assert feed.alerts == []
+    feed.spend(NOV_22 + 60, "150")  # 750 / 0.7 > 1000
+    assert feed.alerts == ["budget_projected|team=search|2026-11"]
+    feed.spend(NOV_22 + 120, "10")
+    assert len(feed.alerts) == 1
+
+
+def test_key_soft_and_hard_limits() -> None:
+    feed = Feed("key=k1", policy(keys=[{"key": "k1", "budget": {"period": "daily", "soft_limit": 50,
+                                                                "hard_limit": 80}}]))
+    feed.spend(NOV_22 - 11 * 3600, "60")
+    assert feed.alerts == ["budget_threshold|key=k1|2026-11-22|62.5%"] and feed.commands == []
+    feed.spend(NOV_22 - 11 * 3600 + 5, "30")
+    assert feed.alerts[-1] == "budget_threshold|key=k1|2026-11-22|100%"
+    assert feed.commands == [("budget|key=k1", "open")]
+
+
+# --- velocity and the rate breaker ------------------------------------------------------------------------
+
+def velocity_policy(**breaker: object) -> Policy:
+    return policy(velocity={"window": "5m", "rate_window": "30s", "spike_ratio": 3, "min_spend_per_min": 1,
+                            "min_history": "1m", "scopes": ["team"]},
+                  breaker={"cool_down": "20s", "probe": "10s", **breaker})
+
+
+def steady(feed: Feed, start: int, seconds: int, per_s: str) -> None:
+    for t in range(start, start + seconds):
+        feed.spend(t, per_s)
+
+
+def test_spike_over_the_trailing_baseline_opens_then_half_opens_then_closes() -> None:
+    feed = Feed("team=research", velocity_policy())
+    steady(feed, NOV_22, 300, "0.05")  # 3 EUR/min for five minutes
+    assert feed.commands == []
+    steady(feed, NOV_22 + 300, 3, "2")  # a runaway: 120 EUR/min
+    assert feed.commands == [("rate|team=research", "open")]
+    assert feed.alerts[0].startswith("velocity_spike|team=research|")
+    steady(feed, NOV_22 + 303, 15, "1")
+    assert feed.commands == [("rate|team=research", "open")]  # still running away: no probing
+    steady(feed, NOV_22 + 318, 120, "0.05")  # back to normal
+    assert feed.commands == [("rate|team=research", "open"), ("rate|team=research", "half_open"),
+                             ("rate|team=research", "closed")]
+
+
+def test_a_new_scope_has_no_baseline_and_only_its_ceiling_applies() -> None:
+    pol = policy(velocity={"scopes": ["key"], "min_history": "2m", "rate_window": "10s"},
+                 keys=[{"key": "new", "circuit_breaker": {"cost_velocity_per_min": 30}}])
+    feed = Feed("key=new", pol)
+    steady(feed, NOV_22, 4, "0.4")  # 24 EUR/min over 10 s: no history, under the ceiling
+    assert feed.commands == []
+    steady(feed, NOV_22 + 4, 2, "2")
+    assert feed.commands == [("rate|key=new", "open")]
+    assert feed.alerts[0].startswith("velocity_ceiling|key=new|")
+
+
+def test_half_open_trips_again_when_the_rate_comes_back() -> None:
+    feed = Feed("team=research", velocity_policy())
+    steady(feed, NOV_22, 300, "0.05")
+    steady(feed, NOV_22 + 300, 3, "2")
+    feed.tick(NOV_22 + 340)  # blocked by the gateways: no spend, cool-down passes
+    assert feed.commands[-1] == ("rate|team=research", "half_open")
+    steady(feed, NOV_22 + 341, 3, "5")
+    assert feed.commands[-1] == ("rate|team=research", "open")
+
+
+def test_late_spend_counts_in_its_own_minute() -> None:
+    feed = Feed("team=research", velocity_policy())
+    steady(feed, NOV_22, 300, "0.05")
+    feed.spend(NOV_22 + 120, "20")  # a late batch from four minutes ago: in the baseline, not a spike now
+    assert feed.commands == []
+    assert feed.state.periods["2026-11-22"] == Decimal("0.05") * 300 + 20
+
+
+def test_limits_per_key_open_the_rate_breaker() -> None:
+    limits = {"requests_per_minute": 10, "tokens_per_minute": 5000}
+    feed = Feed("key=k1", policy(velocity={"scopes": []}, keys=[{"key": "k1", "limits": limits}]))
+    for t in range(10):
+        feed.spend(NOV_22 + t, "0.001", requests=1, tokens=100)
+    assert feed.commands == []
+    feed.spend(NOV_22 + 11, "0.001", requests=1, tokens=100)
+    assert feed.commands == [("rate|key=k1", "open")]
+    assert feed.alerts == ["limit_exceeded|key=k1|2026-11-22T12:00:00Z|requests/min"]
+
+
+def test_unallocated_share_alerts_once_a_day() -> None:
+    feed = Feed("global", policy(attribution={"max_unallocated_share": 0.2}))
+    feed.spend(NOV_22, "8")
+    feed.spend(NOV_22 + 1, "4", unallocated="4")  # 33 % of 12 EUR; 12 > 10 min x 1 EUR/min
+    feed.spend(NOV_22 + 2, "4", unallocated="4")
+    assert feed.alerts == ["unallocated_share|global|2026-11-22"]
+
+
+# --- policy errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    ({"budgets": [{"scope": {"squad": "x"}, "amount": 5}]}, "budgets[0].scope: unknown dimension 'squad'"),
+    ({"budgets": [{"scope": {"team": "x"}, "amount": 0}]}, "budgets[0].amount: must be above 0"),
+    ({"budgets": [{"scope": {"team": "x"}, "amount": 5}, {"scope": {"team": "x"}, "amount": 6}]},
+     "budgets[1]: a monthly budget for team=x is already set at budgets[0]"),
+    ({"keys": [{"key": "k", "budget": {"soft_limit": 9, "hard_limit": 5}}]}, "keys[0].budget.soft_limit"),
+    ({"keys": [{"key": "k"}, {"key": "k"}]}, "keys[1].key: 'k' is listed twice"),
+    ({"velocity": {"scopes": ["tem"]}}, "velocity.scopes[0]: unknown dimension 'tem'"),
+    ({"velocity": {"window": "1m", "rate_window": "5m"}}, "velocity.rate_window: longer than velocity.window"),
+])
+def test_policy_mistakes_are_named(sections: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(sections)
+    assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_scope_keys_round_trip_with_awkward_values() -> None:
+    scope = Scope.of({"team": "a,b=c|d%", "env": "prod"})
+    assert scope.key == "env=prod,team=a%2Cb%3Dc%7Cd%25"
+    assert Scope.parse(scope.key) == scope
+    assert Scope.parse("global") == Scope() and Scope().key == "global"
+    with pytest.raises(ValueError, match="expected 'global'"):
+        Scope.parse("team")
