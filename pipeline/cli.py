@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, SpendstreamError
+from schemas.policy import Scope, duration_s
 
 log = logging.getLogger("spendstream")
 
@@ -104,6 +106,33 @@ def _parser() -> argparse.ArgumentParser:
     price.add_argument("--config", metavar="FILE", help="spendstream.yaml for overrides and fx")
     price.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
+    breaker = sub.add_parser("breaker", help="the kill switch: trip, reset or list circuit breakers")
+    breaker_sub = breaker.add_subparsers(dest="breaker_command", required=True, metavar="ACTION")
+    trip = breaker_sub.add_parser("trip", help="open a manual breaker for a scope")
+    _add_common(trip)
+    trip.add_argument("--scope", required=True, help="global, or dimension=value[,dimension=value…], "
+                      "e.g. team=search or key=support-rag,env=prod")
+    trip.add_argument("--action", required=True, choices=["block", "downgrade", "approved_only"])
+    trip.add_argument("--reason", required=True, help="why: shown to operators and in gateway answers")
+    trip.add_argument("--ttl", help="lift it by itself after this long: 30s, 15m, 1h (default: until reset)")
+    trip.add_argument("--downgrade", action="append", default=[], metavar="FROM=TO",
+                      help="model map for --action downgrade (default: the config's downgrade map)")
+    reset = breaker_sub.add_parser("reset", help="close every breaker of a scope (manual, rate, budget)")
+    _add_common(reset)
+    reset.add_argument("--scope", required=True, help="as for trip")
+    reset.add_argument("--reason", default="reset by hand", help="why (default: reset by hand)")
+    listing = breaker_sub.add_parser("list", help="the breakers in force, from the compacted commands topic")
+    _add_common(listing)
+    listing.add_argument("--all", action="store_true", help="also closed and expired breakers")
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+
+    gateway = sub.add_parser("gateway", help="example OpenAI-compatible gateway that obeys the breakers")
+    _add_common(gateway)
+    gateway.add_argument("--upstream", required=True, help="base URL of the model API, e.g. https://api.openai.com")
+    gateway.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    gateway.add_argument("--approved-key", action="append", default=[], metavar="KEY",
+                         help="virtual key allowed through an approved_only breaker (repeatable)")
+
     topics = sub.add_parser("topics", help="create the topics (idempotent)")
     _add_common(topics)
     topics.add_argument("--partitions", type=int, help="partitions per topic (default kafka.partitions)")
@@ -114,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=40.0, help="model calls per second, steady traffic (default 40)")
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     demo.add_argument("--token", help="ingest token to send as 'Authorization: Bearer'")
+    demo.add_argument("--history", type=float, default=180.0, help="seconds of normal traffic to replay with past "
+                      "timestamps first, so velocity has a baseline (default 180; 0: none)")
     demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -194,6 +225,52 @@ def _cmd_topics(args: argparse.Namespace) -> None:
         print(f"{topic}: {state}")
 
 
+def _scope(text: str) -> Scope:
+    try:
+        return Scope.parse(text)
+    except ValueError as exc:
+        raise SpendstreamError(f"--scope: {exc}") from None
+
+
+def _cmd_breaker(args: argparse.Namespace) -> None:
+    from pipeline.gateway import kill_switch  # noqa: PLC0415
+
+    config = _config(args)
+    now = time.time()
+    if args.breaker_command == "list":
+        latest = asyncio.run(kill_switch.latest_commands(config.kafka))
+        shown = [c for c in latest.values() if args.all or kill_switch.in_force(c, now)]
+        print(kill_switch.render(shown, args.format))
+        return
+    scope = _scope(args.scope)
+    if args.breaker_command == "trip":
+        downgrade = dict(config.downgrade)
+        for pair in args.downgrade:
+            source, sep, target = pair.partition("=")
+            if not sep or not source or not target:
+                raise SpendstreamError(f"--downgrade: expected FROM=TO, got {pair!r}")
+            downgrade[source] = target
+        try:
+            ttl = duration_s(args.ttl) if args.ttl else None
+            commands = [kill_switch.trip_command(scope, args.action, args.reason, ttl_s=ttl, downgrade=downgrade,
+                                                 now_s=now)]
+        except ValueError as exc:
+            raise SpendstreamError(str(exc)) from None
+    else:
+        commands = kill_switch.reset_commands(scope, args.reason, now)
+    asyncio.run(kill_switch.publish(config.kafka, commands))
+    for command in commands:
+        print(f"{command.breaker_id}: {command.state} ({command.action}) — {command.reason}")
+
+
+def _cmd_gateway(args: argparse.Namespace) -> None:
+    from pipeline.gateway.proxy import serve_gateway  # noqa: PLC0415
+
+    config = _config(args)
+    asyncio.run(serve_gateway(config.kafka, upstream=args.upstream, port=args.port,
+                              approved_keys=frozenset(args.approved_key)))
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from pipeline.runtime import run_all  # noqa: PLC0415
 
@@ -207,11 +284,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from pipeline.demo import run_demo  # noqa: PLC0415
 
     run_demo(endpoint=args.endpoint, duration_s=args.duration, rate_per_s=args.rate, seed=args.seed,
-             token=args.token)
+             token=args.token, history_s=args.history)
 
 
 COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker, "exporter": _cmd_exporter,
-            "topics": _cmd_topics, "demo": _cmd_demo, "report": _cmd_report, "price": _cmd_price}
+            "topics": _cmd_topics, "demo": _cmd_demo, "report": _cmd_report, "price": _cmd_price,
+            "breaker": _cmd_breaker, "gateway": _cmd_gateway}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

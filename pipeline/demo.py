@@ -2,8 +2,12 @@
 
 Several teams, use cases, environments, providers and instrumentation dialects; cached
 tokens; a few calls to a model nobody prices; some spans without a team (unallocated);
-prompt text on some spans (the collector must strip it); and a runaway agent loop that
-bursts in the middle of the run.
+prompt text on some spans (the collector must strip it); and a research agent that runs
+quietly until, in the middle of the run, its loop runs away at 10x the whole traffic.
+
+Velocity is judged against each scope's own trailing baseline, so the demo first replays
+`history_s` of the same normal traffic with past timestamps (as a backlog would arrive):
+every scope has a baseline by the time the runaway starts.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -111,7 +117,7 @@ SERVICES = (
     Service("triage-worker", "operations", "prod", 0.04, _self_hosted),
     Service("weekend-hack", None, "dev", 0.04, _no_team),
 )
-RUNAWAY = Service("research-agent", "research", "prod", 0.0, _semconv_openai("gpt-4o", "research-agent"))
+RUNAWAY = Service("research-agent", "research", "prod", 0.04, _semconv_openai("gpt-4o", "research-agent"))
 
 
 def _provider(service: Service, endpoint: str, token: str | None) -> TracerProvider:
@@ -127,24 +133,46 @@ def _provider(service: Service, endpoint: str, token: str | None) -> TracerProvi
     return provider
 
 
-def _call(tracer: Tracer, attrs: Attributes, rng: random.Random) -> None:
-    end = time.time_ns()
-    start = end - rng.randint(200, 4000) * 1_000_000
+def _call(tracer: Tracer, attrs: Attributes, rng: random.Random, end_ns: int) -> None:
+    start = end_ns - rng.randint(200, 4000) * 1_000_000
     span = tracer.start_span(f"{attrs.get('gen_ai.operation.name', 'chat')} {attrs.get('gen_ai.request.model')}",
                              kind=SpanKind.CLIENT, attributes=attrs, start_time=start)
-    span.end(end_time=end)
+    span.end(end_time=end_ns)
 
 
-def _agent_step(tracer: Tracer, rng: random.Random) -> None:
-    """One loop of the runaway agent: an invoke_agent span (with summed usage) around a chat call."""
+def _agent_step(tracer: Tracer, rng: random.Random, end_ns: int) -> None:
+    """One loop of the research agent: an invoke_agent span (with summed usage) around a chat call."""
     attrs = RUNAWAY.calls(rng)
     attrs["feature.name"] = "deep-research"
-    with tracer.start_as_current_span("invoke_agent researcher", kind=SpanKind.INTERNAL, attributes={
+    agent = tracer.start_span("invoke_agent researcher", kind=SpanKind.INTERNAL, start_time=end_ns - 4_100_000_000,
+                              attributes={
         "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "researcher",
         "gen_ai.usage.input_tokens": attrs["gen_ai.usage.input_tokens"],
         "gen_ai.usage.output_tokens": attrs["gen_ai.usage.output_tokens"],
-    }):
-        _call(tracer, attrs, rng)
+    })
+    with trace.use_span(agent, end_on_exit=False):
+        _call(tracer, attrs, rng, end_ns)
+    agent.end(end_time=end_ns)
+
+
+class Traffic:
+    """Normal traffic, one tick at a time, at any event time (live or replayed)."""
+
+    def __init__(self, tracers: dict[str, Tracer], rng: random.Random, rate_per_s: float) -> None:
+        self.tracers, self.rng, self.rate_per_s = tracers, rng, rate_per_s
+        self.weights = [s.weight for s in SERVICES]
+        self.calls = 0
+
+    def tick(self, tick_s: float, end_ns: int, *, runaway: bool) -> None:
+        rng = self.rng
+        for _ in range(_poisson(rng, self.rate_per_s * tick_s)):
+            service = rng.choices(SERVICES, self.weights)[0]
+            _call(self.tracers[service.name], service.calls(rng), rng, end_ns)
+            self.calls += 1
+        agent_rate = (10 if runaway else RUNAWAY.weight) * self.rate_per_s
+        for _ in range(_poisson(rng, agent_rate * tick_s)):
+            _agent_step(self.tracers[RUNAWAY.name], rng, end_ns)
+            self.calls += 1
 
 
 def _progress(elapsed: float, duration: float, calls: int, burst: bool) -> None:
@@ -158,39 +186,52 @@ def _progress(elapsed: float, duration: float, calls: int, burst: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def run_demo(*, endpoint: str, duration_s: float, rate_per_s: float, seed: int, token: str | None) -> int:
-    """Send traffic for `duration_s`; the runaway agent bursts at 10x between 40 % and 60 % of the run."""
+def _rfc3339(ts_ns: int) -> str:
+    return datetime.fromtimestamp(ts_ns / 1e9, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def run_demo(*, endpoint: str, duration_s: float, rate_per_s: float, seed: int, token: str | None,
+             history_s: float = 180.0) -> int:
+    """Replay `history_s` of normal traffic, then send it live for `duration_s`; the research agent runs
+    away at 10x the whole rate between 40 % and 60 % of the live run."""
     rng = random.Random(seed)
     providers = {s.name: _provider(s, endpoint, token) for s in (*SERVICES, RUNAWAY)}
-    tracers = {name: p.get_tracer("spendstream.demo") for name, p in providers.items()}
-    weights = [s.weight for s in SERVICES]
-    calls = 0
-    started = time.monotonic()
-    next_report = 0.0
+    traffic = Traffic({name: p.get_tracer("spendstream.demo") for name, p in providers.items()}, rng, rate_per_s)
     tick_s = 0.05
+    burst: list[int] = []
     try:
+        if history_s > 0:
+            now_ns = time.time_ns()
+            print(f"demo: replaying the last {history_s:g}s of normal traffic (past timestamps), so every scope "
+                  "has a baseline", file=sys.stderr, flush=True)
+            steps = int(history_s / tick_s)
+            for i in range(steps):
+                traffic.tick(tick_s, now_ns - int((steps - i) * tick_s * 1e9), runaway=False)
+            for provider in providers.values():
+                provider.force_flush()
+        started = time.monotonic()
+        next_report = 0.0
         while (elapsed := time.monotonic() - started) < duration_s:
-            burst = 0.4 * duration_s <= elapsed < 0.6 * duration_s
-            for _ in range(_poisson(rng, rate_per_s * tick_s)):
-                service = rng.choices(SERVICES, weights)[0]
-                _call(tracers[service.name], service.calls(rng), rng)
-                calls += 1
-            if burst:
-                for _ in range(_poisson(rng, 10 * rate_per_s * tick_s)):
-                    _agent_step(tracers[RUNAWAY.name], rng)
-                    calls += 1
+            runaway = 0.4 * duration_s <= elapsed < 0.6 * duration_s
+            now_ns = time.time_ns()
+            traffic.tick(tick_s, now_ns, runaway=runaway)
+            if runaway:
+                burst = [burst[0] if burst else now_ns, now_ns]
             if elapsed >= next_report:
-                _progress(elapsed, duration_s, calls, burst)
+                _progress(elapsed, duration_s, traffic.calls, runaway)
                 next_report = elapsed + (0.2 if sys.stderr.isatty() else 5.0)
             time.sleep(tick_s)
     finally:
         for provider in providers.values():
             provider.shutdown()  # flushes what is still queued
-    _progress(duration_s, duration_s, calls, False)
+    _progress(duration_s, duration_s, traffic.calls, False)
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    print(f"demo: sent {calls} model calls to {endpoint}")
-    return calls
+    print(f"demo: sent {traffic.calls} model calls to {endpoint}")
+    if burst:
+        print(f"demo: the research agent ran away from {_rfc3339(burst[0])} to {_rfc3339(burst[1])} "
+              "(team=research, key=research-agent)")
+    return traffic.calls
 
 
 def _poisson(rng: random.Random, mean: float) -> int:

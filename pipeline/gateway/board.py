@@ -1,0 +1,94 @@
+"""BreakerBoard: the breakers in force, and what they mean for one request. Pure, no I/O.
+
+`decide(attribution, model)` is a few dict lookups: commands are indexed by the dimensions of
+their scope, so the cost grows with the number of scope shapes in force, not with the number
+of breakers. Every open breaker whose scope matches applies; the strictest wins
+(block > approval required > downgrade > allow). An expired command no longer applies: if
+spendstream goes quiet, gateways fail open.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Final, Literal, NamedTuple
+
+from schemas.breaker import BreakerCommand
+from schemas.policy import Scope
+
+Verdict = Literal["allow", "block", "downgrade", "approval_required"]
+_STRICTNESS: Final[Mapping[str, int]] = {"allow": 0, "downgrade": 1, "approval_required": 2, "block": 3}
+
+
+class Decision(NamedTuple):
+    verdict: Verdict
+    model: str  # the model to call: the requested one, or its downgrade
+    breaker_id: str | None = None  # the breaker that decided, if any
+    reason: str = ""
+
+
+class _Entry(NamedTuple):
+    command: BreakerCommand
+    expires_s: float | None
+    probe_every: int  # half-open: every n-th request passes; 0: none
+
+
+def epoch_s(text: str | None) -> float | None:
+    return datetime.fromisoformat(text).timestamp() if text else None
+
+
+class BreakerBoard:
+    def __init__(self) -> None:
+        self._commands: dict[str, BreakerCommand] = {}
+        #: scope dimensions -> scope values -> entries
+        self._index: dict[tuple[str, ...], dict[tuple[str, ...], list[_Entry]]] = {}
+        self._requests = 0
+
+    def apply(self, command: BreakerCommand) -> None:
+        """The latest command of a breaker replaces the one before; a closed breaker is dropped."""
+        if command.state == "closed":
+            self._commands.pop(command.breaker_id, None)
+        else:
+            self._commands[command.breaker_id] = command
+        self._reindex()
+
+    def _reindex(self) -> None:
+        index: dict[tuple[str, ...], dict[tuple[str, ...], list[_Entry]]] = {}
+        for command in self._commands.values():
+            scope = Scope.parse(command.scope)
+            probe_every = round(1 / command.probe_ratio) if command.state == "half_open" and command.probe_ratio else 0
+            entry = _Entry(command, epoch_s(command.expires_at), probe_every)
+            index.setdefault(scope.dims, {}).setdefault(tuple(v for _, v in scope.items), []).append(entry)
+        self._index = index
+
+    def in_force(self) -> list[BreakerCommand]:
+        return list(self._commands.values())
+
+    def decide(self, attribution: Mapping[str, str], model: str, now_s: float | None = None) -> Decision:
+        now = time.time() if now_s is None else now_s
+        self._requests += 1
+        best = Decision("allow", model)
+        for dims, scopes in self._index.items():
+            entries = scopes.get(tuple(attribution.get(d, "") for d in dims))
+            for entry in entries or ():
+                decision = self._apply(entry, attribution, model, now)
+                if _STRICTNESS[decision.verdict] > _STRICTNESS[best.verdict]:
+                    best = decision
+        return best
+
+    def _apply(self, entry: _Entry, attribution: Mapping[str, str], model: str, now: float) -> Decision:
+        command = entry.command
+        if entry.expires_s is not None and now >= entry.expires_s:
+            return Decision("allow", model)
+        if entry.probe_every and self._requests % entry.probe_every == 0:
+            return Decision("allow", model, command.breaker_id, "half-open: let through as a probe")
+        env_class = "prod" if attribution.get("env") in command.prod_envs else "non_prod"
+        action = command.env_actions.get(env_class, command.action)
+        if action == "block":
+            return Decision("block", model, command.breaker_id, command.reason)
+        if action == "approved_only":
+            return Decision("approval_required", model, command.breaker_id, command.reason)
+        if action == "downgrade" and command.downgrade.get(model):
+            return Decision("downgrade", command.downgrade[model], command.breaker_id, command.reason)
+        return Decision("allow", model)  # "none", or a downgrade with no cheaper model for this one

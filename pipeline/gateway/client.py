@@ -1,0 +1,96 @@
+"""BreakerClient: what an AI gateway embeds to obey spendstream's breaker commands.
+
+    client = BreakerClient(KafkaConfig(bootstrap_servers="kafka:9092"))
+    await client.start()            # reads the compacted topic to its end: the state in force now
+    decision = client.decide({"team": "search", "env": "prod", "key": "k1"}, "gpt-4o")
+
+`start` rebuilds the current state from the compacted `genai.breaker.commands`; after that a
+background task follows new commands. `decide` never does I/O (BreakerBoard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.gateway.board import BreakerBoard, Decision
+from schemas.breaker import BreakerCommand, decode_command
+from schemas.config import KafkaConfig
+from schemas.errors import SchemaError
+from schemas.topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+
+OnCommand = Callable[[BreakerCommand], None]
+
+
+async def read_to_end(consumer: AIOKafkaConsumer, topic: str, on_command: OnCommand) -> None:
+    """Assign every partition of `topic` and read it from the beginning to its current end."""
+    partitions = await _partitions(consumer, topic)
+    tps = [TopicPartition(topic, p) for p in partitions]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    ends = await consumer.end_offsets(tps)
+    todo = {tp for tp in tps if ends[tp] > 0}
+    while todo:
+        _apply(on_command, await consumer.getmany(*todo, timeout_ms=500))
+        todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    for _ in range(50):
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return set(partitions)
+        await consumer._client.force_metadata_update()  # aiokafka has no public call for it
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"topic {topic} not found (run `spendstream topics`)")
+
+
+def _apply(on_command: OnCommand, batches: Mapping[TopicPartition, list[Any]]) -> None:
+    for records in batches.values():
+        for record in records:
+            if not record.value:
+                continue
+            try:
+                on_command(decode_command(record.value))
+            except SchemaError as exc:
+                log.warning("breaker client: skipped %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+
+
+class BreakerClient:
+    def __init__(self, kafka: KafkaConfig, environ: Mapping[str, str] = os.environ) -> None:
+        self._kafka = kafka
+        self._environ = environ
+        self._topic = TopicNames(kafka.topic_prefix).breaker_commands
+        self.board = BreakerBoard()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._follow: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Returns once the state in force has been read; follows new commands afterwards."""
+        consumer = AIOKafkaConsumer(**self._kafka.client_options(self._environ), enable_auto_commit=False)
+        await consumer.start()
+        self._consumer = consumer
+        await read_to_end(consumer, self._topic, self.board.apply)
+        self._follow = asyncio.create_task(self._run(consumer))
+
+    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            _apply(self.board.apply, await consumer.getmany(timeout_ms=1000))
+
+    async def stop(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            await asyncio.gather(self._follow, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    def decide(self, attribution: Mapping[str, str], model: str) -> Decision:
+        return self.board.decide(attribution, model)

@@ -1,0 +1,92 @@
+"""The manual kill switch (`spendstream breaker trip|reset|list`): commands on the same topic gateways follow.
+
+A manual trip is its own breaker (`manual|<scope>`), so an automatic breaker closing never
+lifts it. `reset` closes the manual, rate and budget breakers of the scope at once; stage 2
+publishes again at its next transition of that scope (a rate breaker that cools down, a budget
+that is exhausted in a new period).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Mapping
+
+from aiokafka import AIOKafkaConsumer
+
+from pipeline.gateway.board import epoch_s
+from pipeline.gateway.client import read_to_end
+from pipeline.guardrails.decide import rfc3339
+from pipeline.produce import BatchProducer
+from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id
+from schemas.config import KafkaConfig
+from schemas.policy import Scope
+from schemas.topics import TopicNames
+
+SOURCES: tuple[BreakerSource, ...] = ("manual", "rate", "budget")
+
+
+def _command(scope: Scope, source: BreakerSource, state: BreakerState, action: BreakerAction, *, reason: str,
+             now_s: float, downgrade: Mapping[str, str] | None = None, expires_at: str | None = None
+             ) -> BreakerCommand:
+    bid = breaker_id(source, scope.key)
+    return BreakerCommand(command_id=hashlib.sha256(f"{bid}|{state}|{now_s}".encode()).hexdigest()[:20],
+                          breaker_id=bid, source=source, scope=scope.key, scope_attributes=scope.as_dict(),
+                          state=state, action=action, reason=reason, issued_at=rfc3339(now_s),
+                          downgrade=dict(downgrade or {}), expires_at=expires_at,
+                          trigger={"kind": "manual"})
+
+
+def trip_command(scope: Scope, action: BreakerAction, reason: str, *, ttl_s: int | None,
+                 downgrade: Mapping[str, str], now_s: float) -> BreakerCommand:
+    if action == "downgrade" and not downgrade:
+        raise ValueError("--action downgrade needs a model map: --downgrade FROM=TO, or `downgrade:` in the config")
+    return _command(scope, "manual", "open", action, reason=reason, now_s=now_s,
+                    downgrade=downgrade if action == "downgrade" else None,
+                    expires_at=rfc3339(now_s + ttl_s) if ttl_s else None)
+
+
+def reset_commands(scope: Scope, reason: str, now_s: float) -> list[BreakerCommand]:
+    return [_command(scope, source, "closed", "none", reason=reason, now_s=now_s) for source in SOURCES]
+
+
+async def publish(kafka: KafkaConfig, commands: list[BreakerCommand]) -> None:
+    producer = BatchProducer(kafka.client_options(os.environ), compression=kafka.compression)
+    await producer.start()
+    try:
+        await producer.send_all(TopicNames(kafka.topic_prefix).breaker_commands,
+                                [(c.breaker_id.encode(), c.encode()) for c in commands])
+    finally:
+        await producer.stop()
+
+
+async def latest_commands(kafka: KafkaConfig) -> dict[str, BreakerCommand]:
+    """The latest command of every breaker ever written (the compacted topic's view)."""
+    latest: dict[str, BreakerCommand] = {}
+    consumer = AIOKafkaConsumer(**kafka.client_options(os.environ), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await read_to_end(consumer, TopicNames(kafka.topic_prefix).breaker_commands,
+                          lambda c: latest.__setitem__(c.breaker_id, c))
+    finally:
+        await consumer.stop()
+    return latest
+
+
+def in_force(command: BreakerCommand, now_s: float | None = None) -> bool:
+    expires = epoch_s(command.expires_at)
+    return command.state != "closed" and (expires is None or (now_s or time.time()) < expires)
+
+
+def render(commands: list[BreakerCommand], fmt: str) -> str:
+    if fmt == "json":
+        return "[" + ",".join(c.encode().decode() for c in commands) + "]"
+    if not commands:
+        return "no breakers in force"
+    rows = [("BREAKER", "STATE", "ACTION", "EXPIRES", "REASON")]
+    rows += [(c.breaker_id, c.state, ",".join(f"{k}:{v}" for k, v in c.env_actions.items()) or c.action,
+              c.expires_at or "-", c.reason) for c in sorted(commands, key=lambda c: c.breaker_id)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+                     for r in rows)
