@@ -3,20 +3,17 @@ from the files, and none is there twice."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import duckdb
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from pipeline.broker import EmbeddedBroker
 from schemas.topics import TopicNames
 from schemas.usage import TokenCounts, UsageEvent, decode_usage_batch, encode_usage_batch
+from tests.integration.roles import produce_slowly, role
 from tests.support import free_port, metric
 
 pytestmark = pytest.mark.integration
@@ -44,31 +41,6 @@ def usage_messages() -> list[tuple[bytes, bytes]]:
 
 def expected_rows(messages: list[tuple[bytes, bytes]]) -> int:
     return sum(2 + (e.tokens.cache_read > 0) for _, v in messages for e in decode_usage_batch(v))
-
-
-def produce_slowly(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], seconds: float) -> None:
-    async def main() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-        await producer.start()
-        try:
-            for index, (key, value) in enumerate(messages):
-                await producer.send(topic, key=key, value=value)
-                if index % 20 == 0:
-                    await asyncio.sleep(seconds * 20 / len(messages))
-            await producer.flush()
-        finally:
-            await producer.stop()
-
-    asyncio.run(main())
-
-
-def role(name: str, broker: EmbeddedBroker, config: Path, tmp: Path, port: int) -> subprocess.Popen[bytes]:
-    data = tmp / ("worker" if name == "worker" else "data")
-    log = (tmp / f"{name}.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", name, "--kafka", broker.bootstrap_servers, "--config", str(config),
-         "--data-dir", str(data), "--metrics-port", str(port), "--log-level", "info"],
-        stdout=log, stderr=subprocess.STDOUT)
 
 
 def rows_in_files(data: Path) -> tuple[int, int]:
