@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from importlib import resources
 
 import jsonschema
@@ -10,8 +11,15 @@ import orjson
 import pytest
 
 from collector.ingest import NestedCallFilter, ingest_request
-from schemas.config import Config
+from pipeline.gateway.kill_switch import reset_commands, trip_command
+from pipeline.guardrails.decide import Context, decide, unpriced_alert
+from pipeline.guardrails.state import ScopeState
+from schemas.alert import decode_alert
+from schemas.breaker import decode_command
+from schemas.config import Config, config_from_dict
 from schemas.errors import SchemaError
+from schemas.policy import Scope
+from schemas.spend import SpendEntry, decode_spend, encode_spend, encode_tick
 from schemas.usage import decode_usage_batch, encode_usage_batch
 from tests.dialects import DIALECTS
 from tests.support import make_request, make_span
@@ -51,3 +59,35 @@ def test_bad_usage_messages_are_schema_errors(value: bytes, message: str) -> Non
 def test_config_schema_is_a_valid_json_schema() -> None:
     text = resources.files("schemas").joinpath("config.schema.json").read_text("utf-8")
     jsonschema.Draft202012Validator.check_schema(json.loads(text))
+
+
+def test_guardrail_messages_validate_and_round_trip() -> None:
+
+    policy = config_from_dict({"budgets": [{"scope": {"team": "a"}, "amount": 10, "on_exhausted": {"prod": "block"}}],
+                               "velocity": {"scopes": ["team"], "min_history": "1m"}}).policy
+    state = ScopeState(Scope.parse("team=a"))
+    entries = [SpendEntry(0, 1, 1_795_000_000, Decimal("12.5"), 3, 900, Decimal(0))]
+    state.add(entries, 0)
+    out = decide(state, Context(policy, "EUR", 1_795_000_003, 1_795_000_004.5))
+    alerts = [*out.alerts, unpriced_alert("acme", "llm-7b", ("unknown_model", "no price"), now_s=1, issued_s=2)]
+    commands = [*out.commands, trip_command(Scope.parse("key=k"), "downgrade", "runaway", ttl_s=60,
+                                            downgrade={"gpt-4o": "gpt-4o-mini"}, now_s=5),
+                *reset_commands(Scope(), "over", 6)]
+    assert {a.kind for a in alerts} >= {"budget_threshold", "unpriced_model"} and out.commands
+    for alert in alerts:
+        schema("alert.schema.json").validate(orjson.loads(alert.encode()))
+        assert decode_alert(alert.encode()) == alert
+    for command in commands:
+        schema("breaker_command.schema.json").validate(orjson.loads(command.encode()))
+        assert decode_command(command.encode()) == command
+    for value in (encode_spend("team=a", entries), encode_tick(5)):
+        schema("spend.schema.json").validate(orjson.loads(value))
+    assert decode_spend(encode_spend("team=a", entries)).entries == entries  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("value", [b"nope", b'{"schema_version": 2}', b'{"schema_version": 1, "scope": "x"}',
+                                   b'{"schema_version": 1, "scope": "x", "entries": [[1, 2]]}'])
+def test_bad_spend_alert_and_command_messages_are_schema_errors(value: bytes) -> None:
+    for decode in (decode_spend, decode_alert, decode_command):
+        with pytest.raises(SchemaError):
+            decode(value)
