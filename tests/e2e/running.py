@@ -82,9 +82,14 @@ def spendstream_run(data_dir: Path, output: Path, *extra: str) -> Iterator[Runni
             run.wait()
 
 
+def demo(pipeline: RunningPipeline, duration_s: float, history_s: float = 0) -> subprocess.CompletedProcess[str]:
+    """`spendstream demo` against the pipeline (no replayed history unless asked)."""
+    done = spendstream("demo", "--endpoint", f"localhost:{pipeline.grpc_port}", "--duration", f"{duration_s:g}",
+                       "--rate", "40", "--history", f"{history_s:g}", timeout=180)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def run_demo(pipeline: RunningPipeline, duration_s: float) -> int:
     """Send demo traffic to the pipeline; returns how many model calls the demo sent."""
-    demo = spendstream("demo", "--endpoint", f"localhost:{pipeline.grpc_port}", "--duration", f"{duration_s:g}",
-                       "--rate", "40", timeout=120)
-    assert demo.returncode == 0, demo.stderr
-    return int(re.search(r"sent (\d+) model calls", demo.stdout).group(1))  # type: ignore[union-attr]
+    return int(re.search(r"sent (\d+) model calls", demo(pipeline, duration_s).stdout).group(1))  # type: ignore[union-attr]

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import openai
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -17,44 +12,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from pipeline.broker import EmbeddedBroker
 from schemas.topics import TopicNames
+from tests.e2e.conftest import COMPLETION_MARKER, USAGE
 from tests.support import CollectorThread, collector_config, read_topic, read_usage
 
 pytestmark = pytest.mark.e2e
 
 PROMPT_MARKER = "PROMPT-MARKER-7f3a9c"
-COMPLETION_MARKER = "COMPLETION-MARKER-b61e02"
-USAGE = {"prompt_tokens": 1234, "completion_tokens": 56, "total_tokens": 1290,
-         "prompt_tokens_details": {"cached_tokens": 1024}}
-
-
-class FakeChatCompletions(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        answer = {
-            "id": "chatcmpl-fake1", "object": "chat.completion", "created": 1767225600,
-            "model": body["model"] + "-2024-08-06", "system_fingerprint": "fp_1",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": f"answer {COMPLETION_MARKER}"}}],
-            "usage": USAGE,
-        }
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def model_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeChatCompletions)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
 
 
 @pytest.mark.parametrize("content_capture", ["true", "false"])
