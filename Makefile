@@ -33,6 +33,7 @@ test-failover: install
 bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/pricing.py
+	$(BIN)/python bench/detect.py
 
 clean:
 	rm -rf $(VENV) .venv-focus spendstream-data .pytest_cache .mypy_cache .ruff_cache

@@ -157,6 +157,8 @@ def _flow_status(metrics_port: int, workers: int) -> str:
     priced = sum(w.get("spendstream_worker_usage_priced_total", 0.0) for w in worker_totals)
     unpriced = sum(w.get("spendstream_worker_usage_unpriced_total", 0.0) for w in worker_totals)
     in_files = _scrape(metrics_port + 1 + workers).get("spendstream_exporter_rows_total", 0.0)
+    alerts = sum(w.get("spendstream_alerts_total", 0.0) for w in worker_totals)
+    commands = sum(w.get("spendstream_breaker_commands_total", 0.0) for w in worker_totals)
     received = collector.get("spendstream_collector_spans_received_total", 0.0)
     published = collector.get("spendstream_collector_usage_events_published_total", 0.0)
     rejected = sum(v for k, v in collector.items() if k.startswith("spendstream_collector_spans_total:rejected"))
@@ -165,7 +167,8 @@ def _flow_status(metrics_port: int, workers: int) -> str:
         return ""
     return (f"flow: {received:,.0f} spans received → {published:,.0f} model calls on Kafka "
             f"({unallocated:,.0f} unallocated, {rejected:,.0f} rejected) → {counted:,.0f} counted by workers, "
-            f"{priced:,.0f} priced ({unpriced:,.0f} unpriced → genai.deadletter) → {in_files:,.0f} FOCUS rows in files")
+            f"{priced:,.0f} priced ({unpriced:,.0f} unpriced → genai.deadletter) → {in_files:,.0f} FOCUS rows "
+            f"in files; {alerts:,.0f} alerts, {commands:,.0f} breaker commands")
 
 
 def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: int, data_dir: Path) -> None:
@@ -180,6 +183,7 @@ def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: in
         + "".join(f", :{m + 1 + i} (worker-{i + 1})" for i in range(workers)) + f", :{m + 1 + workers} (exporter)",
         f"  FOCUS files  {data_dir / 'focus'}   (spendstream report --data-dir {data_dir})",
         f"  data, logs   {data_dir}",
+        "  breakers     spendstream breaker list --kafka " + bootstrap,
         "try it:        spendstream demo      stop: Ctrl-C",
     ]
     print("\n".join(lines), flush=True)
