@@ -106,12 +106,13 @@ async def measure(endpoint: str, bootstrap: str, keys: list[str], spans_per_s: f
                     if any(c["breaker_id"] == f"rate|key={key}" and c["state"] == "open" for c in seen):
                         latencies.append(time.perf_counter() - sent)
                         break
-                print(f"\r  load {spans_per_s:>6,.0f} spans/s: probe {len(latencies)}/{len(keys)} "
-                      f"{latencies[-1] * 1000:6.0f} ms", end="", flush=True)
+                if sys.stdout.isatty():
+                    print(f"\r  load {spans_per_s:>6,.0f} spans/s: probe {len(latencies)}/{len(keys)} "
+                          f"{latencies[-1] * 1000:6.0f} ms", end="", flush=True)
                 await asyncio.sleep(0.3)
     finally:
         await consumer.stop()
-    print()
+    print(f"\r  load {spans_per_s:>6,.0f} spans/s: {len(latencies)} probes done", flush=True)
     return latencies
 
 
