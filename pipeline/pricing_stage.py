@@ -22,9 +22,9 @@ import os
 import time
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, RebalanceInProgressError
 
 from pipeline import metrics
+from pipeline.consume import commit_processed
 from pipeline.cost_records import cost_records
 from pipeline.focus import Billing
 from pipeline.guardrails.decide import unpriced_alert
@@ -114,7 +114,8 @@ class PricingStage:
                 batches = await consumer.getmany(timeout_ms=500, max_records=BATCH_MAX_MESSAGES)
                 if batches:
                     await self._price(batches, producer)
-                    await self._commit(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()})
+                    await commit_processed(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()},
+                                           "pricing", log)
                 tick = self._clock.tick_due()
                 if tick is not None:
                     await producer.send_everywhere(self._names.spend, encode_tick(tick))
@@ -178,12 +179,3 @@ class PricingStage:
                 metrics.ALERTS.labels(alert.kind).inc()
                 out.append((alert.scope.encode(), alert.encode()))
         return out
-
-    @staticmethod
-    async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, RebalanceInProgressError) as exc:
-            # the partitions moved while this batch was priced: their new owner prices it again,
-            # with the same row ids, and the exporter keeps one of each
-            log.info("pricing: commit skipped, partitions were reassigned (%s)", exc)

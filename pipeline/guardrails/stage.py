@@ -22,9 +22,9 @@ from collections.abc import Iterable
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, RebalanceInProgressError
 
 from pipeline import metrics
+from pipeline.consume import commit_processed
 from pipeline.guardrails.decide import Context, Decisions, decide, retain_from
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.state import ScopeState
@@ -166,7 +166,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                 async with self._lock:
                     offsets = await self._process(batches, producer)
                     if offsets:
-                        await self._commit(consumer, offsets)
+                        await commit_processed(consumer, offsets, "guardrails", log)
         finally:
             await consumer.stop()
             await producer.stop()
@@ -211,10 +211,3 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             log.info("breaker %s %s: %s", command.breaker_id, command.state, command.reason)
         metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
         return {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
-
-    @staticmethod
-    async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, RebalanceInProgressError) as exc:
-            log.info("guardrails: commit skipped, partitions were reassigned (%s)", exc)
