@@ -9,6 +9,7 @@ typed once into `Config.policy` (schemas/policy.py).
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -247,6 +248,23 @@ def _schema_problems(data: Any, root: yaml.Node | None) -> list[str]:
     return problems
 
 
+_PROBLEM_PATH = re.compile(r"^([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*|\[\d+\])*)(?=: )")
+
+
+def _with_line(problem: str, root: yaml.Node | None) -> str:
+    """`budgets[0].scope: …` -> `budgets[0].scope (line 7): …` when the path is in the file."""
+    match = _PROBLEM_PATH.match(problem)
+    if root is None or match is None:
+        return problem
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in re.findall(r"[A-Za-z_]\w*|\d+", match.group(1))]
+    line = _line_of(root, path)
+    return f"{match.group(1)} (line {line}){problem[match.end():]}" if line and path[0] in _top_keys(root) else problem
+
+
+def _top_keys(root: yaml.Node) -> set[str]:
+    return {k.value for k, _ in root.value} if isinstance(root, yaml.MappingNode) else set()
+
+
 def config_from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
     """Build a validated Config from plain data. Raises ConfigError listing every problem."""
     problems = _schema_problems(data, None)
@@ -255,7 +273,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
     return _build(data, source)
 
 
-def _build(data: Mapping[str, Any], source: str) -> Config:
+def _build(data: Mapping[str, Any], source: str, root: yaml.Node | None = None) -> Config:
     attribution = dict(data.get("attribution", {}))
     if "dimensions" in attribution:
         # configured names extend the defaults: a dimension named here replaces its default list
@@ -286,7 +304,7 @@ def _build(data: Mapping[str, Any], source: str) -> Config:
     )
     problems = config.validate() + policy_problems
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError([_with_line(p, root) for p in problems], source)
     return config
 
 
@@ -312,4 +330,4 @@ def load_config(path: Path | None) -> Config:
     problems = _schema_problems(data, root)
     if problems:
         raise ConfigError(problems, source)
-    return _build(data, source)
+    return _build(data, source, root)

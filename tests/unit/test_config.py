@@ -45,9 +45,17 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     ("budgets:\n  - scope: {team: search}\n    amount: 5\n    treshold: 1\n", "budgets[0].treshold (line 4)"),
     ("kafka:\n  partitions: many\n", "kafka.partitions (line 2)"),
     ("billing_currency: EUR\n", "fx: billing_currency is EUR but fx has no USD rate"),
-    ("attribution:\n  required: [team, squad]\n", "attribution.required: unknown dimension 'squad'"),
+    ("attribution:\n  required: [team, squad]\n", "attribution.required (line 2): unknown dimension 'squad'"),
     ("attribution:\n  dimensions:\n    team: [gen_ai.input.messages]\n", "content attribute"),
     ("key: [unclosed\n", "not valid YAML"),
+    ("budgets:\n  - scope: {squad: x}\n    amount: 5\n", "budgets[0].scope (line 2): unknown dimension 'squad'"),
+    ("budgets:\n  - scope: {team: x}\n    amount: 0\n", "budgets[0].amount (line 3): must be above 0"),
+    ("keys:\n  - key: k\n    budget: {soft_limit: 9, hard_limit: 5}\n", "keys[0].budget.soft_limit (line 3)"),
+    ("velocity:\n  spike_ratio: high\n", "velocity.spike_ratio (line 2)"),
+    ("breaker:\n  cool_down: 5 minutes\n", "breaker.cool_down (line 2)"),
+    ("budgets:\n  - scope: {team: x}\n    amount: 5\n    on_exhausted: {prod: explode}\n",
+     "budgets[0].on_exhausted.prod (line 4)"),
+    ("keys:\n  - key: k\n    limits: {requests_per_minute: -1}\n", "keys[0].limits.requests_per_minute (line 3)"),
 ])
 def test_mistakes_are_named_with_key_and_line(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:

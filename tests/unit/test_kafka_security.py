@@ -40,5 +40,5 @@ def test_missing_password_names_the_variable() -> None:
 def test_sasl_without_credentials_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "spendstream.yaml"
     path.write_text("kafka:\n  security_protocol: SASL_SSL\n")
-    with pytest.raises(ConfigError, match=r"kafka.security_protocol: SASL_SSL needs kafka.sasl_mechanism"):
+    with pytest.raises(ConfigError, match=r"kafka.security_protocol \(line 2\): SASL_SSL needs kafka.sasl_mechanism"):
         load_config(path)
