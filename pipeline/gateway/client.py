@@ -14,10 +14,10 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from pipeline.consume import read_to_end
 from pipeline.gateway.board import BreakerBoard, Decision
 from schemas.breaker import BreakerCommand, decode_command
 from schemas.config import KafkaConfig
@@ -30,17 +30,10 @@ log = logging.getLogger(__name__)
 OnCommand = Callable[[BreakerCommand], None]
 
 
-async def read_to_end(consumer: AIOKafkaConsumer, topic: str, on_command: OnCommand) -> None:
-    """Assign every partition of `topic` and read it from the beginning to its current end."""
-    partitions = await _partitions(consumer, topic)
-    tps = [TopicPartition(topic, p) for p in partitions]
-    consumer.assign(tps)
-    await consumer.seek_to_beginning(*tps)
-    ends = await consumer.end_offsets(tps)
-    todo = {tp for tp in tps if ends[tp] > 0}
-    while todo:
-        _apply(on_command, await consumer.getmany(*todo, timeout_ms=500))
-        todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+async def read_commands(consumer: AIOKafkaConsumer, topic: str, on_command: OnCommand) -> None:
+    """Every partition of the commands topic from the beginning to its current end: the state in force."""
+    tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
+    await read_to_end(consumer, tps, lambda record: _apply(on_command, record))
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
@@ -53,15 +46,13 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     raise RuntimeError(f"topic {topic} not found (run `spendstream topics`)")
 
 
-def _apply(on_command: OnCommand, batches: Mapping[TopicPartition, list[Any]]) -> None:
-    for records in batches.values():
-        for record in records:
-            if not record.value:
-                continue
-            try:
-                on_command(decode_command(record.value))
-            except SchemaError as exc:
-                log.warning("breaker client: skipped %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+def _apply(on_command: OnCommand, record: ConsumerRecord[bytes, bytes]) -> None:
+    if not record.value:
+        return
+    try:
+        on_command(decode_command(record.value))
+    except SchemaError as exc:
+        log.warning("breaker client: skipped %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
 
 
 class BreakerClient:
@@ -78,12 +69,14 @@ class BreakerClient:
         consumer = AIOKafkaConsumer(**self._kafka.client_options(self._environ), enable_auto_commit=False)
         await consumer.start()
         self._consumer = consumer
-        await read_to_end(consumer, self._topic, self.board.apply)
+        await read_commands(consumer, self._topic, self.board.apply)
         self._follow = asyncio.create_task(self._run(consumer))
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
         while True:
-            _apply(self.board.apply, await consumer.getmany(timeout_ms=1000))
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    _apply(self.board.apply, record)
 
     async def stop(self) -> None:
         if self._follow is not None:

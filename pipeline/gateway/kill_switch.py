@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from aiokafka import AIOKafkaConsumer
 
 from pipeline.gateway.board import epoch_s
-from pipeline.gateway.client import read_to_end
+from pipeline.gateway.client import read_commands
 from pipeline.guardrails.decide import rfc3339
 from pipeline.produce import BatchProducer
 from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id
@@ -67,7 +67,7 @@ async def latest_commands(kafka: KafkaConfig) -> dict[str, BreakerCommand]:
     consumer = AIOKafkaConsumer(**kafka.client_options(os.environ), enable_auto_commit=False)
     await consumer.start()
     try:
-        await read_to_end(consumer, TopicNames(kafka.topic_prefix).breaker_commands,
+        await read_commands(consumer, TopicNames(kafka.topic_prefix).breaker_commands,
                           lambda c: latest.__setitem__(c.breaker_id, c))
     finally:
         await consumer.stop()

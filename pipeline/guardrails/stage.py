@@ -24,7 +24,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline import metrics
-from pipeline.consume import commit_processed
+from pipeline.consume import commit_processed, read_to_end
 from pipeline.guardrails.decide import Context, Decisions, decide, retain_from
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.state import ScopeState
@@ -125,21 +125,16 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         reader = AIOKafkaConsumer(**self._config.kafka.client_options(os.environ), enable_auto_commit=False)
         await reader.start()
         out: dict[int, dict[str, ScopeState]] = {p: {} for p in partitions}
+
+        def restore(record: ConsumerRecord[bytes, bytes]) -> None:
+            scopes, key = out[record.partition], (record.key or b"").decode()
+            if record.value:
+                scopes[key] = ScopeState.from_json(orjson.loads(record.value))
+            else:  # a tombstone: the scope was forgotten
+                scopes.pop(key, None)
+
         try:
-            tps = [TopicPartition(self._names.guardrail_state, p) for p in partitions]
-            reader.assign(tps)
-            await reader.seek_to_beginning(*tps)
-            ends = await reader.end_offsets(tps)
-            todo = {tp for tp in tps if ends[tp] > 0}
-            while todo:
-                for tp, records in (await reader.getmany(*todo, timeout_ms=500)).items():
-                    for record in records:
-                        key = (record.key or b"").decode()
-                        if not record.value:  # a tombstone: the scope was forgotten
-                            out[tp.partition].pop(key, None)
-                        else:
-                            out[tp.partition][key] = ScopeState.from_json(orjson.loads(record.value))
-                todo = {tp for tp in todo if await reader.position(tp) < ends[tp]}
+            await read_to_end(reader, [TopicPartition(self._names.guardrail_state, p) for p in partitions], restore)
         finally:
             await reader.stop()
         count = sum(len(s) for s in out.values())
