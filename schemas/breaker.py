@@ -7,12 +7,14 @@ another. Gateways apply every open breaker whose scope matches a request; the st
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Final, Literal
 
 import orjson
 
+from schemas.codec import load_versioned
 from schemas.errors import SchemaError
 
 BREAKER_SCHEMA_VERSION: Final = 1
@@ -24,6 +26,11 @@ BreakerAction = Literal["block", "downgrade", "approved_only", "none"]
 
 def breaker_id(source: str, scope: str) -> str:
     return f"{source}|{scope}"
+
+
+def command_id(breaker: str, state: str, at_s: float) -> str:
+    """The same decision, made again (a replay, a retried CLI call at the same instant), gets the same id."""
+    return hashlib.sha256(f"{breaker}|{state}|{at_s}".encode()).hexdigest()[:20]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,11 +62,9 @@ class BreakerCommand:
 
 def decode_command(value: bytes) -> BreakerCommand:
     """Raises SchemaError naming what is wrong."""
+    data = load_versioned(value, "breaker command", BREAKER_SCHEMA_VERSION)
     try:
-        data = orjson.loads(value)
-        if data.get("schema_version") != BREAKER_SCHEMA_VERSION:
-            raise SchemaError(f"breaker command: unsupported schema_version {data.get('schema_version')!r}")
         data["prod_envs"] = tuple(data.get("prod_envs", ()))
         return BreakerCommand(**data)
-    except (orjson.JSONDecodeError, TypeError, AttributeError) as exc:
+    except TypeError as exc:
         raise SchemaError(f"breaker command: {exc}") from exc

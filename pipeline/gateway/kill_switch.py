@@ -8,7 +8,6 @@ that is exhausted in a new period).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Mapping
@@ -19,7 +18,7 @@ from pipeline.gateway.board import epoch_s
 from pipeline.gateway.client import read_commands
 from pipeline.guardrails.decide import rfc3339
 from pipeline.produce import BatchProducer
-from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id
+from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id, command_id
 from schemas.config import KafkaConfig
 from schemas.policy import Scope
 from schemas.topics import TopicNames
@@ -31,7 +30,7 @@ def _command(scope: Scope, source: BreakerSource, state: BreakerState, action: B
              now_s: float, downgrade: Mapping[str, str] | None = None, expires_at: str | None = None
              ) -> BreakerCommand:
     bid = breaker_id(source, scope.key)
-    return BreakerCommand(command_id=hashlib.sha256(f"{bid}|{state}|{now_s}".encode()).hexdigest()[:20],
+    return BreakerCommand(command_id=command_id(bid, state, now_s),
                           breaker_id=bid, source=source, scope=scope.key, scope_attributes=scope.as_dict(),
                           state=state, action=action, reason=reason, issued_at=rfc3339(now_s),
                           downgrade=dict(downgrade or {}), expires_at=expires_at,

@@ -7,7 +7,6 @@ breaker states), so evaluating again after a replay or a restart decides nothing
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -15,7 +14,7 @@ from typing import Final
 
 from pipeline.guardrails.state import BUCKET_S, ScopeState, day_of, month_of, period_bounds
 from schemas.alert import Alert, AlertKind, Severity
-from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id
+from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id, command_id
 from schemas.policy import Budget, Policy
 
 #: projected exhaustion is not forecast from the first tenth of a period: too little to go on
@@ -86,10 +85,8 @@ def _command(ctx: Context, state: ScopeState, source: BreakerSource, new_state: 
              expires_s: float | None = None) -> BreakerCommand:
     bid = breaker_id(source, state.scope.key)
     breaker = ctx.policy.breaker
-    # the same decision replayed gets the same id
-    command_id = hashlib.sha256(f"{bid}|{new_state}|{ctx.now_s}".encode()).hexdigest()[:20]
     return BreakerCommand(
-        command_id=command_id, breaker_id=bid, source=source, scope=state.scope.key,
+        command_id=command_id(bid, new_state, ctx.now_s), breaker_id=bid, source=source, scope=state.scope.key,
         scope_attributes=state.scope.as_dict(), state=new_state, action=action, env_actions=env_actions or {},
         prod_envs=breaker.prod_envs, downgrade=dict(ctx.policy.downgrade) if action == "downgrade" else {},
         probe_ratio=float(breaker.probe_ratio) if new_state == "half_open" else 0.0, reason=reason,
