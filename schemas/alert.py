@@ -12,6 +12,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
+from schemas.codec import load_versioned
 from schemas.errors import SchemaError
 
 ALERT_SCHEMA_VERSION: Final = 1
@@ -44,10 +45,8 @@ class Alert:
 
 def decode_alert(value: bytes) -> Alert:
     """Raises SchemaError naming what is wrong."""
+    data = load_versioned(value, "alert", ALERT_SCHEMA_VERSION)
     try:
-        data = orjson.loads(value)
-        if data.get("schema_version") != ALERT_SCHEMA_VERSION:
-            raise SchemaError(f"alert: unsupported schema_version {data.get('schema_version')!r}")
         return Alert(**data)
-    except (orjson.JSONDecodeError, TypeError, AttributeError) as exc:
+    except TypeError as exc:
         raise SchemaError(f"alert: {exc}") from exc

@@ -17,6 +17,7 @@ from typing import Final, NamedTuple
 
 import orjson
 
+from schemas.codec import load_versioned
 from schemas.errors import SchemaError
 
 SPEND_SCHEMA_VERSION: Final = 1
@@ -53,16 +54,12 @@ def encode_tick(tick_ns: int) -> bytes:
 
 def decode_spend(value: bytes) -> SpendMessage | Tick:
     """Raises SchemaError naming what is wrong."""
+    data = load_versioned(value, "spend", SPEND_SCHEMA_VERSION)
     try:
-        data = orjson.loads(value)
-        if data.get("schema_version") != SPEND_SCHEMA_VERSION:
-            raise SchemaError(f"spend: unsupported schema_version {data.get('schema_version')!r}")
         if "tick_ns" in data:
             return Tick(int(data["tick_ns"]))
         entries = [SpendEntry(int(p), int(o), int(b), Decimal(c), int(r), int(t), Decimal(u))
                    for p, o, b, c, r, t, u in data["entries"]]
         return SpendMessage(str(data["scope"]), entries)
-    except SchemaError:
-        raise
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
         raise SchemaError(f"spend: not a spend message or tick ({exc!r})") from exc
