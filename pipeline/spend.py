@@ -7,7 +7,7 @@ bucket. One message per scope per batch keeps stage 2's work proportional to sco
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import NamedTuple
 
@@ -36,7 +36,7 @@ class ScopeIndex:
         self.policy = policy
         self._cache: dict[tuple[tuple[str, str], ...], list[Scope]] = {}
 
-    def scopes_of(self, attribution: dict[str, str]) -> list[Scope]:
+    def scopes_of(self, attribution: Mapping[str, str]) -> list[Scope]:
         key = tuple(attribution.items())
         scopes = self._cache.get(key)
         if scopes is None:
@@ -63,7 +63,7 @@ def spend_records(calls: Iterable[PricedCall], index: ScopeIndex) -> list[Record
         bucket -= bucket % BUCKET_S
         tokens = event.tokens.input_total + event.tokens.output
         at = (call.partition, call.offset, bucket)
-        for scope in index.scopes_of(dict(event.attribution)):
+        for scope in index.scopes_of(event.attribution):
             entries = per_scope.setdefault(scope.key, {})
             partial = entries.get(at)
             if partial is None:

@@ -181,7 +181,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                 except SchemaError as exc:
                     log.warning("guardrails: skipped %s[%d]@%d: %s", record.topic, p, record.offset, exc)
             changed = apply_messages(partition, messages, policy)
-            if not changed and not any(True for _ in partition.pending()):
+            if not changed and not any(partition.pending()):
                 continue
             ctx = Context(policy, self._config.billing_currency, partition.clock_s, issued)
             decided, dirty = decide_partition(partition, changed, ctx)
