@@ -37,6 +37,7 @@ from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
 GUARDRAILS_GROUP = "spendstream-guardrails"
+SWEEP_EVERY_S = 60
 _NS = 1_000_000_000
 
 
@@ -46,6 +47,7 @@ class PartitionState:
     def __init__(self, scopes: dict[str, ScopeState]) -> None:
         self.scopes = scopes
         self.clock_s = 0
+        self.swept_s = 0  # event time of the last sweep_idle
 
     def advance(self, ts_s: int) -> None:
         self.clock_s = max(self.clock_s, ts_s)
@@ -89,6 +91,23 @@ def decide_partition(partition: PartitionState, changed: set[str], ctx: Context)
             dirty.add(key)
         out.extend(decided)
     return out, dirty
+
+
+def sweep_idle(partition: PartitionState, ctx: Context) -> list[str]:
+    """Once a minute of event time, prune every scope of the partition and forget those nothing reads any
+    more (a scope only gets decided on when it has spend or a breaker, so an idle one is reached here).
+    Returns the keys forgotten, whose changelog records become tombstones."""
+    if ctx.now_s < partition.swept_s + SWEEP_EVERY_S:
+        return []
+    partition.swept_s = ctx.now_s
+    cutoff = retain_from(ctx.policy, ctx.now_s)
+    forgotten = []
+    for key, state in list(partition.scopes.items()):
+        state.prune(cutoff, ctx.now_s)
+        if _forgettable(state, ctx):
+            del partition.scopes[key]
+            forgotten.append(key)
+    return forgotten
 
 
 def _forgettable(state: ScopeState, ctx: Context) -> bool:
@@ -181,18 +200,19 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                 except SchemaError as exc:
                     log.warning("guardrails: skipped %s[%d]@%d: %s", record.topic, p, record.offset, exc)
             changed = apply_messages(partition, messages, policy)
-            if not changed and not any(partition.pending()):
-                continue
             ctx = Context(policy, self._config.billing_currency, partition.clock_s, issued)
-            decided, dirty = decide_partition(partition, changed, ctx)
-            decisions.extend(decided)
-            for key in dirty:
-                state = partition.scopes[key]
-                if _forgettable(state, ctx):
-                    del partition.scopes[key]
-                    states.append((p, (key.encode(), None)))
-                else:
-                    states.append((p, (key.encode(), orjson.dumps(state.to_json()))))
+            if changed or any(partition.pending()):
+                decided, dirty = decide_partition(partition, changed, ctx)
+                decisions.extend(decided)
+                for key in dirty:
+                    state = partition.scopes[key]
+                    if _forgettable(state, ctx):
+                        del partition.scopes[key]
+                        states.append((p, (key.encode(), None)))
+                    else:
+                        states.append((p, (key.encode(), orjson.dumps(state.to_json()))))
+            # after the decisions: a tombstone follows any state just written for the same scope
+            states += [(p, (key.encode(), None)) for key in sweep_idle(partition, ctx)]
         await asyncio.gather(
             producer.send_all(self._names.alerts, [(a.scope.encode(), a.encode()) for a in decisions.alerts]),
             producer.send_all(self._names.breaker_commands,

@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 
 from pipeline.guardrails.decide import Context, decide, retain_from
+from pipeline.guardrails.stage import PartitionState, apply_messages, sweep_idle
 from pipeline.guardrails.state import ScopeState
 from pipeline.spend import PricedCall, ScopeIndex, spend_records
 from schemas.config import config_from_dict
@@ -247,3 +248,16 @@ def test_scope_keys_round_trip_with_awkward_values() -> None:
     assert Scope.parse("global") == Scope() and Scope().key == "global"
     with pytest.raises(ValueError, match="expected 'global'"):
         Scope.parse("team")
+
+
+def test_idle_scopes_are_forgotten_once_nothing_reads_them() -> None:
+    pol = policy(budgets=[{"scope": {"team": "search"}, "amount": 100}], velocity={"scopes": ["team", "key"]})
+    partition = PartitionState({})
+    spend = [SpendMessage(key, [SpendEntry(0, 1, NOV_22, Decimal(1), 1, 10, Decimal(0))])
+             for key in ("team=search", "team=ads", "key=k1")]
+    apply_messages(partition, spend, pol)
+    assert sweep_idle(partition, Context(pol, "EUR", NOV_22 + 60, 0.0)) == []  # still within the window
+    assert sweep_idle(partition, Context(pol, "EUR", NOV_22 + 90, 0.0)) == []  # one sweep per minute
+    forgotten = sweep_idle(partition, Context(pol, "EUR", NOV_22 + 3600, 0.0))
+    assert sorted(forgotten) == ["key=k1", "team=ads"]
+    assert list(partition.scopes) == ["team=search"]  # its budget still counts on the month's total
