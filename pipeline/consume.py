@@ -1,13 +1,18 @@
-"""What spendstream's hand-built consumers share: the commit rule of the stages (pricing, guardrails)
-and reading a compacted topic to its end."""
+"""What spendstream's hand-built consumers share: the commit rule of the stages (pricing, guardrails),
+reading a compacted topic to its end, and reporting their lag."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, RebalanceInProgressError
+
+from pipeline.metrics import CONSUMER_LAG
+
+LAG_EVERY_S = 1.0
 
 
 async def commit_processed(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int], stage: str,
@@ -33,3 +38,30 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
             for record in records:
                 on_record(record)
         todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+
+
+class LagReport:
+    """Keeps `spendstream_consumer_lag` of one consumer's assigned partitions current (at most once a
+    second) and drops the series of partitions it no longer holds."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, group: str) -> None:
+        self._consumer = consumer
+        self._group = group
+        self._at = 0.0
+        self._shown: set[tuple[str, str]] = set()
+
+    async def update(self) -> None:
+        if time.monotonic() - self._at < LAG_EVERY_S:
+            return
+        self._at = time.monotonic()
+        shown = set()
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)  # known once a fetch from the partition was answered
+            if end is None:
+                continue
+            labels = (tp.topic, str(tp.partition))
+            CONSUMER_LAG.labels(self._group, *labels).set(max(end - await self._consumer.position(tp), 0))
+            shown.add(labels)
+        for labels in self._shown - shown:
+            CONSUMER_LAG.remove(self._group, *labels)
+        self._shown = shown

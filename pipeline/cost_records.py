@@ -10,8 +10,15 @@ from decimal import Decimal
 from pipeline.focus import Billing, encoded_focus_rows
 from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
 from pipeline.produce import Record
+from schemas.config import UNALLOCATED
 from schemas.deadletter import DeadLetter
 from schemas.usage import UsageEvent
+
+
+@dataclass(slots=True)
+class MeterTotal:
+    cost: Decimal = Decimal(0)
+    tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -24,9 +31,14 @@ class CostOutput:
     unpriced: Counter[str] = field(default_factory=Counter)
     #: (provider, model) -> why it has no price, for one alert per model
     unpriced_models: dict[tuple[str | None, str | None], UnpricedError] = field(default_factory=dict)
-    #: (team, provider, model, meter) -> billed cost, for metrics
-    cost_by_meter: defaultdict[tuple[str, str, str, str], Decimal] = field(
-        default_factory=lambda: defaultdict(Decimal))
+    #: for metrics: (team, use_case, env, app, provider, model) -> requests, and with the meter appended ->
+    #: [billed cost, tokens]
+    requests: Counter[tuple[str, ...]] = field(default_factory=Counter)
+    by_meter: defaultdict[tuple[str, ...], MeterTotal] = field(default_factory=lambda: defaultdict(MeterTotal))
+
+
+#: the attribution labels the cost, token and request metrics carry
+METRIC_DIMENSIONS = ("team", "use_case", "env", "app")
 
 
 def unpriced_letter(event: UsageEvent, exc: UnpricedError) -> DeadLetter:
@@ -56,11 +68,16 @@ def cost_records(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: B
             out.billed.append(None)
             continue
         out.priced_events += 1
-        team = event.attribution.get("team") or "unallocated"
+        attribution = event.attribution
+        labels = (*(attribution.get(dim) or UNALLOCATED for dim in METRIC_DIMENSIONS),
+                  priced.price.provider_id, priced.price.model_id)
+        out.requests[labels] += 1
         total = Decimal(0)
         for line, (value, billed) in zip(priced.lines, encoded_focus_rows(priced, billing), strict=True):
             out.rows.append((key, value))
-            out.cost_by_meter[team, priced.price.provider_id, priced.price.model_id, line.meter] += billed
+            meter = out.by_meter[(*labels, line.meter)]
+            meter.cost += billed
+            meter.tokens += line.quantity
             total += billed
         out.billed.append(total)
     return out

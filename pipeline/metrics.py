@@ -1,10 +1,23 @@
-"""Every metric the pipeline workers export, declared in one place (Prometheus, default registry)."""
+"""Every metric the pipeline workers export, declared in one place (Prometheus, default registry).
+
+Label values that come from traffic (attribution, models, scopes) are bounded by `metrics.*` in
+the config (pipeline/cardinality.py), so a flood of new keys cannot blow up the series count.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from decimal import Decimal
 from typing import Final
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pipeline.cardinality import OTHER, LabelBudget, top_scopes
+from pipeline.cost_records import METRIC_DIMENSIONS, CostOutput
+from pipeline.guardrails.readings import BREAKER_STATE_VALUE, Readings
+from schemas.config import MetricsConfig
 
 USAGE_EVENTS_COUNTED: Final = Counter(
     "spendstream_worker_usage_events", "Usage events counted once (replays excluded)"
@@ -21,9 +34,23 @@ USAGE_UNPRICED: Final = Counter(
     "spendstream_worker_usage_unpriced", "Usage events that could not be priced (dead-lettered); alert on any",
     ["reason"])
 FOCUS_ROWS: Final = Counter("spendstream_worker_focus_rows", "FOCUS rows published to genai.cost.focus")
-COST_BILLED: Final = Counter(
-    "spendstream_cost_billed", "Billed cost in the billing currency", ["currency", "team", "provider", "model",
-                                                                         "meter"])
+USAGE_LABELS: Final = (*METRIC_DIMENSIONS, "provider", "model")
+#: the labels whose values come from traffic; each keeps at most `metrics.max_label_values` values
+BOUNDED_LABELS: Final = (*METRIC_DIMENSIONS, "model")
+COST_BILLED: Final = Counter("spendstream_cost_billed", "Billed cost (FOCUS BilledCost) in the billing currency",
+                             ["currency", *USAGE_LABELS, "meter"])
+TOKENS: Final = Counter("spendstream_tokens", "Tokens priced, by meter", [*USAGE_LABELS, "meter"])
+REQUESTS: Final = Counter("spendstream_requests", "Model calls priced", USAGE_LABELS)
+LABELS_FOLDED: Final = Counter("spendstream_metric_labels_folded",
+                               "Label tuples counted under `other` because a label or series budget was full",
+                               ["metric"])
+BATCH_MESSAGES: Final = Histogram("spendstream_batch_messages", "Messages per consumed batch", ["stage"],
+                                  buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000))
+PUBLISH_SECONDS: Final = Histogram(
+    "spendstream_publish_seconds", "Time from publishing a batch's output to the broker's acknowledgement",
+    ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+CONSUMER_LAG: Final = Gauge("spendstream_consumer_lag", "Messages behind the partition's end, per consumer group",
+                            ["group", "topic", "partition"])
 CATALOG_INFO: Final = Gauge("spendstream_price_catalog_info", "The price catalog in use (value 1)", ["version"])
 EXPORTER_ROWS: Final = Counter("spendstream_exporter_rows", "FOCUS rows written to Parquet files")
 EXPORTER_DUPLICATES: Final = Counter("spendstream_exporter_duplicate_rows",
@@ -41,6 +68,89 @@ SPEND_REPLAYED: Final = Counter("spendstream_guardrails_entries_replayed",
 SCOPES: Final = Gauge("spendstream_guardrails_scopes", "Scopes whose state this worker holds")
 STATE_RESTORED: Final = Counter("spendstream_guardrails_scopes_restored",
                                 "Scope states read back from the changelog on taking over a partition")
+
+
+class UsageCounters:
+    """Counts one priced batch into the cost, token and request counters, within the label budgets."""
+
+    def __init__(self, limits: MetricsConfig, currency: str) -> None:
+        self._currency = currency
+        self._calls, self._meters = (
+            LabelBudget(labels, BOUNDED_LABELS, max_values=limits.max_label_values, max_series=limits.max_series)
+            for labels in (USAGE_LABELS, (*USAGE_LABELS, "meter")))
+
+    def count(self, out: CostOutput) -> None:
+        folded = self._calls.folded, self._meters.folded
+        for labels, requests in out.requests.items():
+            REQUESTS.labels(*self._calls.fold(labels)).inc(requests)
+        for labels, total in out.by_meter.items():
+            series = self._meters.fold(labels)
+            COST_BILLED.labels(self._currency, *series).inc(float(total.cost))
+            TOKENS.labels(*series).inc(total.tokens)
+        if self._calls.folded > folded[0]:
+            LABELS_FOLDED.labels("spendstream_requests").inc(self._calls.folded - folded[0])
+        if self._meters.folded > folded[1]:
+            LABELS_FOLDED.labels("spendstream_cost_billed").inc(self._meters.folded - folded[1])
+
+
+class GuardrailGauges(Collector):
+    """Stage 2's per-scope gauges, built at scrape time from the last Readings: the top `max_scopes`
+    scopes by value get a series each, the rest are summed into `scope="other"`."""
+
+    def __init__(self) -> None:
+        self.readings = Readings()
+        self.currency = ""
+        self.max_scopes = MetricsConfig().max_scopes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        readings, n, currency = self.readings, self.max_scopes, self.currency  # one snapshot per scrape
+        spent = GaugeMetricFamily("spendstream_budget_spent", "Spend in the budget's current period",
+                                  labels=["scope", "period", "currency"])
+        amount = GaugeMetricFamily("spendstream_budget_amount", "The budget", labels=["scope", "period", "currency"])
+        used = GaugeMetricFamily("spendstream_budget_used_ratio", "Share of the budget spent in its current period "
+                                 "(alerts at the configured thresholds, 50/80/100 % by default)",
+                                 labels=["scope", "period"])
+        top, rest = top_scopes(((b.scope, b) for b in readings.budgets), n, lambda b: b.used_ratio)
+        for scope, budget in top:
+            spent.add_metric([scope, budget.period, currency], float(budget.spent))
+            amount.add_metric([scope, budget.period, currency], float(budget.amount))
+            used.add_metric([scope, budget.period], float(budget.used_ratio))
+        if rest:
+            spent.add_metric([OTHER, "all", currency], float(sum((b.spent for b in rest), Decimal(0))))
+            amount.add_metric([OTHER, "all", currency], float(sum((b.amount for b in rest), Decimal(0))))
+        yield from (spent, amount, used)
+
+        rate = GaugeMetricFamily("spendstream_velocity_per_min", f"Spend per minute over the rate window "
+                                 f"({currency}/min)", labels=["scope"])
+        limit = GaugeMetricFamily("spendstream_velocity_threshold_per_min", "The rate that trips the scope's "
+                                  "breaker: the lower of its ceiling and spike_ratio x its baseline", labels=["scope"])
+        top_rates, other_rates = top_scopes(readings.velocity, n, lambda v: v.per_min)
+        for scope, reading in top_rates:
+            rate.add_metric([scope], float(reading.per_min))
+            if reading.threshold is not None:
+                limit.add_metric([scope], float(reading.threshold))
+        if other_rates:
+            rate.add_metric([OTHER], float(sum((v.per_min for v in other_rates), Decimal(0))))
+        yield from (rate, limit)
+
+        state = GaugeMetricFamily("spendstream_breaker_state", "Breaker state: 0 closed, 1 half_open, 2 open",
+                                  labels=["breaker", "scope", "source", "action"])
+        count = GaugeMetricFamily("spendstream_breakers", "Breakers by state", labels=["state"])
+        top_breakers, _ = top_scopes(((b.breaker, b) for b in readings.breakers), n,
+                                     lambda b: BREAKER_STATE_VALUE[b.state])
+        for breaker, shown in top_breakers:
+            state.add_metric([breaker, shown.scope, shown.source, shown.action], BREAKER_STATE_VALUE[shown.state])
+        for name in BREAKER_STATE_VALUE:
+            count.add_metric([name], sum(1 for b in readings.breakers if b.state == name))
+        yield from (state, count)
+
+        if readings.unallocated_share is not None:
+            yield GaugeMetricFamily("spendstream_unallocated_share", "Today's share of spend that lacks a required "
+                                    "attribution dimension", value=float(readings.unallocated_share))
+
+
+GUARDRAIL_GAUGES: Final = GuardrailGauges()
+REGISTRY.register(GUARDRAIL_GAUGES)
 
 
 def serve_metrics(port: int) -> None:

@@ -24,7 +24,7 @@ import time
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from pipeline import metrics
-from pipeline.consume import commit_processed
+from pipeline.consume import LagReport, commit_processed
 from pipeline.cost_records import cost_records
 from pipeline.focus import Billing
 from pipeline.guardrails.decide import unpriced_alert
@@ -90,6 +90,7 @@ class PricingStage:
         self._names = TopicNames(config.kafka.topic_prefix)
         self._clock = EventClock()
         self._alerted_models: set[str] = set()
+        self._counters = metrics.UsageCounters(config.metrics, billing.currency)
         self.priced = self.unpriced = self.invalid = 0
 
     def _consumer(self) -> AIOKafkaConsumer:
@@ -108,11 +109,14 @@ class PricingStage:
                                  compression=self._config.kafka.compression)
         await producer.start()
         await consumer.start()
+        lag = LagReport(consumer, PRICING_GROUP)
         reported, at = 0, time.monotonic()
         try:
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=BATCH_MAX_MESSAGES)
+                await lag.update()
                 if batches:
+                    metrics.BATCH_MESSAGES.labels("pricing").observe(sum(len(r) for r in batches.values()))
                     await self._price(batches, producer)
                     await commit_processed(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()},
                                            "pricing", log)
@@ -154,10 +158,11 @@ class PricingStage:
             self._clock.saw(max(e.start_time_unix_nano for e in events))
         spend = spend_records(calls, self._scopes)
         # acknowledged by the broker before the offsets are committed: at-least-once
-        await asyncio.gather(producer.send_all(self._names.cost_focus, out.rows),
-                             producer.send_all(self._names.deadletter, invalid + out.dead_letters),
-                             producer.send_all(self._names.spend, spend),
-                             producer.send_all(self._names.alerts, self._unpriced_alerts(out.unpriced_models)))
+        with metrics.PUBLISH_SECONDS.labels("pricing").time():
+            await asyncio.gather(producer.send_all(self._names.cost_focus, out.rows),
+                                 producer.send_all(self._names.deadletter, invalid + out.dead_letters),
+                                 producer.send_all(self._names.spend, spend),
+                                 producer.send_all(self._names.alerts, self._unpriced_alerts(out.unpriced_models)))
         metrics.SPEND_MESSAGES.inc(len(spend))
         self.priced += out.priced_events
         self.unpriced += sum(out.unpriced.values())
@@ -165,8 +170,7 @@ class PricingStage:
         metrics.FOCUS_ROWS.inc(len(out.rows))
         for reason, count in out.unpriced.items():
             metrics.USAGE_UNPRICED.labels(reason).inc(count)
-        for (team, provider, model, meter), cost in out.cost_by_meter.items():
-            metrics.COST_BILLED.labels(self._billing.currency, team, provider, model, meter).inc(float(cost))
+        self._counters.count(out)
 
     def _unpriced_alerts(self, models: dict[tuple[str | None, str | None], UnpricedError]) -> list[Record]:
         """The first unpriced call of a model today (in this worker) raises an alert; the id dedupes the rest."""

@@ -105,6 +105,12 @@ class CollectorConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsConfig:
     port: int = 9464
+    #: distinct values each traffic label (team, use_case, env, app, model) keeps; later ones count as `other`
+    max_label_values: int = 50
+    #: per-scope gauges (budgets, velocity, breakers) show the top N scopes; the rest are summed as `other`
+    max_scopes: int = 50
+    #: ceiling of series per metric family; beyond it a new label tuple is counted as `other`
+    max_series: int = 2_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

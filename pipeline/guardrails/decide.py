@@ -96,27 +96,59 @@ def _command(ctx: Context, state: ScopeState, source: BreakerSource, new_state: 
 
 # --- rates: velocity, ceilings, limits -------------------------------------------------------------------
 
-def rate_trips(state: ScopeState, ctx: Context) -> list[Trip]:
-    policy, v, cur = ctx.policy, ctx.policy.velocity, ctx.currency
-    scope = state.scope
+@dataclass(frozen=True, slots=True)
+class Velocity:
+    """A scope's spend rate now and what it is judged against (both in the billing currency per minute)."""
+
+    per_min: Decimal
+    ceiling: Decimal | None
+    #: spike_ratio x the trailing baseline, once the scope has `min_history`; None before
+    baseline: Decimal | None
+    spike_ratio: Decimal
+    min_spend_per_min: Decimal
+
+    @property
+    def spike_threshold(self) -> Decimal | None:
+        """The rate a spike needs: `spike_ratio` x baseline, and never below the noise floor."""
+        if self.baseline is None:
+            return None
+        return max(self.spike_ratio * self.baseline, self.min_spend_per_min)
+
+    @property
+    def threshold(self) -> Decimal | None:
+        """The lowest rate that trips the breaker, or None when nothing can."""
+        found = [t for t in (self.ceiling, self.spike_threshold) if t is not None]
+        return min(found) if found else None
+
+
+def velocity(state: ScopeState, ctx: Context) -> Velocity:
+    policy, v = ctx.policy, ctx.policy.velocity
     end = ctx.now_s - ctx.now_s % BUCKET_S + BUCKET_S
     rate_from = end - v.rate_window_s
     per_min = state.sum_since(rate_from, end).cost * 60 / v.rate_window_s
+    baseline = None
+    if state.scope.dims in v.shapes and state.first_s is not None:
+        history = min(v.window_s, rate_from - state.first_s)
+        if history >= v.min_history_s:
+            baseline = state.sum_since(rate_from - history, rate_from).cost * 60 / history
+    return Velocity(per_min, policy.ceiling(state.scope), baseline, v.spike_ratio, v.min_spend_per_min)
+
+
+def rate_trips(state: ScopeState, ctx: Context) -> list[Trip]:
+    policy, cur, scope = ctx.policy, ctx.currency, state.scope
+    rate = velocity(state, ctx)
+    per_min, ceiling, baseline = rate.per_min, rate.ceiling, rate.baseline
+    end = ctx.now_s - ctx.now_s % BUCKET_S + BUCKET_S
     trips = []
-    ceiling = policy.ceiling(scope)
     if ceiling is not None and per_min > ceiling:
         trips.append(Trip("velocity_ceiling", per_min, ceiling, f"{cur}/min",
                           f"{scope.key} is spending {show(per_min)} {cur}/min, above its ceiling of "
                           f"{show(ceiling)} {cur}/min"))
-    if scope.dims in v.shapes and state.first_s is not None and per_min >= v.min_spend_per_min:
-        history = min(v.window_s, rate_from - state.first_s)
-        if history >= v.min_history_s:
-            baseline = state.sum_since(rate_from - history, rate_from).cost * 60 / history
-            if per_min >= v.spike_ratio * baseline:
-                trips.append(Trip("velocity_spike", per_min, v.spike_ratio * baseline, f"{cur}/min",
-                                  f"{scope.key} is spending {show(per_min)} {cur}/min, "
-                                  f"{'with no spend before' if not baseline else f'{per_min / baseline:.1f}x'} "
-                                  f"its trailing baseline of {show(baseline)} {cur}/min"))
+    if baseline is not None and per_min >= rate.min_spend_per_min and per_min >= rate.spike_ratio * baseline:
+        trips.append(Trip("velocity_spike", per_min, rate.spike_ratio * baseline, f"{cur}/min",
+                          f"{scope.key} is spending {show(per_min)} {cur}/min, "
+                          f"{'with no spend before' if not baseline else f'{per_min / baseline:.1f}x'} "
+                          f"its trailing baseline of {show(baseline)} {cur}/min"))
     limits = policy.limits.get(scope.key)
     if limits is not None:
         minute = state.sum_since(end - LIMITS_WINDOW_S, end)

@@ -24,9 +24,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline import metrics
-from pipeline.consume import commit_processed, read_to_end
+from pipeline.consume import LagReport, commit_processed, read_to_end
 from pipeline.guardrails.decide import Context, Decisions, decide, retain_from
 from pipeline.guardrails.policy_file import PolicyFile
+from pipeline.guardrails.readings import merge_readings, read_scopes
 from pipeline.guardrails.state import ScopeState
 from pipeline.produce import BatchProducer, PlacedRecord
 from schemas.config import Config
@@ -38,6 +39,8 @@ from schemas.topics import TopicNames
 log = logging.getLogger(__name__)
 GUARDRAILS_GROUP = "spendstream-guardrails"
 SWEEP_EVERY_S = 60
+#: how often the per-scope gauges are read off the states (a scrape sees a snapshot at most this old)
+READINGS_EVERY_S = 5.0
 _NS = 1_000_000_000
 
 
@@ -123,7 +126,10 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         self._names = TopicNames(config.kafka.topic_prefix)
         self._partitions: dict[int, PartitionState] = {}
         self._lock = asyncio.Lock()
+        self._read_at = 0.0
         self.alerts = self.commands = 0
+        metrics.GUARDRAIL_GAUGES.currency = config.billing_currency
+        metrics.GUARDRAIL_GAUGES.max_scopes = config.metrics.max_scopes
 
     # --- rebalance: restore before consuming, never write after losing a partition -----------------------
 
@@ -174,13 +180,17 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         producer = BatchProducer(kafka.client_options(os.environ), compression=kafka.compression)
         await producer.start()
         await consumer.start()
+        lag = LagReport(consumer, GUARDRAILS_GROUP)
         try:
             while True:
                 batches = await consumer.getmany(timeout_ms=200, max_records=5_000)
+                await lag.update()
                 async with self._lock:
                     offsets = await self._process(batches, producer)
                     if offsets:
+                        metrics.BATCH_MESSAGES.labels("guardrails").observe(sum(len(r) for r in batches.values()))
                         await commit_processed(consumer, offsets, "guardrails", log)
+                    self._read_gauges()
         finally:
             await consumer.stop()
             await producer.stop()
@@ -213,11 +223,12 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                         states.append((p, (key.encode(), orjson.dumps(state.to_json()))))
             # after the decisions: a tombstone follows any state just written for the same scope
             states += [(p, (key.encode(), None)) for key in sweep_idle(partition, ctx)]
-        await asyncio.gather(
-            producer.send_all(self._names.alerts, [(a.scope.encode(), a.encode()) for a in decisions.alerts]),
-            producer.send_all(self._names.breaker_commands,
-                              [(c.breaker_id.encode(), c.encode()) for c in decisions.commands]),
-            producer.send_to(self._names.guardrail_state, states))
+        with metrics.PUBLISH_SECONDS.labels("guardrails").time():
+            await asyncio.gather(
+                producer.send_all(self._names.alerts, [(a.scope.encode(), a.encode()) for a in decisions.alerts]),
+                producer.send_all(self._names.breaker_commands,
+                                  [(c.breaker_id.encode(), c.encode()) for c in decisions.commands]),
+                producer.send_to(self._names.guardrail_state, states))
         for alert in decisions.alerts:
             metrics.ALERTS.labels(alert.kind).inc()
             log.info("alert %s: %s", alert.kind, alert.message)
@@ -226,3 +237,14 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             log.info("breaker %s %s: %s", command.breaker_id, command.state, command.reason)
         metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
         return {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+
+    def _read_gauges(self) -> None:
+        """Hand the metrics a fresh snapshot of the per-scope readings, every READINGS_EVERY_S."""
+        if time.monotonic() - self._read_at < READINGS_EVERY_S:
+            return
+        self._read_at = time.monotonic()
+        parts = []
+        for partition in self._partitions.values():
+            ctx = Context(self._policy.policy, self._config.billing_currency, partition.clock_s, time.time())
+            parts.append(read_scopes(partition.scopes.values(), ctx))
+        metrics.GUARDRAIL_GAUGES.readings = merge_readings(parts)
