@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Final
+from typing import Final, get_args
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -17,6 +17,8 @@ from prometheus_client.registry import Collector
 from pipeline.cardinality import OTHER, LabelBudget, top_scopes
 from pipeline.cost_records import METRIC_DIMENSIONS, CostOutput
 from pipeline.guardrails.readings import BREAKER_STATE_VALUE, Readings
+from schemas.alert import AlertKind
+from schemas.breaker import BreakerState
 from schemas.config import MetricsConfig
 
 USAGE_EVENTS_COUNTED: Final = Counter(
@@ -63,6 +65,11 @@ SPEND_MESSAGES: Final = Counter("spendstream_worker_spend_messages", "Partial-sp
 POLICY_RELOADS: Final = Counter("spendstream_policy_reloads", "Policy reloads by outcome", ["outcome"])
 ALERTS: Final = Counter("spendstream_alerts", "Alerts published to genai.alerts", ["kind"])
 BREAKER_COMMANDS: Final = Counter("spendstream_breaker_commands", "Breaker commands published", ["state"])
+# known label values start at 0, so a dashboard shows "none yet" rather than "no data"
+for _kind in get_args(AlertKind):
+    ALERTS.labels(_kind)
+for _state in get_args(BreakerState):
+    BREAKER_COMMANDS.labels(_state)
 SPEND_REPLAYED: Final = Counter("spendstream_guardrails_entries_replayed",
                                 "Spend entries skipped as already added (redelivery after a crash or rebalance)")
 SCOPES: Final = Gauge("spendstream_guardrails_scopes", "Scopes whose state this worker holds")
@@ -78,6 +85,8 @@ class UsageCounters:
         self._calls, self._meters = (
             LabelBudget(labels, BOUNDED_LABELS, max_values=limits.max_label_values, max_series=limits.max_series)
             for labels in (USAGE_LABELS, (*USAGE_LABELS, "meter")))
+        for metric in ("spendstream_requests", "spendstream_cost_billed"):
+            LABELS_FOLDED.labels(metric)  # exported at 0 from the start, so "none folded" is a value, not a gap
 
     def count(self, out: CostOutput) -> None:
         folded = self._calls.folded, self._meters.folded
