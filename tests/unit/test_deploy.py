@@ -1,0 +1,275 @@
+"""The deployment files: Grafana dashboards and provisioning, docker-compose.yml against the published
+compose-spec schema, the otelcol configs against the components of the pinned otelcol-contrib, the
+Prometheus config, and the Dockerfile against the package the README installs.
+
+No Docker engine runs here, so `docker compose up` itself is not exercised; everything it reads is.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+GRAFANA = ROOT / "grafana"
+OTELCOL = ROOT / "collector" / "otelcol"
+COMPONENTS = json.loads((Path(__file__).parent / "testdata" / "otelcol-contrib-components.json").read_text())
+#: the compose-spec JSON Schema as published in the docker-compose 1.29.2 wheel (compose/config/compose_spec.json)
+COMPOSE_WHEEL = "docker-compose==1.29.2"
+PANEL_TYPES = {"timeseries", "stat", "bargauge", "state-timeline", "table", "gauge", "barchart", "text"}
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+
+
+def dashboards() -> list[tuple[str, dict[str, Any]]]:
+    return [(p.name, json.loads(p.read_text())) for p in sorted((GRAFANA / "dashboards").glob("*.json"))]
+
+
+def datasource_uid() -> str:
+    provisioning = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (source,) = provisioning["datasources"]
+    assert source["type"] == "prometheus"
+    return str(source["uid"])
+
+
+# --- Grafana -------------------------------------------------------------------------------------------
+
+def test_there_are_the_three_dashboards() -> None:
+    titles = {board["title"] for _, board in dashboards()}
+    assert {"spendstream · Spend", "spendstream · Guardrails", "spendstream · Pipeline health"} <= titles
+
+
+@pytest.mark.parametrize(("name", "board"), dashboards(), ids=[n for n, _ in dashboards()])
+def test_dashboard_is_valid_grafana_json(name: str, board: dict[str, Any]) -> None:
+    assert isinstance(board["schemaVersion"], int) and board["schemaVersion"] >= 36, "Grafana 9+ dashboard JSON"
+    assert re.fullmatch(r"[a-zA-Z0-9_-]{1,40}", board["uid"]), "a uid Grafana accepts"
+    uid = datasource_uid()
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids: {ids}"
+    cells: set[tuple[int, int]] = set()
+    for panel in board["panels"]:
+        where = f"{name} panel {panel['id']} ({panel['title']})"
+        assert panel["type"] in PANEL_TYPES, where
+        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, where
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, f"{where}: outside the 24 columns"
+        x0, y0 = grid["x"], grid["y"]
+        area = {(x, y) for x in range(x0, x0 + grid["w"]) for y in range(y0, y0 + grid["h"])}
+        assert not area & cells, f"{where}: overlaps another panel"
+        cells |= area
+        refs = [t["refId"] for t in panel["targets"]]
+        assert refs and len(refs) == len(set(refs)), f"{where}: refIds {refs}"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == uid, where
+            assert target["expr"].strip(), where
+    for var in board["templating"]["list"]:
+        assert var["datasource"]["uid"] == uid, f"{name}: variable {var['name']}"
+
+
+def test_uids_are_unique_across_dashboards() -> None:
+    uids = [board["uid"] for _, board in dashboards()]
+    assert len(uids) == len(set(uids))
+
+
+def test_provisioning_points_at_the_mounted_dashboards_and_the_compose_prometheus() -> None:
+    provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "spendstream.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    mounts = compose()["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{path}:ro" in mounts
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+    source = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    assert "prometheus" in compose()["services"]
+
+
+# --- docker-compose ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def compose_schema(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The published compose-spec schema, from the docker-compose wheel on the package registry."""
+    cache = ROOT / ".pytest_cache" / "compose-spec"
+    wheels = sorted(cache.glob("docker_compose-*.whl"))
+    if not wheels:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(cache),
+                               COMPOSE_WHEEL], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"cannot fetch {COMPOSE_WHEEL} for its compose-spec schema:\n{done.stderr}"
+        wheels = sorted(cache.glob("docker_compose-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return json.loads(wheel.read("compose/config/compose_spec.json"))  # type: ignore[no-any-return]
+
+
+def test_compose_file_validates_against_the_compose_spec(compose_schema: dict[str, Any]) -> None:
+    errors = sorted(jsonschema.Draft7Validator(compose_schema).iter_errors(compose()), key=str)
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+def test_the_schema_check_catches_a_broken_compose_file(compose_schema: dict[str, Any]) -> None:
+    broken = compose()
+    broken["services"]["worker"]["depends_on"] = {"topics": {"condition": "when_it_feels_like_it"}}
+    assert list(jsonschema.Draft7Validator(compose_schema).iter_errors(broken))
+
+
+def test_compose_runs_the_production_shape() -> None:
+    services = compose()["services"]
+    assert {"kafka", "topics", "collector", "worker", "exporter", "otelcol", "prometheus", "grafana"} <= set(services)
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:") and "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
+    assert "container_name" not in services["worker"] and "ports" not in services["worker"], \
+        "--scale worker=N needs replicas without a fixed name or host port"
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+        for mount in service.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+    healthy = {n for n, s in services.items() if "healthcheck" in s}
+    for name, service in services.items():
+        for dependency, rule in service.get("depends_on", {}).items():
+            if rule["condition"] == "service_healthy":
+                assert dependency in healthy, f"{name} waits for {dependency}, which has no health check"
+    assert any("/var/lib/spendstream" in v for v in services["exporter"]["volumes"]), "FOCUS files on a volume"
+
+
+def test_every_spendstream_role_is_scraped_on_its_metrics_port() -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    services = compose()["services"]
+    for role in ("collector", "worker", "exporter"):
+        command = services[role]["command"]
+        port = command[command.index("--metrics-port") + 1]
+        job = jobs[f"spendstream-{role}"]
+        targets = [t for c in job.get("static_configs", []) for t in c["targets"]]
+        targets += [f"{n}:{c['port']}" for c in job.get("dns_sd_configs", []) for n in c["names"]]
+        assert targets == [f"{role}:{port}"], f"{role}: {targets}"
+    assert "dns_sd_configs" in jobs["spendstream-worker"], "scaled workers are found by DNS, not listed"
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("no `promtool`: `make test` installs Debian's prometheus package")
+    done = subprocess.run([promtool, "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- otelcol -------------------------------------------------------------------------------------------
+
+OTELCOL_CONFIGS = sorted(OTELCOL.glob("*.yaml"))
+
+
+def test_compose_runs_the_pinned_otelcol_with_the_front_config() -> None:
+    otelcol = compose()["services"]["otelcol"]
+    assert otelcol["image"] == f"otel/opentelemetry-collector-contrib:{COMPONENTS['version']}"
+    assert "./collector/otelcol/otelcol.yaml:/etc/otelcol-contrib/config.yaml:ro" in otelcol["volumes"]
+
+
+@pytest.mark.parametrize("path", OTELCOL_CONFIGS, ids=[p.name for p in OTELCOL_CONFIGS])
+def test_otelcol_config_uses_components_of_the_pinned_version(path: Path) -> None:
+    config = yaml.safe_load(path.read_text())
+    for kind in ("receivers", "processors", "exporters", "extensions", "connectors"):
+        for component in config.get(kind) or {}:
+            assert component.split("/")[0] in COMPONENTS[kind], \
+                f"{path.name}: {kind[:-1]} {component!r} is not in otelcol-contrib {COMPONENTS['version']}"
+    service = config["service"]
+    for extension in service.get("extensions", []):
+        assert extension in config["extensions"], f"{path.name}: undefined extension {extension}"
+    for name, pipeline in service["pipelines"].items():
+        assert name.split("/")[0] == "traces", f"{path.name}: {name}: spendstream takes traces only"
+        for kind in ("receivers", "processors", "exporters"):
+            for component in pipeline.get(kind, []):
+                assert component in config[kind], f"{path.name}: {name} uses undefined {component}"
+        processors = pipeline.get("processors", [])
+        assert processors and processors[0] == "memory_limiter", f"{path.name}: memory_limiter comes first"
+
+
+def test_component_check_catches_a_component_the_version_lacks() -> None:
+    assert "spanmetrics" not in COMPONENTS["processors"], "spanmetrics became a connector"
+    assert "filter" in COMPONENTS["processors"] and "kafka" in COMPONENTS["exporters"]
+
+
+@pytest.mark.parametrize("path", [p for p in OTELCOL_CONFIGS if "relay" not in p.name],
+                         ids=[p.name for p in OTELCOL_CONFIGS if "relay" not in p.name])
+def test_front_collector_keeps_only_genai_spans_with_current_filter_syntax(path: Path) -> None:
+    config = yaml.safe_load(path.read_text())
+    (name,) = [n for n in config["processors"] if n.startswith("filter")]
+    spec = config["processors"][name]
+    assert set(spec) <= {"error_mode", "traces"}, "OTTL conditions, not the legacy include/exclude syntax"
+    (condition,) = spec["traces"]["span"]
+    # a span is dropped only when it has none of the attributes that mark a model call in any dialect
+    marks = re.findall(r'attributes\["([^"]+)"\] == nil', condition)
+    assert {"gen_ai.operation.name", "gen_ai.system", "gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens",
+            "llm.token_count.prompt"} <= set(marks)
+    assert " or " not in condition, "all marks absent (and), or a model call could be dropped"
+    pipeline = next(iter(config["service"]["pipelines"].values()))
+    assert name in pipeline["processors"] and "batch" in pipeline["processors"]
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------------
+
+def _ignored(relative: Path, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(str(relative), p) or p.strip("*/") in relative.parts for p in patterns)
+
+
+def _build_context(dest: Path) -> None:
+    """Copy what the Dockerfile's COPY lines take (minus .dockerignore) into `dest`."""
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()]
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if not line.startswith("COPY "):
+            continue
+        *sources, target = line.split()[1:]
+        for source in sources:
+            src = ROOT / source
+            files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
+            for path in files:
+                if _ignored(path.relative_to(ROOT), ignored):
+                    continue
+                out = dest / target / (path.name if src.is_file() else path.relative_to(src))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, out)
+
+
+def _checkout(dest: Path) -> None:
+    """The repository's tracked files (what a clone has), so building a wheel leaves the work tree alone."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
+def _wheel_files(source: Path, out: Path) -> set[str]:
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                           "-w", str(out), str(source)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = out.glob("spendstream-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        return {n for n in archive.namelist() if ".dist-info/" not in n}
+
+
+def test_dockerfile_installs_the_package_the_readme_installs(tmp_path: Path) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^RUN pip install \. ", dockerfile, re.MULTILINE), "the image installs the package as README"
+    assert "pip install ." in (ROOT / "README.md").read_text()
+    assert 'ENTRYPOINT ["spendstream"]' in dockerfile
+    context = tmp_path / "context"
+    _build_context(context)
+    from_image = _wheel_files(context, tmp_path / "image")
+    _checkout(tmp_path / "checkout")
+    from_repo = _wheel_files(tmp_path / "checkout", tmp_path / "repo")
+    assert from_image == from_repo, f"missing from the image: {sorted(from_repo - from_image)}"
+    assert {"pipeline/cli.py", "collector/app.py", "schemas/config.schema.json"} <= from_image
