@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/pricing.py
 	$(BIN)/python bench/detect.py
+	$(BIN)/python bench/cardinality.py
 
 clean:
 	rm -rf $(VENV) .venv-focus spendstream-data .pytest_cache .mypy_cache .ruff_cache

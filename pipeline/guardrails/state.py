@@ -9,6 +9,7 @@ takes the scope over continues exactly where the last one stopped.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,10 +23,13 @@ BUCKET_S: Final = 5
 DAY_S: Final = 86_400
 
 
+# cached: every scope's period keys are then one shared string per day, not one per scope
+@functools.lru_cache(maxsize=4096)
 def day_of(ts_s: int) -> str:
     return datetime.fromtimestamp(ts_s, UTC).strftime("%Y-%m-%d")
 
 
+@functools.lru_cache(maxsize=4096)
 def month_of(ts_s: int) -> str:
     return datetime.fromtimestamp(ts_s, UTC).strftime("%Y-%m")
 
