@@ -21,6 +21,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.dialects import DIALECTS
+
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "grafana"
 OTELCOL = ROOT / "collector" / "otelcol"
@@ -273,3 +275,21 @@ def test_dockerfile_installs_the_package_the_readme_installs(tmp_path: Path) -> 
     from_repo = _wheel_files(tmp_path / "checkout", tmp_path / "repo")
     assert from_image == from_repo, f"missing from the image: {sorted(from_repo - from_image)}"
     assert {"pipeline/cli.py", "collector/app.py", "schemas/config.schema.json"} <= from_image
+
+
+def _dropped_by(condition: str, span_attributes: dict[str, Any]) -> bool:
+    """Evaluate the front filter's OTTL condition (a conjunction of `attributes["x"] == nil`) on a span."""
+    marks = re.findall(r'attributes\["([^"]+)"\] == nil', condition)
+    assert re.sub(r'attributes\["[^"]+"\] == nil|\band\b|\s', "", condition) == "", "only `== nil` terms joined by and"
+    return all(mark not in span_attributes for mark in marks)
+
+
+@pytest.mark.parametrize("path", [p for p in OTELCOL_CONFIGS if "relay" not in p.name],
+                         ids=[p.name for p in OTELCOL_CONFIGS if "relay" not in p.name])
+def test_front_filter_keeps_a_model_call_of_every_dialect_and_drops_other_spans(path: Path) -> None:
+    processors = yaml.safe_load(path.read_text())["processors"]
+    (condition,) = next(spec for name, spec in processors.items() if name.startswith("filter"))["traces"]["span"]
+    dropped = [d.name for d in DIALECTS if _dropped_by(condition, d.attrs)]
+    assert not dropped, f"the front collector would drop model calls of {dropped}"
+    assert _dropped_by(condition, {"http.request.method": "GET", "url.path": "/health"})
+    assert _dropped_by(condition, {"db.system.name": "postgresql", "db.query.text": "SELECT 1"})
