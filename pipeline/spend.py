@@ -18,8 +18,9 @@ from schemas.spend import SpendEntry, encode_spend
 from schemas.usage import UsageEvent
 
 _NS = 1_000_000_000
-#: attribution -> scopes, per policy; cleared when it reaches this size (a flood of new keys)
-SCOPE_CACHE_LIMIT = 100_000
+#: attribution -> scopes, per policy; cleared when it reaches this size (a flood of new keys would otherwise
+#: hold ~1.5 KB per attribution: bench/cardinality.py)
+SCOPE_CACHE_LIMIT = 10_000
 
 
 class PricedCall(NamedTuple):
