@@ -89,17 +89,16 @@ class UsageCounters:
             LABELS_FOLDED.labels(metric)  # exported at 0 from the start, so "none folded" is a value, not a gap
 
     def count(self, out: CostOutput) -> None:
-        folded = self._calls.folded, self._meters.folded
+        before = {"spendstream_requests": self._calls.folded, "spendstream_cost_billed": self._meters.folded}
         for labels, requests in out.requests.items():
             REQUESTS.labels(*self._calls.fold(labels)).inc(requests)
         for labels, total in out.by_meter.items():
             series = self._meters.fold(labels)
             COST_BILLED.labels(self._currency, *series).inc(float(total.cost))
             TOKENS.labels(*series).inc(total.tokens)
-        if self._calls.folded > folded[0]:
-            LABELS_FOLDED.labels("spendstream_requests").inc(self._calls.folded - folded[0])
-        if self._meters.folded > folded[1]:
-            LABELS_FOLDED.labels("spendstream_cost_billed").inc(self._meters.folded - folded[1])
+        for metric, budget in (("spendstream_requests", self._calls), ("spendstream_cost_billed", self._meters)):
+            if budget.folded > before[metric]:
+                LABELS_FOLDED.labels(metric).inc(budget.folded - before[metric])
 
 
 class GuardrailGauges(Collector):
@@ -112,7 +111,16 @@ class GuardrailGauges(Collector):
         self.max_scopes = MetricsConfig().max_scopes
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        readings, n, currency = self.readings, self.max_scopes, self.currency  # one snapshot per scrape
+        readings = self.readings  # one snapshot per scrape: the stage swaps in a new one every few seconds
+        yield from self._budgets(readings)
+        yield from self._velocity(readings)
+        yield from self._breakers(readings)
+        if readings.unallocated_share is not None:
+            yield GaugeMetricFamily("spendstream_unallocated_share", "Today's share of spend that lacks a required "
+                                    "attribution dimension", value=float(readings.unallocated_share))
+
+    def _budgets(self, readings: Readings) -> Iterator[GaugeMetricFamily]:
+        n, currency = self.max_scopes, self.currency
         spent = GaugeMetricFamily("spendstream_budget_spent", "Spend in the budget's current period",
                                   labels=["scope", "period", "currency"])
         amount = GaugeMetricFamily("spendstream_budget_amount", "The budget", labels=["scope", "period", "currency"])
@@ -129,6 +137,8 @@ class GuardrailGauges(Collector):
             amount.add_metric([OTHER, "all", currency], float(sum((b.amount for b in rest), Decimal(0))))
         yield from (spent, amount, used)
 
+    def _velocity(self, readings: Readings) -> Iterator[GaugeMetricFamily]:
+        n, currency = self.max_scopes, self.currency
         rate = GaugeMetricFamily("spendstream_velocity_per_min", f"Spend per minute over the rate window "
                                  f"({currency}/min)", labels=["scope"])
         limit = GaugeMetricFamily("spendstream_velocity_threshold_per_min", "The rate that trips the scope's "
@@ -142,20 +152,17 @@ class GuardrailGauges(Collector):
             rate.add_metric([OTHER], float(sum((v.per_min for v in other_rates), Decimal(0))))
         yield from (rate, limit)
 
+    def _breakers(self, readings: Readings) -> Iterator[GaugeMetricFamily]:
         state = GaugeMetricFamily("spendstream_breaker_state", "Breaker state: 0 closed, 1 half_open, 2 open",
                                   labels=["breaker", "scope", "source", "action"])
         count = GaugeMetricFamily("spendstream_breakers", "Breakers by state", labels=["state"])
-        top_breakers, _ = top_scopes(((b.breaker, b) for b in readings.breakers), n,
+        top_breakers, _ = top_scopes(((b.breaker, b) for b in readings.breakers), self.max_scopes,
                                      lambda b: BREAKER_STATE_VALUE[b.state])
         for breaker, shown in top_breakers:
             state.add_metric([breaker, shown.scope, shown.source, shown.action], BREAKER_STATE_VALUE[shown.state])
         for name in BREAKER_STATE_VALUE:
             count.add_metric([name], sum(1 for b in readings.breakers if b.state == name))
         yield from (state, count)
-
-        if readings.unallocated_share is not None:
-            yield GaugeMetricFamily("spendstream_unallocated_share", "Today's share of spend that lacks a required "
-                                    "attribution dimension", value=float(readings.unallocated_share))
 
 
 GUARDRAIL_GAUGES: Final = GuardrailGauges()
