@@ -1,16 +1,16 @@
 """What spendstream's hand-built consumers share: the commit rule of the stages (pricing, guardrails),
-reading a compacted topic to its end, and reporting their lag."""
+reading a compacted topic to its end, and their metrics (lag, batch sizes)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, RebalanceInProgressError
 
-from pipeline.metrics import CONSUMER_LAG
+from pipeline.metrics import BATCH_MESSAGES, CONSUMER_LAG
 
 LAG_EVERY_S = 1.0
 
@@ -40,17 +40,23 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
         todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
 
 
-class LagReport:
-    """Keeps `spendstream_consumer_lag` of one consumer's assigned partitions current (at most once a
-    second) and drops the series of partitions it no longer holds."""
+class ConsumerMetrics:
+    """One consumer's metrics: the size of every batch fetched, and `spendstream_consumer_lag` of its assigned
+    partitions (at most once a second; the series of partitions it no longer holds are dropped)."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, group: str) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, group: str, stage: str) -> None:
         self._consumer = consumer
         self._group = group
+        self._batches = BATCH_MESSAGES.labels(stage)
         self._at = 0.0
         self._shown: set[tuple[str, str]] = set()
 
-    async def update(self) -> None:
+    async def after_fetch(self, batches: Mapping[TopicPartition, Sequence[object]]) -> None:
+        if batches:
+            self._batches.observe(sum(len(records) for records in batches.values()))
+        await self._update_lag()
+
+    async def _update_lag(self) -> None:
         if time.monotonic() - self._at < LAG_EVERY_S:
             return
         self._at = time.monotonic()

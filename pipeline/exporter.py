@@ -18,7 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 
 from pipeline import metrics
-from pipeline.consume import LagReport
+from pipeline.consume import ConsumerMetrics
 from pipeline.focus_files import RowLedger, focus_dir, partition_of, write_partition, write_rollup
 from schemas.config import Config
 from schemas.focus import decode_row
@@ -52,13 +52,11 @@ class FocusExporter:
         """Consume until `stop` is set; then flush what is buffered and commit it."""
         consumer = self._consumer()
         await consumer.start()
-        lag = LagReport(consumer, EXPORTER_GROUP)
+        observed = ConsumerMetrics(consumer, EXPORTER_GROUP, "exporter")
         try:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=500, max_records=20_000)
-                await lag.update()
-                if batches:
-                    metrics.BATCH_MESSAGES.labels("exporter").observe(sum(len(r) for r in batches.values()))
+                await observed.after_fetch(batches)
                 for records in batches.values():
                     for record in records:
                         self._take(record.value, record.topic, record.partition, record.offset)

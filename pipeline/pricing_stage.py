@@ -24,7 +24,7 @@ import time
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from pipeline import metrics
-from pipeline.consume import LagReport, commit_processed
+from pipeline.consume import ConsumerMetrics, commit_processed
 from pipeline.cost_records import cost_records
 from pipeline.focus import Billing
 from pipeline.guardrails.decide import unpriced_alert
@@ -109,14 +109,13 @@ class PricingStage:
                                  compression=self._config.kafka.compression)
         await producer.start()
         await consumer.start()
-        lag = LagReport(consumer, PRICING_GROUP)
+        observed = ConsumerMetrics(consumer, PRICING_GROUP, "pricing")
         reported, at = 0, time.monotonic()
         try:
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=BATCH_MAX_MESSAGES)
-                await lag.update()
+                await observed.after_fetch(batches)
                 if batches:
-                    metrics.BATCH_MESSAGES.labels("pricing").observe(sum(len(r) for r in batches.values()))
                     await self._price(batches, producer)
                     await commit_processed(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()},
                                            "pricing", log)

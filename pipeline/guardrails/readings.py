@@ -66,7 +66,7 @@ def read_scopes(states: Iterable[ScopeState], ctx: Context) -> Readings:
             period = month_of(ctx.now_s) if budget.period == "monthly" else day_of(ctx.now_s)
             budgets.append(BudgetReading(key, budget.period, state.periods.get(period, Decimal(0)), budget.amount))
         # buckets arrive in event-time order, so the last one inserted is (nearly always) the latest
-        last_bucket = next(reversed(state.buckets), None) if state.buckets else None
+        last_bucket = next(reversed(state.buckets), None)
         if last_bucket is not None and last_bucket >= recent_from and policy.watched(state.scope):
             rates.append((key, velocity(state, ctx)))
         rate = state.rate

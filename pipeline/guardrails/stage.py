@@ -24,7 +24,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline import metrics
-from pipeline.consume import LagReport, commit_processed, read_to_end
+from pipeline.consume import ConsumerMetrics, commit_processed, read_to_end
 from pipeline.guardrails.decide import Context, Decisions, decide, retain_from
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.readings import merge_readings, read_scopes
@@ -180,15 +180,14 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         producer = BatchProducer(kafka.client_options(os.environ), compression=kafka.compression)
         await producer.start()
         await consumer.start()
-        lag = LagReport(consumer, GUARDRAILS_GROUP)
+        observed = ConsumerMetrics(consumer, GUARDRAILS_GROUP, "guardrails")
         try:
             while True:
                 batches = await consumer.getmany(timeout_ms=200, max_records=5_000)
-                await lag.update()
+                await observed.after_fetch(batches)
                 async with self._lock:
                     offsets = await self._process(batches, producer)
                     if offsets:
-                        metrics.BATCH_MESSAGES.labels("guardrails").observe(sum(len(r) for r in batches.values()))
                         await commit_processed(consumer, offsets, "guardrails", log)
                     self._read_gauges()
         finally:
