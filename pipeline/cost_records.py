@@ -57,6 +57,7 @@ def unpriced_letter(event: UsageEvent, exc: UnpricedError) -> DeadLetter:
 def cost_records(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Billing) -> CostOutput:
     """Price each event; a priced event gives one FOCUS row per meter, keyed by its attribution key."""
     out = CostOutput()
+    dims_of: dict[str, tuple[str, ...]] = {}  # attribution key -> metric label values; most calls repeat one
     for event in events:
         key = event.attribution_key.encode()
         try:
@@ -68,9 +69,11 @@ def cost_records(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: B
             out.billed.append(None)
             continue
         out.priced_events += 1
-        attribution = event.attribution
-        labels = (*(attribution.get(dim) or UNALLOCATED for dim in METRIC_DIMENSIONS),
-                  priced.price.provider_id, priced.price.model_id)
+        dims = dims_of.get(event.attribution_key)
+        if dims is None:
+            attribution = event.attribution
+            dims = dims_of[event.attribution_key] = tuple(attribution.get(d) or UNALLOCATED for d in METRIC_DIMENSIONS)
+        labels = (*dims, priced.price.provider_id, priced.price.model_id)
         out.requests[labels] += 1
         total = Decimal(0)
         for line, (value, billed) in zip(priced.lines, encoded_focus_rows(priced, billing), strict=True):
