@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chart import bar_chart
 from collector.ingest import NestedCallFilter, ingest_request
-from pipeline.broker import EmbeddedBroker
-from pipeline.topics import ensure_topics
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.topics import ensure_topics
 from schemas.config import Config, KafkaConfig
 from schemas.usage import encode_usage_batch
 from tests.support import free_port, make_request, make_span

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from genai_prices import Usage, calc_price
 
 from bench.chart import bar_chart
-from pipeline.cost_records import cost_records
-from pipeline.focus import Billing
 from pipeline.pricing import PriceCatalog, price_usage
 from pipeline.pricing.catalog import PROVIDER_IDS
+from pipeline.pricing.cost_records import cost_records
+from pipeline.pricing.focus import Billing
 from schemas.usage import TokenCounts, UsageEvent
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,4 +1,5 @@
 """The ingest edge: OTLP receivers, span normalisation, attribution, privacy, Kafka publisher.
 
-Imports `schemas` only; never faust and never `pipeline`.
+Imports `schemas`, and `pipeline.kafka` for the one shared producer; never the workers (pricing,
+guardrails, export, gateway) nor their metrics.
 """

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
@@ -15,8 +13,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from collector import metrics
 from collector._status import RETRY_AFTER_S, answer_for
 from collector.service import TraceIngestService
-
-log = logging.getLogger(__name__)
 
 _SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 _RETRY_INFO = RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S)).SerializeToString()

@@ -31,10 +31,8 @@ class Collector:
 
     def __init__(self, config: Config, publisher: Publisher | None = None) -> None:
         self._config = config
-        self._publisher = publisher or KafkaPublisher(
-            config.kafka.client_options(os.environ), timeout_s=config.collector.publish_timeout_s,
-            compression=config.kafka.compression,
-        )
+        self._publisher = publisher or KafkaPublisher(config.kafka, os.environ,
+                                                      timeout_s=config.collector.publish_timeout_s)
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self.endpoints: Endpoints | None = None

@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from pipeline.kafka.producer import BatchProducer
+from schemas.codec import Record
+from schemas.config import KafkaConfig
 from schemas.errors import TransientError
 
 log = logging.getLogger(__name__)
-
-Record = tuple[bytes, bytes]  # key, value
 
 
 class BrokerUnavailable(TransientError):
@@ -33,50 +33,30 @@ class Publisher(Protocol):
 
 
 class KafkaPublisher:
-    """aiokafka producer with `acks=all`, compression and a deadline on every publish."""
+    """The shared BatchProducer (`acks=all`, compression) with a deadline on every publish, and Kafka's
+    errors translated into BrokerUnavailable: the one error an OTLP client should retry."""
 
-    def __init__(self, connection: Mapping[str, Any], *, timeout_s: float, compression: str = "lz4") -> None:
-        """`connection` holds aiokafka's connection options (`KafkaConfig.client_options()`)."""
-        self._connection = dict(connection)
-        self._bootstrap = str(connection["bootstrap_servers"])
+    def __init__(self, kafka: KafkaConfig, environ: Mapping[str, str], *, timeout_s: float) -> None:
+        self._bootstrap = kafka.bootstrap_servers
         self._timeout_s = timeout_s
-        self._compression = compression
-        self._producer: AIOKafkaProducer | None = None
+        self._producer = BatchProducer.of(kafka, environ, request_timeout_s=timeout_s)
 
     async def start(self) -> None:
-        producer = AIOKafkaProducer(
-            **self._connection,
-            acks="all",
-            compression_type=None if self._compression == "none" else self._compression,
-            linger_ms=2,
-            max_batch_size=1024 * 1024,
-            max_request_size=8 * 1024 * 1024,
-            request_timeout_ms=max(int(self._timeout_s * 1000), 1000),
-            retry_backoff_ms=100,
-        )
         try:
-            await producer.start()
+            await self._producer.start()
         except KafkaError as exc:
-            await producer.stop()
             raise BrokerUnavailable(f"cannot reach Kafka at {self._bootstrap}: {exc}") from exc
-        self._producer = producer
         log.info("publisher connected to %s", self._bootstrap)
 
     async def stop(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()  # flushes what is still buffered
+        await self._producer.stop()  # flushes what is still buffered
 
     async def publish(self, topic: str, records: Sequence[Record]) -> None:
-        if not records:
-            return
-        if self._producer is None:
+        if not self._producer.started:
             raise BrokerUnavailable("publisher is not started")
-        producer = self._producer
         try:
             async with asyncio.timeout(self._timeout_s):
-                futures = [await producer.send(topic, value=value, key=key) for key, value in records]
-                await asyncio.gather(*futures)
+                await self._producer.send_all(topic, records)
         except TimeoutError as exc:
             raise BrokerUnavailable(f"Kafka did not acknowledge within {self._timeout_s:g}s") from exc
         except KafkaError as exc:

@@ -15,7 +15,8 @@ from typing import Literal
 from collector import metrics
 from collector.decode import DecodedRequest, decode_json, decode_protobuf
 from collector.ingest import IngestResult, NestedCallFilter, ingest_request
-from collector.publisher import Publisher, Record
+from collector.publisher import Publisher
+from schemas.codec import Record
 from schemas.config import Config
 from schemas.errors import PermanentError
 from schemas.topics import TopicNames

@@ -1,4 +1,7 @@
-"""The stream-processing side: faust workers, embedded broker, topics, CLI and the all-in-one runtime.
+"""The stream-processing side, one package per job: `kafka/` (plumbing), `pricing/` (stage 1),
+`guardrails/` (stage 2), `export/` (FOCUS files), `gateway/` (what gateways run), `observability/`
+(metrics), `cli/` (commands and processes).
 
-May import `schemas` and `collector`; `collector` never imports this package.
+Imports nothing here, so `import pipeline.kafka` (as the collector does) loads nothing else.
+`collector` imports from this package only `pipeline.kafka`.
 """

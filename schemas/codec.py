@@ -1,7 +1,9 @@
-"""The first step of decoding any versioned topic value: JSON object, expected `schema_version`."""
+"""What every topic value shares: the versioned-JSON first decoding step, the keyed record, the timestamp format."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -21,3 +23,24 @@ def load_versioned(value: bytes, what: str, version: int) -> dict[str, Any]:
     if data.get("schema_version") != version:
         raise SchemaError(f"{what}: unsupported schema_version {data.get('schema_version')!r}")
     return data
+
+
+#: one keyed message as it goes on a topic: (key, value)
+Record = tuple[bytes, bytes]
+
+
+def parse_utc(value: str) -> datetime:
+    """A date or date-time as people type it (`2026-11-01`, `2026-11-01T08:00`, `...Z`), read as UTC when it
+    names no zone. Raises ValueError."""
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def plain_decimal(value: Decimal) -> Decimal:
+    """Without trailing zeros and never in E-notation: 11.4184475, not 11.418447500000000000."""
+    return Decimal(format(value.normalize(), "f"))
+
+
+def rfc3339(ts_s: float) -> str:
+    """A Unix time as the contract's UTC timestamp: `2026-11-01T08:00:00Z` (fractions only when `ts_s` has them)."""
+    return datetime.fromtimestamp(ts_s, UTC).isoformat().replace("+00:00", "Z")

@@ -139,8 +139,6 @@ class AttributionConfig:
     key_dimensions: tuple[str, ...] = ("team", "use_case", "env", "app", "key")
     hash_user_ids: bool = True
     user_id_salt: str = ""
-    #: alert when more than this share of a day's spend has no team (or other required dimension)
-    max_unallocated_share: float = 0.1
 
     def validate(self) -> list[str]:
         problems = [
@@ -173,12 +171,7 @@ class Config:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     #: bearer token -> the identity (dimension -> value) that token may claim
     ingest_tokens: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    budgets: Sequence[Mapping[str, Any]] = ()
-    keys: Sequence[Mapping[str, Any]] = ()
-    velocity: Mapping[str, Any] = field(default_factory=dict)
-    breaker: Mapping[str, Any] = field(default_factory=dict)
-    downgrade: Mapping[str, str] = field(default_factory=dict)
-    #: budgets, keys, velocity, breaker and downgrade, typed (built from those sections)
+    #: the sections budgets, keys, velocity, breaker, downgrade and attribution.max_unallocated_share, typed
     policy: Policy = field(default_factory=Policy)
     pricing: Mapping[str, Any] = field(default_factory=dict)
     focus: FocusConfig = field(default_factory=FocusConfig)
@@ -279,6 +272,11 @@ def config_from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
     return _build(data, source)
 
 
+_SECTIONS: Final[Mapping[str, type]] = MappingProxyType({
+    "kafka": KafkaConfig, "collector": CollectorConfig, "metrics": MetricsConfig, "focus": FocusConfig,
+    "exporter": ExporterConfig})
+
+
 def _build(data: Mapping[str, Any], source: str, root: yaml.Node | None = None) -> Config:
     attribution = dict(data.get("attribution", {}))
     if "dimensions" in attribution:
@@ -289,25 +287,16 @@ def _build(data: Mapping[str, Any], source: str, root: yaml.Node | None = None) 
     for key in ("required", "key_dimensions"):
         if key in attribution:
             attribution[key] = tuple(attribution[key])
+    attribution.pop("max_unallocated_share", None)  # a guardrail: typed into the policy
     policy, policy_problems = policy_from_sections(data, list(attribution.get("dimensions", DEFAULT_DIMENSIONS)))
-    config = Config(
-        billing_currency=data.get("billing_currency", "USD"),
-        fx=dict(data.get("fx", {})),
-        kafka=KafkaConfig(**data.get("kafka", {})),
-        collector=CollectorConfig(**data.get("collector", {})),
-        metrics=MetricsConfig(**data.get("metrics", {})),
-        attribution=AttributionConfig(**attribution),
-        ingest_tokens={k: dict(v) for k, v in data.get("ingest_tokens", {}).items()},
-        budgets=tuple(data.get("budgets", ())),
-        keys=tuple(data.get("keys", ())),
-        velocity=dict(data.get("velocity", {})),
-        breaker=dict(data.get("breaker", {})),
-        downgrade=dict(data.get("downgrade", {})),
-        policy=policy,
-        pricing=dict(data.get("pricing", {})),
-        focus=FocusConfig(**data.get("focus", {})),
-        exporter=ExporterConfig(**data.get("exporter", {})),
-    )
+    # a key absent from the file keeps its dataclass default: defaults live in one place
+    sections: dict[str, Any] = {name: kind(**data[name]) for name, kind in _SECTIONS.items() if name in data}
+    sections |= {name: dict(data[name]) for name in ("fx", "pricing") if name in data}
+    if "billing_currency" in data:
+        sections["billing_currency"] = data["billing_currency"]
+    if "ingest_tokens" in data:
+        sections["ingest_tokens"] = {k: dict(v) for k, v in data["ingest_tokens"].items()}
+    config = Config(attribution=AttributionConfig(**attribution), policy=policy, **sections)
     problems = config.validate() + policy_problems
     if problems:
         raise ConfigError([_with_line(p, root) for p in problems], source)

@@ -7,7 +7,7 @@ cross-field problem (`key: problem`), so the config loader reports them with the
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final, Literal
@@ -15,6 +15,7 @@ from typing import Any, Final, Literal
 Action = Literal["block", "downgrade", "approved_only"]
 Period = Literal["daily", "monthly"]
 DEFAULT_THRESHOLDS: Final = (Decimal("0.5"), Decimal("0.8"), Decimal("1"))
+DEFAULT_PERIOD: Final[Period] = "monthly"
 GLOBAL: Final = "global"
 _DURATION = re.compile(r"^([1-9][0-9]*)([smh])$")
 _UNIT_S: Final = {"s": 1, "m": 60, "h": 3600}
@@ -187,7 +188,7 @@ def _budget(source: str, raw: Mapping[str, Any]) -> Budget:
     ratios = {_money(r) for r in raw.get("alerts", DEFAULT_THRESHOLDS)}
     if on_exhausted:
         ratios.add(Decimal(1))  # the hard limit acts at 100 % even when no alert is configured there
-    return Budget(source=source, scope=Scope.of(raw["scope"]), period=raw.get("period", "monthly"),
+    return Budget(source=source, scope=Scope.of(raw["scope"]), period=raw.get("period", DEFAULT_PERIOD),
                   amount=_money(raw["amount"]),
                   thresholds=tuple(Threshold(r, hard=bool(on_exhausted) and r == 1) for r in sorted(ratios)),
                   on_exhausted=on_exhausted)
@@ -202,38 +203,37 @@ def _key_budget(source: str, key: str, raw: Mapping[str, Any], action: Action) -
     if soft is not None and hard is not None and amount:
         thresholds.append(Threshold(_money(soft) / amount))
     thresholds.append(Threshold(Decimal(1), hard=hard is not None))
-    return Budget(source=source, scope=Scope((("key", key),)), period=raw.get("period", "monthly"), amount=amount,
+    return Budget(source=source, scope=Scope((("key", key),)), period=raw.get("period", DEFAULT_PERIOD), amount=amount,
                   thresholds=tuple(thresholds),
                   on_exhausted={"prod": action, "non_prod": action} if hard is not None else {})
+
+
+#: YAML key -> (dataclass field, converter): a key absent from the file keeps the field's default
+_Fields = Mapping[str, tuple[str, Callable[[Any], Any]]]
+_BREAKER_FIELDS: Final[_Fields] = {
+    "action": ("action", str), "cool_down": ("cool_down_s", duration_s), "probe": ("probe_s", duration_s),
+    "probe_ratio": ("probe_ratio", _money), "expire_after": ("expire_after_s", duration_s),
+    "prod_envs": ("prod_envs", tuple)}
+_VELOCITY_FIELDS: Final[_Fields] = {
+    "window": ("window_s", duration_s), "rate_window": ("rate_window_s", duration_s),
+    "spike_ratio": ("spike_ratio", _money), "min_spend_per_min": ("min_spend_per_min", _money),
+    "min_history": ("min_history_s", duration_s), "scopes": ("shapes", lambda v: tuple(_shape(s) for s in v)),
+    "max_per_min": ("max_per_min", _money)}
+
+
+def _given(raw: Mapping[str, Any], fields: _Fields) -> dict[str, Any]:
+    return {name: convert(raw[key]) for key, (name, convert) in fields.items() if key in raw}
 
 
 def policy_from_sections(data: Mapping[str, Any], dimensions: Sequence[str]) -> tuple[Policy, list[str]]:
     """The Policy of a schema-checked config mapping, and every problem found (empty when valid)."""
     problems: list[str] = []
     known = set(dimensions)
-    velocity_raw = data.get("velocity", {})
-    breaker_raw = data.get("breaker", {})
-    breaker = BreakerPolicy(
-        action=breaker_raw.get("action", "block"),
-        cool_down_s=duration_s(breaker_raw.get("cool_down", "60s")),
-        probe_s=duration_s(breaker_raw.get("probe", "30s")),
-        probe_ratio=_money(breaker_raw.get("probe_ratio", "0.1")),
-        expire_after_s=duration_s(breaker_raw.get("expire_after", "15m")),
-        prod_envs=tuple(breaker_raw.get("prod_envs", ("prod", "production"))),
-    )
-    shapes = tuple(_shape(s) for s in velocity_raw.get("scopes", ["team", "key"]))
-    velocity = VelocityPolicy(
-        window_s=duration_s(velocity_raw.get("window", "5m")),
-        rate_window_s=duration_s(velocity_raw.get("rate_window", "1m")),
-        spike_ratio=_money(velocity_raw.get("spike_ratio", 3)),
-        min_spend_per_min=_money(velocity_raw.get("min_spend_per_min", 1)),
-        min_history_s=duration_s(velocity_raw.get("min_history", "1m")),
-        shapes=shapes,
-        max_per_min=_money(velocity_raw["max_per_min"]) if "max_per_min" in velocity_raw else None,
-    )
+    breaker = BreakerPolicy(**_given(data.get("breaker", {}), _BREAKER_FIELDS))
+    velocity = VelocityPolicy(**_given(data.get("velocity", {}), _VELOCITY_FIELDS))
     if velocity.rate_window_s > velocity.window_s:
         problems.append("velocity.rate_window: longer than velocity.window (the baseline it is compared with)")
-    for i, shape in enumerate(shapes):
+    for i, shape in enumerate(velocity.shapes):
         problems += [f"velocity.scopes[{i}]: unknown dimension {d!r}" for d in shape if d not in known]
 
     budgets: list[Budget] = []
@@ -269,7 +269,7 @@ def policy_from_sections(data: Mapping[str, Any], dimensions: Sequence[str]) -> 
         if where != budget.source:
             problems.append(f"{budget.source}: a {budget.period} budget for {budget.scope.key} is already set at "
                             f"{where}")
-    share = data.get("attribution", {}).get("max_unallocated_share", 0.1)
+    share = _given(data.get("attribution", {}), {"max_unallocated_share": ("max_unallocated_share", _money)})
     policy = Policy(budgets=tuple(budgets), limits=limits, ceilings=ceilings, velocity=velocity, breaker=breaker,
-                    downgrade=dict(data.get("downgrade", {})), max_unallocated_share=_money(share))
+                    downgrade=dict(data.get("downgrade", {})), **share)
     return policy, problems

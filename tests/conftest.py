@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.topics import ensure_topics
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.topics import ensure_topics
 from schemas.config import KafkaConfig
 from schemas.topics import TopicNames
 from tests.support import free_port

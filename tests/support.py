@@ -177,6 +177,14 @@ def read_deadletters(bootstrap: str, topic: str, *, min_messages: int = 0) -> li
     return [orjson.loads(r.value) for r in read_topic(bootstrap, topic, min_messages=min_messages)]
 
 
+def usage_counted(port: int) -> float:
+    """Usage events a worker's pricing stage handled: priced, or unpriced and dead-lettered."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(
+        r"^spendstream_worker_usage_(?:priced|unpriced)_total(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.MULTILINE))
+
+
 def metric(port: int, name: str) -> float:
     """The value of an unlabelled sample on a local Prometheus endpoint (0 when absent)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

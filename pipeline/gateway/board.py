@@ -9,7 +9,6 @@ spendstream goes quiet, gateways fail open.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Final, Literal, NamedTuple
@@ -65,14 +64,14 @@ class BreakerBoard:
     def in_force(self) -> list[BreakerCommand]:
         return list(self._commands.values())
 
-    def decide(self, attribution: Mapping[str, str], model: str, now_s: float | None = None) -> Decision:
-        now = time.time() if now_s is None else now_s
+    def decide(self, attribution: Mapping[str, str], model: str, now_s: float) -> Decision:
+        """The strictest decision of the breakers in force for this caller at `now_s` (Unix time)."""
         self._requests += 1
         best = Decision("allow", model)
         for dims, scopes in self._index.items():
             entries = scopes.get(tuple(attribution.get(d, "") for d in dims))
             for entry in entries or ():
-                decision = self._apply(entry, attribution, model, now)
+                decision = self._apply(entry, attribution, model, now_s)
                 if _STRICTNESS[decision.verdict] > _STRICTNESS[best.verdict]:
                     best = decision
         return best

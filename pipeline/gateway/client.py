@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from pipeline.consume import read_to_end
 from pipeline.gateway.board import BreakerBoard, Decision
+from pipeline.kafka.consumer import read_to_end, reader
 from schemas.breaker import BreakerCommand, decode_command
 from schemas.config import KafkaConfig
 from schemas.errors import SchemaError
@@ -66,7 +67,7 @@ class BreakerClient:
 
     async def start(self) -> None:
         """Returns once the state in force has been read; follows new commands afterwards."""
-        consumer = AIOKafkaConsumer(**self._kafka.client_options(self._environ), enable_auto_commit=False)
+        consumer = reader(self._kafka, self._environ)
         await consumer.start()
         self._consumer = consumer
         await read_commands(consumer, self._topic, self.board.apply)
@@ -86,4 +87,4 @@ class BreakerClient:
             await self._consumer.stop()
 
     def decide(self, attribution: Mapping[str, str], model: str) -> Decision:
-        return self.board.decide(attribution, model)
+        return self.board.decide(attribution, model, time.time())

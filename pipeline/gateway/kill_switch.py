@@ -12,13 +12,12 @@ import os
 import time
 from collections.abc import Mapping
 
-from aiokafka import AIOKafkaConsumer
-
 from pipeline.gateway.board import epoch_s
 from pipeline.gateway.client import read_commands
-from pipeline.guardrails.decide import rfc3339
-from pipeline.produce import BatchProducer
+from pipeline.kafka.consumer import reader
+from pipeline.kafka.producer import BatchProducer
 from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id, command_id
+from schemas.codec import rfc3339
 from schemas.config import KafkaConfig
 from schemas.policy import Scope
 from schemas.topics import TopicNames
@@ -51,7 +50,7 @@ def reset_commands(scope: Scope, reason: str, now_s: float) -> list[BreakerComma
 
 
 async def publish(kafka: KafkaConfig, commands: list[BreakerCommand]) -> None:
-    producer = BatchProducer(kafka.client_options(os.environ), compression=kafka.compression)
+    producer = BatchProducer.of(kafka, os.environ)
     await producer.start()
     try:
         await producer.send_all(TopicNames(kafka.topic_prefix).breaker_commands,
@@ -63,7 +62,7 @@ async def publish(kafka: KafkaConfig, commands: list[BreakerCommand]) -> None:
 async def latest_commands(kafka: KafkaConfig) -> dict[str, BreakerCommand]:
     """The latest command of every breaker ever written (the compacted topic's view)."""
     latest: dict[str, BreakerCommand] = {}
-    consumer = AIOKafkaConsumer(**kafka.client_options(os.environ), enable_auto_commit=False)
+    consumer = reader(kafka)
     await consumer.start()
     try:
         await read_commands(consumer, TopicNames(kafka.topic_prefix).breaker_commands,
@@ -76,16 +75,3 @@ async def latest_commands(kafka: KafkaConfig) -> dict[str, BreakerCommand]:
 def in_force(command: BreakerCommand, now_s: float | None = None) -> bool:
     expires = epoch_s(command.expires_at)
     return command.state != "closed" and (expires is None or (now_s or time.time()) < expires)
-
-
-def render(commands: list[BreakerCommand], fmt: str) -> str:
-    if fmt == "json":
-        return "[" + ",".join(c.encode().decode() for c in commands) + "]"
-    if not commands:
-        return "no breakers in force"
-    rows = [("BREAKER", "STATE", "ACTION", "EXPIRES", "REASON")]
-    rows += [(c.breaker_id, c.state, ",".join(f"{k}:{v}" for k, v in c.env_actions.items()) or c.action,
-              c.expires_at or "-", c.reason) for c in sorted(commands, key=lambda c: c.breaker_id)]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
-                     for r in rows)

@@ -15,7 +15,6 @@ does the same in its own request hook.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 
 import orjson
@@ -25,7 +24,6 @@ from pipeline.gateway.board import Decision
 from pipeline.gateway.client import BreakerClient
 from schemas.config import KafkaConfig
 
-log = logging.getLogger(__name__)
 ATTRIBUTION_HEADERS = {"x-team": "team", "x-use-case": "use_case", "x-env": "env", "x-app": "app",
                        "x-cost-center": "cost_center"}
 

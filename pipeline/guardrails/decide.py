@@ -8,13 +8,13 @@ breaker states), so evaluating again after a replay or a restart decides nothing
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
 
 from pipeline.guardrails.state import BUCKET_S, ScopeState, day_of, month_of, period_bounds
 from schemas.alert import Alert, AlertKind, Severity
 from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id, command_id
+from schemas.codec import rfc3339
 from schemas.policy import Budget, Policy
 
 #: projected exhaustion is not forecast from the first tenth of a period: too little to go on
@@ -22,10 +22,6 @@ PROJECTION_MIN_ELAPSED: Final = Decimal("0.1")
 #: the unallocated share is judged once the day's spend is above this many minutes of noise floor
 UNALLOCATED_MIN_MINUTES: Final = 10
 LIMITS_WINDOW_S: Final = 60
-
-
-def rfc3339(ts_s: float) -> str:
-    return datetime.fromtimestamp(ts_s, UTC).isoformat().replace("+00:00", "Z")
 
 
 def show(amount: Decimal) -> str:

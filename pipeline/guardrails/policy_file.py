@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline import metrics
+from pipeline.observability import metrics
 from schemas.config import load_config
 from schemas.errors import ConfigError
 from schemas.policy import Policy

@@ -21,15 +21,17 @@ import time
 from collections.abc import Iterable
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
-from pipeline import metrics
-from pipeline.consume import ConsumerMetrics, commit_processed, read_to_end
 from pipeline.guardrails.decide import Context, Decisions, decide, retain_from
+from pipeline.guardrails.gauges import GUARDRAIL_GAUGES
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.readings import merge_readings, read_scopes
 from pipeline.guardrails.state import ScopeState
-from pipeline.produce import BatchProducer, PlacedRecord
+from pipeline.kafka.consumer import commit_processed, group_consumer, read_to_end, reader
+from pipeline.kafka.producer import BatchProducer, PlacedRecord
+from pipeline.observability import metrics
+from pipeline.observability.consumers import ConsumerMetrics
 from schemas.config import Config
 from schemas.errors import SchemaError
 from schemas.policy import Policy, Scope
@@ -128,8 +130,8 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         self._lock = asyncio.Lock()
         self._read_at = 0.0
         self.alerts = self.commands = 0
-        metrics.GUARDRAIL_GAUGES.currency = config.billing_currency
-        metrics.GUARDRAIL_GAUGES.max_scopes = config.metrics.max_scopes
+        GUARDRAIL_GAUGES.currency = config.billing_currency
+        GUARDRAIL_GAUGES.max_scopes = config.metrics.max_scopes
 
     # --- rebalance: restore before consuming, never write after losing a partition -----------------------
 
@@ -147,8 +149,8 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
 
     async def _restore(self, partitions: list[int]) -> dict[int, PartitionState]:
-        reader = AIOKafkaConsumer(**self._config.kafka.client_options(os.environ), enable_auto_commit=False)
-        await reader.start()
+        changelog = reader(self._config.kafka)
+        await changelog.start()
         out: dict[int, dict[str, ScopeState]] = {p: {} for p in partitions}
 
         def restore(record: ConsumerRecord[bytes, bytes]) -> None:
@@ -159,9 +161,10 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                 scopes.pop(key, None)
 
         try:
-            await read_to_end(reader, [TopicPartition(self._names.guardrail_state, p) for p in partitions], restore)
+            await read_to_end(changelog, [TopicPartition(self._names.guardrail_state, p) for p in partitions],
+                              restore)
         finally:
-            await reader.stop()
+            await changelog.stop()
         count = sum(len(s) for s in out.values())
         metrics.STATE_RESTORED.inc(count)
         log.info("guardrails: took over spend partitions %s, %d scope states restored from the changelog",
@@ -172,12 +175,10 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
 
     async def run(self) -> None:
         kafka = self._config.kafka
-        consumer = AIOKafkaConsumer(
-            **kafka.client_options(os.environ), group_id=f"{kafka.topic_prefix}{GUARDRAILS_GROUP}",
-            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=5_000,
-            session_timeout_ms=6_000, heartbeat_interval_ms=1_000, rebalance_timeout_ms=20_000)
+        # a rebalance waits for the new owner to restore its partitions' changelog
+        consumer = group_consumer(kafka, GUARDRAILS_GROUP, max_poll_records=5_000, rebalance_timeout_ms=20_000)
         consumer.subscribe([self._names.spend], listener=self)
-        producer = BatchProducer(kafka.client_options(os.environ), compression=kafka.compression)
+        producer = BatchProducer.of(kafka, os.environ)
         await producer.start()
         await consumer.start()
         observed = ConsumerMetrics(consumer, GUARDRAILS_GROUP, "guardrails")
@@ -246,4 +247,4 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         for partition in self._partitions.values():
             ctx = Context(self._policy.policy, self._config.billing_currency, partition.clock_s, time.time())
             parts.append(read_scopes(partition.scopes.values(), ctx))
-        metrics.GUARDRAIL_GAUGES.readings = merge_readings(parts)
+        GUARDRAIL_GAUGES.readings = merge_readings(parts)

@@ -1,4 +1,11 @@
-"""Exact token pricing: the compiled genai-prices catalog and the pure `price_usage` function."""
+"""Stage 1: exact token prices and everything made from them.
+
+The pure core: the compiled genai-prices catalog (`catalog`), `price_usage` (`price`), the FOCUS
+mapping (`focus`), a batch's rows, dead letters and metric totals (`cost_records`) and
+`spendstream price`'s explanation (`explain`). The shell: the consumer that feeds it (`stage`)
+and its counters (`counters`). May import `guardrails` (stage 2's input and the unpriced alert),
+`observability` and `kafka`; never `export`, `gateway` or `cli`.
+"""
 
 from pipeline.pricing.catalog import PriceCatalog, PriceOverride, UnpricedError, overrides_from_config
 from pipeline.pricing.price import PricedLine, PricedUsage, price_usage

@@ -23,6 +23,7 @@ from genai_prices import data_snapshot
 from genai_prices.data_units import unit_data
 from genai_prices.types import ModelInfo, ModelPrice, Provider, Tier, TieredPrices, TimeOfDateConstraint
 
+from schemas.config import Config
 from schemas.errors import ConfigError
 
 NS_PER_DAY: Final = 86_400 * 10**9
@@ -216,6 +217,12 @@ class PriceCatalog:
         digest = hashlib.sha256(orjson.dumps(
             [billing_currency, str(usd_rate), [_override_json(o) for o in self.overrides]])).hexdigest()[:12]
         self.version = f"genai-prices-{genai_prices.__version__}+{digest}"
+
+    @classmethod
+    def from_config(cls, config: Config) -> PriceCatalog:
+        """The catalog with the config's overrides (`pricing.overrides`), billing currency and fx rate."""
+        overrides = overrides_from_config(config.pricing.get("overrides", ()), config.billing_currency)
+        return cls(overrides, billing_currency=config.billing_currency, usd_rate=config.usd_rate)
 
     def resolve(self, provider: str | None, model: str, start_unix_nano: int,
                 service_tier: str | None = None) -> ResolvedPrice:

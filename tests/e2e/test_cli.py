@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 from tests.conftest import new_topics
 from tests.e2e.running import run_demo, spendstream, spendstream_run
-from tests.support import free_port, metric, read_usage
+from tests.support import free_port, metric, read_usage, usage_counted
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +25,7 @@ def test_run_then_demo_counts_every_call_and_stops_cleanly(tmp_path: Path) -> No
         deadline = time.monotonic() + 60
         counted = 0.0
         while time.monotonic() < deadline and counted < sent:
-            counted = metric(run.metrics_port + 1, "spendstream_worker_usage_events_total")
+            counted = usage_counted(run.metrics_port + 1)
             time.sleep(0.5)
         # every model call once; the runaway agent's invoke_agent wrappers are not model calls
         assert counted == sent
@@ -32,6 +33,11 @@ def test_run_then_demo_counts_every_call_and_stops_cleanly(tmp_path: Path) -> No
         assert len({e.id for e in events}) == sent
         assert {"customer-support", "search", "research", "unallocated"} <= {e.attribution["team"] for e in events}
         assert metric(run.metrics_port, "spendstream_collector_usage_events_published_total") == sent
+        # the collector's endpoint shows the collector's metrics, not the workers'
+        with urllib.request.urlopen(f"http://127.0.0.1:{run.metrics_port}/metrics", timeout=5) as response:
+            names = {line.split()[2] for line in response.read().decode().splitlines() if line.startswith("# TYPE")}
+        assert "spendstream_collector_spans_received_total" in names
+        assert not {n for n in names if n.startswith("spendstream_") and not n.startswith("spendstream_collector")}
     assert (tmp_path / "logs" / "worker-1.log").exists()
 
 
@@ -105,7 +111,7 @@ def test_cli_errors_are_one_clear_line(args: list[str], message: str) -> None:
 
 
 def test_report_rejects_an_unknown_grouping(tmp_path: Path) -> None:
-    from pipeline.focus_files import focus_dir  # noqa: PLC0415
+    from pipeline.export.files import focus_dir  # noqa: PLC0415
 
     day = focus_dir(tmp_path) / "billing_period=2026-11" / "charge_date=2026-11-01"
     day.mkdir(parents=True)

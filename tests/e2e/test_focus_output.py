@@ -17,8 +17,8 @@ import duckdb
 import orjson
 import pytest
 
-from pipeline.focus import money
 from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
+from pipeline.pricing.focus import money
 from tests.e2e.running import run_demo, spendstream, spendstream_run
 from tests.focus_validator import KNOWN_DEFECTS, validate, validator
 from tests.support import metric, read_deadletters, read_topic, read_usage

@@ -10,7 +10,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 from schemas.topics import TopicNames
 from tests.e2e.conftest import COMPLETION_MARKER, USAGE
 from tests.support import CollectorThread, collector_config, read_topic, read_usage

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 from schemas.usage import UsageEvent
 from tests.conftest import new_topics
 from tests.dialects import DIALECTS, Dialect, assert_matches

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 
 
 def produce_slowly(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], seconds: float) -> None:
@@ -30,10 +30,10 @@ def produce_slowly(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes
 
 def role(name: str, broker: EmbeddedBroker, config: Path, tmp: Path, port: int,
          instance: str = "") -> subprocess.Popen[bytes]:
-    """`spendstream <name>`; workers get a data dir of their own per `instance`."""
-    data = tmp / (f"worker{instance}" if name == "worker" else "data")
+    """`spendstream <name>`; the exporter writes under tmp/data; `instance` names the log of one of several."""
     log = (tmp / f"{name}{instance}.log").open("ab")
+    data = ["--data-dir", str(tmp / "data")] if name == "exporter" else []
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", name, "--kafka", broker.bootstrap_servers, "--config", str(config),
-         "--data-dir", str(data), "--metrics-port", str(port), "--log-level", "info"],
+         *data, "--metrics-port", str(port), "--log-level", "info"],
         stdout=log, stderr=subprocess.STDOUT)

@@ -15,8 +15,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
-from pipeline.broker import EmbeddedBroker
-from pipeline.topics import ensure_topics
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.topics import ensure_topics
 from schemas.config import KafkaConfig
 from schemas.topics import TopicNames
 from schemas.usage import UsageEvent

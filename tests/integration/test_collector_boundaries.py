@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 from schemas.topics import TopicNames
 from tests.dialects import DIALECTS
 from tests.support import (

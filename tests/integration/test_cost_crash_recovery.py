@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 from schemas.topics import TopicNames
 from schemas.usage import TokenCounts, UsageEvent, decode_usage_batch, encode_usage_batch
 from tests.integration.roles import produce_slowly, role

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 from schemas.alert import decode_alert
 from schemas.topics import TopicNames
 from schemas.usage import TokenCounts, UsageEvent, encode_usage_batch

@@ -1,4 +1,4 @@
-"""A real faust worker process on the real broker: counts every usage event once, dead-letters garbage."""
+"""A real worker process on the real broker: prices every usage event once, dead-letters garbage."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from collector.ingest import NestedCallFilter, ingest_request
-from pipeline.broker import EmbeddedBroker
+from pipeline.kafka.broker import EmbeddedBroker
 from schemas.config import Config
 from schemas.topics import TopicNames
 from schemas.usage import encode_usage_batch
 from tests.dialects import DIALECTS
-from tests.support import free_port, make_request, make_span, metric, read_deadletters
+from tests.support import free_port, make_request, make_span, metric, read_deadletters, usage_counted
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def test_worker_counts_events_and_dead_letters_invalid_messages(
     port = free_port()
     worker = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "worker", "--kafka", broker.bootstrap_servers, "--config", str(config),
-         "--data-dir", str(tmp_path / "w1"), "--metrics-port", str(port), "--log-level", "warning"],
+         "--metrics-port", str(port), "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -55,7 +55,7 @@ def test_worker_counts_events_and_dead_letters_invalid_messages(
         while time.monotonic() < deadline and (counted < len(events) or invalid < len(garbage)):
             time.sleep(0.5)
             try:
-                counted = metric(port, "spendstream_worker_usage_events_total")
+                counted = usage_counted(port)
                 invalid = metric(port, "spendstream_worker_usage_messages_invalid_total")
             except OSError:
                 continue

@@ -24,7 +24,7 @@ def test_design_example_loads() -> None:
     assert config.fx == {"USD": 0.92}
     assert config.ingest_tokens["tok_support_rag"] == {"team": "customer-support", "key": "support-rag"}
     assert config.attribution.required == ("team", "use_case", "env")
-    assert config.budgets[0]["amount"] == 2000
+    assert config.policy.budgets[0].amount == 2000
 
 
 def test_no_file_gives_defaults() -> None:

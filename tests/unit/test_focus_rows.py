@@ -9,20 +9,28 @@ import json
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib import resources
+from typing import Any
 
 import jsonschema
 import orjson
 import pytest
 
-from pipeline.cost_records import cost_records
-from pipeline.focus import Billing, focus_rows, month_bounds
-from pipeline.pricing import PriceCatalog, UnpricedError, overrides_from_config, price_usage
+from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, overrides_from_config, price_usage
+from pipeline.pricing.cost_records import cost_records
+from pipeline.pricing.focus import Billing, encoded_focus_rows, month_bounds
 from schemas.config import config_from_dict
 from schemas.errors import ConfigError
-from schemas.focus import COLUMN_NAMES, decode_row, encode_row
+from schemas.focus import COLUMN_NAMES, COLUMNS, decode_row, encode_row
 from schemas.usage import TokenCounts, UsageEvent
 
 WHEN = datetime(2026, 11, 20, 9, 30, 15, tzinfo=UTC)
+
+
+def focus_rows(priced: PricedUsage, billing: Billing) -> list[dict[str, Any]]:
+    """The rows as a subscriber of `genai.cost.focus` reads them, with money and quantities as Decimal."""
+    exact = {name for name, kind in COLUMNS if kind in ("money", "quantity")}
+    rows = [decode_row(value) for value, _ in encoded_focus_rows(priced, billing)]
+    return [{k: Decimal(v) if k in exact and v is not None else v for k, v in row.items()} for row in rows]
 
 
 def event(model: str = "gpt-4o", provider: str | None = "openai", when: datetime = WHEN,

@@ -8,9 +8,9 @@ from decimal import Decimal
 import pytest
 
 from pipeline.guardrails.decide import Context, decide, retain_from
+from pipeline.guardrails.spend import PricedCall, ScopeIndex, spend_records
 from pipeline.guardrails.stage import PartitionState, apply_messages, sweep_idle
 from pipeline.guardrails.state import ScopeState
-from pipeline.spend import PricedCall, ScopeIndex, spend_records
 from schemas.config import config_from_dict
 from schemas.errors import ConfigError
 from schemas.policy import Policy, Scope

@@ -1,14 +1,15 @@
-"""Kafka connection security from config: aiokafka options and faust credentials say the same thing."""
+"""Kafka connection security from config: every producer and consumer gets the same aiokafka options."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 
-import faust
 import pytest
 
-from pipeline.app import broker_credentials
+from pipeline.kafka.consumer import group_consumer
+from pipeline.kafka.producer import BatchProducer
 from schemas.config import KafkaConfig, load_config
 from schemas.errors import ConfigError
 
@@ -19,7 +20,6 @@ SASL = KafkaConfig(bootstrap_servers="kafka:9093", security_protocol="SASL_SSL",
 def test_plaintext_by_default() -> None:
     assert KafkaConfig().client_options({}) == {"bootstrap_servers": "127.0.0.1:9092",
                                                 "security_protocol": "PLAINTEXT"}
-    assert broker_credentials(KafkaConfig(), {}) is None
 
 
 def test_sasl_ssl_reads_the_password_from_the_environment() -> None:
@@ -27,9 +27,19 @@ def test_sasl_ssl_reads_the_password_from_the_environment() -> None:
     assert options["sasl_plain_password"] == "pw"
     assert options["sasl_mechanism"] == "SCRAM-SHA-512"
     assert isinstance(options["ssl_context"], ssl.SSLContext)
-    credentials = broker_credentials(SASL, {"KAFKA_PASSWORD": "pw"})
-    assert isinstance(credentials, faust.SASLCredentials)
-    assert credentials.username == "spendstream" and credentials.password == "pw"
+
+
+def test_producer_and_consumers_use_the_configured_security(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_PASSWORD", "pw")
+    producer = BatchProducer.of(SASL, {"KAFKA_PASSWORD": "pw"})
+    assert producer._options["sasl_plain_password"] == "pw"
+    assert producer._options["security_protocol"] == "SASL_SSL"
+
+    async def consumer_client() -> tuple[str, str, str]:
+        consumer = group_consumer(SASL, "g", "t", max_poll_records=10)  # aiokafka binds it to a running loop
+        return consumer._client._sasl_plain_password, consumer._client._security_protocol, consumer._group_id
+
+    assert asyncio.run(consumer_client()) == ("pw", "SASL_SSL", "g")
 
 
 def test_missing_password_names_the_variable() -> None:

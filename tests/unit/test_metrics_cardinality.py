@@ -9,12 +9,13 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.cardinality import OTHER, LabelBudget, top_scopes
-from pipeline.cost_records import CostOutput
 from pipeline.guardrails.decide import Context, decide
+from pipeline.guardrails.gauges import GuardrailGauges
 from pipeline.guardrails.readings import Readings, merge_readings, read_scopes
 from pipeline.guardrails.state import ScopeState
-from pipeline.metrics import GuardrailGauges, UsageCounters
+from pipeline.observability.cardinality import OTHER, LabelBudget, top_scopes
+from pipeline.pricing.cost_records import CostOutput
+from pipeline.pricing.counters import UsageCounters
 from schemas.config import MetricsConfig, config_from_dict
 from schemas.policy import Scope
 from schemas.spend import SpendEntry

@@ -3,6 +3,7 @@
 A FOCUS row per message makes 2-4 messages per call; aiokafka's per-message `send()` caps near
 26k/s, `create_batch()` + `send_batch()` per partition near 116k/s (DESIGN §5). Keys are placed
 with aiokafka's default partitioner, so a record lands where a keyed `send()` would put it.
+Every role that writes to Kafka (collector, stages, kill switch) uses this one producer.
 """
 
 from __future__ import annotations
@@ -15,18 +16,32 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-Record = tuple[bytes, bytes]  # key, value
+from schemas.codec import Record
+from schemas.config import KafkaConfig
+
 #: a record for an explicit partition; a None value is a tombstone (compacted topics)
 PlacedRecord = tuple[int, tuple[bytes, bytes | None]]
 
 
 class BatchProducer:
-    def __init__(self, connection: Mapping[str, Any], *, compression: str = "lz4") -> None:
+    def __init__(self, connection: Mapping[str, Any], *, compression: str = "lz4",
+                 request_timeout_s: float = 40.0) -> None:
+        """`connection` holds aiokafka's connection options (`KafkaConfig.client_options()`)."""
         self._options = dict(connection, acks="all", compression_type=None if compression == "none" else compression,
-                             max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024, linger_ms=0)
+                             max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024, linger_ms=0,
+                             request_timeout_ms=max(int(request_timeout_s * 1000), 1000), retry_backoff_ms=100)
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
         self._started: AIOKafkaProducer | None = None
+
+    @classmethod
+    def of(cls, kafka: KafkaConfig, environ: Mapping[str, str], *, request_timeout_s: float = 40.0) -> BatchProducer:
+        """A producer with the deployment's connection settings and compression."""
+        return cls(kafka.client_options(environ), compression=kafka.compression, request_timeout_s=request_timeout_s)
+
+    @property
+    def started(self) -> bool:
+        return self._started is not None
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -35,12 +50,18 @@ class BatchProducer:
         return self._started
 
     async def start(self) -> None:
+        """Connect. Raises aiokafka's KafkaError when the broker cannot be reached (nothing is left open)."""
         # aiokafka binds a producer to the running loop, so it is made here, not in __init__
         producer = AIOKafkaProducer(**self._options)
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
         self._started = producer
 
     async def stop(self) -> None:
+        """Flush what is buffered and disconnect; safe twice or without start()."""
         producer, self._started = self._started, None
         if producer is not None:
             await producer.stop()

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
-
-from pipeline import metrics
-from pipeline.consume import ConsumerMetrics
-from pipeline.focus_files import RowLedger, focus_dir, partition_of, write_partition, write_rollup
+from pipeline.export.files import RowLedger, focus_dir, partition_of, write_partition, write_rollup
+from pipeline.kafka.consumer import group_consumer
+from pipeline.observability import metrics
+from pipeline.observability.consumers import ConsumerMetrics
 from schemas.config import Config
 from schemas.focus import decode_row
 from schemas.topics import TopicNames
@@ -40,17 +38,11 @@ class FocusExporter:
         self.duplicates = 0
         self.invalid = 0
 
-    def _consumer(self) -> AIOKafkaConsumer:
-        kafka = self._config.kafka
-        return AIOKafkaConsumer(
-            TopicNames(kafka.topic_prefix).cost_focus, **kafka.client_options(os.environ),
-            group_id=f"{kafka.topic_prefix}{EXPORTER_GROUP}", enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_records=20_000, session_timeout_ms=10_000,
-            heartbeat_interval_ms=1_000)
-
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; then flush what is buffered and commit it."""
-        consumer = self._consumer()
+        kafka = self._config.kafka
+        consumer = group_consumer(kafka, EXPORTER_GROUP, TopicNames(kafka.topic_prefix).cost_focus,
+                                  max_poll_records=20_000)
         await consumer.start()
         observed = ConsumerMetrics(consumer, EXPORTER_GROUP, "exporter")
         try:

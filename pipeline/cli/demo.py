@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
@@ -27,6 +26,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Tracer
+
+from schemas.codec import rfc3339
 
 Attributes = dict[str, Any]
 
@@ -186,10 +187,6 @@ def _progress(elapsed: float, duration: float, calls: int, burst: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _rfc3339(ts_ns: int) -> str:
-    return datetime.fromtimestamp(ts_ns / 1e9, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def run_demo(*, endpoint: str, duration_s: float, rate_per_s: float, seed: int, token: str | None,
              history_s: float = 180.0) -> int:
     """Replay `history_s` of normal traffic, then send it live for `duration_s`; the research agent runs
@@ -229,7 +226,7 @@ def run_demo(*, endpoint: str, duration_s: float, rate_per_s: float, seed: int, 
         print(file=sys.stderr)
     print(f"demo: sent {traffic.calls} model calls to {endpoint}")
     if burst:
-        print(f"demo: the research agent ran away from {_rfc3339(burst[0])} to {_rfc3339(burst[1])} "
+        print(f"demo: the research agent ran away from {rfc3339(burst[0] // 10**9)} to {rfc3339(burst[1] // 10**9)} "
               "(team=research, key=research-agent)")
     return traffic.calls
 

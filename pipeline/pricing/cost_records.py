@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from pipeline.focus import Billing, encoded_focus_rows
-from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
-from pipeline.produce import Record
+from pipeline.observability.cardinality import METRIC_DIMENSIONS
+from pipeline.pricing.catalog import PriceCatalog, UnpricedError
+from pipeline.pricing.focus import Billing, encoded_focus_rows
+from pipeline.pricing.price import price_usage
+from schemas.codec import Record
 from schemas.config import UNALLOCATED
 from schemas.deadletter import DeadLetter
 from schemas.usage import UsageEvent
@@ -35,10 +37,6 @@ class CostOutput:
     #: [billed cost, tokens]
     requests: Counter[tuple[str, ...]] = field(default_factory=Counter)
     by_meter: defaultdict[tuple[str, ...], MeterTotal] = field(default_factory=lambda: defaultdict(MeterTotal))
-
-
-#: the attribution labels the cost, token and request metrics carry
-METRIC_DIMENSIONS = ("team", "use_case", "env", "app")
 
 
 def unpriced_letter(event: UsageEvent, exc: UnpricedError) -> DeadLetter:

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import NamedTuple
 
 from pipeline.guardrails.state import BUCKET_S
-from pipeline.produce import Record
+from schemas.codec import Record
 from schemas.policy import Policy, Scope
 from schemas.spend import SpendEntry, encode_spend
 from schemas.usage import UsageEvent

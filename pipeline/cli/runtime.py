@@ -8,7 +8,6 @@ rather than leaving a half-working pipeline behind.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import subprocess
@@ -21,11 +20,9 @@ from types import FrameType
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.broker import BrokerError, EmbeddedBroker, port_is_free
-from pipeline.topics import ensure_topics
+from pipeline.kafka.broker import BrokerError, EmbeddedBroker, port_is_free
+from pipeline.kafka.topics import ensure_topics
 from schemas.config import Config
-
-log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 5.0
 
@@ -97,7 +94,7 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
             common += ["--config", config_path]
         for i in range(workers):
             children.append(_spawn(f"worker-{i + 1}", [
-                "worker", *common, "--data-dir", str(data_dir / f"worker-{i + 1}"),
+                "worker", *common,
                 "--metrics-port", str(config.metrics.port + 1 + i),
             ], logs))
         children.append(_spawn("exporter", [
@@ -153,7 +150,6 @@ def _flow_status(metrics_port: int, workers: int) -> str:
     if not collector:
         return ""
     worker_totals = [_scrape(metrics_port + 1 + i) for i in range(workers)]
-    counted = sum(w.get("spendstream_worker_usage_events_total", 0.0) for w in worker_totals)
     priced = sum(w.get("spendstream_worker_usage_priced_total", 0.0) for w in worker_totals)
     unpriced = sum(w.get("spendstream_worker_usage_unpriced_total", 0.0) for w in worker_totals)
     in_files = _scrape(metrics_port + 1 + workers).get("spendstream_exporter_rows_total", 0.0)
@@ -166,7 +162,7 @@ def _flow_status(metrics_port: int, workers: int) -> str:
     if not received:
         return ""
     return (f"flow: {received:,.0f} spans received → {published:,.0f} model calls on Kafka "
-            f"({unallocated:,.0f} unallocated, {rejected:,.0f} rejected) → {counted:,.0f} counted by workers, "
+            f"({unallocated:,.0f} unallocated, {rejected:,.0f} rejected) → "
             f"{priced:,.0f} priced ({unpriced:,.0f} unpriced → genai.deadletter) → {in_files:,.0f} FOCUS rows "
             f"in files; {alerts:,.0f} alerts, {commands:,.0f} breaker commands")
 

@@ -22,6 +22,8 @@ from decimal import Decimal
 from typing import Final, TypeVar
 
 OTHER: Final = "other"
+#: the attribution labels the cost, token and request metrics carry
+METRIC_DIMENSIONS: Final = ("team", "use_case", "env", "app")
 T = TypeVar("T")
 
 

@@ -21,17 +21,20 @@ import logging
 import os
 import time
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 
-from pipeline import metrics
-from pipeline.consume import ConsumerMetrics, commit_processed
-from pipeline.cost_records import cost_records
-from pipeline.focus import Billing
 from pipeline.guardrails.decide import unpriced_alert
 from pipeline.guardrails.policy_file import PolicyFile
+from pipeline.guardrails.spend import PricedCall, ScopeIndex, spend_records
+from pipeline.kafka.consumer import commit_processed, group_consumer
+from pipeline.kafka.producer import BatchProducer
+from pipeline.observability import metrics
+from pipeline.observability.consumers import ConsumerMetrics
 from pipeline.pricing import PriceCatalog, UnpricedError
-from pipeline.produce import BatchProducer, Record
-from pipeline.spend import PricedCall, ScopeIndex, spend_records
+from pipeline.pricing.cost_records import cost_records
+from pipeline.pricing.counters import UsageCounters
+from pipeline.pricing.focus import Billing
+from schemas.codec import Record
 from schemas.config import Config
 from schemas.deadletter import DeadLetter
 from schemas.errors import SchemaError
@@ -90,23 +93,14 @@ class PricingStage:
         self._names = TopicNames(config.kafka.topic_prefix)
         self._clock = EventClock()
         self._alerted_models: set[str] = set()
-        self._counters = metrics.UsageCounters(config.metrics, billing.currency)
+        self._counters = UsageCounters(config.metrics, billing.currency)
         self.priced = self.unpriced = self.invalid = 0
-
-    def _consumer(self) -> AIOKafkaConsumer:
-        kafka = self._config.kafka
-        return AIOKafkaConsumer(
-            self._names.usage, **kafka.client_options(os.environ),
-            group_id=f"{kafka.topic_prefix}{PRICING_GROUP}", enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_records=BATCH_MAX_MESSAGES,
-            # a dead worker's partitions move after ~6 s, as for the faust group
-            session_timeout_ms=6_000, heartbeat_interval_ms=1_000, rebalance_timeout_ms=6_000)
 
     async def run(self) -> None:
         """Price until cancelled."""
-        consumer = self._consumer()
-        producer = BatchProducer(self._config.kafka.client_options(os.environ),
-                                 compression=self._config.kafka.compression)
+        consumer = group_consumer(self._config.kafka, PRICING_GROUP, self._names.usage,
+                                  max_poll_records=BATCH_MAX_MESSAGES)
+        producer = BatchProducer.of(self._config.kafka, os.environ)
         await producer.start()
         await consumer.start()
         observed = ConsumerMetrics(consumer, PRICING_GROUP, "pricing")

@@ -11,13 +11,13 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
+from schemas.codec import parse_utc
 from schemas.config import Config, load_config
 from schemas.errors import ConfigError, SpendstreamError
 from schemas.policy import Scope, duration_s
-
-log = logging.getLogger("spendstream")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -70,11 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     collector.add_argument("--http-port", type=int, help="OTLP/HTTP port (default 4318)")
     collector.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
 
-    worker = sub.add_parser("worker", help="one pipeline worker (join the consumer group)")
+    worker = sub.add_parser("worker", help="one pipeline worker (join the consumer groups)")
     _add_common(worker)
-    worker.add_argument("--data-dir", default="./spendstream-data/worker", help="this worker's own state dir")
-    worker.add_argument("--store", choices=["memory", "rocksdb"], default="memory",
-                        help="table store: memory (state rebuilt from changelogs) or rocksdb")
     worker.add_argument("--metrics-port", type=int, help="Prometheus port (default 9465)")
 
     exporter = sub.add_parser("exporter", help="write genai.cost.focus into FOCUS Parquet files")
@@ -162,7 +159,7 @@ def _serve_until_signal(coro_factory: object) -> None:
 
 def _cmd_collector(args: argparse.Namespace) -> None:
     from collector.app import serve  # noqa: PLC0415
-    from pipeline.metrics import serve_metrics  # noqa: PLC0415
+    from pipeline.observability.endpoint import serve_metrics  # noqa: PLC0415
 
     config = _config(args)
     serve_metrics(config.metrics.port)
@@ -170,19 +167,18 @@ def _cmd_collector(args: argparse.Namespace) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> None:
-    from pipeline.app import WorkerSettings, run_worker  # noqa: PLC0415
-    from pipeline.metrics import serve_metrics  # noqa: PLC0415
+    from pipeline.cli.worker import run_worker  # noqa: PLC0415
+    from pipeline.observability.endpoint import serve_metrics  # noqa: PLC0415
 
     config = _config(args)
     serve_metrics(args.metrics_port if args.metrics_port is not None else config.metrics.port + 1)
-    store = "memory://" if args.store == "memory" else "rocksdb://"
-    run_worker(config, WorkerSettings(Path(args.data_dir), store, Path(args.config) if args.config else None),
-               loglevel=args.log_level)
+    config_path = Path(args.config) if args.config else None
+    _serve_until_signal(lambda stop: run_worker(config, config_path, stop))
 
 
 def _cmd_exporter(args: argparse.Namespace) -> None:
-    from pipeline.exporter import FocusExporter  # noqa: PLC0415
-    from pipeline.metrics import serve_metrics  # noqa: PLC0415
+    from pipeline.export.exporter import FocusExporter  # noqa: PLC0415
+    from pipeline.observability.endpoint import serve_metrics  # noqa: PLC0415
 
     config = _config(args)
     serve_metrics(args.metrics_port if args.metrics_port is not None else config.metrics.port + 2)
@@ -191,7 +187,8 @@ def _cmd_exporter(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from pipeline.report import make_report, render_report  # noqa: PLC0415
+    from pipeline.cli.render import render_report  # noqa: PLC0415
+    from pipeline.export.report import make_report  # noqa: PLC0415
 
     by = [b.strip() for b in args.by.split(",") if b.strip()]
     report = make_report(Path(args.data_dir), by, since=args.since, until=args.until, top=args.top)
@@ -199,25 +196,28 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_price(args: argparse.Namespace) -> None:
-    from pipeline.app import catalog_from_config  # noqa: PLC0415
-    from pipeline.pricing import UnpricedError  # noqa: PLC0415
-    from pipeline.report import explain_price  # noqa: PLC0415
+    from pipeline.pricing.catalog import PriceCatalog, UnpricedError  # noqa: PLC0415
+    from pipeline.pricing.explain import explain_price  # noqa: PLC0415
 
-    catalog = catalog_from_config(_config(args))
+    catalog = PriceCatalog.from_config(_config(args))
     for flag in ("input", "output", "cache_read", "cache_write", "reasoning"):
         if getattr(args, flag) < 0:
             raise SpendstreamError(f"--{flag.replace('_', '-')} must not be negative")
     try:
+        at = parse_utc(args.at) if args.at else datetime.now(UTC)
+    except ValueError:
+        raise SpendstreamError(f"--at: not a date or date-time: {args.at!r} (use e.g. 2026-11-01)") from None
+    try:
         _, text = explain_price(catalog, args.model, input_tokens=args.input, output_tokens=args.output,
                                 cache_read=args.cache_read, cache_write=args.cache_write, reasoning=args.reasoning,
-                                provider=args.provider, at=args.at, service_tier=args.service_tier)
+                                provider=args.provider, at=at, service_tier=args.service_tier)
     except UnpricedError as exc:
         raise SpendstreamError(f"cannot price: {exc} ({exc.reason})") from None
     print(text)
 
 
 def _cmd_topics(args: argparse.Namespace) -> None:
-    from pipeline.topics import ensure_topics  # noqa: PLC0415
+    from pipeline.kafka.topics import ensure_topics  # noqa: PLC0415
 
     config = _config(args)
     result = asyncio.run(ensure_topics(config.kafka, os.environ))
@@ -233,6 +233,7 @@ def _scope(text: str) -> Scope:
 
 
 def _cmd_breaker(args: argparse.Namespace) -> None:
+    from pipeline.cli.render import render_breakers  # noqa: PLC0415
     from pipeline.gateway import kill_switch  # noqa: PLC0415
 
     config = _config(args)
@@ -240,11 +241,11 @@ def _cmd_breaker(args: argparse.Namespace) -> None:
     if args.breaker_command == "list":
         latest = asyncio.run(kill_switch.latest_commands(config.kafka))
         shown = [c for c in latest.values() if args.all or kill_switch.in_force(c, now)]
-        print(kill_switch.render(shown, args.format))
+        print(render_breakers(shown, args.format))
         return
     scope = _scope(args.scope)
     if args.breaker_command == "trip":
-        downgrade = dict(config.downgrade)
+        downgrade = dict(config.policy.downgrade)
         for pair in args.downgrade:
             source, sep, target = pair.partition("=")
             if not sep or not source or not target:
@@ -272,7 +273,7 @@ def _cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from pipeline.runtime import run_all  # noqa: PLC0415
+    from pipeline.cli.runtime import run_all  # noqa: PLC0415
 
     config = _config(args)
     raise SystemExit(run_all(config, workers=args.workers, data_dir=Path(args.data_dir),
@@ -281,7 +282,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from pipeline.demo import run_demo  # noqa: PLC0415
+    from pipeline.cli.demo import run_demo  # noqa: PLC0415
 
     run_demo(endpoint=args.endpoint, duration_s=args.duration, rate_per_s=args.rate, seed=args.seed,
              token=args.token, history_s=args.history)

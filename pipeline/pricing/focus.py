@@ -13,6 +13,8 @@ from functools import lru_cache
 from typing import Any, Final
 
 from pipeline.pricing import PricedLine, PricedUsage
+from schemas.codec import rfc3339
+from schemas.config import Config
 from schemas.focus import ATTRIBUTION_COLUMNS, FOCUS_SCHEMA_VERSION, MONEY_QUANTUM, encode_row
 
 _EXACT: Final = Context(prec=60)
@@ -38,10 +40,14 @@ class Billing:
     account_id: str = "spendstream"
     account_name: str = "spendstream"
 
+    @classmethod
+    def from_config(cls, config: Config) -> Billing:
+        return cls(currency=config.billing_currency, usd_rate=config.usd_rate,
+                   account_id=config.focus.billing_account_id, account_name=config.focus.billing_account_name)
 
-@lru_cache(maxsize=4096)  # calls cluster in time: most rows repeat a recent second
-def iso_utc(unix_seconds: int) -> str:
-    return datetime.fromtimestamp(unix_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+#: calls cluster in time: most rows repeat a recent second
+iso_utc: Final = lru_cache(maxsize=4096)(rfc3339)
 
 
 def month_bounds(unix_seconds: int) -> tuple[str, str]:
@@ -54,7 +60,7 @@ def _month_bounds(epoch_day: int) -> tuple[str, str]:
     day = datetime.fromtimestamp(epoch_day * 86_400, UTC)
     start = day.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    return start.strftime("%Y-%m-%dT%H:%M:%SZ"), end.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(start.timestamp()), rfc3339(end.timestamp())
 
 
 def money(value: Decimal) -> Decimal:
@@ -156,18 +162,9 @@ def _quantity_columns(point: _PricePoint, line: PricedLine, usage_id: str) -> di
     }
 
 
-def focus_rows(priced: PricedUsage, billing: Billing) -> list[dict[str, Any]]:
-    """The FOCUS 1.2 rows of one priced call: one per meter it used."""
-    common = _common_columns(priced, billing)
-    rows = []
-    for line in priced.lines:
-        point = _price_point(priced, line, billing)
-        rows.append({**common, **point.columns, **_quantity_columns(point, line, priced.event.id)})
-    return rows
-
-
 def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[bytes, Decimal]]:
-    """focus_rows as `genai.cost.focus` values with their BilledCost. A row's JSON object is spliced
+    """The FOCUS rows of one priced call, one per meter it used, as `genai.cost.focus` values with their
+    BilledCost. A row's JSON object is spliced
     from three encoded parts: the call's shared columns (encoded once per call), the price
     point's (encoded once, cached) and the row's own quantities and costs."""
     head = encode_row(_common_columns(priced, billing))[:-1] + b","

@@ -1,0 +1,63 @@
+"""Every consumer spendstream makes, from one factory, and the two loops they share: the commit rule of
+the stages (pricing, guardrails, exporter) and reading a compacted topic to its end."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, RebalanceInProgressError
+
+from schemas.config import KafkaConfig
+
+#: a dead worker's partitions move after about this long (not the 45 s default). 6 s is Apache Kafka's
+#: group.min.session.timeout.ms default: the lowest a broker accepts without its own settings changed.
+SESSION_TIMEOUT_MS: Final = 6_000
+HEARTBEAT_INTERVAL_MS: Final = 1_000
+#: how long a rebalance waits for members to rejoin; a stage that restores state on assignment needs more
+REBALANCE_TIMEOUT_MS: Final = 6_000
+
+
+def group_consumer(kafka: KafkaConfig, group: str, *topics: str, max_poll_records: int,
+                   rebalance_timeout_ms: int = REBALANCE_TIMEOUT_MS) -> AIOKafkaConsumer:
+    """A member of the deployment's consumer group `group` (prefixed like the topics) that commits by hand,
+    starts from the earliest offset when the group has none, and gives up a dead member's partitions fast.
+    With no `topics`, the caller subscribes (e.g. with a rebalance listener)."""
+    return AIOKafkaConsumer(
+        *topics, **kafka.client_options(os.environ), group_id=f"{kafka.topic_prefix}{group}",
+        enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=max_poll_records,
+        session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+        rebalance_timeout_ms=rebalance_timeout_ms)
+
+
+def reader(kafka: KafkaConfig, environ: Mapping[str, str] = os.environ) -> AIOKafkaConsumer:
+    """A consumer in no group, for reading assigned partitions (changelogs, the breaker commands)."""
+    return AIOKafkaConsumer(**kafka.client_options(environ), enable_auto_commit=False)
+
+
+async def commit_processed(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int], stage: str,
+                           log: logging.Logger) -> None:
+    """Commit exactly the offsets processed. If the partitions moved meanwhile, their new owner processes
+    the batch again; each stage's outputs are idempotent (row ids, offset guards), so that is safe."""
+    try:
+        await consumer.commit(offsets)
+    except (CommitFailedError, RebalanceInProgressError) as exc:
+        log.info("%s: commit skipped, partitions were reassigned (%s)", stage, exc)
+
+
+async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
+                      on_record: Callable[[ConsumerRecord[bytes, bytes]], None]) -> None:
+    """Assign `tps` to `consumer` and hand every record from the beginning to the current end to `on_record`
+    (rebuilding state from a compacted topic: a changelog, the breaker commands)."""
+    consumer.assign(list(tps))
+    await consumer.seek_to_beginning(*tps)
+    ends = await consumer.end_offsets(list(tps))
+    todo = {tp for tp in tps if ends[tp] > 0}
+    while todo:
+        for records in (await consumer.getmany(*todo, timeout_ms=500)).values():
+            for record in records:
+                on_record(record)
+        todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
