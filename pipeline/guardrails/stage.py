@@ -1,7 +1,7 @@
 """Stage 2's shell: `genai.spend` -> state per scope -> `genai.alerts` and `genai.breaker.commands`.
 
-Like the pricing stage it is a plain aiokafka consumer group (faust's delivery can drop a message
-on rebalance, and money cannot be lost). Its state has its own changelog, `genai.guardrails.state`,
+Like the pricing stage it is a plain aiokafka consumer group (money cannot be lost, so no stream
+framework's delivery sits in between). Its state has its own changelog, `genai.guardrails.state`,
 partitioned like `genai.spend`: partition p's scopes are written to changelog partition p.
 
 One batch: add the spend (entries at or below a scope's stored usage offset are replays and

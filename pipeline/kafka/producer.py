@@ -99,4 +99,15 @@ class BatchProducer:
                     batch = self._producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None)
             futures.append(await self._producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*futures)
+        try:
+            await asyncio.gather(*futures)
+        except BaseException:
+            # a caller's deadline gave up on them: their outcome is no longer anyone's business
+            for future in futures:
+                future.add_done_callback(_consume_outcome)
+            raise
+
+
+def _consume_outcome(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()

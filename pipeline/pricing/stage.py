@@ -1,9 +1,7 @@
 """Stage 1's shell: `genai.usage` -> priced FOCUS rows on `genai.cost.focus`, with a plain aiokafka consumer.
 
-Money must not be lost, so this stage does not ride on faust's stream delivery: in faust
-0.15.3 a message whose delivery is cut short by a rebalance or a table recovery can be marked
-read without reaching the agent (docs/architecture.md, "Known limits"; seen here once in ~10
-kill-and-restart runs). Here the loop is the whole protocol: fetch a batch, price it, publish
+Money must not be lost, so the loop is the whole protocol (docs/architecture.md, "No faust",
+says why no stream framework sits in between): fetch a batch, price it, publish
 rows and dead letters, await the broker's acknowledgement, then commit exactly the offsets
 that were processed. A crash or a rebalance before the commit redelivers the batch; its rows
 carry the same `x_RowId`s and the exporter keeps one of each.

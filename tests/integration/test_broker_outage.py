@@ -59,7 +59,8 @@ def test_broker_restart_loses_no_span(tmp_path: object) -> None:
         assert len(seen) == 200
 
         broker.stop()  # memory storage: what it held is gone, which is why we read it above
-        restarter = threading.Timer(2.0, lambda: (broker.start(), asyncio.run(
+        # down for longer than the 3 s publish deadline, so a request that meets the outage is answered UNAVAILABLE
+        restarter = threading.Timer(4.0, lambda: (broker.start(), asyncio.run(
             ensure_topics(kafka, {}))))
         restarter.start()
         send(300)  # the first of these meet a dead broker: UNAVAILABLE, the exporter backs off and retries
