@@ -62,18 +62,21 @@ class PartitionState:
         return (s for s in self.scopes.values() if s.rate.state != "closed" or s.budget_open_until_s is not None)
 
 
-def apply_messages(partition: PartitionState, messages: Iterable[SpendMessage | Tick], policy: Policy) -> set[str]:
-    """Add spend to the partition's scopes and move its clock; returns the keys of scopes that changed."""
+def apply_messages(partition: PartitionState, messages: Iterable[SpendMessage | Tick], policy: Policy,
+                   wall_s: int) -> set[str]:
+    """Add spend to the partition's scopes and move its clock, never past the wall clock `wall_s`: spend
+    stamped a little ahead (within collector.max_skew_s) waits in its own bucket until the clock gets there.
+    Returns the keys of scopes that changed."""
     changed: set[str] = set()
     for message in messages:
         if isinstance(message, Tick):
-            partition.advance(message.tick_ns // _NS)
+            partition.advance(min(message.tick_ns // _NS, wall_s))
             continue
         state = partition.scopes.get(message.scope)
         if state is None:
             state = partition.scopes[message.scope] = ScopeState(Scope.parse(message.scope))
         if message.entries:
-            partition.advance(max(e.bucket_s for e in message.entries))
+            partition.advance(min(max(e.bucket_s for e in message.entries), wall_s))
         added = state.add(message.entries, retain_from(policy, partition.clock_s))
         metrics.SPEND_REPLAYED.inc(len(message.entries) - added)
         if added:
@@ -209,7 +212,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                     messages.append(decode_spend(record.value or b""))
                 except SchemaError as exc:
                     log.warning("guardrails: skipped %s[%d]@%d: %s", record.topic, p, record.offset, exc)
-            changed = apply_messages(partition, messages, policy)
+            changed = apply_messages(partition, messages, policy, int(issued))
             ctx = Context(policy, self._config.billing_currency, partition.clock_s, issued)
             if changed or any(partition.pending()):
                 decided, dirty = decide_partition(partition, changed, ctx)

@@ -14,7 +14,7 @@ from pipeline.guardrails.state import ScopeState
 from schemas.config import config_from_dict
 from schemas.errors import ConfigError
 from schemas.policy import Policy, Scope
-from schemas.spend import SpendEntry, SpendMessage, decode_spend
+from schemas.spend import SpendEntry, SpendMessage, Tick, decode_spend
 from schemas.usage import TokenCounts, UsageEvent
 
 NOV_22 = int(datetime(2026, 11, 22, 12, 0, tzinfo=UTC).timestamp())  # 70 % of November gone
@@ -255,9 +255,21 @@ def test_idle_scopes_are_forgotten_once_nothing_reads_them() -> None:
     partition = PartitionState({})
     spend = [SpendMessage(key, [SpendEntry(0, 1, NOV_22, Decimal(1), 1, 10, Decimal(0))])
              for key in ("team=search", "team=ads", "key=k1")]
-    apply_messages(partition, spend, pol)
+    apply_messages(partition, spend, pol, wall_s=NOV_22 + 3600)
     assert sweep_idle(partition, Context(pol, "EUR", NOV_22 + 60, 0.0)) == []  # still within the window
     assert sweep_idle(partition, Context(pol, "EUR", NOV_22 + 90, 0.0)) == []  # one sweep per minute
     forgotten = sweep_idle(partition, Context(pol, "EUR", NOV_22 + 3600, 0.0))
     assert sorted(forgotten) == ["key=k1", "team=ads"]
     assert list(partition.scopes) == ["team=search"]  # its budget still counts on the month's total
+
+
+def test_no_stamp_moves_a_partition_clock_past_the_wall_clock() -> None:
+    pol = policy(velocity={"scopes": ["team"]})
+    partition = PartitionState({})
+    year_2200_s = 7_258_118_400
+    apply_messages(partition, [Tick(year_2200_s * 10**9),
+                               SpendMessage("team=x", [SpendEntry(0, 1, year_2200_s, Decimal(1), 1, 10, Decimal(0))])],
+                   pol, wall_s=NOV_22)
+    assert partition.clock_s == NOV_22
+    apply_messages(partition, [Tick((NOV_22 + 30) * 10**9)], pol, wall_s=NOV_22 + 60)
+    assert partition.clock_s == NOV_22 + 30  # real time still moves it
