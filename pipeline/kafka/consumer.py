@@ -55,9 +55,9 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
     """Assign `tps` to `consumer` and hand every record from the beginning to the current end to `on_record`
     (rebuilding state from a compacted topic: a changelog, the breaker commands)."""
     consumer.assign(list(tps))
-    starts = await consumer.beginning_offsets(list(tps))
+    await consumer.seek_to_beginning(*tps)
     ends = await consumer.end_offsets(list(tps))
-    await read_range(consumer, {tp: (starts[tp], ends[tp]) for tp in tps}, on_record)
+    await _read_until(consumer, ends, on_record)
 
 
 async def read_range(consumer: AIOKafkaConsumer, ranges: Mapping[TopicPartition, tuple[int, int]],
@@ -67,11 +67,14 @@ async def read_range(consumer: AIOKafkaConsumer, ranges: Mapping[TopicPartition,
     consumer.assign(list(ranges))
     for tp, (start, _) in ranges.items():
         consumer.seek(tp, start)
-    todo = {tp for tp, (start, end) in ranges.items() if end > start}
+    await _read_until(consumer, {tp: end for tp, (start, end) in ranges.items() if end > start}, on_record)
+
+
+async def _read_until(consumer: AIOKafkaConsumer, ends: Mapping[TopicPartition, int], on_record: OnRecord) -> None:
+    todo = {tp for tp, end in ends.items() if end > 0}
     while todo:
         for tp, records in (await consumer.getmany(*todo, timeout_ms=500)).items():
-            end = ranges[tp][1]
             for record in records:
-                if record.offset < end:
+                if record.offset < ends[tp]:
                     on_record(record)
-        todo = {tp for tp in todo if await consumer.position(tp) < ranges[tp][1]}
+        todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}

@@ -18,14 +18,16 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline.guardrails.decide import unpriced_alert
+from pipeline.guardrails.history import recorded_usage
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.spend import PricedCall, ScopeIndex, spend_records
 from pipeline.kafka.consumer import commit_processed, group_consumer, read_range, reader
-from pipeline.kafka.producer import BatchProducer
+from pipeline.kafka.producer import BatchProducer, partition_for
 from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
 from pipeline.pricing import PriceCatalog, UnpricedError
@@ -93,8 +95,10 @@ class EventClock:
 
 
 class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type hints
-    def __init__(self, config: Config, catalog: PriceCatalog, billing: Billing, policy: PolicyFile) -> None:
+    def __init__(self, config: Config, catalog: PriceCatalog, billing: Billing, policy: PolicyFile,
+                 data_dir: Path | None = None) -> None:
         self._config = config
+        self._data_dir = data_dir  # the FOCUS files: ids priced before the broker was emptied
         self._catalog = catalog
         self._billing = billing
         self._policy = policy
@@ -105,6 +109,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         self._counters = UsageCounters(config.metrics, billing.currency)
         #: usage partition -> the ids it priced within the dedupe horizon; rebuilt when a partition is taken over
         self._seen: dict[int, SeenUsage] = {}
+        self._partitions = 0  # of genai.usage
         self.priced = self.unpriced = self.invalid = self.duplicates = 0
 
     # a partition this worker gives up may be priced elsewhere meanwhile: its ids are rebuilt if it comes back
@@ -122,6 +127,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         producer = BatchProducer.of(self._config.kafka, os.environ)
         await producer.start()
         await consumer.start()
+        self._partitions = len(await producer.partitions_of(self._names.usage))
         observed = ConsumerMetrics(consumer, PRICING_GROUP, "pricing")
         reported, at = 0, time.monotonic()
         try:
@@ -175,6 +181,12 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
             await read_range(history, ranges, remember)
         finally:
             await history.stop()
+        if self._data_dir is not None:  # what the files hold, should the broker have lost it (embedded restart)
+            for key, usage_id, start_s in await asyncio.to_thread(recorded_usage, self._data_dir,
+                                                                  since_ms // 1000):
+                seen = restored.get(partition_for(key.encode(), self._partitions))
+                if seen is not None and start_s * _NS <= wall_ns:
+                    seen.first_time(usage_id, start_s)
         for seen in restored.values():
             seen.advance(wall_ns // _NS)
         self._seen.update(restored)

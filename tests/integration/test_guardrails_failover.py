@@ -135,7 +135,7 @@ def test_three_threshold_alerts_once_each_through_a_killed_worker(broker: Embedd
         search = {i for i in ids if i.startswith("budget_threshold|team=search|")}
         assert search == THRESHOLDS
         commands = [orjson.loads(r.value) for r in read_topic(broker.bootstrap_servers, topics.breaker_commands)]
-        assert {(c["breaker_id"], c["state"]) for c in commands} == {("budget|team=search", "open")}
+        assert {(c["breaker_id"], c["state"]) for c in commands} == {("budget|team=search|monthly", "open")}
     finally:
         feeder.join(timeout=30)
         stop(worker)
