@@ -75,6 +75,7 @@ class BreakerKeeper:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="breaker-keeper", daemon=True)
 
     def start(self) -> None:
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)  # the supervisor's console is for people
         self._thread.start()
 
     def stop(self) -> None:

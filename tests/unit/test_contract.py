@@ -80,7 +80,7 @@ def test_guardrail_messages_validate_and_round_trip() -> None:
     for command in commands:
         schema("breaker_command.schema.json").validate(orjson.loads(command.encode()))
         assert decode_command(command.encode()) == command
-    for value in (encode_spend("team=a", entries), encode_tick(5)):
+    for value in (encode_spend("team=a", entries), encode_tick(5), encode_reset(Reset("team=a", "handled", 6))):
         schema("spend.schema.json").validate(orjson.loads(value))
     assert decode_spend(encode_spend("team=a", entries)).entries == entries  # type: ignore[union-attr]
 
