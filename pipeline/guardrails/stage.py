@@ -229,6 +229,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         recorded = recorded_scopes(days, [] if budgets_only else buckets, policy,
                                    lambda key: partition_for(key.encode(), self._spend_partitions) in owners
                                    and (scopes is None or key in scopes))
+        recorded_from = min((b.start_s for b in buckets), default=None)  # the files' record of the window starts
         for key, spend in recorded.items():
             p = partition_for(key.encode(), self._spend_partitions)
             partition = owners[p]
@@ -241,11 +242,12 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                 if total > state.periods.get(period, Decimal(0)):
                     state.periods[period] = total
                     state.unallocated[period] = spend.unallocated.get(period, Decimal(0))
-            if p in cold:
+            if p in cold and spend.buckets:
                 state.buckets = spend.buckets
-                state.first_s = recent_s
-        for p in cold:  # the files cover the baseline window: spend before a scope's first call is known zero
-            owners[p].watching_since_s = recent_s
+                state.first_s = recorded_from
+        for p in cold:  # the files were being written from then on: spend before a scope's first call is known zero
+            if recorded_from is not None:
+                owners[p].watching_since_s = recorded_from
         log.info("guardrails: %d scopes of spend partitions %s rebuilt from the FOCUS files (%s)", len(recorded),
                  sorted(partitions), "budgets added by a reload" if budgets_only else
                  f"{len(cold)} cold partitions with their recent buckets")

@@ -84,12 +84,14 @@ class EventClock:
         self.watermark_ns = max(self.watermark_ns, min(start_ns, wall_ns))
 
     def tick_due(self, wall_ns: int) -> int | None:
-        """The tick to send now, or None (not yet due, or nothing seen yet)."""
+        """The tick to send now, or None (not yet due). Before the first call it is the wall clock: stage 2
+        keeps time (readings, cool-downs, period ends) from the start, traffic or not."""
         now = time.monotonic()
-        if not self.watermark_ns or now - self._last_tick < TICK_EVERY_S:
+        if now - self._last_tick < TICK_EVERY_S:
             return None
-        if now - self._last_call >= IDLE_AFTER_S:
-            self.watermark_ns = min(self.watermark_ns + int((now - self._last_tick) * _NS), wall_ns)
+        if not self.watermark_ns or now - self._last_call >= IDLE_AFTER_S:
+            self.watermark_ns = min(self.watermark_ns + int((now - self._last_tick) * _NS), wall_ns) \
+                if self.watermark_ns else wall_ns
         self._last_tick = now
         return self.watermark_ns
 
