@@ -166,6 +166,9 @@ def velocity(state: ScopeState, ctx: Context) -> Velocity:
         history = min(v.window_s, rate_from - state.first_s)
         if history >= v.min_history_s:
             baseline = state.sum_since(rate_from - history, rate_from).cost * 60 / history
+        elif ctx.now_s - state.first_s >= v.min_history_s and not state.sum_since(state.first_s, rate_from).requests:
+            # known for min_history with no call before the rate window: a new scope, whose baseline is zero
+            baseline = Decimal(0)
     return Velocity(per_min, policy.ceiling(state.scope), baseline, v.spike_ratio, v.min_spend_per_min,
                     recent.requests, v.min_requests)
 

@@ -516,3 +516,12 @@ def test_state_written_before_budget_breakers_per_period_still_reads() -> None:
     assert (state.rate.state, state.rate.action) == ("open", "")
     assert ScopeState.from_json({**old, "budget_open_until_s": None}).budget_open == {}
     assert ScopeState.from_json(orjson.loads(orjson.dumps(state.to_json()))) == state
+
+
+def test_a_new_team_is_stopped_as_soon_as_the_partition_has_watched_for_min_history() -> None:
+    feed = PartitionFeed(policy(**NEW_SCOPE_POLICY))  # rate_window 1m: the baseline window is not filled yet
+    for t in range(NOV_22, NOV_22 + 62):
+        feed.second(t, {"team=steady": ("0.03", 1)})
+    for t in range(NOV_22 + 62, NOV_22 + 66):
+        feed.second(t, {"team=steady": ("0.03", 1), "team=newcomer": ("10", 1)})
+    assert feed.commands == [("rate|team=newcomer", "open")]
