@@ -79,7 +79,8 @@ def budget_totals(bootstrap: str, topics: TopicNames) -> dict[str, Decimal]:
     latest: dict[str, Any] = {}
     for record in read_topic(bootstrap, topics.guardrail_state):
         latest[record.key.decode()] = orjson.loads(record.value) if record.value else None
-    return {scope: Decimal(state["periods"].get(PERIOD, "0")) for scope, state in latest.items() if state}
+    return {scope: Decimal(state["periods"].get(PERIOD, "0")) for scope, state in latest.items()
+            if state and not scope.startswith("@")}  # "@partition": the partition's own record
 
 
 def alert_ids(bootstrap: str, topics: TopicNames) -> list[str]:

@@ -274,7 +274,7 @@ def test_dockerfile_installs_the_package_the_readme_installs(tmp_path: Path) -> 
     _checkout(tmp_path / "checkout")
     from_repo = _wheel_files(tmp_path / "checkout", tmp_path / "repo")
     assert from_image == from_repo, f"missing from the image: {sorted(from_repo - from_image)}"
-    assert {"pipeline/cli.py", "collector/app.py", "schemas/config.schema.json"} <= from_image
+    assert {"pipeline/cli/main.py", "collector/app.py", "schemas/config.schema.json"} <= from_image
 
 
 def _dropped_by(condition: str, span_attributes: dict[str, Any]) -> bool:
