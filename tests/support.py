@@ -146,6 +146,7 @@ async def _read_all(bootstrap: str, topic: str, min_messages: int, timeout_s: fl
         records: list[Any] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        done = False
         while loop.time() < deadline:
             ends = await consumer.end_offsets(partitions)
             done = all([await consumer.position(tp) >= ends[tp] for tp in partitions])
@@ -154,12 +155,14 @@ async def _read_all(bootstrap: str, topic: str, min_messages: int, timeout_s: fl
             batch = await consumer.getmany(timeout_ms=200)
             for msgs in batch.values():
                 records.extend(msgs)
+        # a partial read would pass for the topic's state (the latest value of a key missing): never return one
+        assert done, f"did not read {topic} to its end within {timeout_s} s"
         return records
     finally:
         await consumer.stop()
 
 
-def read_topic(bootstrap: str, topic: str, *, min_messages: int = 0, timeout_s: float = 10.0) -> list[Any]:
+def read_topic(bootstrap: str, topic: str, *, min_messages: int = 0, timeout_s: float = 30.0) -> list[Any]:
     """Every record in `topic` from the beginning (waits for at least `min_messages`)."""
     return asyncio.run(_read_all(bootstrap, topic, min_messages, timeout_s))
 
@@ -169,7 +172,7 @@ def read_usage(bootstrap: str, topic: str, *, min_events: int = 0, timeout_s: fl
     loop_deadline = timeout_s
     events: list[UsageEvent] = []
     while True:
-        records = read_topic(bootstrap, topic, timeout_s=min(loop_deadline, 2.0))
+        records = read_topic(bootstrap, topic, timeout_s=max(min(loop_deadline, 10.0), 2.0))
         events = [e for r in records for e in decode_usage_batch(r.value)]
         loop_deadline -= 2.0
         if len(events) >= min_events or loop_deadline <= 0:
