@@ -326,7 +326,10 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             metrics.BREAKER_COMMANDS.labels(command.state).inc()
             log.info("breaker %s %s: %s", command.breaker_id, command.state, command.reason)
         metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
-        return {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+        # only what was processed: records fetched just before a revoke are not, and committing them (the old
+        # generation is still current until the group re-forms) would skip them for good
+        return {tp: records[-1].offset + 1 for tp, records in batches.items()
+                if records and tp.partition in self._partitions}
 
     def _read_gauges(self) -> None:
         """Hand the metrics a fresh snapshot of the per-scope readings, every READINGS_EVERY_S."""

@@ -112,10 +112,12 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         #: usage partition -> the ids it priced within the dedupe horizon; rebuilt when a partition is taken over
         self._seen: dict[int, SeenUsage] = {}
         self._partitions = 0  # of genai.usage
+        self._revocations = 0
         self.priced = self.unpriced = self.invalid = self.duplicates = 0
 
     # a partition this worker gives up may be priced elsewhere meanwhile: its ids are rebuilt if it comes back
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._revocations += 1
         for tp in revoked:
             self._seen.pop(tp.partition, None)
 
@@ -139,6 +141,8 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                 if batches:
                     await self._restore_seen({tp.partition: records[0].offset for tp, records in batches.items()
                                               if tp.partition not in self._seen})
+                    # a rebalance during the restore may have taken partitions away: their records are not ours
+                    batches = {tp: records for tp, records in batches.items() if tp.partition in self._seen}
                     await self._price(batches, producer)
                     await commit_processed(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()},
                                            "pricing", log)
@@ -159,6 +163,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         if not first_offsets:
             return
         horizon_s = self._config.worker.dedupe_horizon_s
+        revocations = self._revocations
         restored = {p: SeenUsage(horizon_s) for p in first_offsets}
         tps = {TopicPartition(self._names.usage, p): p for p in first_offsets}
         since_ms = (time.time_ns() // _NS - horizon_s) * 1000
@@ -191,6 +196,8 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                     seen.first_time(usage_id, start_s)
         for seen in restored.values():
             seen.advance(wall_ns // _NS)
+        if self._revocations != revocations:
+            return  # the partitions moved meanwhile: rebuilt again when they are fetched next
         self._seen.update(restored)
         log.info("pricing: took over usage partitions %s, %d usage ids within the %d s dedupe horizon restored",
                  sorted(first_offsets), sum(len(s) for s in restored.values()), horizon_s)
