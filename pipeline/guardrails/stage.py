@@ -160,6 +160,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         self._spend_partitions = 0
         self._names = TopicNames(config.kafka.topic_prefix)
         self._partitions: dict[int, PartitionState] = {}
+        self._retired: dict[int, PartitionState] = {}  # revoked, until the rebalance's assignment is known
         self._lock = asyncio.Lock()
         self._read_at = 0.0
         self.alerts = self.commands = 0
@@ -171,10 +172,17 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self._lock:
             for tp in revoked:
-                self._partitions.pop(tp.partition, None)
+                partition = self._partitions.pop(tp.partition, None)
+                if partition is not None:
+                    self._retired[tp.partition] = partition
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._lock:
+            # a partition that comes back in the same rebalance was consumed by no one in between: its state here
+            # is the newest (the broker may not serve the changelog record just written yet)
+            kept = {tp.partition: self._retired[tp.partition] for tp in assigned if tp.partition in self._retired}
+            self._retired.clear()
+            self._partitions.update(kept)
             missing = [tp.partition for tp in assigned if tp.partition not in self._partitions]
             if missing:
                 restored = await self._restore(missing)
