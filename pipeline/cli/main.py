@@ -19,6 +19,9 @@ from schemas.config import Config, load_config
 from schemas.errors import ConfigError, SpendstreamError
 from schemas.policy import Scope, duration_s
 
+#: where `run` keeps state and logs, and where the exporter writes and `report` reads the FOCUS files
+DEFAULT_DATA_DIR = "./spendstream-data"
+
 
 def _config(args: argparse.Namespace) -> Config:
     """The config file with command-line flags applied on top."""
@@ -44,7 +47,11 @@ def _add_common(p: argparse.ArgumentParser, *, kafka: bool = True) -> None:
     if kafka:
         p.add_argument("--kafka", metavar="HOST:PORT",
                        help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_log_level(p, "info")
+
+
+def _add_log_level(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="everything on one machine: broker, topics, collector, workers")
     _add_common(run)
     run.add_argument("--workers", type=int, default=1, help="pipeline workers in the consumer group (default 1)")
-    run.add_argument("--data-dir", default="./spendstream-data", help="state, logs, files (default ./spendstream-data)")
+    run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"state, logs, files (default {DEFAULT_DATA_DIR})")
     run.add_argument("--broker-port", type=int, default=9092, help="embedded broker port (default 9092)")
     run.add_argument("--grpc-port", type=int, help="OTLP/gRPC port (default 4317)")
     run.add_argument("--http-port", type=int, help="OTLP/HTTP port (default 4318)")
@@ -76,19 +83,19 @@ def _parser() -> argparse.ArgumentParser:
 
     exporter = sub.add_parser("exporter", help="write genai.cost.focus into FOCUS Parquet files")
     _add_common(exporter)
-    exporter.add_argument("--data-dir", default="./spendstream-data", help="files go under DIR/focus/")
+    exporter.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="files go under DIR/focus/")
     exporter.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464 + 2)")
 
     report = sub.add_parser("report", help="top N by cost from the FOCUS files (DuckDB)")
-    report.add_argument("--data-dir", default="./spendstream-data", help="where the exporter writes (default "
-                        "./spendstream-data)")
+    report.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                        help=f"where the exporter writes (default {DEFAULT_DATA_DIR})")
     report.add_argument("--by", default="team,use_case", help="comma-separated: team, use_case, env, app, key, "
                         "cost_center, provider, model, meter, service, day (default team,use_case)")
     report.add_argument("--since", help="from this UTC date or date-time (inclusive)")
     report.add_argument("--until", help="up to this UTC date or date-time (exclusive)")
     report.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    report.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    _add_log_level(report, "warning")
 
     price = sub.add_parser("price", help="what one call costs, and why")
     price.add_argument("model")
@@ -101,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     price.add_argument("--service-tier", help="e.g. flex, priority, batch")
     price.add_argument("--at", metavar="DATE", help="price in force on this UTC date (default now)")
     price.add_argument("--config", metavar="FILE", help="spendstream.yaml for overrides and fx")
-    price.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    _add_log_level(price, "warning")
 
     breaker = sub.add_parser("breaker", help="the kill switch: trip, reset or list circuit breakers")
     breaker_sub = breaker.add_subparsers(dest="breaker_command", required=True, metavar="ACTION")
@@ -142,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--token", help="ingest token to send as 'Authorization: Bearer'")
     demo.add_argument("--history", type=float, default=180.0, help="seconds of normal traffic to replay with past "
                       "timestamps first, so velocity has a baseline (default 180; 0: none)")
-    demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    _add_log_level(demo, "warning")
     return parser
 
 
