@@ -17,12 +17,13 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from collector.attribution import Attribution, attribute, dimension_values
 from collector.normalize import InvalidSpan, SpanUsage, normalize_span
-from schemas.config import Config
+from schemas.config import CollectorConfig, Config
 from schemas.deadletter import DeadLetter
 from schemas.usage import UsageEvent
 
 #: How many rejection messages one OTLP answer carries; the count covers all of them.
 MAX_MESSAGES = 5
+_NS = 1_000_000_000
 
 
 class NestedCallFilter:
@@ -77,11 +78,15 @@ def ingest_request(
     config: Config,
     identity: Mapping[str, str] | None,
     nested: NestedCallFilter,
+    received_ns: int | None = None,
 ) -> IngestResult:
     """Normalise and attribute every span of a request.
 
     Spans that are not model calls are skipped; model calls that cannot be priced as sent
-    are rejected (counted in the OTLP partial success) and kept as dead letters.
+    are rejected (counted in the OTLP partial success) and kept as dead letters. With
+    `received_ns` (when the request arrived, Unix ns), a model call that started outside
+    [received - collector.max_lateness_s, received + collector.max_skew_s] is one of them
+    (`invalid_timestamp`): no client clock may move the pipeline's event time.
     """
     result = IngestResult()
     limits = config.collector
@@ -104,6 +109,8 @@ def ingest_request(
                         continue
                     if len(trace_id) != 32 or len(span_id) != 16:
                         raise InvalidSpan("invalid_span_id", "trace_id must be 16 bytes and span_id 8 bytes")
+                    if received_ns is not None:
+                        check_start_time(span.start_time_unix_nano, received_ns, limits)
                 except InvalidSpan as exc:
                     who = attribute(attrs, resource_values, config.attribution, identity, limits.max_value_chars)
                     result.reject(f"span {span_id or '?'}: {exc.detail}", exc.reason)
@@ -139,6 +146,19 @@ def ingest_request(
         result.events.append(event)
         result.outcomes["accepted"] += 1
     return result
+
+
+def check_start_time(start_ns: int, received_ns: int, limits: CollectorConfig) -> None:
+    """Raises InvalidSpan (`invalid_timestamp`) when a call's start is outside the accepted event-time window."""
+    earliest = received_ns - limits.max_lateness_s * _NS
+    latest = received_ns + limits.max_skew_s * _NS
+    if earliest <= start_ns <= latest:
+        return
+    where = (f"{(received_ns - start_ns) // _NS} s before it arrived (more than collector.max_lateness_s = "
+             f"{limits.max_lateness_s})" if start_ns < earliest else
+             f"{(start_ns - received_ns) // _NS} s after it arrived (more than collector.max_skew_s = "
+             f"{limits.max_skew_s})")
+    raise InvalidSpan("invalid_timestamp", f"start time {start_ns} ns is {where}")
 
 
 def _event_fields(usage: SpanUsage, attribution: dict[str, str]) -> dict[str, object]:

@@ -80,7 +80,8 @@ class TraceIngestService:
         """
         identity = self.identity_for(authorization)
         decoded: DecodedRequest = decode_protobuf(payload) if encoding == "protobuf" else decode_json(payload)
-        result: IngestResult = ingest_request(decoded.request, self._config, identity, self._nested)
+        result: IngestResult = ingest_request(decoded.request, self._config, identity, self._nested,
+                                              received_ns=time.time_ns())
         metrics.SPANS_RECEIVED.labels(transport).inc(
             sum(len(ss.spans) for rs in decoded.request.resource_spans for ss in rs.scope_spans)
             + decoded.broken_spans

@@ -2,7 +2,9 @@
 
 The Kafka key is `breaker_id` = `<source>|<scope>`: a breaker opened by a rate (velocity,
 ceiling, limits), by a budget or by hand is its own record, so closing one never overwrites
-another. Gateways apply every open breaker whose scope matches a request; the strictest wins.
+another. A budget breaker also names its budget's period kind, `budget|<scope>|<period>`
+(`budget|team=search|monthly`), so a daily and a monthly budget of one scope are two breakers.
+Gateways apply every open breaker whose scope matches a request; the strictest wins.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ BreakerAction = Literal["block", "downgrade", "approved_only", "none"]
 
 def breaker_id(source: str, scope: str) -> str:
     return f"{source}|{scope}"
+
+
+def budget_breaker_id(scope: str, period: str) -> str:
+    """The breaker of one budget: `budget|<scope>|<period>`, period being its kind ("monthly", "daily")."""
+    return f"{breaker_id('budget', scope)}|{period}"
 
 
 def command_id(breaker: str, state: str, at_s: float) -> str:

@@ -100,6 +100,12 @@ class CollectorConfig:
     max_token_count: int = 1_000_000_000
     #: Attribution values and model names are cut to this many characters.
     max_value_chars: int = 256
+    #: Event-time bounds: a model call that started more than `max_lateness_s` before it reached the
+    #: collector, or more than `max_skew_s` after, is dead-lettered (`invalid_timestamp`) and never moves
+    #: a watermark. 1 h covers an OTLP exporter's retries (the OTel Collector gives up after 5 min) and a
+    #: batch that waited in an agent's queue; 5 min covers any host whose clock is kept by NTP.
+    max_lateness_s: int = 3600
+    max_skew_s: int = 300
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,6 +134,13 @@ class ExporterConfig:
     #: how long rows may wait before they are written; a file is durable before its offsets are committed
     flush_seconds: float = 5.0
     max_rows_per_file: int = 200_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    #: usage ids are remembered this long in event time, so a retried span counts once; at least
+    #: collector.max_lateness_s, so every span the collector accepts can be checked
+    dedupe_horizon_s: int = 3600
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +189,7 @@ class Config:
     pricing: Mapping[str, Any] = field(default_factory=dict)
     focus: FocusConfig = field(default_factory=FocusConfig)
     exporter: ExporterConfig = field(default_factory=ExporterConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     @property
     def usd_rate(self) -> Decimal:
@@ -186,6 +200,9 @@ class Config:
 
     def validate(self) -> list[str]:
         problems = self.attribution.validate() + self.kafka.validate()
+        if self.worker.dedupe_horizon_s < self.collector.max_lateness_s:
+            problems.append(f"worker.dedupe_horizon_s: {self.worker.dedupe_horizon_s} is shorter than collector."
+                            f"max_lateness_s ({self.collector.max_lateness_s}): a late retry could count twice")
         if self.billing_currency != "USD" and "USD" not in self.fx:
             problems.append(
                 f"fx: billing_currency is {self.billing_currency} but fx has no USD rate "
@@ -274,7 +291,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
 
 _SECTIONS: Final[Mapping[str, type]] = MappingProxyType({
     "kafka": KafkaConfig, "collector": CollectorConfig, "metrics": MetricsConfig, "focus": FocusConfig,
-    "exporter": ExporterConfig})
+    "exporter": ExporterConfig, "worker": WorkerConfig})
 
 
 def _build(data: Mapping[str, Any], source: str, root: yaml.Node | None = None) -> Config:

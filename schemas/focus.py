@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Final
 
 import orjson
@@ -93,6 +94,13 @@ COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("x_SchemaVersion", "int"),
 )
 COLUMN_NAMES: Final = tuple(name for name, _ in COLUMNS)
+#: the request-level files under a data dir, Hive-style (billing_period=YYYY-MM/charge_date=YYYY-MM-DD): what
+#: FinOps tools, `spendstream report` and a cold-starting worker read
+REQUEST_FILES: Final = "focus/request/billing_period=*/charge_date=*/part-*.parquet"
+
+
+def request_files_glob(data_dir: Path) -> str:
+    return str(data_dir / REQUEST_FILES)
 #: attribution dimension -> its x_ column
 ATTRIBUTION_COLUMNS: Final[Mapping[str, str]] = {
     "team": "x_Team", "use_case": "x_UseCase", "env": "x_Env", "app": "x_App", "key": "x_Key",

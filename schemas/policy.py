@@ -13,19 +13,21 @@ from decimal import Decimal
 from typing import Any, Final, Literal
 
 Action = Literal["block", "downgrade", "approved_only"]
+#: what a key's `limits` do when exceeded: an action of its own, or only alert
+LimitAction = Literal["alert_only", "block", "downgrade", "approved_only"]
 Period = Literal["daily", "monthly"]
 DEFAULT_THRESHOLDS: Final = (Decimal("0.5"), Decimal("0.8"), Decimal("1"))
 DEFAULT_PERIOD: Final[Period] = "monthly"
 GLOBAL: Final = "global"
-_DURATION = re.compile(r"^([1-9][0-9]*)([smh])$")
-_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600}
+_DURATION = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
 def duration_s(text: str) -> int:
-    """'30s', '5m', '1h' -> seconds. Raises ValueError naming the text."""
+    """'30s', '5m', '1h', '7d' -> seconds. Raises ValueError naming the text."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError(f"not a duration like 30s, 5m or 1h: {text!r}")
+        raise ValueError(f"not a duration like 30s, 5m, 1h or 7d: {text!r}")
     return int(match.group(1)) * _UNIT_S[match.group(2)]
 
 
@@ -103,6 +105,8 @@ class Budget:
 class Limits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    #: what exceeding them does: alert_only (no breaker) or the rate breaker's action; None: `breaker.action`
+    action: LimitAction | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +117,11 @@ class VelocityPolicy:
     rate_window_s: int = 60
     spike_ratio: Decimal = Decimal(3)
     min_spend_per_min: Decimal = Decimal(1)
-    #: a scope seen for less than this has no baseline yet: only ceilings apply
+    #: spend known for less than this gives no baseline yet: only ceilings apply. A scope first seen while
+    #: its partition was already watching has a known baseline of zero from when the watching began.
     min_history_s: int = 60
+    #: a spike needs at least this many calls in the rate window: one large call is not a runaway
+    min_requests: int = 3
     #: which scopes are watched: each a tuple of dimensions, () is global
     shapes: tuple[tuple[str, ...], ...] = (("team",), ("key",))
     #: absolute ceiling (per minute) for every watched scope without its own
@@ -217,7 +224,8 @@ _BREAKER_FIELDS: Final[_Fields] = {
 _VELOCITY_FIELDS: Final[_Fields] = {
     "window": ("window_s", duration_s), "rate_window": ("rate_window_s", duration_s),
     "spike_ratio": ("spike_ratio", _money), "min_spend_per_min": ("min_spend_per_min", _money),
-    "min_history": ("min_history_s", duration_s), "scopes": ("shapes", lambda v: tuple(_shape(s) for s in v)),
+    "min_history": ("min_history_s", duration_s), "min_requests": ("min_requests", int),
+    "scopes": ("shapes", lambda v: tuple(_shape(s) for s in v)),
     "max_per_min": ("max_per_min", _money)}
 
 
@@ -253,7 +261,12 @@ def policy_from_sections(data: Mapping[str, Any], dimensions: Sequence[str]) -> 
             problems.append(f"keys[{i}].key: {raw['key']!r} is listed twice")
         listed.add(scope.key)
         if "limits" in raw:
-            limits[scope.key] = Limits(**raw["limits"])
+            raw_limits = raw["limits"]
+            limits[scope.key] = Limits(requests_per_minute=raw_limits.get("requests_per_minute"),
+                                       tokens_per_minute=raw_limits.get("tokens_per_minute"),
+                                       action=raw_limits.get("action"))
+            if raw_limits.get("action") == "downgrade" and not data.get("downgrade"):
+                problems.append(f"keys[{i}].limits.action: downgrade needs a `downgrade:` model map")
         if "cost_velocity_per_min" in raw.get("circuit_breaker", {}):
             ceilings[scope.key] = _money(raw["circuit_breaker"]["cost_velocity_per_min"])
         budget_raw = raw.get("budget", {})

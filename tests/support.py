@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
@@ -52,12 +53,14 @@ _span_counter = iter(range(1, 1 << 62))
 
 
 def make_span(attrs: Mapping[str, Any], *, trace_id: bytes | None = None, span_id: bytes | None = None,
-              parent: bytes = b"", name: str = "chat") -> Span:
+              parent: bytes = b"", name: str = "chat", start_ns: int | None = None) -> Span:
+    """A client span with these attributes, started a second ago (the collector accepts no span far from now)."""
     n = next(_span_counter)
+    start_ns = time.time_ns() - 2 * 10**9 + n if start_ns is None else start_ns
     return Span(
         trace_id=trace_id or os.urandom(16), span_id=span_id or n.to_bytes(8, "big"), parent_span_id=parent,
-        name=name, kind=Span.SPAN_KIND_CLIENT, start_time_unix_nano=1_767_225_600_000_000_000 + n,
-        end_time_unix_nano=1_767_225_601_000_000_000 + n, attributes=key_values(attrs),
+        name=name, kind=Span.SPAN_KIND_CLIENT, start_time_unix_nano=start_ns,
+        end_time_unix_nano=min(start_ns + 10**9, 2**64 - 1), attributes=key_values(attrs),
     )
 
 
@@ -143,6 +146,7 @@ async def _read_all(bootstrap: str, topic: str, min_messages: int, timeout_s: fl
         records: list[Any] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        done = False
         while loop.time() < deadline:
             ends = await consumer.end_offsets(partitions)
             done = all([await consumer.position(tp) >= ends[tp] for tp in partitions])
@@ -151,12 +155,14 @@ async def _read_all(bootstrap: str, topic: str, min_messages: int, timeout_s: fl
             batch = await consumer.getmany(timeout_ms=200)
             for msgs in batch.values():
                 records.extend(msgs)
+        # a partial read would pass for the topic's state (the latest value of a key missing): never return one
+        assert done, f"did not read {topic} to its end within {timeout_s} s"
         return records
     finally:
         await consumer.stop()
 
 
-def read_topic(bootstrap: str, topic: str, *, min_messages: int = 0, timeout_s: float = 10.0) -> list[Any]:
+def read_topic(bootstrap: str, topic: str, *, min_messages: int = 0, timeout_s: float = 30.0) -> list[Any]:
     """Every record in `topic` from the beginning (waits for at least `min_messages`)."""
     return asyncio.run(_read_all(bootstrap, topic, min_messages, timeout_s))
 
@@ -166,7 +172,7 @@ def read_usage(bootstrap: str, topic: str, *, min_events: int = 0, timeout_s: fl
     loop_deadline = timeout_s
     events: list[UsageEvent] = []
     while True:
-        records = read_topic(bootstrap, topic, timeout_s=min(loop_deadline, 2.0))
+        records = read_topic(bootstrap, topic, timeout_s=max(min(loop_deadline, 10.0), 2.0))
         events = [e for r in records for e in decode_usage_batch(r.value)]
         loop_deadline -= 2.0
         if len(events) >= min_events or loop_deadline <= 0:

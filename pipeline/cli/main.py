@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="one pipeline worker (join the consumer groups)")
     _add_common(worker)
+    worker.add_argument("--data-dir", help="where the exporter writes (DIR/focus/): read on a cold start to rebuild "
+                        "budget totals, baselines and dedupe ids (default: none)")
     worker.add_argument("--metrics-port", type=int, help="Prometheus port (default 9465)")
 
     exporter = sub.add_parser("exporter", help="write genai.cost.focus into FOCUS Parquet files")
@@ -180,7 +182,8 @@ def _cmd_worker(args: argparse.Namespace) -> None:
     config = _config(args)
     serve_metrics(args.metrics_port if args.metrics_port is not None else config.metrics.port + 1)
     config_path = Path(args.config) if args.config else None
-    _serve_until_signal(lambda stop: run_worker(config, config_path, stop))
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    _serve_until_signal(lambda stop: run_worker(config, config_path, data_dir, stop))
 
 
 def _cmd_exporter(args: argparse.Namespace) -> None:

@@ -20,11 +20,15 @@ from types import FrameType
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.cli.breaker_keeper import BreakerKeeper, restore_breakers
 from pipeline.kafka.broker import BrokerError, EmbeddedBroker, port_is_free
 from pipeline.kafka.topics import ensure_topics
 from schemas.config import Config
 
 STATUS_EVERY_S = 5.0
+#: how long a clean stop waits for each stage to read what the broker holds
+DRAIN_TIMEOUT_S = 30.0
+LAG_REPORT_S = 1.5
 
 
 @dataclass(slots=True)
@@ -45,22 +49,50 @@ def _check_ports(config: Config, workers: int) -> None:
 def _spawn(name: str, args: list[str], log_dir: Path) -> Child:
     log_dir.mkdir(parents=True, exist_ok=True)
     out = (log_dir / f"{name}.log").open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=subprocess.STDOUT)
+    # a session of its own: Ctrl-C reaches the supervisor only, which stops the roles in drain order
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     out.close()  # the child holds its own descriptor
     return Child(name, process)
 
 
-def _stop(children: list[Child]) -> None:
+def _stop(children: list[Child], timeout_s: float = 15.0) -> None:
     for child in reversed(children):
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + timeout_s
     for child in reversed(children):
         try:
             child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             child.process.kill()
             child.process.wait()
+
+
+def _wait_drained(ports: list[int], timeout_s: float) -> bool:
+    """Wait until the consumers behind these metrics ports have read everything the broker holds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        scraped = [_scrape(port) for port in ports]
+        if all(s and s.get("spendstream_consumer_lag", 0.0) == 0.0 for s in scraped):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _drain(children: list[Child], config: Config, workers: int) -> None:
+    """Stop downstream last, so a clean stop loses nothing the collector acknowledged: the collector stops
+    taking spans, the workers finish what the broker holds, then the exporter writes it to the files."""
+    by_name = {child.name: child for child in children}
+    port = config.metrics.port
+    if "collector" in by_name:
+        _stop([by_name["collector"]])
+    _wait_drained([port + 1 + i for i in range(workers)], DRAIN_TIMEOUT_S)
+    time.sleep(LAG_REPORT_S)  # lag is reported once a second: the last batches' output reaches the exporter
+    _stop([c for c in children if c.name.startswith("worker-")])
+    if "exporter" in by_name:
+        _wait_drained([port + 1 + workers], DRAIN_TIMEOUT_S)
+        _stop([by_name["exporter"]])
 
 
 def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | None,
@@ -79,6 +111,7 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
         config = replace(config, kafka=replace(config.kafka, bootstrap_servers=broker.bootstrap_servers))
     bootstrap = config.kafka.bootstrap_servers
     children: list[Child] = []
+    keeper: BreakerKeeper | None = None
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -89,13 +122,16 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
     signal.signal(signal.SIGTERM, on_signal)
     try:
         asyncio.run(ensure_topics(config.kafka, os.environ))
+        if broker is not None:  # the embedded broker starts empty: the breakers in force come back from disk
+            restore_breakers(config.kafka, data_dir)
+            keeper = BreakerKeeper(config.kafka, data_dir)
+            keeper.start()
         common = ["--kafka", bootstrap, "--log-level", log_level]
         if config_path:
             common += ["--config", config_path]
         for i in range(workers):
             children.append(_spawn(f"worker-{i + 1}", [
-                "worker", *common,
-                "--metrics-port", str(config.metrics.port + 1 + i),
+                "worker", *common, "--data-dir", str(data_dir), "--metrics-port", str(config.metrics.port + 1 + i),
             ], logs))
         children.append(_spawn("exporter", [
             "exporter", *common, "--data-dir", str(data_dir), "--metrics-port", str(config.metrics.port + 1 + workers),
@@ -121,9 +157,12 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
                     return 1
             time.sleep(0.2)
         print("stopping…", flush=True)
+        _drain(children, config, workers)
         return 0
     finally:
         _stop(children)
+        if keeper is not None:
+            keeper.stop()
         if broker is not None:
             broker.stop()
 

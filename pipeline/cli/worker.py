@@ -32,14 +32,15 @@ async def _watch_policy(policy: PolicyFile) -> None:
         policy.check()
 
 
-async def run_worker(config: Config, config_path: Path | None, stop: asyncio.Event) -> None:
-    """Run both stages until `stop` is set; raises the error of a stage that failed."""
+async def run_worker(config: Config, config_path: Path | None, data_dir: Path | None, stop: asyncio.Event) -> None:
+    """Run both stages until `stop` is set; raises the error of a stage that failed. `data_dir` holds the
+    FOCUS files (the durable record of spend), read when the broker has no state to restore."""
     catalog = PriceCatalog.from_config(config)
     policy = PolicyFile(config_path, config.policy)
     CATALOG_INFO.labels(catalog.version).set(1)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policy.request_reload)
-    tasks = [asyncio.create_task(PricingStage(config, catalog, Billing.from_config(config), policy).run()),
-             asyncio.create_task(GuardrailStage(config, policy).run()),
+    tasks = [asyncio.create_task(PricingStage(config, catalog, Billing.from_config(config), policy, data_dir).run()),
+             asyncio.create_task(GuardrailStage(config, policy, data_dir).run()),
              asyncio.create_task(_watch_policy(policy))]
     stopped = asyncio.create_task(stop.wait())
     try:

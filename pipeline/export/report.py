@@ -18,7 +18,7 @@ from pipeline.export.files import focus_dir
 from pipeline.pricing.focus import INPUT_METERS, OUTPUT_METERS
 from schemas.codec import parse_utc, plain_decimal
 from schemas.errors import SpendstreamError
-from schemas.focus import ATTRIBUTION_COLUMNS
+from schemas.focus import ATTRIBUTION_COLUMNS, REQUEST_FILES, request_files_glob
 
 #: --by names -> FOCUS columns
 GROUPABLE: Final = {**ATTRIBUTION_COLUMNS, "provider": "ProviderName",
@@ -79,9 +79,9 @@ def _iso(value: str) -> str:
 def make_report(data_dir: Path, by: Sequence[str], *, since: str | None = None, until: str | None = None,
                 top: int = 10) -> Report:
     root = focus_dir(data_dir)
-    if not any(root.glob("billing_period=*/charge_date=*/part-*.parquet")):
+    if not any(data_dir.glob(REQUEST_FILES)):
         raise ReportError(f"no FOCUS files under {root} (is the exporter running with --data-dir {data_dir}?)")
-    sql = report_sql(by, str(root / "billing_period=*" / "charge_date=*" / "part-*.parquet"), since, until, top)
+    sql = report_sql(by, request_files_glob(data_dir), since, until, top)
     with duckdb.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
         cursor = con.execute(sql)

@@ -1,39 +1,53 @@
 """The manual kill switch (`spendstream breaker trip|reset|list`): commands on the same topic gateways follow.
 
 A manual trip is its own breaker (`manual|<scope>`), so an automatic breaker closing never
-lifts it. `reset` closes the manual, rate and budget breakers of the scope at once; stage 2
-publishes again at its next transition of that scope (a rate breaker that cools down, a budget
-that is exhausted in a new period).
+lifts it. `reset` closes the manual, rate and budget breakers of the scope at once, and tells
+stage 2 with a reset record on `genai.spend` (keyed by the scope, so it lands on the partition
+that owns the scope, in order with its spend): stage 2 closes them in its state too, keeps the
+rate breaker closed for `breaker.cool_down` and the budget breakers for the rest of their period.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Final
 
 from pipeline.gateway.board import epoch_s
 from pipeline.gateway.client import read_commands
 from pipeline.kafka.consumer import reader
 from pipeline.kafka.producer import BatchProducer
-from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id, command_id
-from schemas.codec import rfc3339
+from schemas.breaker import (
+    BreakerAction,
+    BreakerCommand,
+    BreakerSource,
+    BreakerState,
+    breaker_id,
+    budget_breaker_id,
+    command_id,
+)
+from schemas.codec import Record, rfc3339
 from schemas.config import KafkaConfig
-from schemas.policy import Scope
+from schemas.policy import Period, Scope
+from schemas.spend import Reset, encode_reset
 from schemas.topics import TopicNames
 
 SOURCES: tuple[BreakerSource, ...] = ("manual", "rate", "budget")
+BUDGET_PERIODS: tuple[Period, ...] = ("monthly", "daily")
+#: the trigger of the commands `reset_commands` makes: `publish` tells stage 2 of them
+RESET_TRIGGER: Final[Mapping[str, str]] = {"kind": "reset"}
 
 
 def _command(scope: Scope, source: BreakerSource, state: BreakerState, action: BreakerAction, *, reason: str,
-             now_s: float, downgrade: Mapping[str, str] | None = None, expires_at: str | None = None
-             ) -> BreakerCommand:
-    bid = breaker_id(source, scope.key)
+             now_s: float, downgrade: Mapping[str, str] | None = None, expires_at: str | None = None,
+             bid: str | None = None, trigger: Mapping[str, str] | None = None) -> BreakerCommand:
+    bid = bid or breaker_id(source, scope.key)
     return BreakerCommand(command_id=command_id(bid, state, now_s),
                           breaker_id=bid, source=source, scope=scope.key, scope_attributes=scope.as_dict(),
                           state=state, action=action, reason=reason, issued_at=rfc3339(now_s),
                           downgrade=dict(downgrade or {}), expires_at=expires_at,
-                          trigger={"kind": "manual"})
+                          trigger=dict(trigger or {"kind": "manual"}))
 
 
 def trip_command(scope: Scope, action: BreakerAction, reason: str, *, ttl_s: int | None,
@@ -46,15 +60,34 @@ def trip_command(scope: Scope, action: BreakerAction, reason: str, *, ttl_s: int
 
 
 def reset_commands(scope: Scope, reason: str, now_s: float) -> list[BreakerCommand]:
-    return [_command(scope, source, "closed", "none", reason=reason, now_s=now_s) for source in SOURCES]
+    """Close every breaker of the scope: manual, rate, and the breaker of each budget period kind. The last one,
+    `budget|<scope>` without a period, is what versions before per-budget breakers opened: closed too, so a
+    reset lifts it during an upgrade."""
+    ids: list[tuple[BreakerSource, str]] = [(source, breaker_id(source, scope.key)) for source in SOURCES
+                                            if source != "budget"]
+    ids += [("budget", budget_breaker_id(scope.key, period)) for period in BUDGET_PERIODS]
+    ids.append(("budget", breaker_id("budget", scope.key)))
+    return [_command(scope, source, "closed", "none", reason=reason, now_s=now_s, bid=bid, trigger=RESET_TRIGGER)
+            for source, bid in ids]
+
+
+def reset_records(commands: Sequence[BreakerCommand]) -> list[Record]:
+    """Stage 2's reset records (for `genai.spend`, keyed by scope) of the resets among `commands`, one per scope."""
+    resets = {c.scope: Reset(c.scope, c.reason, int(epoch_s(c.issued_at) or 0)) for c in commands
+              if c.state == "closed" and c.source == "manual" and dict(c.trigger) == RESET_TRIGGER}
+    return [(scope.encode(), encode_reset(reset)) for scope, reset in resets.items()]
 
 
 async def publish(kafka: KafkaConfig, commands: list[BreakerCommand]) -> None:
+    """Publish the commands. A reset among them (`reset_commands`) first goes to stage 2 on `genai.spend`, so that
+    stage 2 is told before the gateways are: a transition it publishes meanwhile is then followed, not
+    preceded, by the reset's closing commands."""
+    names = TopicNames(kafka.topic_prefix)
     producer = BatchProducer.of(kafka, os.environ)
     await producer.start()
     try:
-        await producer.send_all(TopicNames(kafka.topic_prefix).breaker_commands,
-                                [(c.breaker_id.encode(), c.encode()) for c in commands])
+        await producer.send_all(names.spend, reset_records(commands))
+        await producer.send_all(names.breaker_commands, [(c.breaker_id.encode(), c.encode()) for c in commands])
     finally:
         await producer.stop()
 

@@ -7,21 +7,42 @@ breaker states), so evaluating again after a replay or a restart decides nothing
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final
 
-from pipeline.guardrails.state import BUCKET_S, ScopeState, day_of, month_of, period_bounds
+from pipeline.guardrails.state import (
+    BUCKET_S,
+    RESET_TRIGGER,
+    ScopeState,
+    day_of,
+    minute_of,
+    month_of,
+    period_bounds,
+)
 from schemas.alert import Alert, AlertKind, Severity
-from schemas.breaker import BreakerAction, BreakerCommand, BreakerSource, BreakerState, breaker_id, command_id
+from schemas.breaker import (
+    BreakerAction,
+    BreakerCommand,
+    BreakerSource,
+    BreakerState,
+    breaker_id,
+    budget_breaker_id,
+    command_id,
+)
 from schemas.codec import rfc3339
-from schemas.policy import Budget, Policy
+from schemas.policy import Action, BreakerPolicy, Budget, LimitAction, Policy
 
 #: projected exhaustion is not forecast from the first tenth of a period: too little to go on
 PROJECTION_MIN_ELAPSED: Final = Decimal("0.1")
 #: the unallocated share is judged once the day's spend is above this many minutes of noise floor
 UNALLOCATED_MIN_MINUTES: Final = 10
 LIMITS_WINDOW_S: Final = 60
+#: the actions a rate breaker can open with; a key's `limits.action` may also be alert_only (not one of them)
+_ACTIONS: Final[Mapping[str, Action]] = {"block": "block", "downgrade": "downgrade", "approved_only": "approved_only"}
+#: trips of different actions at once: the strictest acts (block > approved_only > downgrade), as at the gateways
+_STRICTNESS: Final[Mapping[Action, int]] = {"downgrade": 1, "approved_only": 2, "block": 3}
 
 
 def show(amount: Decimal) -> str:
@@ -42,6 +63,13 @@ class Trip:
     threshold: Decimal
     unit: str
     sentence: str
+    #: a limit trip: its key's `limits.action` (None: `breaker.action`); other trips act with `breaker.action`
+    action: LimitAction | None = None
+
+
+def trip_action(trip: Trip, policy: BreakerPolicy) -> Action | None:
+    """The action a trip opens the rate breaker with; None for an alert-only limit (it opens nothing)."""
+    return _ACTIONS.get(trip.action or policy.action)
 
 
 @dataclass(slots=True)
@@ -78,14 +106,15 @@ def _alert(ctx: Context, state: ScopeState, alert_id: str, kind: AlertKind, seve
 
 def _command(ctx: Context, state: ScopeState, source: BreakerSource, new_state: BreakerState, *, action: BreakerAction,
              reason: str, trigger: dict[str, str], env_actions: dict[str, BreakerAction] | None = None,
-             expires_s: float | None = None) -> BreakerCommand:
-    bid = breaker_id(source, state.scope.key)
-    breaker = ctx.policy.breaker
+             expires_s: float | None = None, breaker: str | None = None) -> BreakerCommand:
+    """A command for the breaker `breaker` (default: the scope's `<source>|<scope>`)."""
+    bid = breaker or breaker_id(source, state.scope.key)
+    policy = ctx.policy.breaker
     return BreakerCommand(
         command_id=command_id(bid, new_state, ctx.now_s), breaker_id=bid, source=source, scope=state.scope.key,
         scope_attributes=state.scope.as_dict(), state=new_state, action=action, env_actions=env_actions or {},
-        prod_envs=breaker.prod_envs, downgrade=dict(ctx.policy.downgrade) if action == "downgrade" else {},
-        probe_ratio=float(breaker.probe_ratio) if new_state == "half_open" else 0.0, reason=reason,
+        prod_envs=policy.prod_envs, downgrade=dict(ctx.policy.downgrade) if action == "downgrade" else {},
+        probe_ratio=float(policy.probe_ratio) if new_state == "half_open" else 0.0, reason=reason,
         trigger=trigger, issued_at=rfc3339(ctx.issued_s), event_time=rfc3339(ctx.now_s),
         expires_at=rfc3339(expires_s) if expires_s is not None else None)
 
@@ -98,10 +127,14 @@ class Velocity:
 
     per_min: Decimal
     ceiling: Decimal | None
-    #: spike_ratio x the trailing baseline, once the scope has `min_history`; None before
+    #: the trailing baseline, once `min_history` of the scope's spend is known (zero spend while the
+    #: partition was watching is known: a new scope's baseline is 0); None before
     baseline: Decimal | None
     spike_ratio: Decimal
     min_spend_per_min: Decimal
+    #: calls in the rate window: a spike is a run of calls, not one large call
+    requests: int = 0
+    min_requests: int = 1
 
     @property
     def spike_threshold(self) -> Decimal | None:
@@ -109,6 +142,11 @@ class Velocity:
         if self.baseline is None:
             return None
         return max(self.spike_ratio * self.baseline, self.min_spend_per_min)
+
+    @property
+    def is_spike(self) -> bool:
+        threshold = self.spike_threshold
+        return threshold is not None and self.per_min >= threshold and self.requests >= self.min_requests
 
     @property
     def threshold(self) -> Decimal | None:
@@ -121,13 +159,18 @@ def velocity(state: ScopeState, ctx: Context) -> Velocity:
     policy, v = ctx.policy, ctx.policy.velocity
     end = ctx.now_s - ctx.now_s % BUCKET_S + BUCKET_S
     rate_from = end - v.rate_window_s
-    per_min = state.sum_since(rate_from, end).cost * 60 / v.rate_window_s
+    recent = state.sum_since(rate_from, end)
+    per_min = recent.cost * 60 / v.rate_window_s
     baseline = None
     if state.scope.dims in v.shapes and state.first_s is not None:
         history = min(v.window_s, rate_from - state.first_s)
         if history >= v.min_history_s:
             baseline = state.sum_since(rate_from - history, rate_from).cost * 60 / history
-    return Velocity(per_min, policy.ceiling(state.scope), baseline, v.spike_ratio, v.min_spend_per_min)
+        elif ctx.now_s - state.first_s >= v.min_history_s and not state.sum_since(state.first_s, rate_from).requests:
+            # known for min_history with no call before the rate window: a new scope, whose baseline is zero
+            baseline = Decimal(0)
+    return Velocity(per_min, policy.ceiling(state.scope), baseline, v.spike_ratio, v.min_spend_per_min,
+                    recent.requests, v.min_requests)
 
 
 def rate_trips(state: ScopeState, ctx: Context) -> list[Trip]:
@@ -140,7 +183,7 @@ def rate_trips(state: ScopeState, ctx: Context) -> list[Trip]:
         trips.append(Trip("velocity_ceiling", per_min, ceiling, f"{cur}/min",
                           f"{scope.key} is spending {show(per_min)} {cur}/min, above its ceiling of "
                           f"{show(ceiling)} {cur}/min"))
-    if baseline is not None and per_min >= rate.min_spend_per_min and per_min >= rate.spike_ratio * baseline:
+    if baseline is not None and rate.is_spike:
         trips.append(Trip("velocity_spike", per_min, rate.spike_ratio * baseline, f"{cur}/min",
                           f"{scope.key} is spending {show(per_min)} {cur}/min, "
                           f"{'with no spend before' if not baseline else f'{per_min / baseline:.1f}x'} "
@@ -153,43 +196,69 @@ def rate_trips(state: ScopeState, ctx: Context) -> list[Trip]:
             if limit is not None and observed > limit:
                 trips.append(Trip("limit_exceeded", Decimal(observed), Decimal(limit), unit,
                                   f"{scope.key} made {observed:,} {unit.split('/')[0]} in the last minute, "
-                                  f"above its limit of {limit:,}"))
+                                  f"above its limit of {limit:,}", limits.action))
     return trips
+
+
+def held_after_reset(state: ScopeState, ctx: Context) -> bool:
+    """An operator reset the rate breaker less than `breaker.cool_down` ago: it stays closed whatever the rate,
+    so the reset is not overridden at once."""
+    rate = state.rate
+    return (rate.state == "closed" and rate.trigger.get("kind") == RESET_TRIGGER
+            and ctx.now_s - rate.since_s < ctx.policy.breaker.cool_down_s)
 
 
 def decide_rate(state: ScopeState, ctx: Context) -> Decisions:
     """Move the rate breaker: closed -> open on a trip; open -> half_open after the cool-down once the
-    rate is back under; half_open -> closed after a probe period without a trip, or back to open."""
+    rate is back under; half_open -> closed after a probe period without a trip, or back to open.
+
+    A limit whose `limits.action` is alert_only only alerts (once per minute and unit) and moves no breaker.
+    After an operator's reset the breaker stays closed for `breaker.cool_down` (`held_after_reset`)."""
     out = Decisions()
     if not ctx.policy.watched(state.scope):
         return out
     trips = rate_trips(state, ctx)
     breaker, policy = state.rate, ctx.policy.breaker
+    bid = breaker_id("rate", state.scope.key)
+    minute = minute_of(ctx.now_s)
+    acting = [t for t in trips if trip_action(t, policy) is not None]
+    for trip in trips:
+        alert_id = f"{trip.kind}|{state.scope.key}|{minute}|{trip.unit}"
+        if trip_action(trip, policy) is None and alert_id not in state.alerted:
+            state.alerted.add(alert_id)
+            out.alerts.append(_alert(
+                ctx, state, alert_id, trip.kind, "warning", period=minute, observed=trip.observed,
+                threshold=trip.threshold, unit=trip.unit,
+                message=f"{trip.sentence}; alert only (limits.action: alert_only), no breaker opens."))
     elapsed = ctx.now_s - breaker.since_s
-    if trips and breaker.state in ("closed", "half_open"):
-        minute = rfc3339(ctx.now_s - ctx.now_s % 60)
-        for trip in trips:
+    if acting and breaker.state in ("closed", "half_open") and not held_after_reset(state, ctx):
+        # a velocity trip acts with breaker.action, a limit trip with its key's limits.action; when both trip at
+        # once the strictest of them acts: block > approved_only > downgrade
+        action = max((a for t in acting if (a := trip_action(t, policy)) is not None), key=_STRICTNESS.__getitem__)
+        for trip in acting:
             suffix = f"|{trip.unit}" if trip.kind == "limit_exceeded" else ""
             out.alerts.append(_alert(
                 ctx, state, f"{trip.kind}|{state.scope.key}|{minute}{suffix}", trip.kind,
                 "warning" if trip.kind == "limit_exceeded" else "critical", period=minute,
                 observed=trip.observed, threshold=trip.threshold, unit=trip.unit,
-                message=f"{trip.sentence}; breaker {breaker_id('rate', state.scope.key)} opens ({policy.action})."))
-        first = trips[0]
-        breaker.state, breaker.since_s = "open", ctx.now_s
+                message=f"{trip.sentence}; breaker {bid} opens ({action})."))
+        first = next(t for t in acting if trip_action(t, policy) == action)
+        breaker.state, breaker.since_s, breaker.action = "open", ctx.now_s, action
         breaker.trigger = {"kind": first.kind, "observed": str(first.observed), "threshold": str(first.threshold),
                            "unit": first.unit}
-        out.commands.append(_command(ctx, state, "rate", "open", action=policy.action, reason=first.sentence,
+        out.commands.append(_command(ctx, state, "rate", "open", action=action, reason=first.sentence,
                                      trigger=breaker.trigger, expires_s=ctx.issued_s + policy.expire_after_s))
-    elif breaker.state == "open" and not trips and elapsed >= policy.cool_down_s:
+        return out
+    action = _ACTIONS.get(breaker.action, policy.action)  # the action it opened with
+    if breaker.state == "open" and not acting and elapsed >= policy.cool_down_s:
         breaker.state, breaker.since_s = "half_open", ctx.now_s
         out.commands.append(_command(
-            ctx, state, "rate", "half_open", action=policy.action, trigger=breaker.trigger,
+            ctx, state, "rate", "half_open", action=action, trigger=breaker.trigger,
             reason=f"cool-down of {policy.cool_down_s}s over and the rate is back under its threshold: probing "
                    f"with {percent(policy.probe_ratio)} of traffic", expires_s=ctx.issued_s + policy.expire_after_s))
-    elif breaker.state == "half_open" and not trips and elapsed >= policy.probe_s:
+    elif breaker.state == "half_open" and not acting and elapsed >= policy.probe_s:
         breaker.state, breaker.since_s = "closed", ctx.now_s
-        out.commands.append(_command(ctx, state, "rate", "closed", action=policy.action, trigger=breaker.trigger,
+        out.commands.append(_command(ctx, state, "rate", "closed", action=action, trigger=breaker.trigger,
                                      reason=f"{policy.probe_s}s of probing without a trip: closed"))
     return out
 
@@ -201,10 +270,14 @@ def _budget_actions(budget: Budget) -> dict[str, BreakerAction]:
 
 
 def decide_budgets(state: ScopeState, ctx: Context) -> Decisions:
+    """Each threshold of each budget alerts once per period; a hard budget's 100 % opens its own breaker
+    (`budget|scope|period kind`) until the period ends, unless an operator reset the scope in that period."""
     out = Decisions()
     cur, scope = ctx.currency, state.scope.key
-    for budget in ctx.policy.budgets_of(scope):
+    budgets = ctx.policy.budgets_of(scope)
+    for budget in budgets:
         length = 7 if budget.period == "monthly" else 10
+        bid = budget_breaker_id(scope, budget.period)
         for period in sorted(p for p in state.periods if len(p) == length):
             spent = state.periods[period]
             end = period_bounds(period)[1]
@@ -218,13 +291,15 @@ def decide_budgets(state: ScopeState, ctx: Context) -> Decisions:
                 severity: Severity = "critical" if threshold.ratio >= 1 else "warning" if threshold.ratio >= Decimal(
                     "0.8") else "info"
                 action_text = ""
-                if hard:
+                if hard and period in state.budget_reset:
+                    action_text = f"; breaker {bid} stays closed: an operator reset {scope} in {period}"
+                elif hard:
                     actions = _budget_actions(budget)
-                    action_text = (f"; breaker {breaker_id('budget', scope)} opens until {rfc3339(end)} "
+                    action_text = (f"; breaker {bid} opens until {rfc3339(end)} "
                                    f"(prod: {actions['prod']}, non-prod: {actions['non_prod']})")
-                    state.budget_open_until_s = max(state.budget_open_until_s or 0, end)
+                    state.budget_open[budget.period] = max(state.budget_open.get(budget.period, 0), end)
                     out.commands.append(_command(
-                        ctx, state, "budget", "open", action=actions["non_prod"], env_actions=actions,
+                        ctx, state, "budget", "open", action=actions["non_prod"], env_actions=actions, breaker=bid,
                         reason=f"{budget.period} budget of {show(budget.amount)} {cur} for {scope} ({budget.source}) "
                                f"is exhausted in {period}",
                         trigger={"kind": "budget_threshold", "observed": str(spent), "threshold": str(limit),
@@ -235,10 +310,14 @@ def decide_budgets(state: ScopeState, ctx: Context) -> Decisions:
                     message=f"{scope} has spent {show(spent)} {cur} in {period}, {percent(threshold.ratio)} of its "
                             f"{budget.period} budget of {show(budget.amount)} {cur}{action_text}."))
         out.extend(_projection(state, ctx, budget))
-    if state.budget_open_until_s is not None and ctx.now_s >= state.budget_open_until_s:
-        state.budget_open_until_s = None
+    for kind, until in sorted(state.budget_open.items()):
+        if ctx.now_s < until:
+            continue
+        del state.budget_open[kind]
+        source = next((f" ({b.source})" for b in budgets if b.period == kind), "")
         out.commands.append(_command(ctx, state, "budget", "closed", action="none", trigger={},
-                                     reason="the budget period of the exhausted budget is over"))
+                                     breaker=budget_breaker_id(scope, kind),
+                                     reason=f"the period of the exhausted {kind} budget for {scope}{source} is over"))
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Final
 
 from pipeline.guardrails.decide import Context, Velocity, velocity
 from pipeline.guardrails.state import BUCKET_S, ScopeState, day_of, month_of
-from schemas.breaker import breaker_id
+from schemas.breaker import breaker_id, budget_breaker_id
 
 #: gauge values of a breaker's state, so a panel can draw it as a line and colour it
 BREAKER_STATE_VALUE: Final = {"closed": 0, "half_open": 1, "open": 2}
@@ -71,10 +71,11 @@ def read_scopes(states: Iterable[ScopeState], ctx: Context) -> Readings:
             rates.append((key, velocity(state, ctx)))
         rate = state.rate
         if rate.state != "closed" or (rate.since_s and rate.since_s >= shown_since):
-            breakers.append(BreakerReading(breaker_id("rate", key), key, "rate", rate.state, policy.breaker.action))
-        if state.budget_open_until_s is not None:
-            actions = {a for b in policy.budgets_of(key) for a in b.on_exhausted.values()}
-            breakers.append(BreakerReading(breaker_id("budget", key), key, "budget", "open",
+            breakers.append(BreakerReading(breaker_id("rate", key), key, "rate", rate.state,
+                                           rate.action or policy.breaker.action))
+        for kind in sorted(state.budget_open):  # one breaker per exhausted budget
+            actions = {a for b in policy.budgets_of(key) if b.period == kind for a in b.on_exhausted.values()}
+            breakers.append(BreakerReading(budget_breaker_id(key, kind), key, "budget", "open",
                                            "/".join(sorted(actions)) or "none"))
         if not state.scope.items:
             total = state.periods.get(day_of(ctx.now_s), Decimal(0))

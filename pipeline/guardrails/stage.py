@@ -19,23 +19,27 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from decimal import Decimal
+from pathlib import Path
+from typing import Final
 
 import orjson
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
-from pipeline.guardrails.decide import Context, Decisions, decide, retain_from
+from pipeline.guardrails.decide import Context, Decisions, decide, held_after_reset, retain_from
 from pipeline.guardrails.gauges import GUARDRAIL_GAUGES
+from pipeline.guardrails.history import recorded_scopes, recorded_spend
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.readings import merge_readings, read_scopes
-from pipeline.guardrails.state import ScopeState
+from pipeline.guardrails.state import BUCKET_S, DAY_S, ScopeState, day_of, month_of, period_bounds
 from pipeline.kafka.consumer import commit_processed, group_consumer, read_to_end, reader
-from pipeline.kafka.producer import BatchProducer, PlacedRecord
+from pipeline.kafka.producer import BatchProducer, PlacedRecord, partition_for
 from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
 from schemas.config import Config
 from schemas.errors import SchemaError
 from schemas.policy import Policy, Scope
-from schemas.spend import SpendMessage, Tick, decode_spend
+from schemas.spend import Reset, SpendMessage, Tick, decode_spend
 from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
@@ -46,34 +50,58 @@ READINGS_EVERY_S = 5.0
 _NS = 1_000_000_000
 
 
-class PartitionState:
-    """The scopes of one `genai.spend` partition and its event-time clock."""
+#: the changelog key of a partition's own record (scope keys never start with "@")
+PARTITION_KEY: Final = "@partition"
 
-    def __init__(self, scopes: dict[str, ScopeState]) -> None:
+
+class PartitionState:
+    """The scopes of one `genai.spend` partition, its event-time clock, and since when it has been watching:
+    a scope first seen later spent nothing before, which is a baseline of zero, not "no data"."""
+
+    def __init__(self, scopes: dict[str, ScopeState], watching_since_s: int | None = None) -> None:
         self.scopes = scopes
         self.clock_s = 0
         self.swept_s = 0  # event time of the last sweep_idle
+        self.watching_since_s = watching_since_s
 
     def advance(self, ts_s: int) -> None:
         self.clock_s = max(self.clock_s, ts_s)
+        if self.watching_since_s is None:
+            self.watching_since_s = ts_s
+
+    def record(self) -> bytes:
+        """The partition's own changelog value."""
+        return orjson.dumps({"watching_since_s": self.watching_since_s})
 
     def pending(self) -> Iterable[ScopeState]:
         """Scopes with a breaker that time alone can move (cool-down, probe, period end)."""
-        return (s for s in self.scopes.values() if s.rate.state != "closed" or s.budget_open_until_s is not None)
+        return (s for s in self.scopes.values() if s.rate.state != "closed" or bool(s.budget_open))
 
 
-def apply_messages(partition: PartitionState, messages: Iterable[SpendMessage | Tick], policy: Policy) -> set[str]:
-    """Add spend to the partition's scopes and move its clock; returns the keys of scopes that changed."""
+def apply_messages(partition: PartitionState, messages: Iterable[SpendMessage | Tick | Reset], policy: Policy,
+                   wall_s: int) -> set[str]:
+    """Add spend to the partition's scopes and move its clock, never past the wall clock `wall_s`: spend
+    stamped a little ahead (within collector.max_skew_s) waits in its own bucket until the clock gets there.
+    An operator's reset closes the scope's breakers in its state (the kill switch published the commands).
+    Returns the keys of scopes that changed."""
     changed: set[str] = set()
     for message in messages:
         if isinstance(message, Tick):
-            partition.advance(message.tick_ns // _NS)
+            partition.advance(min(message.tick_ns // _NS, wall_s))
             continue
         state = partition.scopes.get(message.scope)
         if state is None:
-            state = partition.scopes[message.scope] = ScopeState(Scope.parse(message.scope))
+            state = partition.scopes[message.scope] = ScopeState(Scope.parse(message.scope),
+                                                                 first_s=partition.watching_since_s)
+        if isinstance(message, Reset):
+            # on the partition clock; a partition just taken over has none until its first tick: the reset's own
+            # time then (never past the wall clock), so the cool-down it holds the rate breaker for is not lost
+            state.reset(partition.clock_s or min(message.at_s, wall_s))
+            log.info("guardrails: %s reset by an operator (%s)", message.scope, message.reason)
+            changed.add(message.scope)
+            continue
         if message.entries:
-            partition.advance(max(e.bucket_s for e in message.entries))
+            partition.advance(min(max(e.bucket_s for e in message.entries), wall_s))
         added = state.add(message.entries, retain_from(policy, partition.clock_s))
         metrics.SPEND_REPLAYED.inc(len(message.entries) - added)
         if added:
@@ -116,17 +144,23 @@ def sweep_idle(partition: PartitionState, ctx: Context) -> list[str]:
 
 
 def _forgettable(state: ScopeState, ctx: Context) -> bool:
-    """Nothing left that a decision reads: no recent spend, no breaker, no budget counting on its totals."""
-    return (not state.buckets and state.rate.state == "closed" and state.budget_open_until_s is None
-            and bool(state.scope.items) and not ctx.policy.budgets_of(state.scope.key))
+    """Nothing left that a decision reads: no recent spend, no breaker, no operator's reset still holding its rate
+    breaker closed, no budget counting on its totals."""
+    return (not state.buckets and state.rate.state == "closed" and not state.budget_open
+            and not held_after_reset(state, ctx) and bool(state.scope.items)
+            and not ctx.policy.budgets_of(state.scope.key))
 
 
 class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type hints
-    def __init__(self, config: Config, policy: PolicyFile) -> None:
+    def __init__(self, config: Config, policy: PolicyFile, data_dir: Path | None = None) -> None:
         self._config = config
         self._policy = policy
+        self._data_dir = data_dir  # the FOCUS files: the record of spend when the changelog has none
+        self._tracked_budgets = {b.scope.key for b in policy.policy.budgets}
+        self._spend_partitions = 0
         self._names = TopicNames(config.kafka.topic_prefix)
         self._partitions: dict[int, PartitionState] = {}
+        self._retired: dict[int, PartitionState] = {}  # revoked, until the rebalance's assignment is known
         self._lock = asyncio.Lock()
         self._read_at = 0.0
         self.alerts = self.commands = 0
@@ -138,10 +172,17 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self._lock:
             for tp in revoked:
-                self._partitions.pop(tp.partition, None)
+                partition = self._partitions.pop(tp.partition, None)
+                if partition is not None:
+                    self._retired[tp.partition] = partition
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._lock:
+            # a partition that comes back in the same rebalance was consumed by no one in between: its state here
+            # is the newest (the broker may not serve the changelog record just written yet)
+            kept = {tp.partition: self._retired[tp.partition] for tp in assigned if tp.partition in self._retired}
+            self._retired.clear()
+            self._partitions.update(kept)
             missing = [tp.partition for tp in assigned if tp.partition not in self._partitions]
             if missing:
                 restored = await self._restore(missing)
@@ -152,10 +193,13 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         changelog = reader(self._config.kafka)
         await changelog.start()
         out: dict[int, dict[str, ScopeState]] = {p: {} for p in partitions}
+        since: dict[int, int | None] = dict.fromkeys(partitions)
 
         def restore(record: ConsumerRecord[bytes, bytes]) -> None:
             scopes, key = out[record.partition], (record.key or b"").decode()
-            if record.value:
+            if key == PARTITION_KEY:
+                since[record.partition] = orjson.loads(record.value or b"{}").get("watching_since_s")
+            elif record.value:
                 scopes[key] = ScopeState.from_json(orjson.loads(record.value))
             else:  # a tombstone: the scope was forgotten
                 scopes.pop(key, None)
@@ -169,7 +213,52 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         metrics.STATE_RESTORED.inc(count)
         log.info("guardrails: took over spend partitions %s, %d scope states restored from the changelog",
                  sorted(partitions), count)
-        return {p: PartitionState(scopes) for p, scopes in out.items()}
+        restored = {p: PartitionState(scopes, since[p]) for p, scopes in out.items()}
+        if self._data_dir is not None:
+            await self._apply_files(restored, budgets_only=False)
+        return restored
+
+    async def _apply_files(self, partitions: dict[int, PartitionState], *, budgets_only: bool,
+                           scopes: set[str] | None = None) -> None:
+        """Fold what the FOCUS files recorded into these partitions' states. Budget period totals: the larger
+        of the changelog's and the files' total wins (each counts every call at most once and may lack the
+        latest or the earliest calls: the larger is nearer the truth). A cold partition (no changelog state)
+        also takes the recent buckets, so its baselines need no blind minute."""
+        assert self._data_dir is not None
+        policy, now_s = self._policy.policy, int(time.time())
+        since_s = min(period_bounds(month_of(now_s))[0], period_bounds(day_of(now_s))[0] - DAY_S)
+        recent_s = retain_from(policy, now_s)
+        days, buckets = await asyncio.gather(
+            asyncio.to_thread(recorded_spend, self._data_dir, since_s, DAY_S),
+            asyncio.to_thread(recorded_spend, self._data_dir, recent_s, BUCKET_S))
+        owners = {p: partition for p, partition in partitions.items()}
+        cold = {p for p, partition in partitions.items()
+                if not budgets_only and not partition.scopes and partition.watching_since_s is None}
+        recorded = recorded_scopes(days, [] if budgets_only else buckets, policy,
+                                   lambda key: partition_for(key.encode(), self._spend_partitions) in owners
+                                   and (scopes is None or key in scopes))
+        recorded_from = min((b.start_s for b in buckets), default=None)  # the files' record of the window starts
+        for key, spend in recorded.items():
+            p = partition_for(key.encode(), self._spend_partitions)
+            partition = owners[p]
+            state = partition.scopes.get(key)
+            if state is None:
+                if not (policy.budgets_of(key) or (p in cold and spend.buckets)):
+                    continue  # nothing decides on it: no need to hold it
+                state = partition.scopes[key] = ScopeState(Scope.parse(key))
+            for period, total in spend.periods.items():
+                if total > state.periods.get(period, Decimal(0)):
+                    state.periods[period] = total
+                    state.unallocated[period] = spend.unallocated.get(period, Decimal(0))
+            if p in cold and spend.buckets:
+                state.buckets = spend.buckets
+                state.first_s = recorded_from
+        for p in cold:  # the files were being written from then on: spend before a scope's first call is known zero
+            if recorded_from is not None:
+                owners[p].watching_since_s = recorded_from
+        log.info("guardrails: %d scopes of spend partitions %s rebuilt from the FOCUS files (%s)", len(recorded),
+                 sorted(partitions), "budgets added by a reload" if budgets_only else
+                 f"{len(cold)} cold partitions with their recent buckets")
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -180,6 +269,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         consumer.subscribe([self._names.spend], listener=self)
         producer = BatchProducer.of(kafka, os.environ)
         await producer.start()
+        self._spend_partitions = len(await producer.partitions_of(self._names.spend))
         await consumer.start()
         observed = ConsumerMetrics(consumer, GUARDRAILS_GROUP, "guardrails")
         try:
@@ -198,18 +288,26 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
     async def _process(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
                        producer: BatchProducer) -> dict[TopicPartition, int]:
         policy = self._policy.policy
+        added = {b.scope.key for b in policy.budgets} - self._tracked_budgets
+        if added and self._data_dir is not None:  # a budget added mid-period counts the whole period
+            await self._apply_files(self._partitions, budgets_only=True, scopes=added)
+        self._tracked_budgets = {b.scope.key for b in policy.budgets}
         issued = time.time()
         decisions = Decisions()
         states: list[PlacedRecord] = []
         for p, partition in self._partitions.items():
             records = next((r for tp, r in batches.items() if tp.partition == p), [])
-            messages: list[SpendMessage | Tick] = []
+            messages: list[SpendMessage | Tick | Reset] = []
             for record in records:
                 try:
                     messages.append(decode_spend(record.value or b""))
                 except SchemaError as exc:
                     log.warning("guardrails: skipped %s[%d]@%d: %s", record.topic, p, record.offset, exc)
-            changed = apply_messages(partition, messages, policy)
+            watching = partition.watching_since_s
+            changed = apply_messages(partition, messages, policy, int(issued))
+            changed |= {key for key in added if key in partition.scopes}  # rebuilt: decide and write them
+            if partition.watching_since_s != watching:
+                states.append((p, (PARTITION_KEY.encode(), partition.record())))
             ctx = Context(policy, self._config.billing_currency, partition.clock_s, issued)
             if changed or any(partition.pending()):
                 decided, dirty = decide_partition(partition, changed, ctx)
@@ -236,7 +334,10 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             metrics.BREAKER_COMMANDS.labels(command.state).inc()
             log.info("breaker %s %s: %s", command.breaker_id, command.state, command.reason)
         metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
-        return {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+        # only what was processed: records fetched just before a revoke are not, and committing them (the old
+        # generation is still current until the group re-forms) would skip them for good
+        return {tp: records[-1].offset + 1 for tp, records in batches.items()
+                if records and tp.partition in self._partitions}
 
     def _read_gauges(self) -> None:
         """Hand the metrics a fresh snapshot of the per-scope readings, every READINGS_EVERY_S."""

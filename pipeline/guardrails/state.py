@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
+from schemas.codec import rfc3339
 from schemas.policy import Scope
 from schemas.spend import SpendEntry
 
@@ -32,6 +33,12 @@ def day_of(ts_s: int) -> str:
 @functools.lru_cache(maxsize=4096)
 def month_of(ts_s: int) -> str:
     return datetime.fromtimestamp(ts_s, UTC).strftime("%Y-%m")
+
+
+@functools.lru_cache(maxsize=1024)
+def minute_of(ts_s: int) -> str:
+    """The minute a rate alert is once per: '2026-11-22T12:00:00Z'."""
+    return rfc3339(ts_s - ts_s % 60)
 
 
 def period_bounds(period: str) -> tuple[int, int]:
@@ -51,13 +58,19 @@ class Bucket:
     tokens: int = 0
 
 
+#: the rate breaker's trigger after an operator's reset (it then stays closed for `breaker.cool_down`)
+RESET_TRIGGER: Final = "reset"
+
+
 @dataclass(slots=True)
 class RateBreaker:
     """The breaker a rate opens (velocity spike, ceiling, limits): closed -> open -> half_open -> closed."""
 
     state: str = "closed"
     since_s: int = 0  # event time of the last transition
-    trigger: dict[str, str] = field(default_factory=dict)
+    trigger: dict[str, str] = field(default_factory=dict)  # {"kind": "reset"} after an operator's reset
+    #: the action it opened with (a key's `limits.action` may differ from `breaker.action`); "": breaker.action
+    action: str = ""
 
 
 @dataclass(slots=True)
@@ -71,8 +84,11 @@ class ScopeState:
     unallocated: dict[str, Decimal] = field(default_factory=dict)
     alerted: set[str] = field(default_factory=set)
     rate: RateBreaker = field(default_factory=RateBreaker)
-    #: a hard budget is exhausted: its breaker stays open until this event time (the period's end)
-    budget_open_until_s: int | None = None
+    #: hard budgets exhausted, by period kind ("monthly", "daily"): each breaker (`budget|scope|kind`) stays
+    #: open until this event time (the period's end)
+    budget_open: dict[str, int] = field(default_factory=dict)
+    #: periods ("2026-11", "2026-11-22") in which an operator reset the scope: no budget breaker opens in them
+    budget_reset: set[str] = field(default_factory=set)
 
     def add(self, entries: Sequence[SpendEntry], retain_from_s: int) -> int:
         """Add the entries not added before; returns how many were new. Buckets older than
@@ -101,6 +117,14 @@ class ScopeState:
                 self.offsets[entry.partition] = entry.offset
         return added
 
+    def reset(self, now_s: int) -> None:
+        """An operator's `breaker reset` at event time `now_s`: the rate breaker is closed (and stays closed for
+        `breaker.cool_down`, see decide.py), every budget breaker is closed and stays closed for the rest of
+        its period. Commands are the kill switch's business: this only brings the state in line."""
+        self.rate = RateBreaker("closed", now_s, {"kind": RESET_TRIGGER})
+        self.budget_open.clear()
+        self.budget_reset.update((day_of(now_s), month_of(now_s)))
+
     def sum_since(self, from_s: int, until_s: int) -> Bucket:
         """Spend, requests and tokens of the buckets starting in [from_s, until_s)."""
         total = Bucket()
@@ -119,6 +143,9 @@ class ScopeState:
         for periods in (self.periods, self.unallocated):
             for period in [p for p in periods if p not in keep]:
                 del periods[period]
+        self.budget_reset &= keep
+        # alert-only limit alerts are once per minute (their period): kept while it lasts
+        keep.add(minute_of(now_s))
         self.alerted = {a for a in self.alerted if a.split("|")[2] in keep}
 
     def to_json(self) -> dict[str, Any]:
@@ -127,17 +154,25 @@ class ScopeState:
             "buckets": [[s, str(b.cost), b.requests, b.tokens] for s, b in self.buckets.items()],
             "first_s": self.first_s, "periods": {p: str(v) for p, v in self.periods.items()},
             "unallocated": {p: str(v) for p, v in self.unallocated.items()}, "alerted": sorted(self.alerted),
-            "rate": [self.rate.state, self.rate.since_s, self.rate.trigger],
-            "budget_open_until_s": self.budget_open_until_s,
+            "rate": [self.rate.state, self.rate.since_s, self.rate.trigger], "rate_action": self.rate.action,
+            "budget_open": self.budget_open, "budget_reset": sorted(self.budget_reset),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ScopeState:
+        """Reads what `to_json` writes, and the values of earlier versions: one `budget_open_until_s` for all
+        budgets of the scope (read as the monthly one's), no `rate_action`, no `budget_reset`."""
         state, since, trigger = data["rate"]
+        if "budget_open" in data:
+            budget_open = {str(k): int(v) for k, v in data["budget_open"].items()}
+        else:
+            until = data.get("budget_open_until_s")
+            budget_open = {"monthly": int(until)} if until is not None else {}
         return cls(
             scope=Scope.parse(data["scope"]), offsets={int(p): int(o) for p, o in data["offsets"]},
             buckets={int(s): Bucket(Decimal(c), int(r), int(t)) for s, c, r, t in data["buckets"]},
             first_s=data["first_s"], periods={p: Decimal(v) for p, v in data["periods"].items()},
             unallocated={p: Decimal(v) for p, v in data["unallocated"].items()}, alerted=set(data["alerted"]),
-            rate=RateBreaker(state, int(since), dict(trigger)), budget_open_until_s=data["budget_open_until_s"],
+            rate=RateBreaker(state, int(since), dict(trigger), str(data.get("rate_action", ""))),
+            budget_open=budget_open, budget_reset=set(data.get("budget_reset", ())),
         )

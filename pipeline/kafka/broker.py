@@ -74,6 +74,7 @@ class EmbeddedBroker:
              "--storage-engine", "memory://tansu/"],
             stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            start_new_session=True,  # Ctrl-C stops the roles first; the broker is stopped last, by us
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -48,16 +48,33 @@ async def commit_processed(consumer: AIOKafkaConsumer, offsets: dict[TopicPartit
         log.info("%s: commit skipped, partitions were reassigned (%s)", stage, exc)
 
 
-async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
-                      on_record: Callable[[ConsumerRecord[bytes, bytes]], None]) -> None:
+OnRecord = Callable[[ConsumerRecord[bytes, bytes]], None]
+
+
+async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], on_record: OnRecord) -> None:
     """Assign `tps` to `consumer` and hand every record from the beginning to the current end to `on_record`
     (rebuilding state from a compacted topic: a changelog, the breaker commands)."""
     consumer.assign(list(tps))
     await consumer.seek_to_beginning(*tps)
     ends = await consumer.end_offsets(list(tps))
-    todo = {tp for tp in tps if ends[tp] > 0}
+    await _read_until(consumer, ends, on_record)
+
+
+async def read_range(consumer: AIOKafkaConsumer, ranges: Mapping[TopicPartition, tuple[int, int]],
+                     on_record: OnRecord) -> None:
+    """Hand every record of each partition from its start offset up to (not including) its end offset to
+    `on_record`, in offset order per partition."""
+    consumer.assign(list(ranges))
+    for tp, (start, _) in ranges.items():
+        consumer.seek(tp, start)
+    await _read_until(consumer, {tp: end for tp, (start, end) in ranges.items() if end > start}, on_record)
+
+
+async def _read_until(consumer: AIOKafkaConsumer, ends: Mapping[TopicPartition, int], on_record: OnRecord) -> None:
+    todo = {tp for tp, end in ends.items() if end > 0}
     while todo:
-        for records in (await consumer.getmany(*todo, timeout_ms=500)).values():
+        for tp, records in (await consumer.getmany(*todo, timeout_ms=500)).items():
             for record in records:
-                on_record(record)
+                if record.offset < ends[tp]:
+                    on_record(record)
         todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
@@ -21,6 +21,16 @@ from schemas.config import KafkaConfig
 
 #: a record for an explicit partition; a None value is a tombstone (compacted topics)
 PlacedRecord = tuple[int, tuple[bytes, bytes | None]]
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition a keyed send puts `key` on, of a topic with `partitions` partitions (aiokafka's default
+    partitioner: murmur2, as Kafka's Java client), for readers that must find where a key went."""
+    every = list(range(partitions))
+    return int(_PARTITIONER(key, every, every))
+
+
+_PARTITIONER: Final = DefaultPartitioner()
 
 
 class BatchProducer:
@@ -66,7 +76,7 @@ class BatchProducer:
         if producer is not None:
             await producer.stop()
 
-    async def _partitions_of(self, topic: str) -> list[int]:
+    async def partitions_of(self, topic: str) -> list[int]:
         if topic not in self._partitions:
             self._partitions[topic] = sorted(await self._producer.partitions_for(topic))
         return self._partitions[topic]
@@ -75,13 +85,13 @@ class BatchProducer:
         """Return once the broker acknowledged every record (raises aiokafka's KafkaError otherwise)."""
         if not records:
             return
-        partitions = await self._partitions_of(topic)
+        partitions = await self.partitions_of(topic)
         await self.send_to(topic, [(self._partitioner(key, partitions, partitions), (key, value))
                                    for key, value in records])
 
     async def send_everywhere(self, topic: str, value: bytes) -> None:
         """The same value to every partition of `topic` (e.g. a clock tick), acknowledged."""
-        await self.send_to(topic, [(p, (b"", value)) for p in await self._partitions_of(topic)])
+        await self.send_to(topic, [(p, (b"", value)) for p in await self.partitions_of(topic)])
 
     async def send_to(self, topic: str, records: Sequence[PlacedRecord]) -> None:
         """Records to the partitions given with them, acknowledged before return."""

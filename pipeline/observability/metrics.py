@@ -20,6 +20,8 @@ USAGE_MESSAGES_INVALID: Final = Counter(
 )
 
 USAGE_PRICED: Final = Counter("spendstream_worker_usage_priced", "Usage events priced into FOCUS rows")
+USAGE_DUPLICATES: Final = Counter(
+    "spendstream_worker_usage_duplicates", "Usage events skipped as already priced (client retries, redeliveries)")
 USAGE_UNPRICED: Final = Counter(
     "spendstream_worker_usage_unpriced", "Usage events that could not be priced (dead-lettered); alert on any",
     ["reason"])

@@ -18,19 +18,22 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline.guardrails.decide import unpriced_alert
+from pipeline.guardrails.history import recorded_usage
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.spend import PricedCall, ScopeIndex, spend_records
-from pipeline.kafka.consumer import commit_processed, group_consumer
-from pipeline.kafka.producer import BatchProducer
+from pipeline.kafka.consumer import commit_processed, group_consumer, read_range, reader
+from pipeline.kafka.producer import BatchProducer, partition_for
 from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
 from pipeline.pricing import PriceCatalog, UnpricedError
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.counters import UsageCounters
+from pipeline.pricing.dedupe import SeenUsage
 from pipeline.pricing.focus import Billing
 from schemas.codec import Record
 from schemas.config import Config
@@ -59,31 +62,45 @@ def invalid_usage_letter(key: str, topic: str, partition: int, offset: int, exc:
     ).encode()
 
 
+def invalid_timestamp_letter(event: UsageEvent, latest_ns: int) -> bytes:
+    """A call that claims to start after the latest time the pipeline accepts (a foreign producer, a clock
+    the collector did not check): never priced, never a watermark."""
+    return DeadLetter(
+        reason="invalid_timestamp", detail=f"start time {event.start_time_unix_nano} ns is after {latest_ns} ns "
+        "(now + collector.max_skew_s)", stage="pricing", attribution_key=event.attribution_key, usage_id=event.id,
+        fields={"start_time_unix_nano": event.start_time_unix_nano}).encode()
+
+
 class EventClock:
-    """Stage 1's event-time watermark: the latest call start seen, following the wall clock when idle."""
+    """Stage 1's event-time watermark: the latest call start seen, never ahead of the wall clock (so no
+    client's clock can move it past now), and following the wall clock when idle."""
 
     def __init__(self) -> None:
         self.watermark_ns = 0
         self._last_call = self._last_tick = time.monotonic()
 
-    def saw(self, start_ns: int) -> None:
+    def saw(self, start_ns: int, wall_ns: int) -> None:
         self._last_call = time.monotonic()
-        self.watermark_ns = max(self.watermark_ns, start_ns)
+        self.watermark_ns = max(self.watermark_ns, min(start_ns, wall_ns))
 
-    def tick_due(self) -> int | None:
-        """The tick to send now, or None (not yet due, or nothing seen yet)."""
+    def tick_due(self, wall_ns: int) -> int | None:
+        """The tick to send now, or None (not yet due). Before the first call it is the wall clock: stage 2
+        keeps time (readings, cool-downs, period ends) from the start, traffic or not."""
         now = time.monotonic()
-        if not self.watermark_ns or now - self._last_tick < TICK_EVERY_S:
+        if now - self._last_tick < TICK_EVERY_S:
             return None
-        if now - self._last_call >= IDLE_AFTER_S:
-            self.watermark_ns += int((now - self._last_tick) * _NS)
+        if not self.watermark_ns or now - self._last_call >= IDLE_AFTER_S:
+            self.watermark_ns = min(self.watermark_ns + int((now - self._last_tick) * _NS), wall_ns) \
+                if self.watermark_ns else wall_ns
         self._last_tick = now
         return self.watermark_ns
 
 
-class PricingStage:
-    def __init__(self, config: Config, catalog: PriceCatalog, billing: Billing, policy: PolicyFile) -> None:
+class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type hints
+    def __init__(self, config: Config, catalog: PriceCatalog, billing: Billing, policy: PolicyFile,
+                 data_dir: Path | None = None) -> None:
         self._config = config
+        self._data_dir = data_dir  # the FOCUS files: ids priced before the broker was emptied
         self._catalog = catalog
         self._billing = billing
         self._policy = policy
@@ -92,15 +109,29 @@ class PricingStage:
         self._clock = EventClock()
         self._alerted_models: set[str] = set()
         self._counters = UsageCounters(config.metrics, billing.currency)
-        self.priced = self.unpriced = self.invalid = 0
+        #: usage partition -> the ids it priced within the dedupe horizon; rebuilt when a partition is taken over
+        self._seen: dict[int, SeenUsage] = {}
+        self._partitions = 0  # of genai.usage
+        self._revocations = 0
+        self.priced = self.unpriced = self.invalid = self.duplicates = 0
+
+    # a partition this worker gives up may be priced elsewhere meanwhile: its ids are rebuilt if it comes back
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._revocations += 1
+        for tp in revoked:
+            self._seen.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        pass
 
     async def run(self) -> None:
         """Price until cancelled."""
-        consumer = group_consumer(self._config.kafka, PRICING_GROUP, self._names.usage,
-                                  max_poll_records=BATCH_MAX_MESSAGES)
+        consumer = group_consumer(self._config.kafka, PRICING_GROUP, max_poll_records=BATCH_MAX_MESSAGES)
+        consumer.subscribe([self._names.usage], listener=self)
         producer = BatchProducer.of(self._config.kafka, os.environ)
         await producer.start()
         await consumer.start()
+        self._partitions = len(await producer.partitions_of(self._names.usage))
         observed = ConsumerMetrics(consumer, PRICING_GROUP, "pricing")
         reported, at = 0, time.monotonic()
         try:
@@ -108,55 +139,124 @@ class PricingStage:
                 batches = await consumer.getmany(timeout_ms=500, max_records=BATCH_MAX_MESSAGES)
                 await observed.after_fetch(batches)
                 if batches:
+                    await self._restore_seen({tp.partition: records[0].offset for tp, records in batches.items()
+                                              if tp.partition not in self._seen})
+                    # a rebalance during the restore may have taken partitions away: their records are not ours
+                    batches = {tp: records for tp, records in batches.items() if tp.partition in self._seen}
                     await self._price(batches, producer)
                     await commit_processed(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()},
                                            "pricing", log)
-                tick = self._clock.tick_due()
+                tick = self._clock.tick_due(time.time_ns())
                 if tick is not None:
                     await producer.send_everywhere(self._names.spend, encode_tick(tick))
                 if time.monotonic() - at >= PROGRESS_EVERY_S and self.priced != reported:
-                    log.info("pricing: %d usage events priced, %d unpriced (dead-lettered), %d invalid messages",
-                             self.priced, self.unpriced, self.invalid)
+                    log.info("pricing: %d usage events priced, %d unpriced (dead-lettered), %d invalid messages, "
+                             "%d duplicates skipped", self.priced, self.unpriced, self.invalid, self.duplicates)
                     reported, at = self.priced, time.monotonic()
         finally:
             await consumer.stop()
             await producer.stop()
 
+    async def _restore_seen(self, first_offsets: dict[int, int]) -> None:
+        """Rebuild the ids of partitions just taken over from what they hold before the first offset fetched:
+        the calls priced there within the dedupe horizon (by whichever worker)."""
+        if not first_offsets:
+            return
+        horizon_s = self._config.worker.dedupe_horizon_s
+        revocations = self._revocations
+        restored = {p: SeenUsage(horizon_s) for p in first_offsets}
+        tps = {TopicPartition(self._names.usage, p): p for p in first_offsets}
+        since_ms = (time.time_ns() // _NS - horizon_s) * 1000
+        wall_ns = time.time_ns()
+
+        def remember(record: ConsumerRecord[bytes, bytes]) -> None:
+            try:
+                events = decode_usage_batch(record.value or b"")
+            except SchemaError:
+                return
+            seen = restored[record.partition]
+            for event in events:
+                if event.start_time_unix_nano <= wall_ns:
+                    seen.first_time(event.id, event.start_time_unix_nano // _NS)
+
+        history = reader(self._config.kafka)
+        await history.start()
+        try:
+            starts = await history.offsets_for_times({tp: since_ms for tp in tps})
+            ranges = {tp: (found.offset if found is not None else first_offsets[p], first_offsets[p])
+                      for tp, p in tps.items() for found in [starts.get(tp)]}
+            await read_range(history, ranges, remember)
+        finally:
+            await history.stop()
+        if self._data_dir is not None:  # what the files hold, should the broker have lost it (embedded restart)
+            for key, usage_id, start_s in await asyncio.to_thread(recorded_usage, self._data_dir,
+                                                                  since_ms // 1000):
+                seen = restored.get(partition_for(key.encode(), self._partitions))
+                if seen is not None and start_s * _NS <= wall_ns:
+                    seen.first_time(usage_id, start_s)
+        for seen in restored.values():
+            seen.advance(wall_ns // _NS)
+        if self._revocations != revocations:
+            return  # the partitions moved meanwhile: rebuilt again when they are fetched next
+        self._seen.update(restored)
+        log.info("pricing: took over usage partitions %s, %d usage ids within the %d s dedupe horizon restored",
+                 sorted(first_offsets), sum(len(s) for s in restored.values()), horizon_s)
+
+    def _first_copies(self, events: list[tuple[UsageEvent, int, int]], wall_ns: int
+                      ) -> tuple[list[tuple[UsageEvent, int, int]], list[Record]]:
+        """The calls to price: each usage id once (a client retry or a redelivery is a repeat), none from the
+        future. Returns them and the dead letters of the calls stamped past now + collector.max_skew_s."""
+        latest_ns = wall_ns + self._config.collector.max_skew_s * _NS
+        fresh, letters = [], []
+        for event, partition, offset in events:
+            start_ns = event.start_time_unix_nano
+            if start_ns > latest_ns:
+                letters.append((event.attribution_key.encode(), invalid_timestamp_letter(event, latest_ns)))
+            elif self._seen[partition].first_time(event.id, start_ns // _NS):
+                fresh.append((event, partition, offset))
+        return fresh, letters
+
     async def _price(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
                      producer: BatchProducer) -> None:
-        events: list[UsageEvent] = []
-        positions: list[tuple[int, int]] = []
+        decoded: list[tuple[UsageEvent, int, int]] = []
         invalid: list[Record] = []
         for records in batches.values():
             for record in records:
                 key = (record.key or b"").decode("utf-8", "replace")
                 try:
-                    decoded = decode_usage_batch(record.value or b"")
-                    events.extend(decoded)
-                    positions.extend([(record.partition, record.offset)] * len(decoded))
+                    decoded.extend((event, record.partition, record.offset)
+                                   for event in decode_usage_batch(record.value or b""))
                 except SchemaError as exc:
                     self.invalid += 1
                     metrics.USAGE_MESSAGES_INVALID.inc()
                     invalid.append((record.key or b"", invalid_usage_letter(key, record.topic, record.partition,
                                                                             record.offset, exc)))
+        wall_ns = time.time_ns()
+        fresh, future = self._first_copies(decoded, wall_ns)
+        duplicates = len(decoded) - len(fresh) - len(future)
+        self.duplicates += duplicates
+        metrics.USAGE_DUPLICATES.inc(duplicates)
+        metrics.USAGE_UNPRICED.labels("invalid_timestamp").inc(len(future))
+        events = [event for event, _, _ in fresh]
         out = cost_records(events, self._catalog, self._billing)
         if self._scopes.policy is not self._policy.policy:
             self._scopes = ScopeIndex(self._policy.policy)
         calls = [PricedCall(event, partition, offset, billed)
-                 for event, (partition, offset), billed in zip(events, positions, out.billed, strict=True)
-                 if billed is not None]
+                 for (event, partition, offset), billed in zip(fresh, out.billed, strict=True) if billed is not None]
         if events:
-            self._clock.saw(max(e.start_time_unix_nano for e in events))
+            self._clock.saw(max(e.start_time_unix_nano for e in events), wall_ns)
+            for seen in self._seen.values():
+                seen.advance(self._clock.watermark_ns // _NS)
         spend = spend_records(calls, self._scopes)
         # acknowledged by the broker before the offsets are committed: at-least-once
         with metrics.PUBLISH_SECONDS.labels("pricing").time():
             await asyncio.gather(producer.send_all(self._names.cost_focus, out.rows),
-                                 producer.send_all(self._names.deadletter, invalid + out.dead_letters),
+                                 producer.send_all(self._names.deadletter, invalid + future + out.dead_letters),
                                  producer.send_all(self._names.spend, spend),
                                  producer.send_all(self._names.alerts, self._unpriced_alerts(out.unpriced_models)))
         metrics.SPEND_MESSAGES.inc(len(spend))
         self.priced += out.priced_events
-        self.unpriced += sum(out.unpriced.values())
+        self.unpriced += sum(out.unpriced.values()) + len(future)
         metrics.USAGE_PRICED.inc(out.priced_events)
         metrics.FOCUS_ROWS.inc(len(out.rows))
         for reason, count in out.unpriced.items():

@@ -42,6 +42,17 @@ def test_global_matches_everything_and_reset_lifts_it() -> None:
     assert board.decide({}, "m", NOW).verdict == "allow" and board.in_force() == []
 
 
+def test_reset_lifts_the_breaker_of_every_budget_of_the_scope() -> None:
+    board = BreakerBoard()
+    for period in ("monthly", "daily"):
+        board.apply(trip("team=search", source="budget", breaker_id=f"budget|team=search|{period}"))
+    board.apply(trip("team=ads", source="budget", breaker_id="budget|team=ads|daily"))
+    for command in reset_commands(Scope.parse("team=search"), "over", NOW + 1):
+        board.apply(command)
+    assert board.decide(PROD_SEARCH, "m", NOW).verdict == "allow"
+    assert [c.breaker_id for c in board.in_force()] == ["budget|team=ads|daily"]
+
+
 def test_downgrade_rewrites_the_model_when_a_cheaper_one_is_mapped() -> None:
     board = BreakerBoard()
     board.apply(trip("team=search", "downgrade"))

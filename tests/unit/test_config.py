@@ -56,6 +56,8 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     ("budgets:\n  - scope: {team: x}\n    amount: 5\n    on_exhausted: {prod: explode}\n",
      "budgets[0].on_exhausted.prod (line 4)"),
     ("keys:\n  - key: k\n    limits: {requests_per_minute: -1}\n", "keys[0].limits.requests_per_minute (line 3)"),
+    ("keys:\n  - key: k\n    limits: {requests_per_minute: 5, action: shout}\n", "keys[0].limits.action (line 3)"),
+    ("breaker:\n  expire_after: 7w\n", "breaker.expire_after (line 2)"),
 ])
 def test_mistakes_are_named_with_key_and_line(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -86,3 +88,12 @@ def test_exporter_and_focus_sections() -> None:
         config_from_dict({"exporter": {"rollup": "week"}})
     with pytest.raises(ConfigError, match=r"focus.*unknown key\(s\) 'account'"):
         config_from_dict({"focus": {"account": "x"}})
+
+
+def test_limits_name_their_action_and_durations_take_days(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "breaker:\n  expire_after: 7d\nkeys:\n  - key: k\n    limits: "
+                                         "{requests_per_minute: 120, tokens_per_minute: 200000, action: alert_only}\n"
+                                         "  - key: j\n    limits: {requests_per_minute: 5}\n"))
+    assert config.policy.breaker.expire_after_s == 7 * 86_400
+    assert config.policy.limits["key=k"].action == "alert_only"
+    assert config.policy.limits["key=j"].action is None  # breaker.action

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from collector.ingest import NestedCallFilter, ingest_request
-from pipeline.gateway.kill_switch import reset_commands, trip_command
+from pipeline.gateway.kill_switch import reset_commands, reset_records, trip_command
 from pipeline.guardrails.decide import Context, decide, unpriced_alert
 from pipeline.guardrails.state import ScopeState
 from schemas.alert import decode_alert
@@ -19,7 +19,7 @@ from schemas.breaker import decode_command
 from schemas.config import Config, config_from_dict
 from schemas.errors import SchemaError
 from schemas.policy import Scope
-from schemas.spend import SpendEntry, decode_spend, encode_spend, encode_tick
+from schemas.spend import Reset, SpendEntry, decode_spend, encode_reset, encode_spend, encode_tick
 from schemas.usage import decode_usage_batch, encode_usage_batch
 from tests.dialects import DIALECTS
 from tests.support import make_request, make_span
@@ -80,7 +80,7 @@ def test_guardrail_messages_validate_and_round_trip() -> None:
     for command in commands:
         schema("breaker_command.schema.json").validate(orjson.loads(command.encode()))
         assert decode_command(command.encode()) == command
-    for value in (encode_spend("team=a", entries), encode_tick(5)):
+    for value in (encode_spend("team=a", entries), encode_tick(5), encode_reset(Reset("team=a", "handled", 6))):
         schema("spend.schema.json").validate(orjson.loads(value))
     assert decode_spend(encode_spend("team=a", entries)).entries == entries  # type: ignore[union-attr]
 
@@ -91,3 +91,26 @@ def test_bad_spend_alert_and_command_messages_are_schema_errors(value: bytes) ->
     for decode in (decode_spend, decode_alert, decode_command):
         with pytest.raises(SchemaError):
             decode(value)
+
+
+def test_a_reset_round_trips_and_the_kill_switch_writes_one_per_scope() -> None:
+    reset = Reset("env=prod,team=a%2Cb", "runaway handled", 1_795_000_000)
+    assert decode_spend(encode_reset(reset)) == reset
+    assert decode_spend(encode_reset(reset._replace(scope="team=a%2Cb,env=prod"))) == reset  # canonical scope key
+    commands = reset_commands(Scope.parse("team=search"), "handled", 1_795_000_000.5)
+    assert {c.breaker_id for c in commands} == {"manual|team=search", "rate|team=search", "budget|team=search",
+                                                "budget|team=search|monthly", "budget|team=search|daily"}
+    [(key, value)] = reset_records([*commands, trip_command(Scope(), "block", "x", ttl_s=None, downgrade={},
+                                                            now_s=5)])
+    assert (key, decode_spend(value)) == (b"team=search", Reset("team=search", "handled", 1_795_000_000))
+
+
+@pytest.mark.parametrize("reset", ["team=a", [], {"scope": "team=a", "reason": "x"},
+                                   {"scope": "team=a", "reason": "x", "at_s": "soon"},
+                                   {"scope": "team=a", "reason": "x", "at_s": True},
+                                   {"scope": "team", "reason": "x", "at_s": 1},
+                                   {"scope": 5, "reason": "x", "at_s": 1},
+                                   {"scope": "team=a", "reason": None, "at_s": 1}])
+def test_bad_resets_are_schema_errors(reset: object) -> None:
+    with pytest.raises(SchemaError, match="reset"):
+        decode_spend(orjson.dumps({"schema_version": 1, "reset": reset}))

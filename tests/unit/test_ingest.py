@@ -172,3 +172,30 @@ class TestAttribution:
         config = replace(CONFIG, attribution=AttributionConfig(hash_user_ids=False))
         [event] = ingest([make_span({**DIALECTS[0].attrs, "enduser.id": "u-42"})], config=config).events
         assert event.attribution["user"] == "u-42"
+
+
+YEAR_2200_NS = 7_258_118_400 * 10**9
+NOW_NS = 1_795_000_000 * 10**9
+
+
+@pytest.mark.parametrize(("start_ns", "why"), [
+    (YEAR_2200_NS, "after it arrived"),
+    (2**64 - 1, "after it arrived"),
+    (NOW_NS - 3601 * 10**9, "before it arrived"),
+    (0, "before it arrived"),
+])
+def test_a_call_stamped_outside_the_event_time_bounds_is_dead_lettered(start_ns: int, why: str) -> None:
+    good, bad = make_span(DIALECTS[0].attrs, start_ns=NOW_NS - 10**9), make_span(DIALECTS[0].attrs, start_ns=start_ns)
+    result = ingest_request(make_request([good, bad]), CONFIG, None, NestedCallFilter(), received_ns=NOW_NS)
+    assert [e.span_id for e in result.events] == [good.span_id.hex()]
+    [letter] = result.dead_letters
+    assert letter.reason == "invalid_timestamp" and why in letter.detail
+    assert result.outcomes["rejected:invalid_timestamp"] == 1
+
+
+def test_the_bounds_are_inclusive_and_configurable() -> None:
+    config = replace(CONFIG, collector=replace(CONFIG.collector, max_lateness_s=60, max_skew_s=0))
+    spans = [make_span(DIALECTS[0].attrs, start_ns=NOW_NS - 60 * 10**9), make_span(DIALECTS[0].attrs, start_ns=NOW_NS),
+             make_span(DIALECTS[0].attrs, start_ns=NOW_NS + 1)]
+    result = ingest_request(make_request(spans), config, None, NestedCallFilter(), received_ns=NOW_NS)
+    assert len(result.events) == 2 and result.dead_letters[0].reason == "invalid_timestamp"

@@ -95,7 +95,9 @@ def test_readings_and_gauges_show_top_scopes_and_fold_the_rest() -> None:
     states = [_state(f"key=k{i}", [(NOW - 30, str(i + 1))]) for i in range(20)]
     search = _state("team=search", [(NOW - 3600, "40"), (NOW - 20, "20")])
     states.append(search)
-    spiking = _state("team=research", [(NOW - 300 + 5 * i, "1") for i in range(48)] + [(NOW - 10, "500")])
+    # a run of calls (a spike needs velocity.min_requests of them), the last one large
+    spiking = _state("team=research", [(NOW - 300 + 5 * i, "1") for i in range(48)]
+                     + [(NOW - 12, "0"), (NOW - 11, "0"), (NOW - 10, "500")])
     decide(spiking, ctx)  # opens its rate breaker
     states.append(spiking)
     readings = merge_readings([read_scopes(states[:10], ctx), read_scopes(states[10:], ctx)])

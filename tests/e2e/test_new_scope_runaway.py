@@ -1,0 +1,100 @@
+"""No blind spot and no poisoned clock: after the pipeline has watched for a minute, spans stamped in the year
+2200 and near 2^64 are dead-lettered, and a team never seen before that spends 600 USD/min from its first call
+is stopped within seconds; a steady team and a team that makes one large call are left alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.trace import SpanKind
+
+from tests.e2e.running import RunningPipeline, spendstream_run
+from tests.support import read_topic
+
+pytestmark = pytest.mark.e2e
+#: every call costs 1 USD per 1,000 input tokens; the pipeline watches teams (the default shapes)
+CONFIG = """
+pricing:
+  overrides:
+    - {provider: openai, model: gpt-4o, input_per_mtok: 1000, output_per_mtok: 0}
+"""
+YEAR_2200_NS = 7_258_118_400 * 10**9
+WATCHING_S = 65
+
+
+def tracer_for(run: RunningPipeline, team: str, *, batch: bool = True) -> tuple[TracerProvider, object]:
+    provider = TracerProvider(resource=Resource.create({"service.name": f"{team}-svc", "team.name": team,
+                                                        "feature.name": "chat", "deployment.environment.name": "prod"}))
+    exporter = OTLPSpanExporter(endpoint=f"localhost:{run.grpc_port}", insecure=True, timeout=30)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=50) if batch
+                                else SimpleSpanProcessor(exporter))
+    return provider, provider.get_tracer("runaway")
+
+
+def call(tracer: object, usd: int, start_ns: int | None = None) -> None:
+    attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+             "gen_ai.usage.input_tokens": 1000 * usd, "gen_ai.usage.output_tokens": 0}
+    span = tracer.start_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=attrs,  # type: ignore[attr-defined]
+                             start_time=start_ns)
+    span.end(end_time=None if start_ns is None else start_ns + 10**9)
+
+
+def commands(run: RunningPipeline) -> list[dict[str, object]]:
+    return [orjson.loads(r.value) for r in read_topic(run.bootstrap, "genai.breaker.commands") if r.value]
+
+
+def test_a_new_team_looping_from_its_first_call_is_stopped_and_no_clock_can_disarm_it(tmp_path: Path) -> None:
+    config = tmp_path / "spendstream.yaml"
+    config.write_text(CONFIG)
+    with spendstream_run(tmp_path / "data", tmp_path / "run.log", "--config", str(config)) as run:
+        steady_provider, steady = tracer_for(run, "steady")
+        stop = threading.Event()
+
+        def steady_traffic() -> None:  # 30 USD/min, from the start and all along: no spike
+            while not stop.wait(2.0):
+                call(steady, 1)
+
+        background = threading.Thread(target=steady_traffic)
+        background.start()
+        try:
+            time.sleep(WATCHING_S)  # the pipeline has been watching for over a minute
+            poisoner_provider, poisoner = tracer_for(run, "clockless", batch=False)
+            call(poisoner, 1, start_ns=YEAR_2200_NS)
+            call(poisoner, 1, start_ns=2**64 - 2 * 10**9)
+            big_provider, big = tracer_for(run, "bigcall", batch=False)
+            call(big, 50)  # one large call: not a runaway
+
+            runaway_provider, runaway = tracer_for(run, "newcomer")
+            burst_ns = time.time_ns()
+            opened: list[dict[str, object]] = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not opened:
+                for _ in range(5):
+                    call(runaway, 1)  # 10 calls a second, 1 USD each: 600 USD/min
+                    time.sleep(0.1)
+                opened = [c for c in commands(run) if c["breaker_id"] == "rate|team=newcomer" and c["state"] == "open"]
+            for provider in (poisoner_provider, big_provider, runaway_provider):
+                provider.shutdown()
+        finally:
+            stop.set()
+            background.join()
+            steady_provider.shutdown()
+        assert opened, "the new team's runaway was never stopped"
+        decided_ns = datetime.fromisoformat(str(opened[0]["event_time"])).timestamp() * 10**9
+        assert decided_ns - burst_ns <= 5 * 10**9, "stopped, but not within 5 s of event time"
+        tripped = {c["breaker_id"] for c in commands(run)}
+        assert tripped == {"rate|team=newcomer"}, f"other scopes were tripped: {tripped}"
+
+        letters = [orjson.loads(r.value) for r in read_topic(run.bootstrap, "genai.deadletter")]
+        stamped = [letter for letter in letters if letter["reason"] == "invalid_timestamp"]
+        assert len(stamped) == 2
+        assert run.process.poll() is None  # still running
