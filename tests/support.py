@@ -148,8 +148,10 @@ async def _read_all(bootstrap: str, topic: str, min_messages: int, timeout_s: fl
         deadline = loop.time() + timeout_s
         done = False
         while loop.time() < deadline:
+            # the fetch's high watermark: the embedded broker's ListOffsets ends at the last batch's first record
             ends = await consumer.end_offsets(partitions)
-            done = all([await consumer.position(tp) >= ends[tp] for tp in partitions])
+            done = all([await consumer.position(tp) >= max(ends[tp], consumer.highwater(tp) or 0)
+                        for tp in partitions])
             if done and len(records) >= min_messages:
                 break
             batch = await consumer.getmany(timeout_ms=200)

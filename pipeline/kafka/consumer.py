@@ -53,11 +53,15 @@ OnRecord = Callable[[ConsumerRecord[bytes, bytes]], None]
 
 async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], on_record: OnRecord) -> None:
     """Assign `tps` to `consumer` and hand every record from the beginning to the current end to `on_record`
-    (rebuilding state from a compacted topic: a changelog, the breaker commands)."""
+    (rebuilding state from a compacted topic: a changelog, the breaker commands).
+
+    The end is the high watermark of the fetch answers, not only ListOffsets: the embedded broker (Tansu)
+    answers ListOffsets with the last batch's base offset + 1, so a state written as a batch of several
+    records would lose all but its first (a restored scope one batch behind its committed spend)."""
     consumer.assign(list(tps))
     await consumer.seek_to_beginning(*tps)
     ends = await consumer.end_offsets(list(tps))
-    await _read_until(consumer, ends, on_record)
+    await _read_until(consumer, ends, on_record, follow_highwater=True)
 
 
 async def read_range(consumer: AIOKafkaConsumer, ranges: Mapping[TopicPartition, tuple[int, int]],
@@ -70,11 +74,15 @@ async def read_range(consumer: AIOKafkaConsumer, ranges: Mapping[TopicPartition,
     await _read_until(consumer, {tp: end for tp, (start, end) in ranges.items() if end > start}, on_record)
 
 
-async def _read_until(consumer: AIOKafkaConsumer, ends: Mapping[TopicPartition, int], on_record: OnRecord) -> None:
-    todo = {tp for tp, end in ends.items() if end > 0}
+async def _read_until(consumer: AIOKafkaConsumer, ends: Mapping[TopicPartition, int], on_record: OnRecord, *,
+                      follow_highwater: bool = False) -> None:
+    until = dict(ends)
+    todo = {tp for tp, end in until.items() if end > 0}
     while todo:
         for tp, records in (await consumer.getmany(*todo, timeout_ms=500)).items():
             for record in records:
-                if record.offset < ends[tp]:
+                if record.offset < until[tp] or follow_highwater:
                     on_record(record)
-        todo = {tp for tp in todo if await consumer.position(tp) < ends[tp]}
+        if follow_highwater:
+            until.update((tp, max(until[tp], consumer.highwater(tp) or 0)) for tp in todo)
+        todo = {tp for tp in todo if await consumer.position(tp) < until[tp]}
