@@ -179,7 +179,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         async with self._lock:
             # a partition that comes back in the same rebalance was consumed by no one in between: its state here
-            # is the newest (the broker may not serve the changelog record just written yet)
+            # is the newest, no need to read the changelog again
             kept = {tp.partition: self._retired[tp.partition] for tp in assigned if tp.partition in self._retired}
             self._retired.clear()
             self._partitions.update(kept)
