@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from schemas.codec import parse_utc
@@ -19,8 +20,12 @@ from schemas.config import Config, load_config
 from schemas.errors import ConfigError, SpendstreamError
 from schemas.policy import Scope, duration_s
 
+log = logging.getLogger("spendstream")
 #: where `run` keeps state and logs, and where the exporter writes and `report` reads the FOCUS files
 DEFAULT_DATA_DIR = "./spendstream-data"
+#: a role's log file is rotated at this size; with the files kept, a role's logs stay under 40 MB
+LOG_FILE_BYTES = 10 * 2**20
+LOG_FILES_KEPT = 3
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -52,6 +57,9 @@ def _add_common(p: argparse.ArgumentParser, *, kafka: bool = True) -> None:
 
 def _add_log_level(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-file", metavar="FILE",
+                   help=f"log to FILE instead of stderr, rotated at {LOG_FILE_BYTES // 2**20} MB "
+                        f"({LOG_FILES_KEPT} kept)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -305,7 +313,7 @@ COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker,
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_file)
     try:
         COMMANDS[args.command](args)
     except ConfigError as exc:
@@ -318,3 +326,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except Exception:
+        # into the (rotated) log the supervisor points at, not only to a stderr nobody reads
+        log.exception("spendstream %s crashed", args.command)
+        raise SystemExit(1) from None
+
+
+def configure_logging(level: str, log_file: str | None, *, max_bytes: int = LOG_FILE_BYTES) -> None:
+    handlers: list[logging.Handler] = []
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=LOG_FILES_KEPT))
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers or None, force=True)

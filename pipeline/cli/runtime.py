@@ -1,8 +1,15 @@
-"""`spendstream run`: the whole pipeline on one machine, each role in its own process.
+"""`spendstream run`: the whole pipeline on one machine, each role in its own process, supervised.
 
 Start order is downstream first: broker, topics, workers, then the collector that feeds
-them. Stop is the reverse. A child that dies takes the whole run down with a clear line,
-rather than leaving a half-working pipeline behind.
+them. A role that dies is started again after a backoff (1 s, doubling to 30 s; back to 1 s
+once it has run a minute), with a line saying which role, why and where its log is: what the
+broker holds is read again from the committed offsets, so nothing the collector acknowledged
+is lost. The embedded broker is watched too: it keeps everything in memory, so when it dies
+the run says so at once, starts a new one on the same port, creates the topics, publishes the
+breakers in force again and restarts every role (calls acknowledged but not yet in the files
+are lost with it: docs/architecture.md, "Supervision"). Ctrl-C drains: the collector stops first, the workers
+and the exporter finish what the broker holds, the broker stops last. Each role logs to
+`<data-dir>/logs/<role>.log`, rotated at 10 MB (3 kept).
 """
 
 from __future__ import annotations
@@ -21,20 +28,86 @@ from types import FrameType
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.cli.breaker_keeper import BreakerKeeper, restore_breakers
+from pipeline.export.exporter import EXPORTER_GROUP
+from pipeline.guardrails.stage import GUARDRAILS_GROUP
 from pipeline.kafka.broker import BrokerError, EmbeddedBroker, port_is_free
+from pipeline.kafka.consumer import unread
 from pipeline.kafka.topics import ensure_topics
+from pipeline.pricing.stage import PRICING_GROUP
 from schemas.config import Config
+from schemas.topics import TopicNames
 
 STATUS_EVERY_S = 5.0
-#: how long a clean stop waits for each stage to read what the broker holds
-DRAIN_TIMEOUT_S = 30.0
-LAG_REPORT_S = 1.5
+#: how long a clean stop waits for the stages to get through what the broker holds (a role restarted just before
+#: needs ~15 s to rejoin its group while the broker expires the dead member)
+DRAIN_TIMEOUT_S = 90.0
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+#: a role that ran this long before it died starts again after FIRST_BACKOFF_S
+STABLE_AFTER_S = 60.0
+#: the embedded broker dying this many times within STABLE_AFTER_S stops the run: something is wrong with it
+BROKER_DEATHS_TO_STOP = 3
+
+
+def next_backoff(backoff_s: float, ran_for_s: float) -> float:
+    """The wait before restarting a role that died after running `ran_for_s`, given the last wait. Pure."""
+    if ran_for_s >= STABLE_AFTER_S:
+        return FIRST_BACKOFF_S
+    return min(backoff_s * 2, MAX_BACKOFF_S)
+
+
+def exit_reason(code: int) -> str:
+    """`Popen.returncode` in words: a negative code is the signal that killed the process. Pure."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 @dataclass(slots=True)
 class Child:
+    """A supervised role: its command line, the running process, and when to start it again after a crash."""
     name: str
-    process: subprocess.Popen[bytes]
+    args: list[str]
+    log_dir: Path
+    process: subprocess.Popen[bytes] | None = None
+    started_s: float = 0.0
+    backoff_s: float = FIRST_BACKOFF_S / 2  # doubled before the first restart
+    restart_at_s: float | None = None
+    restarts: int = 0
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # the role writes its own rotated log (--log-file); stdout/stderr get only what bypasses logging
+        with (self.log_dir / f"{self.name}.out").open("ab") as out:
+            # a session of its own: Ctrl-C reaches the supervisor only, which stops the roles in drain order
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline", *self.args, "--log-file", str(self.log)],
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started_s = time.monotonic()
+        self.restart_at_s = None
+
+    def supervise(self, now_s: float) -> None:
+        """Notice a crash (and schedule the restart), or restart when the backoff is over."""
+        if self.process is None:
+            if self.restart_at_s is not None and now_s >= self.restart_at_s:
+                self.restarts += 1
+                self.start()
+                print(f"spendstream: {self.name} started again (restart {self.restarts})", file=sys.stderr, flush=True)
+            return
+        code = self.process.poll()
+        if code is None:
+            return
+        self.process = None
+        self.backoff_s = next_backoff(self.backoff_s, now_s - self.started_s)
+        self.restart_at_s = now_s + self.backoff_s
+        print(f"spendstream: {self.name} {exit_reason(code)}; starting it again in {self.backoff_s:g} s "
+              f"(see {self.log})", file=sys.stderr, flush=True)
 
 
 def _check_ports(config: Config, workers: int) -> None:
@@ -46,53 +119,102 @@ def _check_ports(config: Config, workers: int) -> None:
             raise BrokerError(f"port {port} is taken; change it with {flag}")
 
 
-def _spawn(name: str, args: list[str], log_dir: Path) -> Child:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    out = (log_dir / f"{name}.log").open("ab")
-    # a session of its own: Ctrl-C reaches the supervisor only, which stops the roles in drain order
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    out.close()  # the child holds its own descriptor
-    return Child(name, process)
-
-
 def _stop(children: list[Child], timeout_s: float = 15.0) -> None:
-    for child in reversed(children):
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
+    """SIGTERM, then SIGKILL after `timeout_s`; a stopped role is not started again."""
+    running = [c.process for c in reversed(children) if c.process is not None]
+    for child in children:
+        child.process = child.restart_at_s = None
+    for process in running:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    for child in reversed(children):
+    for process in running:
         try:
-            child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
+            process.kill()
+            process.wait()
 
 
-def _wait_drained(ports: list[int], timeout_s: float) -> bool:
-    """Wait until the consumers behind these metrics ports have read everything the broker holds."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        scraped = [_scrape(port) for port in ports]
-        if all(s and s.get("spendstream_consumer_lag", 0.0) == 0.0 for s in scraped):
-            return True
-        time.sleep(0.5)
-    return False
+def _unread(config: Config) -> int:
+    """Records the stages have not committed yet: usage not priced, spend not added, rows not in the files."""
+    names = TopicNames(config.kafka.topic_prefix)
+
+    async def count() -> int:
+        return sum(await asyncio.gather(unread(config.kafka, PRICING_GROUP, names.usage),
+                                        unread(config.kafka, GUARDRAILS_GROUP, names.spend),
+                                        unread(config.kafka, EXPORTER_GROUP, names.cost_focus)))
+
+    return asyncio.run(count())
 
 
-def _drain(children: list[Child], config: Config, workers: int) -> None:
+def _drain(children: list[Child], config: Config) -> None:
     """Stop downstream last, so a clean stop loses nothing the collector acknowledged: the collector stops
-    taking spans, the workers finish what the broker holds, then the exporter writes it to the files."""
-    by_name = {child.name: child for child in children}
+    taking spans, then the workers and the exporter run (and are restarted if they die) until every stage has
+    committed what the broker holds — the exporter commits only what is in the files — and stop."""
+    collector = [c for c in children if c.name == "collector"]
+    _stop(collector)
+    rest = [c for c in children if c.name != "collector"]
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    left, said = _unread(config), 0.0
+    while left and time.monotonic() < deadline:
+        if time.monotonic() - said >= STATUS_EVERY_S:
+            print(f"draining: {left:,} records not yet through the workers and the exporter", flush=True)
+            said = time.monotonic()
+        for child in rest:
+            child.supervise(time.monotonic())
+        time.sleep(0.5)
+        left = _unread(config)
+    if left:
+        print(f"spendstream: stopped with {left:,} records not yet through (waited {DRAIN_TIMEOUT_S:g} s); with the "
+              "embedded broker they are lost", file=sys.stderr, flush=True)
+    _stop(rest)
+
+
+def _roles(config: Config, *, workers: int, data_dir: Path, config_path: str | None, log_level: str) -> list[Child]:
+    """The roles in start order (downstream first)."""
+    logs = data_dir / "logs"
+    common = ["--kafka", config.kafka.bootstrap_servers, "--log-level", log_level]
+    if config_path:
+        common += ["--config", config_path]
     port = config.metrics.port
-    if "collector" in by_name:
-        _stop([by_name["collector"]])
-    _wait_drained([port + 1 + i for i in range(workers)], DRAIN_TIMEOUT_S)
-    time.sleep(LAG_REPORT_S)  # lag is reported once a second: the last batches' output reaches the exporter
-    _stop([c for c in children if c.name.startswith("worker-")])
-    if "exporter" in by_name:
-        _wait_drained([port + 1 + workers], DRAIN_TIMEOUT_S)
-        _stop([by_name["exporter"]])
+    roles = [Child(f"worker-{i + 1}", ["worker", *common, "--data-dir", str(data_dir),
+                                       "--metrics-port", str(port + 1 + i)], logs) for i in range(workers)]
+    roles.append(Child("exporter", ["exporter", *common, "--data-dir", str(data_dir),
+                                    "--metrics-port", str(port + 1 + workers)], logs))
+    roles.append(Child("collector", ["collector", *common, "--grpc-port", str(config.collector.grpc_port),
+                                     "--http-port", str(config.collector.http_port), "--metrics-port", str(port)],
+                       logs))
+    return roles
+
+
+class _EmbeddedKafka:
+    """The embedded broker with what must be put back when it is started again: the topics and the breakers in
+    force (kept in the data dir by the BreakerKeeper)."""
+
+    def __init__(self, config: Config, broker: EmbeddedBroker, data_dir: Path) -> None:
+        self._config = config
+        self.broker = broker
+        self._data_dir = data_dir
+        self._keeper: BreakerKeeper | None = None
+        self.deaths: list[float] = []
+
+    def start(self) -> None:
+        self.broker.start()
+        asyncio.run(ensure_topics(self._config.kafka, os.environ))
+        restore_breakers(self._config.kafka, self._data_dir)
+        self._keeper = BreakerKeeper(self._config.kafka, self._data_dir)
+        self._keeper.start()
+
+    def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.stop()
+            self._keeper = None
+        self.broker.stop()
+
+    def died(self) -> int | None:
+        """The broker's exit code if it is no longer running."""
+        return self.broker.exit_code()
 
 
 def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | None,
@@ -102,16 +224,12 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
         raise BrokerError("--workers must be at least 1")
     _check_ports(config, workers)
     data_dir = data_dir.resolve()
-    logs = data_dir / "logs"
-    broker = None
+    embedded = None
     if broker_port is not None:
-        broker = EmbeddedBroker(broker_port, log_file=logs / "broker.log")
-        broker.start()
-    if broker is not None:
+        broker = EmbeddedBroker(broker_port, log_file=data_dir / "logs" / "broker.log")
         config = replace(config, kafka=replace(config.kafka, bootstrap_servers=broker.bootstrap_servers))
-    bootstrap = config.kafka.bootstrap_servers
-    children: list[Child] = []
-    keeper: BreakerKeeper | None = None
+        embedded = _EmbeddedKafka(config, broker, data_dir)
+    roles = _roles(config, workers=workers, data_dir=data_dir, config_path=config_path, log_level=log_level)
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -121,50 +239,59 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        asyncio.run(ensure_topics(config.kafka, os.environ))
-        if broker is not None:  # the embedded broker starts empty: the breakers in force come back from disk
-            restore_breakers(config.kafka, data_dir)
-            keeper = BreakerKeeper(config.kafka, data_dir)
-            keeper.start()
-        common = ["--kafka", bootstrap, "--log-level", log_level]
-        if config_path:
-            common += ["--config", config_path]
-        for i in range(workers):
-            children.append(_spawn(f"worker-{i + 1}", [
-                "worker", *common, "--data-dir", str(data_dir), "--metrics-port", str(config.metrics.port + 1 + i),
-            ], logs))
-        children.append(_spawn("exporter", [
-            "exporter", *common, "--data-dir", str(data_dir), "--metrics-port", str(config.metrics.port + 1 + workers),
-        ], logs))
-        children.append(_spawn("collector", [
-            "collector", *common, "--grpc-port", str(config.collector.grpc_port),
-            "--http-port", str(config.collector.http_port), "--metrics-port", str(config.metrics.port),
-        ], logs))
-        _print_endpoints(config, bootstrap, broker is not None, workers, data_dir)
+        if embedded is not None:
+            embedded.start()
+        else:
+            asyncio.run(ensure_topics(config.kafka, os.environ))
+        for role in roles:
+            role.start()
+        _print_endpoints(config, config.kafka.bootstrap_servers, embedded is not None, workers, data_dir)
         last_status, next_status = "", time.monotonic() + STATUS_EVERY_S
         while not stopping:
-            if time.monotonic() >= next_status:
+            now = time.monotonic()
+            if now >= next_status:
                 status = _flow_status(config.metrics.port, workers)
                 if status and status != last_status:
                     print(status, flush=True)
                     last_status = status
-                next_status = time.monotonic() + STATUS_EVERY_S
-            for child in children:
-                code = child.process.poll()
-                if code is not None:
-                    print(f"spendstream: {child.name} exited with code {code}; see {logs / child.name}.log",
-                          file=sys.stderr)
-                    return 1
+                next_status = now + STATUS_EVERY_S
+            code = None if embedded is None else embedded.died()
+            if embedded is not None and code is not None and not _restart_broker(embedded, roles, code, now):
+                return 1
+            for role in roles:
+                role.supervise(now)
             time.sleep(0.2)
         print("stopping…", flush=True)
-        _drain(children, config, workers)
+        _drain(roles, config)
         return 0
     finally:
-        _stop(children)
-        if keeper is not None:
-            keeper.stop()
-        if broker is not None:
-            broker.stop()
+        _stop(roles)
+        if embedded is not None:
+            embedded.stop()
+
+
+def _restart_broker(embedded: _EmbeddedKafka, roles: list[Child], code: int, now_s: float) -> bool:
+    """The embedded broker died: say so, start a new one and every role again. False (stop the run) when it keeps
+    dying or cannot start."""
+    embedded.deaths = [t for t in embedded.deaths if now_s - t < STABLE_AFTER_S] + [now_s]
+    print(f"spendstream: the embedded broker {exit_reason(code)}; everything it held in memory is gone "
+          "(calls acknowledged but not yet in the FOCUS files are lost)", file=sys.stderr, flush=True)
+    if len(embedded.deaths) >= BROKER_DEATHS_TO_STOP:
+        print(f"spendstream: the broker died {len(embedded.deaths)} times within {STABLE_AFTER_S:g} s; stopping "
+              f"(see {embedded.broker.log_file})", file=sys.stderr, flush=True)
+        return False
+    _stop(roles, timeout_s=5.0)  # their clients hold the old broker's groups and offsets
+    embedded.stop()
+    try:
+        embedded.start()
+    except BrokerError as exc:
+        print(f"spendstream: the broker could not be started again: {exc}", file=sys.stderr, flush=True)
+        return False
+    for role in roles:
+        role.start()
+    print("spendstream: a new embedded broker is running with the topics and the breakers in force; every role "
+          "was started again", file=sys.stderr, flush=True)
+    return True
 
 
 def _scrape(port: int) -> dict[str, float]:

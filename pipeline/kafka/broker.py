@@ -90,6 +90,14 @@ class EmbeddedBroker:
         self.stop()
         raise BrokerError(f"embedded broker did not listen on {self.bootstrap_servers} within {timeout_s:g}s")
 
+    @property
+    def log_file(self) -> Path | None:
+        return self._log_file
+
+    def exit_code(self) -> int | None:
+        """The broker process's exit code once it has died on its own (None while running or not started)."""
+        return None if self._process is None else self._process.poll()
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:

@@ -86,3 +86,29 @@ async def _read_until(consumer: AIOKafkaConsumer, ends: Mapping[TopicPartition, 
         if follow_highwater:
             until.update((tp, max(until[tp], consumer.highwater(tp) or 0)) for tp in todo)
         todo = {tp for tp in todo if await consumer.position(tp) < until[tp]}
+
+
+async def unread(kafka: KafkaConfig, group: str, topic: str) -> int:
+    """How many records of `topic` the consumer group `group` (unprefixed) has not committed yet. The end of
+    each partition is taken from a fetch answer's high watermark (ListOffsets alone falls short on the
+    embedded broker, see read_to_end)."""
+    probe = AIOKafkaConsumer(**kafka.client_options(os.environ), group_id=f"{kafka.topic_prefix}{group}",
+                             enable_auto_commit=False)
+    await probe.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(probe.partitions_for_topic(topic) or ())]
+        if not tps:
+            await probe.topics()
+            tps = [TopicPartition(topic, p) for p in sorted(probe.partitions_for_topic(topic) or ())]
+        probe.assign(tps)
+        ends = await probe.end_offsets(tps)
+        for tp in tps:
+            probe.seek(tp, max(ends[tp] - 1, 0))
+        await probe.getmany(*tps, timeout_ms=200)
+        left = 0
+        for tp in tps:
+            end = max(ends[tp], probe.highwater(tp) or 0)
+            left += max(end - (await probe.committed(tp) or 0), 0)
+        return left
+    finally:
+        await probe.stop()

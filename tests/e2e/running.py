@@ -75,7 +75,7 @@ def spendstream_run(data_dir: Path, output: Path, *extra: str) -> Iterator[Runni
         banner = read_until(run, output, "try it:", timeout_s=60)
         yield RunningPipeline(run, banner, ports["--grpc-port"], ports["--broker-port"], metrics_port)
         run.send_signal(signal.SIGINT)
-        assert run.wait(timeout=30) == 0
+        assert run.wait(timeout=120) == 0  # the drain may wait for a role restarted just before
     finally:
         if run.poll() is None:
             run.kill()
