@@ -137,7 +137,7 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
             "exporter", *common, "--data-dir", str(data_dir), "--metrics-port", str(config.metrics.port + 1 + workers),
         ], logs))
         children.append(_spawn("collector", [
-            "collector", *common, "--grpc-port", str(config.collector.grpc_port),
+            "collector", *common, "--host", config.collector.host, "--grpc-port", str(config.collector.grpc_port),
             "--http-port", str(config.collector.http_port), "--metrics-port", str(config.metrics.port),
         ], logs))
         _print_endpoints(config, bootstrap, broker is not None, workers, data_dir)
