@@ -22,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from collector import metrics
 from collector._status import RETRY_AFTER_S, answer_for
 from collector.decode import MalformedRequest
-from collector.inflate import RequestTooLarge, inflater_for
+from collector.inflate import Inflater, RequestTooLarge, inflater_for
 from collector.inflight import InflightBytes, Reservation
 from collector.service import Encoding, TraceIngestService
 
@@ -55,22 +55,38 @@ async def read_body(request: web.Request, max_bytes: int, reservation: Reservati
     MalformedRequest (invalid gzip/deflate, body cut short), UnsupportedEncoding, or
     CollectorBusy when the in-flight limit is reached by a body that is not too large.
     """
-    too_large = RequestTooLarge(f"request body larger than collector.max_request_bytes = {max_bytes} bytes")
     if request.content_length is not None and request.content_length > max_bytes:
-        raise too_large
+        raise _too_large(max_bytes)
     inflater = inflater_for(request.headers.get("Content-Encoding"))
     pieces: list[bytes] = []
+    try:
+        over_budget = await _inflate_into(request, inflater, max_bytes, reservation, pieces)
+        if over_budget:
+            raise reservation.busy()
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    finally:
+        # no traceback may keep a refused body alive until the garbage collector runs
+        pieces.clear()
+
+
+def _too_large(max_bytes: int) -> RequestTooLarge:
+    return RequestTooLarge(f"request body larger than collector.max_request_bytes = {max_bytes} bytes")
+
+
+async def _inflate_into(request: web.Request, inflater: Inflater, max_bytes: int, reservation: Reservation,
+                        pieces: list[bytes]) -> bool:
+    """Read and inflate the body into `pieces`; True when the in-flight limit refused it (it was only counted)."""
     received = inflated = 0
     over_budget = False  # past the in-flight limit: keep inflating only to tell "too large" from "busy"
     try:
         async for chunk in request.content.iter_any():
             received += len(chunk)
             if received > max_bytes:
-                raise too_large
+                raise _too_large(max_bytes)
             for piece in inflater.feed(chunk):
                 inflated += len(piece)
                 if inflated > max_bytes:
-                    raise too_large
+                    raise _too_large(max_bytes)
                 if not over_budget and reservation.grow(len(piece)):
                     pieces.append(piece)
                 else:
@@ -80,13 +96,7 @@ async def read_body(request: web.Request, max_bytes: int, reservation: Reservati
     except (aiohttp.ClientError, ConnectionError) as exc:
         raise MalformedRequest(f"the request body could not be read: {exc}") from exc
     inflater.finish()
-    if over_budget:
-        raise reservation.busy()
-    if len(pieces) == 1:
-        return pieces[0]
-    body = b"".join(pieces)
-    pieces.clear()
-    return body
+    return over_budget
 
 
 def build_http_app(service: TraceIngestService, max_request_bytes: int, inflight: InflightBytes) -> web.Application:
