@@ -16,6 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from collector import metrics
 from collector._status import RETRY_AFTER_S, answer_for
+from collector._tls import tls_version_refusal
 from collector.inflight import InflightBytes
 from collector.service import TraceIngestService
 
@@ -27,9 +28,13 @@ class PortInUse(OSError):
     """The configured port cannot be bound."""
 
 
-def _handler(service: TraceIngestService, inflight: InflightBytes) -> grpc.GenericRpcHandler:
+def _handler(service: TraceIngestService, inflight: InflightBytes, min_tls: str | None) -> grpc.GenericRpcHandler:
     async def export(payload: bytes, context: grpc.aio.ServicerContext[bytes, ExportTraceServiceResponse]
                      ) -> ExportTraceServiceResponse:
+        refusal = tls_version_refusal(context.auth_context(), min_tls) if min_tls else None
+        if refusal is not None:
+            metrics.REQUESTS.labels("grpc", grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
         metadata = dict(context.invocation_metadata() or ())
         authorization = metadata.get("authorization")
         try:
@@ -57,13 +62,14 @@ def _handler(service: TraceIngestService, inflight: InflightBytes) -> grpc.Gener
 
 async def start_grpc_server(service: TraceIngestService, host: str, port: int, *, max_request_bytes: int,
                             inflight: InflightBytes, credentials: grpc.ServerCredentials | None = None,
-                            ) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC receiver (TLS with `credentials`); returns the server and the port it bound."""
+                            min_tls: str | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC receiver (TLS with `credentials`, calls below `min_tls` refused); returns the server
+    and the port it bound."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.so_reuseport", 0),
     ])
-    server.add_generic_rpc_handlers([_handler(service, inflight)])
+    server.add_generic_rpc_handlers([_handler(service, inflight, min_tls)])
     address = f"{host}:{port}"
     try:
         bound = (server.add_secure_port(address, credentials) if credentials is not None

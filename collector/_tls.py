@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import grpc
@@ -42,8 +43,8 @@ def http_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 def grpc_server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     """The OTLP/gRPC server's credentials; with client_ca_file, client certificates are required.
 
-    grpc requires TLS 1.2 or later and its Python API cannot raise that minimum, so
-    `min_version: "1.3"` is refused at start (`check_grpc_tls`) rather than silently weakened.
+    grpc negotiates TLS 1.2 or 1.3 and its Python API cannot raise that minimum, so with
+    `min_version: "1.3"` each call is checked instead (`tls_version_refusal`).
     """
     client_ca = _read(tls.client_ca_file, "client_ca_file") if tls.client_ca_file else None
     return grpc.ssl_server_credentials(
@@ -51,3 +52,17 @@ def grpc_server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+_TLS_VERSIONS = {b"TLSv1.2": "1.2", b"TLSv1.3": "1.3"}
+
+
+def tls_version_refusal(auth_context: Mapping[str, Iterable[bytes]], min_version: str) -> str | None:
+    """Why a gRPC call's connection is below `min_version` (from grpc's auth context), or None if it is not."""
+    if min_version != "1.3":
+        return None  # grpc never negotiates below TLS 1.2
+    negotiated = next(iter(auth_context.get("ssl_tls_version", ())), b"")
+    if _TLS_VERSIONS.get(negotiated) == "1.3":
+        return None
+    return (f"collector.tls.min_version is 1.3; this connection negotiated "
+            f"{negotiated.decode(errors='replace') or 'an unknown TLS version'}")

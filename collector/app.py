@@ -82,7 +82,7 @@ class Collector:
             await self._publisher.start()
             self._grpc, grpc_port = await start_grpc_server(
                 service, cfg.host, cfg.grpc_port, max_request_bytes=cfg.max_request_bytes, inflight=self.inflight,
-                credentials=credentials)
+                credentials=credentials, min_tls=cfg.tls.min_version if cfg.tls else None)
             self._http = web.AppRunner(build_http_app(service, cfg.max_request_bytes, self.inflight),
                                        access_log=None, auto_decompress=False)
             await self._http.setup()
