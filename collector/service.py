@@ -35,7 +35,7 @@ Encoding = Literal["protobuf", "json"]
 
 #: Requests above these sizes are decoded off the event loop (JSON decodes ~20x slower than protobuf).
 OFFLOAD_JSON_BYTES: Final = 64 * 1024
-OFFLOAD_PROTOBUF_BYTES: Final = 512 * 1024
+OFFLOAD_PROTOBUF_BYTES: Final = 2 * 1024 * 1024
 
 
 class Unauthenticated(PermanentError):
