@@ -230,6 +230,25 @@ class TestIngestTokens:
         assert {e.attribution["key"] for e in events if e.span_id == own.span_id.hex()} == {"key-a-own"}
 
 
+def test_user_ids_are_keyed_hmac_pseudonyms_from_the_environment(broker: EmbeddedBroker, topics: TopicNames) -> None:
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    key = "a-secret-user-id-key-of-32-bytes"
+    running = CollectorThread(collector_config(broker.bootstrap_servers, topics.prefix),
+                              environ={"SPENDSTREAM_USER_ID_KEY": key}).start()
+    try:
+        grpc_export(running, make_request([make_span({**GOOD, "enduser.id": "alice@example.com"})]
+                                          ).SerializeToString())
+    finally:
+        running.stop()
+    [event] = read_usage(broker.bootstrap_servers, topics.usage, min_events=1)
+    expected = hmac.new(key.encode(), b"alice@example.com", hashlib.sha256).hexdigest()[:32]
+    assert event.attribution["user"] == f"uh_{expected}"
+    for record in read_topic(broker.bootstrap_servers, topics.usage):
+        assert b"alice" not in record.value
+
+
 def test_broker_unreachable_is_retryable(tmp_path: object) -> None:
     from tests.support import free_port  # noqa: PLC0415
 

@@ -271,3 +271,32 @@ def test_the_bounds_are_inclusive_and_configurable() -> None:
              make_span(DIALECTS[0].attrs, start_ns=NOW_NS + 1)]
     result = ingest_request(make_request(spans), config, None, NestedCallFilter(), received_ns=NOW_NS)
     assert len(result.events) == 2 and result.dead_letters[0].reason == "invalid_timestamp"
+
+
+class TestUserIdKey:
+    """The collector takes the HMAC key from the environment variable the config names."""
+
+    def test_the_key_comes_from_the_named_variable(self) -> None:
+        from collector.app import user_id_key  # noqa: PLC0415
+
+        config = replace(CONFIG, attribution=AttributionConfig(user_id_key_env="MY_KEY"))
+        assert user_id_key(config, {"MY_KEY": "s" * 32, "SPENDSTREAM_USER_ID_KEY": "other" * 8}) == b"s" * 32
+
+    def test_unset_means_no_key_and_a_warning(self, caplog: pytest.LogCaptureFixture) -> None:
+        from collector.app import user_id_key  # noqa: PLC0415
+
+        assert user_id_key(CONFIG, {}) is None
+        assert "SPENDSTREAM_USER_ID_KEY is not set" in caplog.text
+
+    def test_a_short_key_is_refused(self) -> None:
+        from collector.app import user_id_key  # noqa: PLC0415
+        from schemas.errors import ConfigError  # noqa: PLC0415
+
+        with pytest.raises(ConfigError, match="at least 16"):
+            user_id_key(CONFIG, {"SPENDSTREAM_USER_ID_KEY": "short"})
+
+    def test_no_key_needed_when_hashing_is_off(self) -> None:
+        from collector.app import user_id_key  # noqa: PLC0415
+
+        config = replace(CONFIG, attribution=AttributionConfig(hash_user_ids=False))
+        assert user_id_key(config, {"SPENDSTREAM_USER_ID_KEY": "short"}) is None
