@@ -98,8 +98,12 @@ def baseline(payload: bytes) -> None:
                     _ = (kv.key, getattr(kv.value, kv.value.WhichOneof("value") or "string_value"))
 
 
+BENCH_USER_KEY = b"bench-user-id-key-0123456789abcdef"  # user ids are HMAC-hashed, as in production
+
+
 def core(payload: bytes, config: Config, nested: NestedCallFilter) -> None:
-    result = ingest_request(ExportTraceServiceRequest.FromString(payload), config, None, nested)
+    result = ingest_request(ExportTraceServiceRequest.FromString(payload), config, None, nested,
+                            user_key=BENCH_USER_KEY)
     encode_usage_batch(result.events)
 
 
@@ -111,7 +115,7 @@ def end_to_end(payload: bytes, seconds: float, concurrency: int) -> float:
     collector = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "collector", "--kafka", broker.bootstrap_servers, "--grpc-port",
          str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(metrics_port),
-         "--log-level", "warning"])
+         "--log-level", "warning"], env={**os.environ, "SPENDSTREAM_USER_ID_KEY": BENCH_USER_KEY.decode()})
     try:
         with tempfile.NamedTemporaryFile(suffix=".pb", delete=False) as f:
             f.write(payload)

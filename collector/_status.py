@@ -1,17 +1,33 @@
-"""The one place that maps ingest errors to OTLP answers (gRPC status codes and HTTP statuses)."""
+"""The one place that maps ingest errors to OTLP answers (gRPC status codes and HTTP statuses).
+
+Follows the OTLP spec's retry rules: only what a later retry can fix is retryable, and says so
+(HTTP 429/503 with Retry-After, gRPC UNAVAILABLE with RetryInfo): the broker not acknowledging
+and the collector being busy. Everything else is permanent: a client must not send it again.
+A too-large request is RESOURCE_EXHAUSTED *without* RetryInfo, which the spec makes
+non-retryable; an internal error is INTERNAL / 500, logged with its traceback the first time.
+"""
 
 from __future__ import annotations
 
+import logging
+import traceback
 from dataclasses import dataclass
+from typing import Final
 
 import grpc
 
+from collector import metrics
 from collector.decode import MalformedRequest
+from collector.inflate import RequestTooLarge, UnsupportedEncoding
+from collector.inflight import CollectorBusy
 from collector.publisher import BrokerUnavailable
 from collector.service import Unauthenticated
 
-#: What a client is told to wait before retrying when the broker is down.
-RETRY_AFTER_S = 1
+log = logging.getLogger(__name__)
+
+#: What a client is told to wait before retrying when the broker is down or the collector busy.
+RETRY_AFTER_S: Final = 1
+_MAX_SIGNATURES: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,12 +39,36 @@ class Answer:
 
 
 def answer_for(exc: Exception) -> Answer:
-    """Map an error from TraceIngestService.export to the OTLP answer. Unknown errors are retryable 503s:
-    the client keeps its data and we keep serving."""
+    """Map an error from receiving or ingesting a request to its OTLP answer."""
     if isinstance(exc, MalformedRequest):
         return Answer(grpc.StatusCode.INVALID_ARGUMENT, 400, False, str(exc))
+    if isinstance(exc, RequestTooLarge):
+        return Answer(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, False, str(exc))
+    if isinstance(exc, UnsupportedEncoding):
+        return Answer(grpc.StatusCode.INVALID_ARGUMENT, 415, False, str(exc))
     if isinstance(exc, Unauthenticated):
         return Answer(grpc.StatusCode.UNAUTHENTICATED, 401, False, str(exc))
+    if isinstance(exc, CollectorBusy):
+        return Answer(grpc.StatusCode.UNAVAILABLE, 429, True, str(exc))
     if isinstance(exc, BrokerUnavailable):
         return Answer(grpc.StatusCode.UNAVAILABLE, 503, True, str(exc))
-    return Answer(grpc.StatusCode.UNAVAILABLE, 503, True, f"internal error: {type(exc).__name__}")
+    report_internal(exc)
+    return Answer(grpc.StatusCode.INTERNAL, 500, False,
+                  f"internal error ({type(exc).__name__}); the collector log has the details")
+
+
+_seen: set[tuple[str, str, int]] = set()
+
+
+def report_internal(exc: Exception) -> None:
+    """Count an unexpected error; log it with its traceback the first time it is seen (type and raising line)."""
+    metrics.INTERNAL_ERRORS.labels(type(exc).__name__).inc()
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = frames[-1] if frames else None
+    signature = (type(exc).__name__, where.filename if where else "", where.lineno or 0 if where else 0)
+    if signature in _seen:
+        return
+    if len(_seen) < _MAX_SIGNATURES:
+        _seen.add(signature)
+    log.error("internal error answering an OTLP request (answered INTERNAL / 500; repeats are counted in "
+              "spendstream_collector_internal_errors_total, not logged)", exc_info=exc)

@@ -1,16 +1,19 @@
 """Who pays for a call: attribution dimensions from span and resource attributes. Pure.
 
-An authenticated ingest token binds identity: its dimensions override whatever the span
-claims, so a span cannot spend another team's budget. Missing required dimensions land in
-the explicit `unallocated` bucket (or make the span rejected, if configured).
+An authenticated ingest token binds identity (`TokenIdentity`): the dimensions it binds
+override whatever the span claims, and a dimension it does not bind may be claimed freely
+except for a value another token binds, so a span cannot spend another team's budget or
+another token's key. Missing required dimensions land in the explicit `unallocated` bucket
+(or make the span rejected, if configured). User ids are pseudonymised with a keyed HMAC.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from collector.normalize import Attrs, any_value_str
 from schemas.config import UNALLOCATED, AttributionConfig
@@ -29,10 +32,49 @@ class Attribution:
         return not self.missing
 
 
+@dataclass(frozen=True, slots=True)
+class TokenIdentity:
+    """What an authenticated ingest token may claim.
+
+    `bound`: dimension -> the value the token binds; it overrides any claim.
+    `foreign`: for each dimension the token does not bind, the values other tokens bind;
+    a span of this token claiming one of them is refused that value (counted as spoofed).
+    """
+
+    bound: Mapping[str, str]
+    foreign: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+def token_identities(tokens: Mapping[str, Mapping[str, str]], max_chars: int) -> dict[str, TokenIdentity]:
+    """The TokenIdentity of each configured ingest token (values cut to `max_chars`, as claims are)."""
+    bound_by: dict[str, dict[str, set[str]]] = {}  # dimension -> value -> tokens binding it
+    for token, identity in tokens.items():
+        for dim, value in identity.items():
+            bound_by.setdefault(dim, {}).setdefault(value[:max_chars], set()).add(token)
+    identities = {}
+    for token, identity in tokens.items():
+        foreign = {
+            dim: frozenset(value for value, holders in values.items() if token not in holders)
+            for dim, values in bound_by.items()
+            if dim not in identity
+        }
+        identities[token] = TokenIdentity(bound={d: v[:max_chars] for d, v in identity.items()},
+                                          foreign={d: v for d, v in foreign.items() if v})
+    return identities
+
+
+#: Prefix of an HMAC pseudonym; the unkeyed SHA-256 ones of earlier versions started with `u_`.
+USER_HASH_PREFIX = "uh_"
+
+
 @functools.lru_cache(maxsize=65_536)
-def hash_user_id(user_id: str, salt: str) -> str:
-    """A stable pseudonym for a user id: the same user groups together, the id is not readable."""
-    return "u_" + hashlib.sha256((salt + user_id).encode("utf-8", "surrogatepass")).hexdigest()[:20]
+def hash_user_id(user_id: str, key: bytes) -> str:
+    """A stable pseudonym for a user id: HMAC-SHA256 under a secret key, 128 bits, hex.
+
+    The same user groups together; without the key nobody can test a guessed id against it.
+    """
+    digest = hmac.new(key, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+    return USER_HASH_PREFIX + digest[:32]
 
 
 def attribution_key(values: Mapping[str, str], key_dimensions: tuple[str, ...]) -> str:
@@ -58,22 +100,35 @@ def attribute(
     span_attrs: Attrs,
     resource_values: Mapping[str, str],
     config: AttributionConfig,
-    identity: Mapping[str, str] | None,
+    identity: TokenIdentity | None,
     max_chars: int,
+    *,
+    user_key: bytes | None = None,
 ) -> Attribution:
     """Attribute one call. Span attributes win over the resource's; the token's identity wins over both.
 
-    `resource_values` is `dimension_values()` of the span's resource.
+    `resource_values` is `dimension_values()` of the span's resource. A claim of a value
+    another token binds, on a dimension this token does not bind, is dropped (as if the span
+    had not named it) and counted in `spoofed`. With `config.hash_user_ids`, the user id is
+    replaced by its HMAC under `user_key`, or dropped when there is no key.
     """
     values = {**resource_values, **dimension_values(span_attrs, config, max_chars)}
     spoofed: list[str] = []
-    for dim, bound in (identity or {}).items():
-        claimed = values.get(dim)
-        if claimed is not None and claimed != bound:
-            spoofed.append(dim)
-        values[dim] = bound
+    if identity is not None:
+        for dim, bound in identity.bound.items():
+            claimed = values.get(dim)
+            if claimed is not None and claimed != bound:
+                spoofed.append(dim)
+            values[dim] = bound
+        for dim, taken in identity.foreign.items():
+            if values.get(dim) in taken:
+                spoofed.append(dim)
+                del values[dim]
     if config.hash_user_ids and "user" in values:
-        values["user"] = hash_user_id(values["user"], config.user_id_salt)
+        if user_key:
+            values["user"] = hash_user_id(values["user"], user_key)
+        else:
+            del values["user"]
     missing = tuple(dim for dim in config.required if dim not in values)
     for dim in missing:
         values[dim] = UNALLOCATED

@@ -8,14 +8,15 @@ the innermost span wins, as the reference recipe says.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector.attribution import Attribution, attribute, dimension_values
+from collector.attribution import Attribution, TokenIdentity, attribute, dimension_values
+from collector.decode import RejectedSpan
 from collector.normalize import InvalidSpan, SpanUsage, normalize_span
 from schemas.config import CollectorConfig, Config
 from schemas.deadletter import DeadLetter
@@ -73,23 +74,56 @@ def _attrs(kvs: object) -> dict[str, AnyValue]:
     return {kv.key: kv.value for kv in kvs}  # type: ignore[attr-defined]  # repeated KeyValue
 
 
+@dataclass(slots=True)
+class PreparedRequest:
+    """A request normalised and attributed, before the nested-call check (which needs the shared memory)."""
+
+    result: IngestResult
+    candidates: list[tuple[UsageEvent, str | None]]
+
+
 def ingest_request(
     request: ExportTraceServiceRequest,
     config: Config,
-    identity: Mapping[str, str] | None,
+    identity: TokenIdentity | None,
     nested: NestedCallFilter,
     received_ns: int | None = None,
+    *,
+    rejected: Sequence[RejectedSpan] = (),
+    user_key: bytes | None = None,
 ) -> IngestResult:
-    """Normalise and attribute every span of a request.
+    """Normalise and attribute every span of a request: `prepare_request`, then `finish_request`."""
+    prepared = prepare_request(request, config, identity, received_ns, rejected=rejected, user_key=user_key)
+    return finish_request(prepared, nested)
+
+
+def prepare_request(
+    request: ExportTraceServiceRequest,
+    config: Config,
+    identity: TokenIdentity | None,
+    received_ns: int | None = None,
+    *,
+    rejected: Sequence[RejectedSpan] = (),
+    user_key: bytes | None = None,
+) -> PreparedRequest:
+    """Normalise and attribute every span of a request. Shares no state: safe on any thread.
 
     Spans that are not model calls are skipped; model calls that cannot be priced as sent
     are rejected (counted in the OTLP partial success) and kept as dead letters. With
     `received_ns` (when the request arrived, Unix ns), a model call that started outside
     [received - collector.max_lateness_s, received + collector.max_skew_s] is one of them
-    (`invalid_timestamp`): no client clock may move the pipeline's event time.
+    (`invalid_timestamp`): no client clock may move the pipeline's event time. `rejected` are
+    the spans the decoder could not read whole: each is rejected, and dead-lettered when what
+    is left of it is a model call. `user_key` is the HMAC key for user ids (None: user ids are
+    dropped while `attribution.hash_user_ids` is on).
     """
     result = IngestResult()
     limits = config.collector
+
+    def who_pays(attrs: dict[str, AnyValue], resource_values: dict[str, str]) -> Attribution:
+        return attribute(attrs, resource_values, config.attribution, identity, limits.max_value_chars,
+                         user_key=user_key)
+
     candidates: list[tuple[UsageEvent, str | None]] = []
     for resource_spans in request.resource_spans:
         resource = _attrs(resource_spans.resource.attributes)
@@ -112,7 +146,7 @@ def ingest_request(
                     if received_ns is not None:
                         check_start_time(span.start_time_unix_nano, received_ns, limits)
                 except InvalidSpan as exc:
-                    who = attribute(attrs, resource_values, config.attribution, identity, limits.max_value_chars)
+                    who = who_pays(attrs, resource_values)
                     result.reject(f"span {span_id or '?'}: {exc.detail}", exc.reason)
                     result.dead_letters.append(DeadLetter(
                         reason=exc.reason, detail=exc.detail, stage="collector", attribution_key=who.key,
@@ -120,7 +154,7 @@ def ingest_request(
                         fields={"attribution": dict(who.values), "scope": scope_name[:limits.max_value_chars]},
                     ))
                     continue
-                who = attribute(attrs, resource_values, config.attribution, identity, limits.max_value_chars)
+                who = who_pays(attrs, resource_values)
                 if who.missing and config.attribution.on_missing == "reject":
                     result.reject(f"span {span_id}: missing attribution {', '.join(who.missing)}",
                                   "missing_attribution")
@@ -136,6 +170,14 @@ def ingest_request(
                     result.outcomes["unallocated"] += 1
                 parent = span.parent_span_id.hex() or None
                 candidates.append((_event(span, parent, usage, who), parent))
+    for item in rejected:
+        _reject_undecodable(item, result, config, who_pays)
+    return PreparedRequest(result, candidates)
+
+
+def finish_request(prepared: PreparedRequest, nested: NestedCallFilter) -> IngestResult:
+    """Drop the wrappers of calls already counted (the innermost span wins) and remember this request's calls."""
+    result, candidates = prepared.result, prepared.candidates
     parents_here = {(event.trace_id, parent) for event, parent in candidates if parent}
     for event, parent in candidates:
         if (event.trace_id, event.span_id) in parents_here or nested.is_wrapper(event.trace_id, event.span_id):
@@ -146,6 +188,33 @@ def ingest_request(
         result.events.append(event)
         result.outcomes["accepted"] += 1
     return result
+
+
+def _reject_undecodable(item: RejectedSpan, result: IngestResult, config: Config,
+                        who_pays: Callable[[dict[str, AnyValue], dict[str, str]], Attribution]) -> None:
+    """Refuse a span the decoder could not read whole; dead-letter it if what is left is a model call."""
+    limits = config.collector
+    span = item.span
+    attrs, resource = _attrs(span.attributes), _attrs(item.resource.attributes)
+    trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+    result.reject(f"span {span_id or '?'}: {item.detail}", item.reason)
+    try:
+        usage = normalize_span(span, attrs, resource, item.scope_name,
+                               max_tokens=limits.max_token_count, max_chars=limits.max_value_chars)
+    except InvalidSpan:
+        usage = None
+        is_call = True
+    else:
+        is_call = usage is not None
+    if not is_call:
+        return
+    who = who_pays(attrs, dimension_values(resource, config.attribution, limits.max_value_chars))
+    fields = (_event_fields(usage, dict(who.values)) if usage is not None else {"attribution": dict(who.values)})
+    result.dead_letters.append(DeadLetter(
+        reason=item.reason, detail=item.detail, stage="collector", attribution_key=who.key,
+        usage_id=f"{trace_id}-{span_id}" if trace_id and span_id else None,
+        fields={**fields, "scope": item.scope_name[:limits.max_value_chars]},
+    ))
 
 
 def check_start_time(start_ns: int, received_ns: int, limits: CollectorConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 SPANS_RECEIVED: Final = Counter(
     "spendstream_collector_spans_received", "Spans received over OTLP", ["transport"]
@@ -25,4 +25,11 @@ DEADLETTERS_PUBLISHED: Final = Counter(
 PUBLISH_SECONDS: Final = Histogram(
     "spendstream_collector_publish_seconds", "Time from publish to broker acknowledgement",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+INTERNAL_ERRORS: Final = Counter(
+    "spendstream_collector_internal_errors", "OTLP requests answered INTERNAL / 500 by error type", ["error"]
+)
+INFLIGHT_BYTES: Final = Gauge(
+    "spendstream_collector_inflight_bytes",
+    "Request bytes the collector holds now (limit: collector.max_inflight_bytes)",
 )

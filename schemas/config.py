@@ -87,12 +87,34 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TlsConfig:
+    """TLS on both OTLP receivers, named as in the OpenTelemetry Collector's `tls` block.
+
+    With `client_ca_file`, clients must present a certificate signed by that CA (mutual TLS).
+    Files are read when the collector starts, not when the config is loaded: the workers share
+    the file and need not have the certificates.
+    """
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CollectorConfig:
-    host: str = "0.0.0.0"
+    #: Address the OTLP receivers listen on: loopback by default; 0.0.0.0 (all interfaces) is what a
+    #: container or a collector other hosts send to needs, and then TLS and ingest tokens matter.
+    host: str = "127.0.0.1"
     grpc_port: int = 4317
     http_port: int = 4318
-    #: Largest OTLP request accepted; a 1 MB attribute must fit with room to spare.
+    tls: TlsConfig | None = None
+    #: Largest OTLP request accepted, as sent and once inflated (413 / RESOURCE_EXHAUSTED beyond it);
+    #: a 1 MB attribute must fit with room to spare.
     max_request_bytes: int = 16 * 1024 * 1024
+    #: Request bytes held at once over both transports; past it a request is answered "busy, retry later"
+    #: (429 + Retry-After / UNAVAILABLE + RetryInfo). At least max_request_bytes.
+    max_inflight_bytes: int = 64 * 1024 * 1024
     #: How long an OTLP call waits for the broker's acknowledgement before answering UNAVAILABLE.
     publish_timeout_s: float = 5.0
     max_events_per_message: int = 500
@@ -106,6 +128,12 @@ class CollectorConfig:
     #: batch that waited in an agent's queue; 5 min covers any host whose clock is kept by NTP.
     max_lateness_s: int = 3600
     max_skew_s: int = 300
+
+    def validate(self) -> list[str]:
+        if self.max_inflight_bytes < self.max_request_bytes:
+            return [f"collector.max_inflight_bytes: {self.max_inflight_bytes} is below collector.max_request_bytes "
+                    f"({self.max_request_bytes}): a request of the largest size could never be accepted"]
+        return []
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,8 +178,10 @@ class AttributionConfig:
     dimensions: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: DEFAULT_DIMENSIONS)
     #: The dimensions whose values form the Kafka key of a usage event.
     key_dimensions: tuple[str, ...] = ("team", "use_case", "env", "app", "key")
+    #: user ids become HMAC-SHA256 pseudonyms keyed by the secret in this environment variable; while it is
+    #: unset (and hash_user_ids is on) the user dimension is dropped rather than hashed without a key
     hash_user_ids: bool = True
-    user_id_salt: str = ""
+    user_id_key_env: str = "SPENDSTREAM_USER_ID_KEY"
 
     def validate(self) -> list[str]:
         problems = [
@@ -199,7 +229,7 @@ class Config:
         return Decimal(str(self.fx["USD"]))
 
     def validate(self) -> list[str]:
-        problems = self.attribution.validate() + self.kafka.validate()
+        problems = self.attribution.validate() + self.kafka.validate() + self.collector.validate()
         if self.worker.dedupe_horizon_s < self.collector.max_lateness_s:
             problems.append(f"worker.dedupe_horizon_s: {self.worker.dedupe_horizon_s} is shorter than collector."
                             f"max_lateness_s ({self.collector.max_lateness_s}): a late retry could count twice")
@@ -305,16 +335,26 @@ def _build(data: Mapping[str, Any], source: str, root: yaml.Node | None = None) 
         if key in attribution:
             attribution[key] = tuple(attribution[key])
     attribution.pop("max_unallocated_share", None)  # a guardrail: typed into the policy
+    salt_problems = [] if attribution.pop("user_id_salt", None) is None else [
+        "attribution.user_id_salt: no longer used: user ids are hashed with HMAC-SHA256 keyed by the secret in "
+        "the environment variable attribution.user_id_key_env names (default SPENDSTREAM_USER_ID_KEY); remove "
+        "this key and set the variable (docs/configuration.md, \"User ids\")"]
     policy, policy_problems = policy_from_sections(data, list(attribution.get("dimensions", DEFAULT_DIMENSIONS)))
     # a key absent from the file keeps its dataclass default: defaults live in one place
-    sections: dict[str, Any] = {name: kind(**data[name]) for name, kind in _SECTIONS.items() if name in data}
+    sections: dict[str, Any] = {name: kind(**data[name]) for name, kind in _SECTIONS.items()
+                                if name in data and name != "collector"}
+    if "collector" in data:
+        collector = dict(data["collector"])
+        if collector.get("tls") is not None:
+            collector["tls"] = TlsConfig(**collector["tls"])
+        sections["collector"] = CollectorConfig(**collector)
     sections |= {name: dict(data[name]) for name in ("fx", "pricing") if name in data}
     if "billing_currency" in data:
         sections["billing_currency"] = data["billing_currency"]
     if "ingest_tokens" in data:
         sections["ingest_tokens"] = {k: dict(v) for k, v in data["ingest_tokens"].items()}
     config = Config(attribution=AttributionConfig(**attribution), policy=policy, **sections)
-    problems = config.validate() + policy_problems
+    problems = salt_problems + config.validate() + policy_problems
     if problems:
         raise ConfigError([_with_line(p, root) for p in problems], source)
     return config

@@ -23,6 +23,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from collector.app import Collector, Endpoints
+from collector.publisher import Publisher
 from schemas.config import CollectorConfig, Config, KafkaConfig
 from schemas.usage import UsageEvent, decode_usage_batch
 
@@ -94,11 +95,12 @@ class CollectorThread:
     The OTel SDK exporters block, so the collector cannot share the test's thread.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, publisher: Publisher | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.config = config
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._collector = Collector(config)
+        self._collector = Collector(config, publisher, environ)
         self.endpoints: Endpoints | None = None
 
     def _run(self, coro: Any) -> Any:
@@ -119,6 +121,11 @@ class CollectorThread:
     def http_url(self) -> str:
         assert self.endpoints
         return f"http://127.0.0.1:{self.endpoints.http_port}/v1/traces"
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Request bytes the collector holds right now."""
+        return self._collector.inflight.held
 
     def stop(self) -> None:
         self._run(self._collector.stop())

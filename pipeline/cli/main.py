@@ -37,6 +37,8 @@ def _config(args: argparse.Namespace) -> Config:
     if getattr(args, "partitions", None):
         kafka = replace(kafka, partitions=args.partitions)
     collector = config.collector
+    if getattr(args, "host", None):
+        collector = replace(collector, host=args.host)
     if getattr(args, "grpc_port", None) is not None:
         collector = replace(collector, grpc_port=args.grpc_port)
     if getattr(args, "http_port", None) is not None:
@@ -53,6 +55,11 @@ def _add_common(p: argparse.ArgumentParser, *, kafka: bool = True) -> None:
         p.add_argument("--kafka", metavar="HOST:PORT",
                        help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
     _add_log_level(p, "info")
+
+
+def _add_host(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address the OTLP receivers listen on (overrides collector.host; default "
+                   "127.0.0.1, this machine only; 0.0.0.0 listens on every interface)")
 
 
 def _add_log_level(p: argparse.ArgumentParser, default: str) -> None:
@@ -73,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="pipeline workers in the consumer group (default 1)")
     run.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"state, logs, files (default {DEFAULT_DATA_DIR})")
     run.add_argument("--broker-port", type=int, default=9092, help="embedded broker port (default 9092)")
+    _add_host(run)
     run.add_argument("--grpc-port", type=int, help="OTLP/gRPC port (default 4317)")
     run.add_argument("--http-port", type=int, help="OTLP/HTTP port (default 4318)")
     run.add_argument("--metrics-port", type=int, help="Prometheus port of the collector (default 9464); "
@@ -81,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
     collector = sub.add_parser("collector", help="the OTLP receiver alone")
     _add_common(collector)
+    _add_host(collector)
     collector.add_argument("--grpc-port", type=int, help="OTLP/gRPC port (default 4317)")
     collector.add_argument("--http-port", type=int, help="OTLP/HTTP port (default 4318)")
     collector.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")

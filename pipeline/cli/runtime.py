@@ -182,7 +182,8 @@ def _roles(config: Config, *, workers: int, data_dir: Path, config_path: str | N
                                        "--metrics-port", str(port + 1 + i)], logs) for i in range(workers)]
     roles.append(Child("exporter", ["exporter", *common, "--data-dir", str(data_dir),
                                     "--metrics-port", str(port + 1 + workers)], logs))
-    roles.append(Child("collector", ["collector", *common, "--grpc-port", str(config.collector.grpc_port),
+    roles.append(Child("collector", ["collector", *common, "--host", config.collector.host,
+                                     "--grpc-port", str(config.collector.grpc_port),
                                      "--http-port", str(config.collector.http_port), "--metrics-port", str(port)],
                        logs))
     return roles

@@ -175,8 +175,11 @@ class TestIngestTokens:
     @pytest.fixture
     def collector(self, broker: EmbeddedBroker, topics: TopicNames) -> Iterator[CollectorThread]:
         config = collector_config(broker.bootstrap_servers, topics.prefix)
-        config = replace(config, ingest_tokens={"tok_support_rag_123": {"team": "customer-support",
-                                                                       "key": "support-rag"}})
+        config = replace(config, ingest_tokens={
+            "tok_support_rag_123": {"team": "customer-support", "key": "support-rag"},
+            "tok_team_a_secret": {"team": "a"},
+            "tok_team_b_secret": {"team": "b", "key": "key-b", "cost_center": "cc-b"},
+        })
         running = CollectorThread(config).start()
         yield running
         running.stop()
@@ -199,6 +202,51 @@ class TestIngestTokens:
         [event] = read_usage(broker.bootstrap_servers, topics.usage, min_events=1)
         assert event.attribution["team"] == "customer-support"
         assert event.attribution["key"] == "support-rag"
+
+
+    def test_a_token_cannot_charge_values_another_token_binds(self, collector: CollectorThread,
+                                                              broker: EmbeddedBroker, topics: TopicNames) -> None:
+        """Token A binds only team=a; its span claims B's team, key and cost center: none is charged."""
+        span = make_span({**GOOD, "team.name": "b", "gen_ai.virtual_key": "key-b", "cost_center": "cc-b",
+                          "feature.name": "search"})
+        own = make_span({**GOOD, "gen_ai.virtual_key": "key-a-own"})
+        for transport in ("grpc", "http"):
+            payload = make_request([span, own]).SerializeToString()
+            if transport == "grpc":
+                grpc_export(collector, payload, (("authorization", "Bearer tok_team_a_secret"),))
+            else:
+                status, _, _ = http_post(collector, payload, "application/x-protobuf",
+                                         {"Authorization": "Bearer tok_team_a_secret"})
+                assert status == 200
+        events = read_usage(broker.bootstrap_servers, topics.usage, min_events=4)
+        claimed = [e for e in events if e.span_id == span.span_id.hex()]
+        assert len(claimed) == 2
+        for event in claimed:
+            assert event.attribution["team"] == "a"
+            assert event.attribution.get("key") != "key-b"
+            assert event.attribution.get("cost_center") != "cc-b"
+            assert event.attribution["use_case"] == "search"  # bound by no token: free to claim
+            assert "key-b" not in event.attribution_key
+        assert {e.attribution["key"] for e in events if e.span_id == own.span_id.hex()} == {"key-a-own"}
+
+
+def test_user_ids_are_keyed_hmac_pseudonyms_from_the_environment(broker: EmbeddedBroker, topics: TopicNames) -> None:
+    import hashlib  # noqa: PLC0415
+    import hmac  # noqa: PLC0415
+
+    key = "a-secret-user-id-key-of-32-bytes"
+    running = CollectorThread(collector_config(broker.bootstrap_servers, topics.prefix),
+                              environ={"SPENDSTREAM_USER_ID_KEY": key}).start()
+    try:
+        grpc_export(running, make_request([make_span({**GOOD, "enduser.id": "alice@example.com"})]
+                                          ).SerializeToString())
+    finally:
+        running.stop()
+    [event] = read_usage(broker.bootstrap_servers, topics.usage, min_events=1)
+    expected = hmac.new(key.encode(), b"alice@example.com", hashlib.sha256).hexdigest()[:32]
+    assert event.attribution["user"] == f"uh_{expected}"
+    for record in read_topic(broker.bootstrap_servers, topics.usage):
+        assert b"alice" not in record.value
 
 
 def test_broker_unreachable_is_retryable(tmp_path: object) -> None:

@@ -58,6 +58,12 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     ("keys:\n  - key: k\n    limits: {requests_per_minute: -1}\n", "keys[0].limits.requests_per_minute (line 3)"),
     ("keys:\n  - key: k\n    limits: {requests_per_minute: 5, action: shout}\n", "keys[0].limits.action (line 3)"),
     ("breaker:\n  expire_after: 7w\n", "breaker.expire_after (line 2)"),
+    ("collector:\n  tls: {cert_file: server.pem}\n", "collector.tls (line 2): 'key_file' is a required property"),
+    ("collector:\n  tls: {cert_file: a, key_file: b, min_version: '1.1'}\n", "collector.tls.min_version (line 2)"),
+    ("collector:\n  tls: {cert_file: a, key_file: b, ca_file: c}\n", "collector.tls.ca_file (line 2): unknown key"),
+    ("collector:\n  max_request_bytes: 2048\n  max_inflight_bytes: 1024\n",
+     "collector.max_inflight_bytes (line 3): 1024 is below collector.max_request_bytes"),
+    ("attribution:\n  user_id_salt: pepper\n", "attribution.user_id_salt (line 2): no longer used"),
 ])
 def test_mistakes_are_named_with_key_and_line(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -97,3 +103,15 @@ def test_limits_name_their_action_and_durations_take_days(tmp_path: Path) -> Non
     assert config.policy.breaker.expire_after_s == 7 * 86_400
     assert config.policy.limits["key=k"].action == "alert_only"
     assert config.policy.limits["key=j"].action is None  # breaker.action
+
+
+def test_collector_listens_on_loopback_unless_told_and_takes_a_tls_block(tmp_path: Path) -> None:
+    from schemas.config import TlsConfig  # noqa: PLC0415
+
+    assert Config().collector.host == "127.0.0.1"
+    assert Config().collector.tls is None
+    config = load_config(write(tmp_path, "collector:\n  host: 0.0.0.0\n  tls:\n    cert_file: /tls/server.pem\n"
+                                         "    key_file: /tls/server.key\n    client_ca_file: /tls/ca.pem\n"))
+    assert config.collector.host == "0.0.0.0"
+    assert config.collector.tls == TlsConfig(cert_file="/tls/server.pem", key_file="/tls/server.key",
+                                             client_ca_file="/tls/ca.pem", min_version="1.2")

@@ -160,6 +160,19 @@ def test_every_spendstream_role_is_scraped_on_its_metrics_port() -> None:
     assert "dns_sd_configs" in jobs["spendstream-worker"], "scaled workers are found by DNS, not listed"
 
 
+def test_collector_listens_beyond_loopback_where_otelcol_sends() -> None:
+    """collector.host defaults to 127.0.0.1; in its container that would refuse otelcol's connections."""
+    from schemas.config import load_config  # noqa: PLC0415
+
+    services = compose()["services"]
+    command = services["collector"]["command"]
+    config = load_config(ROOT / "deploy" / "spendstream.yaml")
+    host = command[command.index("--host") + 1] if "--host" in command else config.collector.host
+    assert host not in ("127.0.0.1", "localhost", "::1"), host
+    assert services["otelcol"]["environment"]["SPENDSTREAM_OTLP_ENDPOINT"] == "collector:4317"
+    assert "ports" not in services["collector"], "the collector is reached through otelcol, not published"
+
+
 def test_prometheus_config_passes_promtool() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

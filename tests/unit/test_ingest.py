@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import pytest
 
+from collector.attribution import TokenIdentity, token_identities
 from collector.ingest import NestedCallFilter, ingest_request
 from schemas.config import AttributionConfig, Config
 from tests.dialects import DIALECTS, Dialect, assert_matches
@@ -16,8 +17,12 @@ from tests.support import make_request, make_span
 CONFIG = Config()
 
 
-def ingest(spans, config=CONFIG, identity=None, resource=None, scope="test", nested=None):
-    return ingest_request(make_request(spans, resource, scope), config, identity, nested or NestedCallFilter())
+USER_KEY = b"k" * 32
+
+
+def ingest(spans, config=CONFIG, identity=None, resource=None, scope="test", nested=None, user_key=USER_KEY):
+    return ingest_request(make_request(spans, resource, scope), config, identity, nested or NestedCallFilter(),
+                          user_key=user_key)
 
 
 @pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.name)
@@ -156,7 +161,8 @@ class TestAttribution:
 
     def test_ingest_token_identity_overrides_and_counts_spoofing(self) -> None:
         span = make_span({**DIALECTS[0].attrs, "feature.name": "rag", "team.name": "finance"})
-        result = ingest([span], identity={"team": "support", "key": "support-rag"}, resource=self.resource)
+        result = ingest([span], identity=TokenIdentity({"team": "support", "key": "support-rag"}),
+                        resource=self.resource)
         [event] = result.events
         assert event.attribution["team"] == "support"
         assert event.attribution["key"] == "support-rag"
@@ -167,11 +173,77 @@ class TestAttribution:
         first, second = ingest(spans).events
         assert "alice" not in first.attribution["user"]
         assert first.attribution["user"] == second.attribution["user"]
+        assert first.attribution["user"].startswith("uh_")
+
+    def test_user_id_hash_is_keyed(self) -> None:
+        import hashlib  # noqa: PLC0415
+        import hmac  # noqa: PLC0415
+
+        span = make_span({**DIALECTS[0].attrs, "enduser.id": "alice@example.com"})
+        [one] = ingest([span]).events
+        [other] = ingest([span], user_key=b"another key, 32 bytes long......").events
+        assert one.attribution["user"] != other.attribution["user"]
+        # HMAC-SHA256 under the key, first 128 bits: anyone with the key (and only they) can recompute it
+        expected = hmac.new(USER_KEY, b"alice@example.com", hashlib.sha256).hexdigest()[:32]
+        assert one.attribution["user"] == f"uh_{expected}"
+        # the unkeyed hash of earlier versions (sha256 of salt + id) is not what comes out
+        assert hashlib.sha256(b"alice@example.com").hexdigest()[:20] not in one.attribution["user"]
+
+    def test_user_ids_are_dropped_without_a_key(self) -> None:
+        [event] = ingest([make_span({**DIALECTS[0].attrs, "enduser.id": "alice@example.com"})], user_key=None).events
+        assert "user" not in event.attribution
 
     def test_user_ids_kept_when_hashing_is_off(self) -> None:
         config = replace(CONFIG, attribution=AttributionConfig(hash_user_ids=False))
-        [event] = ingest([make_span({**DIALECTS[0].attrs, "enduser.id": "u-42"})], config=config).events
+        [event] = ingest([make_span({**DIALECTS[0].attrs, "enduser.id": "u-42"})], config=config,
+                         user_key=None).events
         assert event.attribution["user"] == "u-42"
+
+
+class TestTokenBinding:
+    """A token's spans cannot charge a value another token binds, on any dimension."""
+
+    tokens: ClassVar = {"tok-a-secret": {"team": "a"},
+                        "tok-b-secret": {"team": "b", "key": "key-b", "cost_center": "cc-b"},
+                        "tok-c-secret": {"team": "c", "key": "key-c"}}
+    identities = token_identities(tokens, 256)
+
+    def test_identities_know_what_other_tokens_bind(self) -> None:
+        a = self.identities["tok-a-secret"]
+        assert a.bound == {"team": "a"}
+        assert a.foreign == {"key": {"key-b", "key-c"}, "cost_center": {"cc-b"}}
+        assert self.identities["tok-c-secret"].foreign == {"cost_center": {"cc-b"}}
+
+    def test_claims_of_another_tokens_values_are_dropped(self) -> None:
+        span = make_span({**DIALECTS[0].attrs, "team.name": "b", "gen_ai.virtual_key": "key-b",
+                          "cost_center": "cc-b", "feature.name": "rag"})
+        result = ingest([span], identity=self.identities["tok-a-secret"])
+        [event] = result.events
+        assert event.attribution["team"] == "a"
+        assert "key" not in event.attribution
+        assert "cost_center" not in event.attribution
+        assert event.attribution["use_case"] == "rag"  # bound by nobody: free to claim
+        assert result.outcomes["spoofed"] == 1
+
+    def test_unbound_values_stay_free_to_claim(self) -> None:
+        span = make_span({**DIALECTS[0].attrs, "gen_ai.virtual_key": "key-a-own", "cost_center": "cc-a"})
+        [event] = ingest([span], identity=self.identities["tok-a-secret"]).events
+        assert event.attribution["key"] == "key-a-own"
+        assert event.attribution["cost_center"] == "cc-a"
+
+    def test_a_value_two_tokens_share_is_theirs(self) -> None:
+        identities = token_identities({"t1-secret": {"team": "x", "key": "shared"},
+                                       "t2-secret": {"team": "y", "key": "shared"},
+                                       "t3-secret": {"team": "z"}}, 256)
+        assert identities["t1-secret"].foreign == {}
+        assert identities["t3-secret"].foreign == {"key": {"shared"}}
+
+    def test_required_dimension_claimed_from_another_token_is_unallocated(self) -> None:
+        config = replace(CONFIG, attribution=AttributionConfig(required=("team", "use_case", "env", "key")))
+        span = make_span({**DIALECTS[0].attrs, "gen_ai.virtual_key": "key-c"})
+        [event] = ingest([span], config=config, identity=self.identities["tok-a-secret"]).events
+        assert event.attribution["key"] == "unallocated"
+        assert not event.allocated
 
 
 YEAR_2200_NS = 7_258_118_400 * 10**9
@@ -199,3 +271,32 @@ def test_the_bounds_are_inclusive_and_configurable() -> None:
              make_span(DIALECTS[0].attrs, start_ns=NOW_NS + 1)]
     result = ingest_request(make_request(spans), config, None, NestedCallFilter(), received_ns=NOW_NS)
     assert len(result.events) == 2 and result.dead_letters[0].reason == "invalid_timestamp"
+
+
+class TestUserIdKey:
+    """The collector takes the HMAC key from the environment variable the config names."""
+
+    def test_the_key_comes_from_the_named_variable(self) -> None:
+        from collector.app import user_id_key  # noqa: PLC0415
+
+        config = replace(CONFIG, attribution=AttributionConfig(user_id_key_env="MY_KEY"))
+        assert user_id_key(config, {"MY_KEY": "s" * 32, "SPENDSTREAM_USER_ID_KEY": "other" * 8}) == b"s" * 32
+
+    def test_unset_means_no_key_and_a_warning(self, caplog: pytest.LogCaptureFixture) -> None:
+        from collector.app import user_id_key  # noqa: PLC0415
+
+        assert user_id_key(CONFIG, {}) is None
+        assert "SPENDSTREAM_USER_ID_KEY is not set" in caplog.text
+
+    def test_a_short_key_is_refused(self) -> None:
+        from collector.app import user_id_key  # noqa: PLC0415
+        from schemas.errors import ConfigError  # noqa: PLC0415
+
+        with pytest.raises(ConfigError, match="at least 16"):
+            user_id_key(CONFIG, {"SPENDSTREAM_USER_ID_KEY": "short"})
+
+    def test_no_key_needed_when_hashing_is_off(self) -> None:
+        from collector.app import user_id_key  # noqa: PLC0415
+
+        config = replace(CONFIG, attribution=AttributionConfig(hash_user_ids=False))
+        assert user_id_key(config, {"SPENDSTREAM_USER_ID_KEY": "short"}) is None
