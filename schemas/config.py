@@ -162,6 +162,12 @@ class ExporterConfig:
     #: how long rows may wait before they are written; a file is durable before its offsets are committed
     flush_seconds: float = 5.0
     max_rows_per_file: int = 200_000
+    #: rows held in memory at most, those being written included (~540 bytes a row): a full buffer is flushed,
+    #: and nothing more is fetched until it is written, so memory does not grow with a burst
+    max_buffered_rows: int = 100_000
+    #: how often the exporter merges the small request files of closed charge dates into few (0: never;
+    #: `spendstream compact` does it by hand)
+    compact_every_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

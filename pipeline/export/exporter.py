@@ -3,6 +3,15 @@
 At-least-once with dedupe: rows are buffered, written as whole files (atomically), and only
 then are their offsets committed. A crash before the commit redelivers rows that are already
 in files; the RowLedger drops them by x_RowId, so every row is in the files exactly once.
+
+Memory is bounded by `exporter.max_buffered_rows`, the rows being written included: each
+message is validated on arrival, its raw value kept, and values are parsed in bulk into packed
+Arrow tables (`files.parse_rows`, ~540 bytes a row). A full buffer is flushed and nothing more
+is fetched until it is written. The blocking work (parsing, Parquet writes and fsyncs, the
+ledger's loads, DuckDB rollups, compaction) runs in a thread, one job at a time, so the event
+loop keeps heartbeating and fetching meanwhile; a job commits exactly the offsets of the rows it
+wrote. The rows of a partition taken away by a rebalance are dropped from the buffer
+uncommitted: its new owner reads them again.
 """
 
 from __future__ import annotations
@@ -10,12 +19,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from pipeline.export.files import RowLedger, focus_dir, partition_of, write_partition, write_rollup
-from pipeline.kafka.consumer import group_consumer
+import pyarrow as pa
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+from pipeline.export.compaction import SwapUnsupported, compact
+from pipeline.export.files import (
+    RowLedger,
+    focus_dir,
+    parse_rows_skipping,
+    write_rollup,
+    write_rows,
+    writer_lock,
+)
+from pipeline.kafka.consumer import REBALANCE_TIMEOUT_MS, commit_processed, group_consumer
 from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
 from schemas.config import Config
@@ -24,82 +44,210 @@ from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
 EXPORTER_GROUP = "spendstream-exporter"
+#: records per fetch: each is decoded (a ~6.7 KB dict, dropped at once) and its raw value kept until parsed
+FETCH_RECORDS: Final = 5_000
+#: raw values are parsed into a packed table once this many are waiting (~2.4 KB each until then)
+PARSE_ROWS: Final = 8_192
+#: the first compaction pass runs this long after start (or after compact_every_s, if sooner)
+FIRST_COMPACTION_S: Final = 30.0
+#: a revoke waits this long at most for the write in progress, so that its offsets are committed before the
+#: partitions move (within the group's rebalance timeout)
+REVOKE_WAIT_S: Final = REBALANCE_TIMEOUT_MS / 2000
 
 
-class FocusExporter:
+class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type hints
     def __init__(self, config: Config, data_dir: Path) -> None:
         self._config = config
         self._data_dir = data_dir
         self._root = focus_dir(data_dir)
         self._ledger = RowLedger(self._root)
-        self._buffer: list[dict[str, Any]] = []
+        #: raw values of the messages `_take` accepted, not yet filed under their partition
+        self._buffer: list[bytes] = []
+        #: per partition: raw values not yet parsed, packed tables, the offset after the last record read
+        self._values: dict[TopicPartition, list[bytes]] = {}
+        self._tables: dict[TopicPartition, list[pa.Table]] = {}
+        self._offsets: dict[TopicPartition, int] = {}
+        self._buffered = 0  # rows in _values and _tables
+        self._unparsed = 0  # rows in _values
+        self._revoked: set[TopicPartition] = set()  # during a parse
         self._first_buffered = 0.0
+        #: the job in the writer thread (a flush, then its commit; or a compaction pass) and the rows it holds
+        self._job: asyncio.Task[None] | None = None
+        self._job_rows = 0
+        self._next_compaction = time.monotonic() + min(FIRST_COMPACTION_S, config.exporter.compact_every_s)
         self.rows_written = 0
         self.duplicates = 0
         self.invalid = 0
+        self.rows_read = 0
+
+    @property
+    def held_rows(self) -> int:
+        """Rows in memory: buffered, and being written."""
+        return self._buffered + self._job_rows
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        for tp in revoked:  # uncommitted: the partition's next owner reads them again
+            self._buffered -= len(self._values.pop(tp, [])) + sum(t.num_rows for t in self._tables.pop(tp, []))
+            self._unparsed = sum(len(values) for values in self._values.values())
+            self._offsets.pop(tp, None)
+            self._revoked.add(tp)
+        metrics.EXPORTER_BUFFERED.set(self.held_rows)
+        if self._job is not None:  # let the write in progress commit while the partitions are still ours
+            await asyncio.wait({self._job}, timeout=REVOKE_WAIT_S)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        pass
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; then flush what is buffered and commit it."""
         kafka = self._config.kafka
-        consumer = group_consumer(kafka, EXPORTER_GROUP, TopicNames(kafka.topic_prefix).cost_focus,
-                                  max_poll_records=20_000)
+        settings = self._config.exporter
+        consumer = group_consumer(kafka, EXPORTER_GROUP, max_poll_records=FETCH_RECORDS)
+        consumer.subscribe([TopicNames(kafka.topic_prefix).cost_focus], listener=self)
         await consumer.start()
         observed = ConsumerMetrics(consumer, EXPORTER_GROUP, "exporter")
         try:
             while not stop.is_set():
-                batches = await consumer.getmany(timeout_ms=500, max_records=20_000)
+                self._reap()
+                room = settings.max_buffered_rows - self.held_rows
+                if room <= 0:  # full: write, and fetch nothing more until it is written
+                    if self._job is None:
+                        self._start(self._flush_and_commit(consumer))
+                    assert self._job is not None
+                    await asyncio.wait({self._job}, timeout=0.5)
+                    continue
+                batches = await consumer.getmany(timeout_ms=500, max_records=min(FETCH_RECORDS, room))
                 await observed.after_fetch(batches)
-                for records in batches.values():
+                owned = consumer.assignment()  # a rebalance during after_fetch may have taken partitions away
+                for tp, records in batches.items():
+                    if tp not in owned:
+                        continue
                     for record in records:
                         self._take(record.value, record.topic, record.partition, record.offset)
-                if self._due():
-                    self.flush()
-                    await consumer.commit()
-            self.flush()
-            await consumer.commit()
+                    self._file(tp, records[-1].offset + 1)
+                if self._unparsed >= PARSE_ROWS:
+                    await self._parse()
+                if self._job is None and self._due():
+                    self._start(self._flush_and_commit(consumer))
+                elif self._job is None and settings.compact_every_s and time.monotonic() >= self._next_compaction:
+                    self._start(self._compact())
+            if self._job is not None:
+                await asyncio.wait({self._job})
+                self._reap()
+            await self._flush_and_commit(consumer)
         finally:
+            if self._job is not None:  # an error: let the thread finish its file before the consumer goes
+                await asyncio.wait({self._job})
             await consumer.stop()
 
     def _take(self, value: bytes | None, topic: str, partition: int, offset: int) -> None:
         try:
-            row = decode_row(value or b"")
+            decode_row(value or b"")
         except ValueError as exc:
             self.invalid += 1
             metrics.EXPORTER_INVALID.inc()
             log.warning("exporter: skipping a message that is not a FOCUS row (%s[%d]@%d): %s",
                         topic, partition, offset, exc)
             return
-        if not self._buffer:
+        if not self._buffered:
             self._first_buffered = time.monotonic()
-        self._buffer.append(row)
+        self._buffer.append(value or b"")
+
+    def _file(self, tp: TopicPartition, next_offset: int) -> None:
+        """File the values `_take` accepted from one partition's records under it, up to `next_offset`."""
+        taken, self._buffer = self._buffer, []
+        self._values.setdefault(tp, []).extend(taken)
+        self._offsets[tp] = next_offset
+        self._buffered += len(taken)
+        self._unparsed += len(taken)
+        self.rows_read += len(taken)
+        metrics.EXPORTER_BUFFERED.set(self.held_rows)
+
+    async def _parse(self) -> None:
+        """Parse the raw values into packed tables, in a thread (the loop goes on; nothing is fetched meanwhile)."""
+        values, self._values = self._values, {}
+        self._unparsed = 0
+        self._revoked.clear()
+        tables = await asyncio.to_thread(self._parse_each, values)
+        for tp, part in values.items():
+            table = tables.get(tp)
+            parsed = 0 if table is None else table.num_rows
+            if tp in self._revoked:  # the revoke could not subtract them
+                self._buffered -= len(part)
+                continue
+            self._buffered -= len(part) - parsed
+            if table is not None:
+                self._tables.setdefault(tp, []).append(table)
 
     def _due(self) -> bool:
         settings = self._config.exporter
-        return bool(self._buffer) and (len(self._buffer) >= settings.max_rows_per_file
-                                       or time.monotonic() - self._first_buffered >= settings.flush_seconds)
+        return bool(self._offsets) and (self._buffered >= settings.max_rows_per_file
+                                        or time.monotonic() - self._first_buffered >= settings.flush_seconds)
 
-    def flush(self) -> None:
-        """Write every buffered row not yet in the files; rebuild the rollups of the days touched."""
-        if not self._buffer:
-            return
-        by_day: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-        for row in self._buffer:
-            by_day[partition_of(row)].append(row)
-        for (period, day), rows in sorted(by_day.items()):
-            fresh = self._ledger.new_rows(period, day, rows)
-            self.duplicates += len(rows) - len(fresh)
-            metrics.EXPORTER_DUPLICATES.inc(len(rows) - len(fresh))
-            if not fresh:
-                continue
-            try:
-                write_partition(self._root, period, day, fresh)
-            except BaseException:
-                self._ledger.forget(period, day, fresh)
-                raise
-            self.rows_written += len(fresh)
-            metrics.EXPORTER_ROWS.inc(len(fresh))
-            metrics.EXPORTER_FILES.inc()
-            if self._config.exporter.rollup != "request":
-                write_rollup(self._data_dir, self._config.exporter.rollup, period, day)
-        self._buffer.clear()
+    def _start(self, job: Coroutine[Any, Any, None]) -> None:
+        self._job = asyncio.create_task(job)
+
+    def _reap(self) -> None:
+        """Forget a finished job; raise its error (a file that could not be written stops the exporter, uncommitted)."""
+        if self._job is not None and self._job.done():
+            job, self._job = self._job, None
+            self._job_rows = 0
+            metrics.EXPORTER_BUFFERED.set(self.held_rows)
+            job.result()
+
+    async def _flush_and_commit(self, consumer: AIOKafkaConsumer) -> None:
+        """Write every buffered row not yet in the files, rebuild the rollups of the days touched, then commit what
+        was read: nothing is committed before it is in a file."""
+        values, tables, offsets = self._values, self._tables, self._offsets
+        self._values, self._tables, self._offsets = {}, {}, {}
+        self._job_rows, self._buffered, self._unparsed = self._buffered, 0, 0
+        if offsets:
+            await asyncio.to_thread(self._write, values, tables)
+            await commit_processed(consumer, offsets, "exporter", log)
+
+    def _write(self, values: dict[TopicPartition, list[bytes]], tables: dict[TopicPartition, list[pa.Table]]) -> None:
+        """The writer thread's part of a flush."""
+        held = [table for tps in tables.values() for table in tps]
+        held += self._parse_each(values).values()
+        with writer_lock(self._data_dir):
+            written = write_rows(self._root, held, self._ledger)
+            rollup = self._config.exporter.rollup
+            if rollup != "request":
+                for period, day in written.days:
+                    write_rollup(self._data_dir, rollup, period, day)
+        del held, tables, values
+        pa.default_memory_pool().release_unused()
+        self.rows_written += written.rows
+        self.duplicates += written.duplicates
+        metrics.EXPORTER_ROWS.inc(written.rows)
+        metrics.EXPORTER_DUPLICATES.inc(written.duplicates)
+        metrics.EXPORTER_FILES.inc(written.files)
         log.info("exporter: %d rows in files, %d duplicates dropped", self.rows_written, self.duplicates)
+
+    def _parse_each(self, values: dict[TopicPartition, list[bytes]]) -> dict[TopicPartition, pa.Table]:
+        """Each partition's raw values as one packed table. A value `_take` accepted that still does not parse is
+        skipped like one `_take` refuses (logged, counted, its offset committed)."""
+        tables = {}
+        for tp, part in values.items():
+            table, errors = parse_rows_skipping(part)
+            for error in errors:
+                self.invalid += 1
+                metrics.EXPORTER_INVALID.inc()
+                log.warning("exporter: skipping a FOCUS row of %s[%d] that does not fit the files: %s",
+                            tp.topic, tp.partition, error)
+            if table is not None:
+                tables[tp] = table
+        return tables
+
+    async def _compact(self) -> None:
+        """A compaction pass over the closed charge dates, in the writer thread."""
+        every = self._config.exporter.compact_every_s
+        try:
+            done = await asyncio.to_thread(compact, self._data_dir, time.time(),
+                                           self._config.collector.max_lateness_s)
+        except SwapUnsupported as exc:
+            log.warning("exporter: compaction is off: %s", exc)
+            self._next_compaction = float("inf")
+            return
+        self._next_compaction = time.monotonic() + every
+        metrics.EXPORTER_COMPACTED_FILES.inc(sum(c.files_before - c.files_after for c in done))

@@ -50,6 +50,11 @@ EXPORTER_DUPLICATES: Final = Counter("spendstream_exporter_duplicate_rows",
 EXPORTER_INVALID: Final = Counter("spendstream_exporter_invalid_messages",
                                   "genai.cost.focus messages that are not FOCUS rows (skipped, logged)")
 EXPORTER_FILES: Final = Counter("spendstream_exporter_files", "Parquet files written")
+EXPORTER_BUFFERED: Final = Gauge("spendstream_exporter_buffered_rows",
+                                 "FOCUS rows the exporter holds in memory, those being written included "
+                                 "(at most exporter.max_buffered_rows)")
+EXPORTER_COMPACTED_FILES: Final = Counter("spendstream_exporter_compacted_files",
+                                          "Request files merged away by compaction (files before - files after)")
 
 SPEND_MESSAGES: Final = Counter("spendstream_worker_spend_messages", "Partial-spend messages sent to genai.spend")
 POLICY_RELOADS: Final = Counter("spendstream_policy_reloads", "Policy reloads by outcome", ["outcome"])

@@ -1,0 +1,284 @@
+"""The exporter's files without a broker: rows held packed, written once per x_RowId, compacted atomically."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.export import compaction
+from pipeline.export.compaction import (
+    STAGING_PREFIX,
+    SwapUnsupported,
+    closed_days,
+    compact,
+    compact_day,
+    exchange,
+)
+from pipeline.export.files import (
+    ARROW_SCHEMA,
+    RowLedger,
+    focus_dir,
+    parse_rows,
+    parse_rows_skipping,
+    partition_dir,
+    unpack,
+    write_rows,
+)
+from pipeline.pricing import PriceCatalog
+from pipeline.pricing.cost_records import cost_records
+from pipeline.pricing.focus import Billing
+from schemas.focus import COLUMNS
+from schemas.usage import TokenCounts, UsageEvent
+
+DAY_S = 86_400
+#: 2026-11-20T00:00:00Z
+NOV_20 = 1_795_132_800
+
+
+def focus_values(calls: int, start_s: int = NOV_20, step_s: int = 60, tag: str = "a") -> list[bytes]:
+    """The `genai.cost.focus` values of `calls` priced calls, `step_s` apart (3 rows a call)."""
+    events = [UsageEvent(
+        id=f"{tag}{m:031x}-{m:016x}", trace_id=f"{tag}{m:031x}", span_id=f"{m:016x}", parent_span_id=None,
+        start_time_unix_nano=(start_s + m * step_s) * 10**9, end_time_unix_nano=(start_s + m * step_s + 1) * 10**9,
+        operation="chat", provider="openai", request_model="gpt-4o", response_model="gpt-4o-2024-08-06",
+        tokens=TokenCounts(input_uncached=100 + m, cache_read=64, output=20 + m % 9),
+        attribution={"team": ("search", "ads")[m % 2], "use_case": "rag", "env": "prod", "ünicode": "✓"},
+        attribution_key=f"team={('search', 'ads')[m % 2]}") for m in range(calls)]
+    return [value for _, value in cost_records(events, PriceCatalog(), Billing()).rows]
+
+
+def expected_table(values: list[bytes]) -> pa.Table:
+    """The file form of rows, built by hand from the decoded JSON (Decimal money, UTC times, JSON text)."""
+    kinds = dict(COLUMNS)
+
+    def convert(name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        if kinds[name] in ("money", "quantity"):
+            return Decimal(value)
+        if kinds[name] == "datetime":
+            return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        if kinds[name] == "json":
+            return orjson.dumps(value).decode()
+        return value
+
+    rows = [{name: convert(name, row.get(name)) for name, _ in COLUMNS} for row in map(orjson.loads, values)]
+    return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
+
+
+def test_packed_rows_hold_exactly_the_values_of_the_messages() -> None:
+    values = focus_values(40)
+    packed = parse_rows(values)
+    assert unpack(packed).equals(expected_table(values))
+    assert unpack(packed).schema.metadata == ARROW_SCHEMA.metadata
+    assert pa.types.is_dictionary(packed.schema.field("Tags").type)
+    assert packed.schema.field("x_RowId").type == pa.string()  # unique per row: not worth a dictionary
+
+
+def test_a_packed_row_takes_a_tenth_of_a_dict_row() -> None:
+    """The exporter holds up to exporter.max_buffered_rows of these (docs/architecture.md gives the figures)."""
+    values = focus_values(3000)
+    packed = parse_rows(values)
+    per_row = packed.nbytes / packed.num_rows
+    assert per_row < 650, per_row  # measured ~530 B; a decoded dict row is ~6.7 KB, the JSON value ~2.3 KB
+
+
+def test_values_that_do_not_parse_are_left_out_one_by_one() -> None:
+    values = focus_values(10)
+    bad_money = values[3].replace(b'"BilledCost":"', b'"BilledCost":"x')
+    no_row_id = orjson.dumps({k: v for k, v in orjson.loads(values[4]).items() if k != "x_RowId"})
+    mixed = [*values[:3], bad_money, no_row_id, b"\xff\xfe", *values[5:]]
+    table, errors = parse_rows_skipping(mixed)
+    assert len(errors) == 3
+    assert table is not None
+    assert unpack(table).equals(expected_table([*values[:3], *values[5:]]))
+    assert parse_rows_skipping([b"{}"]) == (None, [parse_rows_skipping([b"{}"])[1][0]])
+
+
+def read_files(root: Path) -> tuple[int, int, Decimal, int]:
+    """(rows, distinct x_RowId, sum of BilledCost, files) of the request files under `root`."""
+    files = sorted(root.glob("billing_period=*/charge_date=*/part-*.parquet"))
+    if not files:
+        return 0, 0, Decimal(0), 0
+    with duckdb.connect() as con:
+        result = con.execute("SELECT count(*), count(DISTINCT x_RowId), sum(BilledCost) FROM read_parquet(?)",
+                             [[str(f) for f in files]]).fetchone()
+    assert result is not None
+    return int(result[0]), int(result[1]), Decimal(result[2]), len(files)
+
+
+def test_rows_are_written_per_charge_date_once_whatever_is_redelivered(tmp_path: Path) -> None:
+    root = focus_dir(tmp_path)
+    values = focus_values(200, step_s=900)  # 200 calls over ~2 days: 3 charge dates
+    ledger = RowLedger(root)
+    first = write_rows(root, [parse_rows(values[:300]), parse_rows(values[300:])], ledger)
+    assert first.rows == 600 and first.duplicates == 0
+    assert first.days == [("2026-11", "2026-11-20"), ("2026-11", "2026-11-21"), ("2026-11", "2026-11-22")]
+    again = write_rows(root, [parse_rows(values[100:400] + values[100:110])], ledger)
+    assert (again.rows, again.duplicates, again.files) == (0, 310, 0)
+    fresh_ledger = RowLedger(root)  # a restarted exporter reads the ids back from the files
+    assert write_rows(root, [parse_rows(values)], fresh_ledger).duplicates == 600
+    rows, distinct, total, files = read_files(root)
+    assert rows == distinct == 600 and files == 3
+    assert total == sum(Decimal(orjson.loads(v)["BilledCost"]) for v in values)
+
+
+def test_a_write_that_fails_leaves_no_file_and_forgets_its_row_ids(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root = focus_dir(tmp_path)
+    values = focus_values(20)
+    ledger = RowLedger(root)
+
+    def full_disk(*_: Any, **__: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pq.ParquetWriter, "write_table", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            write_rows(root, [parse_rows(values)], ledger)
+    assert not list(root.rglob("*.parquet*"))
+    assert write_rows(root, [parse_rows(values)], ledger).rows == 60
+
+
+def small_files(root: Path, values: list[bytes], per_file: int) -> RowLedger:
+    """Write `values` as files of `per_file` rows, as many flushes would."""
+    ledger = RowLedger(root)
+    for start in range(0, len(values), per_file):
+        write_rows(root, [parse_rows(values[start:start + per_file])], ledger)
+    return ledger
+
+
+def test_compaction_merges_a_days_files_into_one_with_the_same_rows_in_order(tmp_path: Path) -> None:
+    root = focus_dir(tmp_path)
+    values = focus_values(300, step_s=60)  # one charge date
+    ledger = small_files(root, values, 45)
+    before = read_files(root)
+    assert before[3] == 20
+    directory = partition_dir(root, "2026-11", "2026-11-20")
+    schema = pq.read_schema(next(directory.glob("part-*.parquet")))
+    order = [row_id for path in sorted(directory.glob("part-*.parquet"))
+             for row_id in pq.read_table(path, columns=["x_RowId"]).column(0).to_pylist()]
+    result = compact_day(root, "2026-11", "2026-11-20")
+    assert result is not None and (result.files_before, result.files_after, result.rows) == (20, 1, 900)
+    assert read_files(root) == (*before[:3], 1)
+    [merged] = directory.glob("part-*.parquet")
+    assert pq.read_table(merged).column("x_RowId").to_pylist() == order
+    assert pq.read_schema(merged).equals(schema, check_metadata=True)  # what a flush writes
+    assert not list(directory.parent.glob(f"{STAGING_PREFIX}*"))
+    assert compact_day(root, "2026-11", "2026-11-20") is None  # one file: nothing to do
+    # the ledger, in memory or read back from the merged file, still knows every row
+    assert write_rows(root, [parse_rows(values)], ledger).duplicates == 900
+    assert write_rows(root, [parse_rows(values)], RowLedger(root)).duplicates == 900
+
+
+def test_compacted_files_hold_at_most_compacted_rows_and_full_ones_stay(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 64)
+    monkeypatch.setattr(compaction, "COMPACTED_ROWS", 256)
+    root = focus_dir(tmp_path)
+    values = focus_values(300, step_s=60)
+    small_files(root, values, 30)
+    directory = partition_dir(root, "2026-11", "2026-11-20")
+    assert compact_day(root, "2026-11", "2026-11-20") is not None
+    sizes = sorted(pq.read_metadata(p).num_rows for p in directory.glob("part-*.parquet"))
+    assert sizes == [132, 256, 256, 256]
+    assert all(pq.read_metadata(p).num_row_groups == max(1, pq.read_metadata(p).num_rows // 64)
+               for p in directory.glob("part-*.parquet") if pq.read_metadata(p).num_rows == 256)
+    full = {p.name: p.stat().st_ino for p in directory.glob("part-*.parquet") if pq.read_metadata(p).num_rows == 256}
+    write_rows(root, [parse_rows(focus_values(5, tag="b"))], RowLedger(root))  # a late row: a new small file
+    result = compact_day(root, "2026-11", "2026-11-20")
+    assert result is not None and result.files_after == 4
+    assert {p.name: p.stat().st_ino for p in directory.glob("part-*.parquet") if p.name in full} == full
+    assert read_files(root)[:2] == (915, 915)
+
+
+def test_a_pass_that_fails_before_its_swap_leaves_the_day_as_it_was(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    root = focus_dir(tmp_path)
+    small_files(root, focus_values(60), 30)
+    before = read_files(root)
+
+    def broken(a: Path, b: Path) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(compaction, "exchange", broken)
+    with pytest.raises(OSError):
+        compact_day(root, "2026-11", "2026-11-20")
+    assert read_files(root) == before
+    assert not list(root.rglob(f"{STAGING_PREFIX}*"))
+
+
+def test_a_crashed_passes_leftover_is_removed_by_the_next(tmp_path: Path) -> None:
+    root = focus_dir(tmp_path)
+    small_files(root, focus_values(60), 30)
+    leftover = partition_dir(root, "2026-11", "2026-11-20").with_name(f"{STAGING_PREFIX}charge_date=2026-11-20")
+    leftover.mkdir()
+    (leftover / "part-1-compacted-0000.parquet").write_bytes(b"half a file")
+    assert compact_day(root, "2026-11", "2026-11-20") is not None
+    assert not leftover.exists()
+    assert read_files(root)[:2] == (180, 180)
+
+
+def test_only_days_past_the_lateness_are_closed(tmp_path: Path) -> None:
+    root = focus_dir(tmp_path)
+    for day in ("2026-11-19", "2026-11-20", "not-a-date"):
+        (root / "billing_period=2026-11" / f"charge_date={day}").mkdir(parents=True)
+    nov_21 = NOV_20 + DAY_S
+    assert closed_days(root, nov_21 + 3599, 3600) == [("2026-11", "2026-11-19")]
+    assert closed_days(root, nov_21 + 3600, 3600) == [("2026-11", "2026-11-19"), ("2026-11", "2026-11-20")]
+
+
+def test_a_pass_compacts_closed_days_only(tmp_path: Path) -> None:
+    root = focus_dir(tmp_path)
+    small_files(root, focus_values(300, step_s=900), 60)  # Nov 20-23
+    done = compact(tmp_path, NOV_20 + 2 * DAY_S + 3600, 3600)
+    assert [c.day for c in done] == ["2026-11-20", "2026-11-21"]
+    assert [len(list(d.glob("part-*"))) for d in sorted(root.glob("*/charge_date=*"))][:2] == [1, 1]
+    assert read_files(root)[:2] == (900, 900)
+
+
+def test_the_swap_shows_readers_one_whole_set_of_files_never_both_nor_neither(tmp_path: Path) -> None:
+    """Two sets of the same 600 rows (20 small files, 1 merged) traded under one name by `exchange`, while a reader
+    globs and counts: it sees 600 every time, or a file gone between listing and opening (run again)."""
+    day = tmp_path / "billing_period=2026-11" / "charge_date=2026-11-20"
+    other = day.with_name(f"{STAGING_PREFIX}{day.name}")
+    values = focus_values(200)
+    for index in range(20):
+        part = unpack(parse_rows(values[index * 30:(index + 1) * 30]))
+        (day / f"part-{index:02d}.parquet").parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(part, day / f"part-{index:02d}.parquet")
+    other.mkdir()
+    pq.write_table(unpack(parse_rows(values)), other / "part-merged.parquet")
+    try:
+        exchange(other, day)
+        exchange(other, day)
+    except SwapUnsupported:
+        pytest.skip("this filesystem cannot exchange directories")
+    seen: list[int] = []
+    vanished = 0
+    done = threading.Event()
+
+    def swap() -> None:
+        for _ in range(2000):
+            exchange(other, day)
+        done.set()
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    while not done.is_set():
+        try:
+            seen.append(sum(pq.read_metadata(path).num_rows
+                            for path in tmp_path.glob("billing_period=*/charge_date=*/part-*.parquet")))
+        except FileNotFoundError:
+            vanished += 1
+    swapper.join()
+    assert seen and set(seen) == {600}, {n: seen.count(n) for n in set(seen)}
