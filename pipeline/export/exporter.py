@@ -112,7 +112,7 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
                 room = settings.max_buffered_rows - self.held_rows
                 if room <= 0:  # full: write, and fetch nothing more until it is written
                     if self._job is None:
-                        self._start(self._flush_and_commit(consumer))
+                        self._start(self._flush(consumer))
                     assert self._job is not None
                     await asyncio.wait({self._job}, timeout=0.5)
                     continue
@@ -128,13 +128,13 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
                 if self._unparsed >= PARSE_ROWS:
                     await self._parse()
                 if self._job is None and self._due():
-                    self._start(self._flush_and_commit(consumer))
+                    self._start(self._flush(consumer))
                 elif self._job is None and settings.compact_every_s and time.monotonic() >= self._next_compaction:
                     self._start(self._compact())
             if self._job is not None:
                 await asyncio.wait({self._job})
                 self._reap()
-            await self._flush_and_commit(consumer)
+            await self._flush(consumer)
         finally:
             if self._job is not None:  # an error: let the thread finish its file before the consumer goes
                 await asyncio.wait({self._job})
@@ -195,12 +195,19 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
             metrics.EXPORTER_BUFFERED.set(self.held_rows)
             job.result()
 
-    async def _flush_and_commit(self, consumer: AIOKafkaConsumer) -> None:
-        """Write every buffered row not yet in the files, rebuild the rollups of the days touched, then commit what
-        was read: nothing is committed before it is in a file."""
+    def _flush(self, consumer: AIOKafkaConsumer) -> Coroutine[Any, Any, None]:
+        """Hand every buffered row to a write (the buffer starts empty): the coroutine writing them, then
+        committing what was read. Taken at once, so rows read meanwhile wait for the next flush."""
         values, tables, offsets = self._values, self._tables, self._offsets
         self._values, self._tables, self._offsets = {}, {}, {}
         self._job_rows, self._buffered, self._unparsed = self._buffered, 0, 0
+        return self._write_and_commit(consumer, values, tables, offsets)
+
+    async def _write_and_commit(self, consumer: AIOKafkaConsumer, values: dict[TopicPartition, list[bytes]],
+                                tables: dict[TopicPartition, list[pa.Table]], offsets: dict[TopicPartition, int]
+                                ) -> None:
+        """Write the rows not yet in the files, rebuild the rollups of the days touched, then commit what was
+        read: nothing is committed before it is in a file."""
         if offsets:
             await asyncio.to_thread(self._write, values, tables)
             await commit_processed(consumer, offsets, "exporter", log)
