@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -104,6 +105,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(exporter)
     exporter.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="files go under DIR/focus/")
     exporter.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464 + 2)")
+
+    compact = sub.add_parser("compact", help="merge the small request files of closed charge dates into few "
+                             "(the exporter does it every exporter.compact_every_s)")
+    _add_common(compact, kafka=False)
+    compact.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                         help=f"where the exporter writes (default {DEFAULT_DATA_DIR})")
+    compact.add_argument("--all", action="store_true",
+                         help="also the charge dates still open: today's, and those that ended less than "
+                              "collector.max_lateness_s ago (a late row then starts a new small file)")
 
     report = sub.add_parser("report", help="top N by cost from the FOCUS files (DuckDB)")
     report.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
@@ -213,6 +223,17 @@ def _cmd_exporter(args: argparse.Namespace) -> None:
     _serve_until_signal(exporter.run)
 
 
+def _cmd_compact(args: argparse.Namespace) -> None:
+    from pipeline.export.compaction import compact  # noqa: PLC0415
+
+    config = _config(args)
+    done = compact(Path(args.data_dir), math.inf if args.all else time.time(), config.collector.max_lateness_s)
+    for day in done:
+        print(f"charge_date={day.day}: {day.files_before:,} files -> {day.files_after:,} ({day.rows:,} rows)")
+    if not done:
+        print("nothing to compact: no closed charge date has more than one small file")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from pipeline.cli.render import render_report  # noqa: PLC0415
     from pipeline.export.report import make_report  # noqa: PLC0415
@@ -316,8 +337,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker, "exporter": _cmd_exporter,
-            "topics": _cmd_topics, "demo": _cmd_demo, "report": _cmd_report, "price": _cmd_price,
-            "breaker": _cmd_breaker, "gateway": _cmd_gateway}
+            "topics": _cmd_topics, "demo": _cmd_demo, "report": _cmd_report, "compact": _cmd_compact,
+            "price": _cmd_price, "breaker": _cmd_breaker, "gateway": _cmd_gateway}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,6 +7,7 @@ with the hourly rollup switched on.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,3 +139,25 @@ def test_files_pass_the_focus_validator(demo_run: DemoRun, tmp_path: Path, grain
     assert len(result.failed_rules) == 1
     passed = int(re.search(r"Pass: (\d+)", result.summary).group(1))  # type: ignore[union-attr]
     assert passed >= 241
+
+
+def test_compacted_files_hold_the_same_rows_and_pass_the_focus_validator(demo_run: DemoRun, tmp_path: Path) -> None:
+    """`spendstream compact --all` on a copy of the run's files (the run goes on writing its own): the same rows,
+    sums and row ids in fewer files, each of which the FOCUS validator accepts as the flushed ones."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_run.data_dir / "focus" / "request", data / "focus" / "request")
+    totals = "SELECT count(*), count(DISTINCT x_RowId), sum(BilledCost), sum(ListCost) FROM read_parquet('{}')"
+    before, files_before = _sql(totals.format(_glob(data))), sorted((data / "focus").rglob("part-*.parquet"))
+    result = spendstream("compact", "--data-dir", str(data), "--all")
+    assert result.returncode == 0, result.stderr
+    files = sorted((data / "focus").rglob("part-*.parquet"))
+    assert len(files) < len(files_before) and "files ->" in result.stdout
+    assert _sql(totals.format(_glob(data))) == before
+    exe = validator()
+    if exe is None:
+        pytest.skip("NO PYTHON >= 3.12 ON THIS MACHINE: the FOCUS conformance check (focus-validator) did not run")
+    for path in files:
+        checked = validate(exe, path, tmp_path)
+        print(path.name, checked.summary)
+        assert set(checked.failed_rules) <= KNOWN_DEFECTS, checked.output[-4000:]
+        assert int(re.search(r"Pass: (\d+)", checked.summary).group(1)) >= 241  # type: ignore[union-attr]

@@ -64,6 +64,8 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     ("collector:\n  max_request_bytes: 2048\n  max_inflight_bytes: 1024\n",
      "collector.max_inflight_bytes (line 3): 1024 is below collector.max_request_bytes"),
     ("attribution:\n  user_id_salt: pepper\n", "attribution.user_id_salt (line 2): no longer used"),
+    ("exporter:\n  max_buffered_rows: 10\n", "exporter.max_buffered_rows (line 2): 10 is less than the minimum"),
+    ("exporter:\n  compact_every_s: -1\n", "exporter.compact_every_s (line 2)"),
 ])
 def test_mistakes_are_named_with_key_and_line(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -85,10 +87,13 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_exporter_and_focus_sections() -> None:
     from schemas.config import config_from_dict  # noqa: PLC0415
 
-    config = config_from_dict({"exporter": {"rollup": "day", "flush_seconds": 2},
+    assert config_from_dict({}).exporter.max_buffered_rows == 100_000
+    config = config_from_dict({"exporter": {"rollup": "day", "flush_seconds": 2, "max_buffered_rows": 5000,
+                                            "compact_every_s": 600},
                                "focus": {"billing_account_id": "acme"}, "billing_currency": "EUR",
                                "fx": {"USD": 0.92}})
     assert config.exporter.rollup == "day" and config.focus.billing_account_id == "acme"
+    assert (config.exporter.max_buffered_rows, config.exporter.compact_every_s) == (5000, 600)
     assert str(config.usd_rate) == "0.92"
     with pytest.raises(ConfigError, match=r"exporter.rollup: 'week' is not one of"):
         config_from_dict({"exporter": {"rollup": "week"}})

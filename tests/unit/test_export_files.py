@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -282,3 +283,23 @@ def test_the_swap_shows_readers_one_whole_set_of_files_never_both_nor_neither(tm
             vanished += 1
     swapper.join()
     assert seen and set(seen) == {600}, {n: seen.count(n) for n in set(seen)}
+
+
+def test_spendstream_compact_merges_closed_days_and_with_all_the_open_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pipeline.cli.main import main  # noqa: PLC0415
+
+    root = focus_dir(tmp_path)
+    today = int(time.time()) // DAY_S * DAY_S
+    small_files(root, focus_values(40, start_s=today - 2 * DAY_S, step_s=60), 30)
+    small_files(root, focus_values(40, start_s=today, step_s=1, tag="b"), 30)
+    main(["compact", "--data-dir", str(tmp_path)])
+    closed = datetime.fromtimestamp(today - 2 * DAY_S, UTC).date()
+    assert capsys.readouterr().out == f"charge_date={closed}: 4 files -> 1 (120 rows)\n"
+    main(["compact", "--data-dir", str(tmp_path)])
+    assert capsys.readouterr().out.startswith("nothing to compact")
+    main(["compact", "--data-dir", str(tmp_path), "--all"])
+    opened = datetime.fromtimestamp(today, UTC).date()
+    assert capsys.readouterr().out == f"charge_date={opened}: 4 files -> 1 (120 rows)\n"
+    assert read_files(root)[:2] == (240, 240)
