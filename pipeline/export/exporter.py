@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,6 +54,16 @@ FIRST_COMPACTION_S: Final = 30.0
 #: a revoke waits this long at most for the write in progress, so that its offsets are committed before the
 #: partitions move (within the group's rebalance timeout)
 REVOKE_WAIT_S: Final = REBALANCE_TIMEOUT_MS / 2000
+
+
+@dataclass(slots=True)
+class _Flush:
+    """The rows one flush writes, per partition: raw values not yet parsed and packed tables; and the offset after
+    the last record read of each partition, committed once they are written."""
+
+    values: dict[TopicPartition, list[bytes]]
+    tables: dict[TopicPartition, list[pa.Table]]
+    offsets: dict[TopicPartition, int]
 
 
 class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type hints
@@ -198,31 +209,30 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
     def _flush(self, consumer: AIOKafkaConsumer) -> Coroutine[Any, Any, None]:
         """Hand every buffered row to a write (the buffer starts empty): the coroutine writing them, then
         committing what was read. Taken at once, so rows read meanwhile wait for the next flush."""
-        values, tables, offsets = self._values, self._tables, self._offsets
+        flush = _Flush(self._values, self._tables, self._offsets)
         self._values, self._tables, self._offsets = {}, {}, {}
         self._job_rows, self._buffered, self._unparsed = self._buffered, 0, 0
-        return self._write_and_commit(consumer, values, tables, offsets)
+        return self._write_and_commit(consumer, flush)
 
-    async def _write_and_commit(self, consumer: AIOKafkaConsumer, values: dict[TopicPartition, list[bytes]],
-                                tables: dict[TopicPartition, list[pa.Table]], offsets: dict[TopicPartition, int]
-                                ) -> None:
+    async def _write_and_commit(self, consumer: AIOKafkaConsumer, flush: _Flush) -> None:
         """Write the rows not yet in the files, rebuild the rollups of the days touched, then commit what was
         read: nothing is committed before it is in a file."""
-        if offsets:
-            await asyncio.to_thread(self._write, values, tables)
-            await commit_processed(consumer, offsets, "exporter", log)
+        if flush.offsets:
+            await asyncio.to_thread(self._write, flush)
+            await commit_processed(consumer, flush.offsets, "exporter", log)
 
-    def _write(self, values: dict[TopicPartition, list[bytes]], tables: dict[TopicPartition, list[pa.Table]]) -> None:
+    def _write(self, flush: _Flush) -> None:
         """The writer thread's part of a flush."""
-        held = [table for tps in tables.values() for table in tps]
-        held += self._parse_each(values).values()
+        tables = [table for tps in flush.tables.values() for table in tps]
+        tables += self._parse_each(flush.values).values()
+        flush.values, flush.tables = {}, {}
         with writer_lock(self._data_dir):
-            written = write_rows(self._root, held, self._ledger)
+            written = write_rows(self._root, tables, self._ledger)
             rollup = self._config.exporter.rollup
             if rollup != "request":
                 for period, day in written.days:
                     write_rollup(self._data_dir, rollup, period, day)
-        del held, tables, values
+        del tables
         pa.default_memory_pool().release_unused()
         self.rows_written += written.rows
         self.duplicates += written.duplicates

@@ -85,6 +85,20 @@ def test_packed_rows_hold_exactly_the_values_of_the_messages() -> None:
     assert packed.schema.field("x_RowId").type == pa.string()  # unique per row: not worth a dictionary
 
 
+def test_the_largest_values_a_row_may_carry_are_held_exactly() -> None:
+    """What the exporter's decoder lets through (38 digits of money and quantity, int64, any JSON scalar in Tags),
+    the bulk parse holds exactly. Tags stays the same JSON object; DuckDB may spell a number differently
+    (1e308, where orjson writes 1e+308)."""
+    row = orjson.loads(focus_values(1)[0])
+    row.update(BilledCost="-" + "9" * 20 + "." + "9" * 18, PricingQuantity="9" * 32 + ".999999",
+               x_RequestCount=2**63 - 1, Tags={"n": 2**63 - 1, "f": 1e308, "b": True, "none": None, "s": "é"},
+               ChargePeriodStart="2026-02-28T23:59:59Z")
+    value = orjson.dumps(row)
+    held, expected = unpack(parse_rows([value])), expected_table([value])
+    assert held.drop_columns(["Tags"]).equals(expected.drop_columns(["Tags"]))
+    assert orjson.loads(held.column("Tags")[0].as_py()) == row["Tags"]
+
+
 def test_a_packed_row_takes_a_tenth_of_a_dict_row() -> None:
     """The exporter holds up to exporter.max_buffered_rows of these (docs/architecture.md gives the figures)."""
     values = focus_values(3000)
