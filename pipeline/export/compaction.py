@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from pipeline.export.files import ARROW_SCHEMA, focus_dir, fsync_dir, partition_dir, writer_lock
 from schemas.errors import SpendstreamError
+from schemas.swap_lock import swapping_request_files
 
 log = logging.getLogger(__name__)
 #: rows per row group of a compacted file (DuckDB reads a row group per thread)
@@ -119,7 +120,8 @@ def compact_day(root: Path, period: str, day: str) -> Compaction | None:
         if sum(merged) != sum(rows[path] for path in small):
             raise CompactionError(f"{directory}: merged {sum(merged)} rows of {sum(rows[p] for p in small)}")
         fsync_dir(staging)
-        exchange(staging, directory)
+        with swapping_request_files(root.parent.parent):  # root is <data>/focus/request
+            exchange(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.focus import COLUMNS, FOCUS_VERSION, MONEY_SCALE
+from schemas.swap_lock import SWAP_LOCK
 
 QUANTITY_SCALE: Final = 6
 _ARROW_TYPES: Final[Mapping[str, pa.DataType]] = {
@@ -231,6 +232,7 @@ def writer_lock(data_dir: Path) -> Iterator[None]:
     compaction never swaps away a file another process is adding. Readers take no lock."""
     path = data_dir / "focus" / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
+    (data_dir / SWAP_LOCK).touch()  # before the first file, so that readers find it (schemas/swap_lock.py)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -19,6 +19,7 @@ from pipeline.pricing.focus import INPUT_METERS, OUTPUT_METERS
 from schemas.codec import parse_utc, plain_decimal
 from schemas.errors import SpendstreamError
 from schemas.focus import ATTRIBUTION_COLUMNS, REQUEST_FILES, request_files_glob
+from schemas.swap_lock import reading_request_files
 
 #: --by names -> FOCUS columns
 GROUPABLE: Final = {**ATTRIBUTION_COLUMNS, "provider": "ProviderName",
@@ -82,7 +83,7 @@ def make_report(data_dir: Path, by: Sequence[str], *, since: str | None = None, 
     if not any(data_dir.glob(REQUEST_FILES)):
         raise ReportError(f"no FOCUS files under {root} (is the exporter running with --data-dir {data_dir}?)")
     sql = report_sql(by, request_files_glob(data_dir), since, until, top)
-    with duckdb.connect() as con:
+    with reading_request_files(data_dir), duckdb.connect() as con:  # never across a compaction swap
         con.execute("SET TimeZone = 'UTC'")
         cursor = con.execute(sql)
         names = [d[0] for d in cursor.description]

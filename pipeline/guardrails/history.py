@@ -20,6 +20,7 @@ import orjson
 from pipeline.guardrails.state import Bucket, day_of, month_of
 from schemas.focus import REQUEST_FILES, request_files_glob
 from schemas.policy import Policy
+from schemas.swap_lock import reading_request_files
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,7 @@ def _query(data_dir: Path, sql: str, since_s: int) -> list[tuple[object, ...]]:
     if not any(data_dir.glob(REQUEST_FILES)):
         return []
     glob = request_files_glob(data_dir)
-    with duckdb.connect() as con:
+    with reading_request_files(data_dir), duckdb.connect() as con:  # never across a compaction swap
         con.execute("SET TimeZone = 'UTC'")
         return con.execute(sql.format(source=f"read_parquet('{glob}', hive_partitioning = true, "
                                              "union_by_name = true)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.export import compaction
+from pipeline.export import compaction, report
 from pipeline.export.compaction import (
     STAGING_PREFIX,
     SwapUnsupported,
@@ -34,10 +35,12 @@ from pipeline.export.files import (
     unpack,
     write_rows,
 )
+from pipeline.guardrails import history
 from pipeline.pricing import PriceCatalog
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing
 from schemas.focus import COLUMNS
+from schemas.swap_lock import swapping_request_files
 from schemas.usage import TokenCounts, UsageEvent
 
 DAY_S = 86_400
@@ -317,3 +320,55 @@ def test_spendstream_compact_merges_closed_days_and_with_all_the_open_ones(
     opened = datetime.fromtimestamp(today, UTC).date()
     assert capsys.readouterr().out == f"charge_date={opened}: 4 files -> 1 (120 rows)\n"
     assert read_files(root)[:2] == (240, 240)
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_the_report_and_the_workers_history_never_read_across_a_swap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     locked: bool) -> None:
+    """`spendstream report` and the worker's history query a day whose two sets of files (10 small, 1 merged) are
+    swapped back and forth as compaction swaps them: holding the swap lock shared, each answer is the whole day's.
+    Without it (the control), DuckDB reads part of a day or fails: it skips or cannot open files that a swap took
+    away after it listed them."""
+    if not locked:
+        monkeypatch.setattr(report, "reading_request_files", lambda _: contextlib.nullcontext())
+        monkeypatch.setattr(history, "reading_request_files", lambda _: contextlib.nullcontext())
+    values = focus_values(100)
+    day = partition_dir(focus_dir(tmp_path), "2026-11", "2026-11-20")
+    other = day.with_name(f"{STAGING_PREFIX}{day.name}")
+    day.mkdir(parents=True)
+    other.mkdir()
+    for index in range(10):
+        pq.write_table(unpack(parse_rows(values[index * 30:(index + 1) * 30])), day / f"part-{index}.parquet")
+    pq.write_table(unpack(parse_rows(values)), other / "part-merged.parquet")
+    total = sum(Decimal(orjson.loads(v)["BilledCost"]) for v in values)
+    try:
+        exchange(other, day)
+    except SwapUnsupported:
+        pytest.skip("this filesystem cannot exchange directories")
+    done = threading.Event()
+
+    def swap() -> None:
+        while not done.is_set():
+            with swapping_request_files(tmp_path):
+                exchange(other, day)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    answers: list[Decimal] = []
+    failures = 0
+    try:
+        for _ in range(400 if not locked else 60):
+            try:
+                answers.append(report.make_report(tmp_path, []).total_cost)
+                answers.append(sum((s.cost for s in history.recorded_spend(tmp_path, NOV_20, DAY_S)), Decimal(0)))
+            except duckdb.IOException:
+                failures += 1
+            if not locked and (failures or set(answers) - {total}):
+                break
+    finally:
+        done.set()
+        swapper.join()
+    if locked:
+        assert answers and set(answers) == {total} and failures == 0
+    else:
+        assert failures or set(answers) - {total}, "no unlocked query met a swap: the control proves nothing"
