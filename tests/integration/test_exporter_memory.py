@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 CALLS = 100_000  # 3 rows a call
 MAX_BUFFERED_ROWS = 100_000  # the default
 #: the interpreter and its libraries (~100 MiB), DuckDB's parser (~60), a full buffer (100,000 x ~530 B), the
-#: row ids of 300k rows (~40), and the allocators' slack; measured 440-520 MiB on 2 cores
+#: row ids of 300k rows (~40), and the allocators' slack; measured 419-508 MiB on 2 shared cores
 PEAK_RSS_MIB = 640
 
 
