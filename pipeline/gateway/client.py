@@ -55,7 +55,7 @@ def _apply(on_command: OnCommand, record: ConsumerRecord[bytes, bytes]) -> None:
     """Hand one command on. One that does not decode or validate, or that `on_command` cannot take, is skipped,
     counted and logged, not dead-lettered: every gateway, `spendstream breaker list` and the breaker keeper read
     the compacted topic from its start, so each would dead-letter the same message again on every start."""
-    if not record.value:
+    if record.value is None:  # a tombstone: the compacted topic forgot the breaker
         return
     try:
         command = decode_command(record.value)

@@ -202,9 +202,9 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             try:
                 if key == PARTITION_KEY:
                     since[record.partition] = decode_partition_state(record.value or b"").watching_since_s
-                elif record.value:
+                elif record.value is not None:
                     scopes[key] = ScopeState.from_value(decode_scope_state(record.value))
-                else:  # a tombstone: the scope was forgotten
+                else:  # a tombstone (null, not an empty value): the scope was forgotten
                     scopes.pop(key, None)
             except SchemaError as exc:  # the scope keeps its last good value, if any; the takeover goes on
                 self._rejections.add(record, "invalid_guardrail_state", exc)
