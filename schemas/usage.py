@@ -18,9 +18,8 @@ import msgspec
 from schemas.codec import Count, decode_as
 
 USAGE_SCHEMA_VERSION: Final = 1
-TraceId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
-SpanId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{16}$")]
-UsageId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}-[0-9a-f]{16}$")]
+#: ids are checked for being text, not for the hex patterns the collector writes: pricing needs them only as keys
+UsageId = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class TokenCounts(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,9 +43,9 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One model call. `id` is `<trace_id>-<span_id>` (hex), so retries keep their id."""
 
     id: UsageId
-    trace_id: TraceId
-    span_id: SpanId
-    parent_span_id: SpanId | None
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
     start_time_unix_nano: Count
     end_time_unix_nano: Count
     operation: str

@@ -75,7 +75,7 @@ def usage_poison(valid: bytes) -> list[Poison]:
             ("infinite_tokens", valid.replace(b'"output":', b'"output":1e999,"_":', 1)),
             ("float_tokens", _mutated(valid, _set((*event, "tokens", "output"), 1.5))),
             ("missing_field", _mutated(valid, _delete((*event, "span_id")))),
-            ("bad_usage_id", _mutated(valid, _set((*event, "id"), "x"))),
+            ("usage_id_as_number", _mutated(valid, _set((*event, "id"), 5))),
             ("event_wrong_version", _mutated(valid, _set((*event, "schema_version"), 7)))]
 
 
