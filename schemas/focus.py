@@ -8,11 +8,16 @@ In Parquet, money is decimal128(38, 18), Tags and SkuPriceDetails are JSON strin
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal, TypedDict, cast
 
+import msgspec
 import orjson
+
+from schemas.codec import Int64, decode_as
+from schemas.errors import SchemaError
 
 FOCUS_SCHEMA_VERSION: Final = 1
 FOCUS_VERSION: Final = "1.2"
@@ -113,10 +118,53 @@ def encode_row(row: Mapping[str, Any]) -> bytes:
     return orjson.dumps(row, default=_decimal_str)
 
 
+#: text columns that are never null (focus_row.schema.json); every other text column is a non-empty string or null
+REQUIRED_TEXT: Final = frozenset({"BillingAccountId", "InvoiceIssuerName", "ProviderName", "PublisherName",
+                                  "ServiceName", "x_RowId", "x_UsageId"})
+#: columns with one value (focus_row.schema.json `const`)
+CONSTANTS: Final[Mapping[str, str | int]] = {
+    "ChargeCategory": "Usage", "ChargeFrequency": "Usage-Based", "ServiceCategory": "AI and Machine Learning",
+    "ServiceSubcategory": "Generative AI", "x_SchemaVersion": FOCUS_SCHEMA_VERSION}
+CURRENCY_COLUMNS: Final = frozenset({"BillingCurrency", "PricingCurrency"})
+_DATETIME_COLUMNS: Final = tuple(name for name, kind in COLUMNS if kind == "datetime")
+_TEXT: Final = Annotated[str, msgspec.Meta(min_length=1)]
+#: what the files hold: money decimal128(38, 18), quantities decimal128(38, 6), int64 (files.py)
+_WIRE_TYPES: Final[Mapping[str, object]] = {
+    "money": Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$")],
+    "quantity": Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,32}(\.[0-9]{1,6})?$")],
+    "int": Int64,
+    "bool": bool,
+    "datetime": Annotated[str, msgspec.Meta(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")],
+    "json": dict[str, str | Int64 | float | bool | None] | None,
+    "string": _TEXT | None,
+}
+
+
+def _wire_type(name: str, kind: str) -> object:
+    if name in CONSTANTS:
+        return Literal[CONSTANTS[name]]
+    if name in CURRENCY_COLUMNS:
+        return Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
+    if name in REQUIRED_TEXT:
+        return _TEXT
+    return _WIRE_TYPES[kind]
+
+
+#: every column required, as focus_row.schema.json says; unknown columns are ignored (a newer worker's additions)
+FocusRowValue = TypedDict(  # type: ignore[misc]  # built from COLUMNS, so the decoder and the columns never drift
+    "FocusRowValue", {name: _wire_type(name, kind) for name, kind in COLUMNS})
+_ROW_DECODER: Final = cast("msgspec.json.Decoder[dict[str, Any]]", msgspec.json.Decoder(FocusRowValue))
+
+
 def decode_row(value: bytes) -> dict[str, Any]:
-    row = orjson.loads(value)
-    if not isinstance(row, dict) or "x_RowId" not in row:
-        raise ValueError("not a FOCUS row: expected an object with x_RowId")
+    """A `genai.cost.focus` value as a row the files can hold (every column checked: types, patterns, money
+    and quantities that fit the files' decimals, real dates). Raises SchemaError naming what is wrong."""
+    row: dict[str, Any] = decode_as(_ROW_DECODER, value, "FOCUS row")
+    for name in _DATETIME_COLUMNS:
+        try:
+            datetime.fromisoformat(row[name][:-1])
+        except ValueError as exc:
+            raise SchemaError(f"FOCUS row: {name} {row[name]!r} is not a date-time") from exc
     return row
 
 

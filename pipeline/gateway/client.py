@@ -20,12 +20,16 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from pipeline.gateway.board import BreakerBoard, Decision
 from pipeline.kafka.consumer import read_to_end, reader
+from pipeline.observability.metrics import MESSAGES_REJECTED
+from pipeline.observability.rejections import PROCESSING_FAILED
 from schemas.breaker import BreakerCommand, decode_command
 from schemas.config import KafkaConfig
 from schemas.errors import SchemaError
 from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
+#: the `stage` label of the commands readers skip
+READER_STAGE = "breaker_client"
 
 
 OnCommand = Callable[[BreakerCommand], None]
@@ -48,12 +52,22 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
 
 
 def _apply(on_command: OnCommand, record: ConsumerRecord[bytes, bytes]) -> None:
-    if not record.value:
+    """Hand one command on. One that does not decode or validate, or that `on_command` cannot take, is skipped,
+    counted and logged, not dead-lettered: every gateway, `spendstream breaker list` and the breaker keeper read
+    the compacted topic from its start, so each would dead-letter the same message again on every start."""
+    if record.value is None:  # a tombstone: the compacted topic forgot the breaker
         return
     try:
-        on_command(decode_command(record.value))
+        command = decode_command(record.value)
     except SchemaError as exc:
+        MESSAGES_REJECTED.labels(READER_STAGE, "invalid_breaker_command").inc()
         log.warning("breaker client: skipped %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+        return
+    try:
+        on_command(command)
+    except Exception:  # this command only: the board keeps the others, the follower goes on
+        MESSAGES_REJECTED.labels(READER_STAGE, PROCESSING_FAILED).inc()
+        log.exception("breaker client: %s[%d]@%d could not be applied", record.topic, record.partition, record.offset)
 
 
 class BreakerClient:

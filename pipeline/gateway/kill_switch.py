@@ -19,6 +19,7 @@ from pipeline.gateway.client import read_commands
 from pipeline.kafka.consumer import reader
 from pipeline.kafka.producer import BatchProducer
 from schemas.breaker import (
+    BREAKER_SCHEMA_VERSION,
     BreakerAction,
     BreakerCommand,
     BreakerSource,
@@ -47,7 +48,7 @@ def _command(scope: Scope, source: BreakerSource, state: BreakerState, action: B
                           breaker_id=bid, source=source, scope=scope.key, scope_attributes=scope.as_dict(),
                           state=state, action=action, reason=reason, issued_at=rfc3339(now_s),
                           downgrade=dict(downgrade or {}), expires_at=expires_at,
-                          trigger=dict(trigger or {"kind": "manual"}))
+                          trigger=dict(trigger or {"kind": "manual"}), schema_version=BREAKER_SCHEMA_VERSION)
 
 
 def trip_command(scope: Scope, action: BreakerAction, reason: str, *, ttl_s: int | None,

@@ -23,7 +23,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Final
 
-import orjson
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline.guardrails.decide import Context, Decisions, decide, held_after_reset, retain_from
@@ -36,8 +35,10 @@ from pipeline.kafka.consumer import commit_processed, group_consumer, read_to_en
 from pipeline.kafka.producer import BatchProducer, PlacedRecord, partition_for
 from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
+from pipeline.observability.rejections import PROCESSING_FAILED, Rejections
 from schemas.config import Config
 from schemas.errors import SchemaError
+from schemas.guardrail_state import PartitionValue, decode_partition_state, decode_scope_state, encode_state_value
 from schemas.policy import Policy, Scope
 from schemas.spend import Reset, SpendMessage, Tick, decode_spend
 from schemas.topics import TopicNames
@@ -71,7 +72,7 @@ class PartitionState:
 
     def record(self) -> bytes:
         """The partition's own changelog value."""
-        return orjson.dumps({"watching_since_s": self.watching_since_s})
+        return encode_state_value(PartitionValue(self.watching_since_s))
 
     def pending(self) -> Iterable[ScopeState]:
         """Scopes with a breaker that time alone can move (cool-down, probe, period end)."""
@@ -162,6 +163,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         self._partitions: dict[int, PartitionState] = {}
         self._retired: dict[int, PartitionState] = {}  # revoked, until the rebalance's assignment is known
         self._lock = asyncio.Lock()
+        self._rejections = Rejections("guardrails", log)
         self._read_at = 0.0
         self.alerts = self.commands = 0
         GUARDRAIL_GAUGES.currency = config.billing_currency
@@ -196,13 +198,16 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         since: dict[int, int | None] = dict.fromkeys(partitions)
 
         def restore(record: ConsumerRecord[bytes, bytes]) -> None:
-            scopes, key = out[record.partition], (record.key or b"").decode()
-            if key == PARTITION_KEY:
-                since[record.partition] = orjson.loads(record.value or b"{}").get("watching_since_s")
-            elif record.value:
-                scopes[key] = ScopeState.from_json(orjson.loads(record.value))
-            else:  # a tombstone: the scope was forgotten
-                scopes.pop(key, None)
+            scopes, key = out[record.partition], (record.key or b"").decode("utf-8", "replace")
+            try:
+                if key == PARTITION_KEY:
+                    since[record.partition] = decode_partition_state(record.value or b"").watching_since_s
+                elif record.value is not None:
+                    scopes[key] = ScopeState.from_value(decode_scope_state(record.value))
+                else:  # a tombstone (null, not an empty value): the scope was forgotten
+                    scopes.pop(key, None)
+            except SchemaError as exc:  # the scope keeps its last good value, if any; the takeover goes on
+                self._rejections.add(record, "invalid_guardrail_state", exc)
 
         try:
             await read_to_end(changelog, [TopicPartition(self._names.guardrail_state, p) for p in partitions],
@@ -297,14 +302,18 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         states: list[PlacedRecord] = []
         for p, partition in self._partitions.items():
             records = next((r for tp, r in batches.items() if tp.partition == p), [])
-            messages: list[SpendMessage | Tick | Reset] = []
+            watching = partition.watching_since_s
+            changed = set()
             for record in records:
                 try:
-                    messages.append(decode_spend(record.value or b""))
+                    message = decode_spend(record.value or b"")
                 except SchemaError as exc:
-                    log.warning("guardrails: skipped %s[%d]@%d: %s", record.topic, p, record.offset, exc)
-            watching = partition.watching_since_s
-            changed = apply_messages(partition, messages, policy, int(issued))
+                    self._rejections.add(record, "invalid_spend_message", exc)
+                    continue
+                try:
+                    changed |= apply_messages(partition, [message], policy, int(issued))
+                except Exception as exc:  # this message only: dead-lettered, the stage goes on
+                    self._rejections.add(record, PROCESSING_FAILED, exc)
             changed |= {key for key in added if key in partition.scopes}  # rebuilt: decide and write them
             if partition.watching_since_s != watching:
                 states.append((p, (PARTITION_KEY.encode(), partition.record())))
@@ -318,7 +327,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                         del partition.scopes[key]
                         states.append((p, (key.encode(), None)))
                     else:
-                        states.append((p, (key.encode(), orjson.dumps(state.to_json()))))
+                        states.append((p, (key.encode(), encode_state_value(state.to_value()))))
             # after the decisions: a tombstone follows any state just written for the same scope
             states += [(p, (key.encode(), None)) for key in sweep_idle(partition, ctx)]
         with metrics.PUBLISH_SECONDS.labels("guardrails").time():
@@ -326,7 +335,8 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                 producer.send_all(self._names.alerts, [(a.scope.encode(), a.encode()) for a in decisions.alerts]),
                 producer.send_all(self._names.breaker_commands,
                                   [(c.breaker_id.encode(), c.encode()) for c in decisions.commands]),
-                producer.send_to(self._names.guardrail_state, states))
+                producer.send_to(self._names.guardrail_state, states),
+                producer.send_all(self._names.deadletter, self._rejections.take()))
         for alert in decisions.alerts:
             metrics.ALERTS.labels(alert.kind).inc()
             log.info("alert %s: %s", alert.kind, alert.message)

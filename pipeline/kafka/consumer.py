@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, RebalanceInProgressError
+from aiokafka.errors import CommitFailedError, IllegalStateError, RebalanceInProgressError
 
 from schemas.config import KafkaConfig
 
@@ -40,11 +40,17 @@ def reader(kafka: KafkaConfig, environ: Mapping[str, str] = os.environ) -> AIOKa
 
 async def commit_processed(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int], stage: str,
                            log: logging.Logger) -> None:
-    """Commit exactly the offsets processed. If the partitions moved meanwhile, their new owner processes
-    the batch again; each stage's outputs are idempotent (row ids, offset guards), so that is safe."""
+    """Commit exactly the offsets processed, of the partitions still assigned. If partitions moved meanwhile,
+    their new owner processes the batch again; each stage's outputs are idempotent (row ids, offset guards), so
+    that is safe. A commit the group refuses because of a rebalance (the generation moved on, a partition just
+    revoked or no assignment yet: IllegalStateError) is logged and skipped, never raised."""
+    assigned = consumer.assignment()
+    owned = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+    if not owned:
+        return
     try:
-        await consumer.commit(offsets)
-    except (CommitFailedError, RebalanceInProgressError) as exc:
+        await consumer.commit(owned)
+    except (CommitFailedError, RebalanceInProgressError, IllegalStateError) as exc:
         log.info("%s: commit skipped, partitions were reassigned (%s)", stage, exc)
 
 
