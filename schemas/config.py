@@ -167,8 +167,10 @@ class ExporterConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerConfig:
     #: usage ids are remembered this long in event time, so a retried span counts once; at least
-    #: collector.max_lateness_s, so every span the collector accepts can be checked
-    dedupe_horizon_s: int = 3600
+    #: collector.max_lateness_s, so every span the collector accepts can be checked. Twice that by default: the
+    #: horizon runs behind the stage's watermark, so a span accepted just within the lateness bound is still
+    #: recognised as a retry while pricing lags behind by up to an hour (a backlog after an outage)
+    dedupe_horizon_s: int = 7200
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,7 +19,6 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from decimal import Decimal
 from pathlib import Path
 from typing import Final
 
@@ -37,7 +36,7 @@ from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
 from pipeline.observability.rejections import PROCESSING_FAILED, Rejections
 from schemas.config import Config
-from schemas.errors import SchemaError
+from schemas.errors import SchemaError, SpendstreamError
 from schemas.guardrail_state import PartitionValue, decode_partition_state, decode_scope_state, encode_state_value
 from schemas.policy import Policy, Scope
 from schemas.spend import Reset, SpendMessage, Tick, decode_spend
@@ -53,6 +52,11 @@ _NS = 1_000_000_000
 
 #: the changelog key of a partition's own record (scope keys never start with "@")
 PARTITION_KEY: Final = "@partition"
+
+
+class RestoreError(SpendstreamError):
+    """A taken-over partition's state could not be restored; the worker ends so that it is restarted (and the
+    partitions move) instead of ignoring their spend."""
 
 
 class PartitionState:
@@ -110,6 +114,12 @@ def apply_messages(partition: PartitionState, messages: Iterable[SpendMessage | 
     return changed
 
 
+def cold_partitions(partitions: dict[int, PartitionState]) -> dict[int, PartitionState]:
+    """The partitions whose changelog held nothing: neither a scope nor the partition's own record."""
+    return {p: partition for p, partition in partitions.items()
+            if not partition.scopes and partition.watching_since_s is None}
+
+
 def decide_partition(partition: PartitionState, changed: set[str], ctx: Context) -> tuple[Decisions, set[str]]:
     """Decide for the scopes that changed and those a clock tick can move; returns the decisions and every
     scope whose state changed (to be written to the changelog)."""
@@ -163,6 +173,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         self._partitions: dict[int, PartitionState] = {}
         self._retired: dict[int, PartitionState] = {}  # revoked, until the rebalance's assignment is known
         self._lock = asyncio.Lock()
+        self._restore_failed: Exception | None = None
         self._rejections = Rejections("guardrails", log)
         self._read_at = 0.0
         self.alerts = self.commands = 0
@@ -187,7 +198,11 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             self._partitions.update(kept)
             missing = [tp.partition for tp in assigned if tp.partition not in self._partitions]
             if missing:
-                restored = await self._restore(missing)
+                try:
+                    restored = await self._restore(missing)
+                except Exception as exc:  # aiokafka would only log it, leaving the partitions dead
+                    self._restore_failed = exc
+                    return
                 self._partitions.update(restored)
             metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
 
@@ -219,51 +234,48 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         log.info("guardrails: took over spend partitions %s, %d scope states restored from the changelog",
                  sorted(partitions), count)
         restored = {p: PartitionState(scopes, since[p]) for p, scopes in out.items()}
-        if self._data_dir is not None:
-            await self._apply_files(restored, budgets_only=False)
+        # only a partition the changelog knows nothing of (a new or emptied broker) is rebuilt from the files: a
+        # changelog is exact up to its committed spend, and `genai.spend` after that may hold calls the files
+        # already have (the backlog of a takeover), which would count twice
+        cold = cold_partitions(restored)
+        if self._data_dir is not None and cold:
+            await self._apply_files(cold, cold=True)
         return restored
 
-    async def _apply_files(self, partitions: dict[int, PartitionState], *, budgets_only: bool,
+    async def _apply_files(self, partitions: dict[int, PartitionState], *, cold: bool,
                            scopes: set[str] | None = None) -> None:
-        """Fold what the FOCUS files recorded into these partitions' states. Budget period totals: the larger
-        of the changelog's and the files' total wins (each counts every call at most once and may lack the
-        latest or the earliest calls: the larger is nearer the truth). A cold partition (no changelog state)
-        also takes the recent buckets, so its baselines need no blind minute."""
+        """Fill from the FOCUS files what the stream never counted. `cold`: partitions with no changelog state
+        take every recorded scope's period totals and recent buckets (so their baselines need no blind minute).
+        Otherwise (budgets added by a reload) only `scopes` without any state take their period totals: a scope
+        with state has been counted by the stream since its partition started watching, and adding the files
+        to it would count twice."""
         assert self._data_dir is not None
         policy, now_s = self._policy.policy, int(time.time())
         since_s = min(period_bounds(month_of(now_s))[0], period_bounds(day_of(now_s))[0] - DAY_S)
         recent_s = retain_from(policy, now_s)
-        days, buckets = await asyncio.gather(
-            asyncio.to_thread(recorded_spend, self._data_dir, since_s, DAY_S),
-            asyncio.to_thread(recorded_spend, self._data_dir, recent_s, BUCKET_S))
-        owners = {p: partition for p, partition in partitions.items()}
-        cold = {p for p, partition in partitions.items()
-                if not budgets_only and not partition.scopes and partition.watching_since_s is None}
-        recorded = recorded_scopes(days, [] if budgets_only else buckets, policy,
-                                   lambda key: partition_for(key.encode(), self._spend_partitions) in owners
+        days = await asyncio.to_thread(recorded_spend, self._data_dir, since_s, DAY_S)
+        buckets = await asyncio.to_thread(recorded_spend, self._data_dir, recent_s, BUCKET_S) if cold else []
+        recorded = recorded_scopes(days, buckets, policy,
+                                   lambda key: partition_for(key.encode(), self._spend_partitions) in partitions
                                    and (scopes is None or key in scopes))
         recorded_from = min((b.start_s for b in buckets), default=None)  # the files' record of the window starts
+        rebuilt = 0
         for key, spend in recorded.items():
-            p = partition_for(key.encode(), self._spend_partitions)
-            partition = owners[p]
-            state = partition.scopes.get(key)
-            if state is None:
-                if not (policy.budgets_of(key) or (p in cold and spend.buckets)):
-                    continue  # nothing decides on it: no need to hold it
-                state = partition.scopes[key] = ScopeState(Scope.parse(key))
-            for period, total in spend.periods.items():
-                if total > state.periods.get(period, Decimal(0)):
-                    state.periods[period] = total
-                    state.unallocated[period] = spend.unallocated.get(period, Decimal(0))
-            if p in cold and spend.buckets:
+            partition = partitions[partition_for(key.encode(), self._spend_partitions)]
+            if key in partition.scopes or not (policy.budgets_of(key) or (cold and spend.buckets)):
+                continue  # counted by the stream already, or nothing decides on it
+            state = partition.scopes[key] = ScopeState(Scope.parse(key))
+            state.periods = dict(spend.periods)
+            state.unallocated = dict(spend.unallocated)
+            if cold and spend.buckets:
                 state.buckets = spend.buckets
                 state.first_s = recorded_from
-        for p in cold:  # the files were being written from then on: spend before a scope's first call is known zero
-            if recorded_from is not None:
-                owners[p].watching_since_s = recorded_from
-        log.info("guardrails: %d scopes of spend partitions %s rebuilt from the FOCUS files (%s)", len(recorded),
-                 sorted(partitions), "budgets added by a reload" if budgets_only else
-                 f"{len(cold)} cold partitions with their recent buckets")
+            rebuilt += 1
+        if cold and recorded_from is not None:  # the files were written from then on: spend before is known zero
+            for partition in partitions.values():
+                partition.watching_since_s = recorded_from
+        log.info("guardrails: %d scopes of spend partitions %s rebuilt from the FOCUS files (%s)", rebuilt,
+                 sorted(partitions), "cold partitions" if cold else "budgets added by a reload")
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -280,6 +292,9 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         try:
             while True:
                 batches = await consumer.getmany(timeout_ms=200, max_records=5_000)
+                if self._restore_failed is not None:  # assigned partitions this worker cannot serve: let it restart
+                    raise RestoreError("guardrails: restoring the state of taken-over spend partitions failed "
+                                       f"({self._restore_failed!r})") from self._restore_failed
                 await observed.after_fetch(batches)
                 async with self._lock:
                     offsets = await self._process(batches, producer)
@@ -295,7 +310,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         policy = self._policy.policy
         added = {b.scope.key for b in policy.budgets} - self._tracked_budgets
         if added and self._data_dir is not None:  # a budget added mid-period counts the whole period
-            await self._apply_files(self._partitions, budgets_only=True, scopes=added)
+            await self._apply_files(self._partitions, cold=False, scopes=added)
         self._tracked_budgets = {b.scope.key for b in policy.budgets}
         issued = time.time()
         decisions = Decisions()

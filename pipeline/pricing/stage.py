@@ -167,6 +167,8 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         tps = {TopicPartition(self._names.usage, p): p for p in first_offsets}
         since_ms = (time.time_ns() // _NS - horizon_s) * 1000
         wall_ns = time.time_ns()
+        # calls stamped a little ahead (within collector.max_skew_s) were priced too: their retries are repeats
+        latest_ns = wall_ns + self._config.collector.max_skew_s * _NS
 
         def remember(record: ConsumerRecord[bytes, bytes]) -> None:
             try:
@@ -175,7 +177,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                 return
             seen = restored[record.partition]
             for event in events:
-                if event.start_time_unix_nano <= wall_ns:
+                if event.start_time_unix_nano <= latest_ns:
                     seen.first_time(event.id, event.start_time_unix_nano // _NS)
 
         history = reader(self._config.kafka)
@@ -191,7 +193,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
             for key, usage_id, start_s in await asyncio.to_thread(recorded_usage, self._data_dir,
                                                                   since_ms // 1000):
                 seen = restored.get(partition_for(key.encode(), self._partitions))
-                if seen is not None and start_s * _NS <= wall_ns:
+                if seen is not None and start_s * _NS <= latest_ns:
                     seen.first_time(usage_id, start_s)
         for seen in restored.values():
             seen.advance(wall_ns // _NS)
