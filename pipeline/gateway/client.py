@@ -71,8 +71,11 @@ def _apply(on_command: OnCommand, record: ConsumerRecord[bytes, bytes]) -> None:
 
 
 class BreakerClient:
-    def __init__(self, kafka: KafkaConfig, environ: Mapping[str, str] = os.environ) -> None:
+    def __init__(self, kafka: KafkaConfig, environ: Mapping[str, str] = os.environ, *,
+                 also: OnCommand | None = None) -> None:
+        """`also` sees every command the board takes (the breaker keeper keeps the resets the board drops)."""
         self._kafka = kafka
+        self._also = also
         self._environ = environ
         self._topic = TopicNames(kafka.topic_prefix).breaker_commands
         self.board = BreakerBoard()
@@ -84,14 +87,19 @@ class BreakerClient:
         consumer = reader(self._kafka, self._environ)
         await consumer.start()
         self._consumer = consumer
-        await read_commands(consumer, self._topic, self.board.apply)
+        await read_commands(consumer, self._topic, self._take)
         self._follow = asyncio.create_task(self._run(consumer))
+
+    def _take(self, command: BreakerCommand) -> None:
+        self.board.apply(command)
+        if self._also is not None:
+            self._also(command)
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
         while True:
             for records in (await consumer.getmany(timeout_ms=1000)).values():
                 for record in records:
-                    _apply(self.board.apply, record)
+                    _apply(self._take, record)
 
     async def stop(self) -> None:
         if self._follow is not None:

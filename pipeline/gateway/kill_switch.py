@@ -72,10 +72,14 @@ def reset_commands(scope: Scope, reason: str, now_s: float) -> list[BreakerComma
             for source, bid in ids]
 
 
+def is_reset(command: BreakerCommand) -> bool:
+    """One of the commands of an operator's `breaker reset` (`reset_commands`)."""
+    return command.state == "closed" and command.source == "manual" and dict(command.trigger) == RESET_TRIGGER
+
+
 def reset_records(commands: Sequence[BreakerCommand]) -> list[Record]:
     """Stage 2's reset records (for `genai.spend`, keyed by scope) of the resets among `commands`, one per scope."""
-    resets = {c.scope: Reset(c.scope, c.reason, int(epoch_s(c.issued_at) or 0)) for c in commands
-              if c.state == "closed" and c.source == "manual" and dict(c.trigger) == RESET_TRIGGER}
+    resets = {c.scope: Reset(c.scope, c.reason, int(epoch_s(c.issued_at) or 0)) for c in commands if is_reset(c)}
     return [(scope.encode(), encode_reset(reset)) for scope, reset in resets.items()]
 
 
