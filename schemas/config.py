@@ -153,6 +153,9 @@ class FocusConfig:
 
     billing_account_id: str = "spendstream"
     billing_account_name: str = "spendstream"
+    #: the FOCUS version of the rows and files: 1.4 (all 65 Cost and Usage columns), or 1.2 for tools that
+    #: still ingest 1.2 (ProviderName/PublisherName instead of ServiceProviderName/HostProviderName)
+    version: Literal["1.4", "1.2"] = "1.4"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

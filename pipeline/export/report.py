@@ -21,7 +21,7 @@ from schemas.errors import SpendstreamError
 from schemas.focus import ATTRIBUTION_COLUMNS, REQUEST_FILES, request_files_glob
 
 #: --by names -> FOCUS columns
-GROUPABLE: Final = {**ATTRIBUTION_COLUMNS, "provider": "ProviderName",
+GROUPABLE: Final = {**ATTRIBUTION_COLUMNS, "provider": "ServiceProviderName",
                     "model": "x_Model", "meter": "SkuMeter", "service": "ServiceName", "day": "charge_date"}
 REPORT_COLUMNS: Final = ("cost", "tokens_in", "tokens_out", "requests", "cost_per_request", "out_in_ratio")
 

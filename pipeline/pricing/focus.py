@@ -1,4 +1,9 @@
-"""FOCUS 1.2 mapping: a priced call -> one cost row per token meter (reference/focus-1.2.md §4.3).
+"""FOCUS mapping: a priced call -> one cost row per token meter (reference/focus-1.2.md §4.3), in FOCUS 1.4
+(default: all 65 Cost and Usage columns, null where they do not apply) or 1.2 (`focus.version`). One mapping:
+the version only chooses which columns a row has (schemas/focus.py COLUMNS_BY_VERSION).
+
+SkuPriceDetails carries the FOCUS 1.5-draft "AI Model Billing" properties, x_-prefixed while they are draft:
+x_ModelDeveloper, x_ModelFamily, x_ModelId, x_ModelVersion, x_TokenDirection, x_TokenCacheAction.
 
 Pure: no I/O. Money is Decimal; every product is computed in a 60-digit context and rounded once,
 to MONEY_SCALE places, so ListCost is ListUnitPrice x PricingQuantity and sums of rows are exact.
@@ -13,12 +18,21 @@ from functools import lru_cache
 from typing import Any, Final
 
 from pipeline.pricing import PricedLine, PricedUsage
+from pipeline.pricing.model_billing import model_identity, parties_of
 from schemas.codec import rfc3339
 from schemas.config import Config
-from schemas.focus import ATTRIBUTION_COLUMNS, FOCUS_SCHEMA_VERSION, MONEY_QUANTUM, encode_row
+from schemas.focus import (
+    ATTRIBUTION_COLUMNS,
+    COLUMNS_BY_VERSION,
+    FOCUS_SCHEMA_VERSION,
+    FOCUS_VERSION,
+    MONEY_QUANTUM,
+    encode_row,
+)
 
 _EXACT: Final = Context(prec=60)
-#: genai-prices usage key -> (SkuMeter, ConsumedUnit, token direction, cache action)
+#: genai-prices usage key -> (SkuMeter, ConsumedUnit, token direction, cache action). The direction and cache
+#: action are the 1.5 draft's TokenDirection (reasoning is Output) and TokenCacheAction (request tokens only)
 METERS: Final[dict[str, tuple[str, str, str | None, str | None]]] = {
     "input_tokens": ("Input Tokens", "Tokens", "Input", "Uncached"),
     "cache_read_tokens": ("Cache Read Input Tokens", "Tokens", "Input", "Read"),
@@ -38,12 +52,16 @@ class Billing:
     currency: str = "USD"
     usd_rate: Decimal = Decimal(1)
     account_id: str = "spendstream"
+    #: the organisation: it sells, runs and bills its self-hosted models (ServiceProviderName, ...)
     account_name: str = "spendstream"
+    #: "1.4" or "1.2": which FOCUS columns the rows have
+    focus_version: str = FOCUS_VERSION
 
     @classmethod
     def from_config(cls, config: Config) -> Billing:
         return cls(currency=config.billing_currency, usd_rate=config.usd_rate,
-                   account_id=config.focus.billing_account_id, account_name=config.focus.billing_account_name)
+                   account_id=config.focus.billing_account_id, account_name=config.focus.billing_account_name,
+                   focus_version=config.focus.version)
 
 
 #: calls cluster in time: most rows repeat a recent second
@@ -93,7 +111,7 @@ _PRICE_POINTS_MAX: Final = 20_000
 
 
 def _price_point(priced: PricedUsage, line: PricedLine, billing: Billing) -> _PricePoint:
-    key = (id(priced.price), line.meter, line.tier, priced.event.service_tier, id(billing))
+    key = (id(priced.price), line.meter, line.tier, priced.event.service_tier, priced.event.model, id(billing))
     point = _PRICE_POINTS.get(key)
     if point is None:
         if len(_PRICE_POINTS) >= _PRICE_POINTS_MAX:
@@ -116,8 +134,11 @@ def _new_price_point(priced: PricedUsage, line: PricedLine, billing: Billing) ->
     pc_contract_unit = money(line.contract_price)
     sku_id = f"{price.provider_id}/{price.model_id}/{_slug(sku_meter)}"
     tier = f">{line.tier}" if line.tier is not None else None
-    details: dict[str, Any] = {"x_ModelId": price.model_id, "x_PriceSource": "override" if not price.is_list
-                               else "genai-prices"}
+    model = model_identity(price.model_id, priced.event.model or price.model_id, publisher=price.publisher_name,
+                           developer=price.developer, family=price.family)
+    details: dict[str, Any] = {"x_ModelDeveloper": model.developer, "x_ModelFamily": model.family,
+                               "x_ModelId": model.model_id, "x_ModelVersion": model.version,
+                               "x_PriceSource": "override" if not price.is_list else "genai-prices"}
     if direction:
         details["x_TokenDirection"] = direction
     if cache_action:
@@ -176,40 +197,52 @@ def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[byte
     return out
 
 
+#: per version, the columns every row of a call shares (all but the price point's and the quantities')
+_POINT_COLUMNS: Final = frozenset({
+    "ChargeDescription", "ConsumedUnit", "ContractedUnitPrice", "ListUnitPrice", "PricingCurrency",
+    "PricingCurrencyContractedUnitPrice", "PricingCurrencyListUnitPrice", "PricingUnit", "SkuId", "SkuMeter",
+    "SkuPriceDetails", "SkuPriceId", "x_Meter", "x_PriceTier"})
+_QUANTITY_COLUMNS: Final = frozenset({
+    "BilledCost", "ConsumedQuantity", "ContractedCost", "EffectiveCost", "ListCost", "PricingCurrencyEffectiveCost",
+    "PricingQuantity", "x_RowId"})
+_CALL_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
+    version: tuple(name for name, _ in columns if name not in _POINT_COLUMNS | _QUANTITY_COLUMNS)
+    for version, columns in COLUMNS_BY_VERSION.items()}
+
+
 def _common_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
+    """The call's shared columns, exactly those of `billing.focus_version`; a column FOCUS has and a model call
+    does not use (commitments, allocation, invoices, capacity reservations, ...) is null."""
     event = priced.event
     price = priced.price
     start_s = event.start_time_unix_nano // 10**9
     period_start, period_end = month_bounds(start_s)
     team = event.attribution.get("team")
-    return {
-        "AvailabilityZone": None,
+    parties = parties_of(price.provider_id, price.provider_name, self_hosted=price.unlisted,
+                         organisation=billing.account_name)
+    values: dict[str, Any] = {
         "BillingAccountId": billing.account_id,
         "BillingAccountName": billing.account_name,
+        "BillingAccountType": "Billing Account",  # 1.4: not null when BillingAccountId is not
         "BillingCurrency": billing.currency,
         "BillingPeriodEnd": period_end,
         "BillingPeriodStart": period_start,
         "ChargeCategory": "Usage",
-        "ChargeClass": None,
         "ChargeFrequency": "Usage-Based",
         "ChargePeriodEnd": iso_utc(start_s + 1),
         "ChargePeriodStart": iso_utc(start_s),
-        "CommitmentDiscountStatus": None,
-        "InvoiceId": None,
-        "InvoiceIssuerName": price.provider_name,
+        "HostProviderName": parties.host_provider,
+        "InvoiceIssuerName": parties.invoice_issuer,
         "PricingCategory": "Standard",
-        "ProviderName": price.provider_name,
-        "PublisherName": price.publisher_name,
-        "RegionId": None,
-        "RegionName": None,
-        "ResourceId": None,
-        "ResourceName": None,
-        "ResourceType": None,
+        "ProviderName": parties.service_provider,  # 1.2 only; ServiceProviderName replaced it (1.3)
+        "PublisherName": price.publisher_name,  # 1.2 only; removed in 1.4
         "ServiceCategory": "AI and Machine Learning",
         "ServiceName": f"{price.provider_name} API",
+        "ServiceProviderName": parties.service_provider,
         "ServiceSubcategory": "Generative AI",
         "SubAccountId": team,
         "SubAccountName": team,
+        "SubAccountType": "Team" if team else None,  # 1.4: a sub account is a team
         "Tags": dict(event.attribution),
         "x_UsageId": event.id,
         "x_TraceId": event.trace_id,
@@ -226,3 +259,4 @@ def _common_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
         "x_RequestCount": 1,
         "x_SchemaVersion": FOCUS_SCHEMA_VERSION,
     }
+    return {name: values.get(name) for name in _CALL_COLUMNS[billing.focus_version]}
