@@ -291,6 +291,9 @@ def _schema_problems(data: Any, root: yaml.Node | None) -> list[str]:
             message = f"unknown key(s) {', '.join(map(repr, extra))}"
             if extra:
                 path = [*path, extra[0]]
+        if err.validator == "enum" and isinstance(err.instance, int | float) and not isinstance(err.instance, bool) \
+                and str(err.instance) in err.validator_value:  # `version: 1.2`: YAML read a number
+            message += f'; YAML read a number: write it quoted, "{err.instance}"'
         line = _line_of(root, path)
         where = f" (line {line})" if line else ""
         problems.append(f"{_dotted(path)}{where}: {message}")

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import msgspec
 import pytest
 
-from pipeline.export.files import ARROW_SCHEMAS, rows_table
+from pipeline.export.files import ARROW_SCHEMAS, rows_table, write_partition
+from pipeline.export.report import make_report
 from pipeline.pricing import PriceCatalog, price_usage
 from pipeline.pricing.focus import Billing
 from pipeline.pricing.model_billing import bare_model_id, model_identity
@@ -41,6 +43,7 @@ def rows_of(model: str, provider: str, *, version: str = "1.4", config: dict[str
     ("anthropic.claude-3-5-haiku-20241022-v1:0", "aws.bedrock", "AWS", "Anthropic", "Claude Haiku"),
     ("gpt-4o", "azure.ai.openai", "Microsoft", "OpenAI", "GPT-4o"),
     ("gemini-2.5-flash", "gcp.vertex_ai", "Google", "Google", "Gemini Flash"),
+    ("claude-sonnet-4-5", "gcp.vertex_ai", "Google", "Anthropic", "Claude Sonnet"),
     ("gpt-4o-mini", "openai", "OpenAI", "OpenAI", "GPT-4o mini"),
     ("claude-sonnet-4-5", "anthropic", "Anthropic", "Anthropic", "Claude Sonnet"),
 ])
@@ -139,6 +142,8 @@ def test_focus_version_is_checked_in_the_config() -> None:
     assert config_from_dict({"focus": {"version": "1.2"}}).focus.version == "1.2"
     with pytest.raises(ConfigError, match=r"focus\.version"):
         config_from_dict({"focus": {"version": "1.3"}})
+    with pytest.raises(ConfigError, match=r'focus\.version: 1\.2 is not one of .*write it quoted, "1\.2"'):
+        config_from_dict({"focus": {"version": 1.2}})
 
 
 @pytest.mark.parametrize(("model_id", "bare"), [
@@ -154,3 +159,13 @@ def test_an_unknown_model_is_its_own_family_by_its_publisher() -> None:
     identity = model_identity("acme-7b", "acme-7b-0301", publisher="Acme")
     assert (identity.developer, identity.family, identity.model_id, identity.version) == (
         "Acme", "acme-7b", "acme-7b", "acme-7b-0301")
+
+
+@pytest.mark.parametrize("versions", [("1.4",), ("1.2",), ("1.2", "1.4")])
+def test_report_by_provider_reads_1_2_and_1_4_files(tmp_path: Path, versions: tuple[str, ...]) -> None:
+    root = tmp_path / "focus" / "request"
+    for version in versions:
+        rows = [decode_row(encode_row(r)) for r in rows_of("gpt-4o", "azure.ai.openai", version=version)]
+        write_partition(root, "2026-11", "2026-11-20", rows)
+    report = make_report(tmp_path, ["provider"])
+    assert [row["provider"] for row in report.rows] == ["Microsoft"]
