@@ -188,7 +188,7 @@ def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[byte
     BilledCost. A row's JSON object is spliced
     from three encoded parts: the call's shared columns (encoded once per call), the price
     point's (encoded once, cached) and the row's own quantities and costs."""
-    head = encode_row(_common_columns(priced, billing))[:-1] + b","
+    head = b"{" + _CONSTANT_FRAGMENTS[billing.focus_version] + encode_row(_call_columns(priced, billing))[1:-1] + b","
     out = []
     for line in priced.lines:
         point = _price_point(priced, line, billing)
@@ -197,7 +197,7 @@ def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[byte
     return out
 
 
-#: per version, the columns every row of a call shares (all but the price point's and the quantities')
+#: the columns of a row that depend on its price point (_PricePoint) and on its quantities (_quantity_columns)
 _POINT_COLUMNS: Final = frozenset({
     "ChargeDescription", "ConsumedUnit", "ContractedUnitPrice", "ListUnitPrice", "PricingCurrency",
     "PricingCurrencyContractedUnitPrice", "PricingCurrencyListUnitPrice", "PricingUnit", "SkuId", "SkuMeter",
@@ -205,14 +205,33 @@ _POINT_COLUMNS: Final = frozenset({
 _QUANTITY_COLUMNS: Final = frozenset({
     "BilledCost", "ConsumedQuantity", "ContractedCost", "EffectiveCost", "ListCost", "PricingCurrencyEffectiveCost",
     "PricingQuantity", "x_RowId"})
-_CALL_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
-    version: tuple(name for name, _ in columns if name not in _POINT_COLUMNS | _QUANTITY_COLUMNS)
+#: the columns that depend on the call (_call_columns sets them, in either version)
+_CALL_COLUMNS: Final = frozenset({
+    "BillingAccountId", "BillingAccountName", "BillingCurrency", "BillingPeriodEnd", "BillingPeriodStart",
+    "ChargePeriodEnd", "ChargePeriodStart", "HostProviderName", "InvoiceIssuerName", "ProviderName", "PublisherName",
+    "ServiceName", "ServiceProviderName", "SubAccountId", "SubAccountName", "SubAccountType", "Tags", "x_UsageId",
+    "x_TraceId", "x_SpanId", "x_Provider", "x_Model", "x_RequestModel", "x_Operation", "x_ServiceTier",
+    "x_CatalogVersion", "x_AttributionKey", "x_Allocated", *ATTRIBUTION_COLUMNS.values()})
+#: the columns with one value on every row; every other column is null: FOCUS has it, a model call does not use it
+#: (commitments, split cost allocation, invoices, capacity reservations, regions, resources, ...)
+_CONSTANTS: Final[dict[str, Any]] = {
+    "BillingAccountType": "Billing Account",  # 1.4: not null when BillingAccountId is not
+    "ChargeCategory": "Usage", "ChargeFrequency": "Usage-Based", "PricingCategory": "Standard",
+    "ServiceCategory": "AI and Machine Learning", "ServiceSubcategory": "Generative AI",
+    "x_RequestCount": 1, "x_SchemaVersion": FOCUS_SCHEMA_VERSION}
+#: per version: its constant and null columns, encoded once (JSON object members ending in ","), and the call
+#: columns it does not have (1.4: ProviderName, PublisherName; 1.2: ServiceProviderName, ...)
+_CONSTANT_FRAGMENTS: Final[dict[str, bytes]] = {
+    version: encode_row({name: _CONSTANTS.get(name) for name, _ in columns
+                         if name not in _POINT_COLUMNS | _QUANTITY_COLUMNS | _CALL_COLUMNS})[1:-1] + b","
+    for version, columns in COLUMNS_BY_VERSION.items()}
+_NOT_IN_VERSION: Final[dict[str, tuple[str, ...]]] = {
+    version: tuple(sorted(_CALL_COLUMNS - {name for name, _ in columns}))
     for version, columns in COLUMNS_BY_VERSION.items()}
 
 
-def _common_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
-    """The call's shared columns, exactly those of `billing.focus_version`; a column FOCUS has and a model call
-    does not use (commitments, allocation, invoices, capacity reservations, ...) is null."""
+def _call_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
+    """The columns that depend on the call, exactly those `billing.focus_version` has."""
     event = priced.event
     price = priced.price
     start_s = event.start_time_unix_nano // 10**9
@@ -223,23 +242,17 @@ def _common_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
     values: dict[str, Any] = {
         "BillingAccountId": billing.account_id,
         "BillingAccountName": billing.account_name,
-        "BillingAccountType": "Billing Account",  # 1.4: not null when BillingAccountId is not
         "BillingCurrency": billing.currency,
         "BillingPeriodEnd": period_end,
         "BillingPeriodStart": period_start,
-        "ChargeCategory": "Usage",
-        "ChargeFrequency": "Usage-Based",
         "ChargePeriodEnd": iso_utc(start_s + 1),
         "ChargePeriodStart": iso_utc(start_s),
         "HostProviderName": parties.host_provider,
         "InvoiceIssuerName": parties.invoice_issuer,
-        "PricingCategory": "Standard",
         "ProviderName": parties.service_provider,  # 1.2 only; ServiceProviderName replaced it (1.3)
         "PublisherName": price.publisher_name,  # 1.2 only; removed in 1.4
-        "ServiceCategory": "AI and Machine Learning",
         "ServiceName": f"{price.provider_name} API",
         "ServiceProviderName": parties.service_provider,
-        "ServiceSubcategory": "Generative AI",
         "SubAccountId": team,
         "SubAccountName": team,
         "SubAccountType": "Team" if team else None,  # 1.4: a sub account is a team
@@ -256,7 +269,7 @@ def _common_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
         "x_AttributionKey": event.attribution_key,
         "x_Allocated": event.allocated,
         **{column: event.attribution.get(dim) for dim, column in ATTRIBUTION_COLUMNS.items()},
-        "x_RequestCount": 1,
-        "x_SchemaVersion": FOCUS_SCHEMA_VERSION,
     }
-    return {name: values.get(name) for name in _CALL_COLUMNS[billing.focus_version]}
+    for name in _NOT_IN_VERSION[billing.focus_version]:
+        del values[name]
+    return values
