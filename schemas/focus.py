@@ -259,12 +259,25 @@ def decode_row(value: bytes) -> dict[str, Any]:
     """A `genai.cost.focus` value as a row the files can hold (every column of its FOCUS version checked: types,
     patterns, money and quantities that fit the files' decimals, real dates). Raises SchemaError naming what is
     wrong."""
-    row: dict[str, Any] = decode_as(_ROW_DECODERS[row_version(value)], value, "FOCUS row")
+    version = row_version(value)
+    try:
+        row: dict[str, Any] = decode_as(_ROW_DECODERS[version], value, "FOCUS row")
+    except SchemaError as exc:
+        row = _decode_as_other_version(value, version, exc)
     for name in _DATETIME_COLUMNS:
         try:
             datetime.fromisoformat(row[name][:-1])
         except ValueError as exc:
             raise SchemaError(f"FOCUS row: {name} {row[name]!r} is not a date-time") from exc
+    return row
+
+
+def _decode_as_other_version(value: bytes, version: str, error: SchemaError) -> dict[str, Any]:
+    """A row the version guess got wrong (a 1.4 row with a tag named "ProviderName"); else the first error."""
+    try:
+        row: dict[str, Any] = decode_as(_ROW_DECODERS["1.4" if version == "1.2" else "1.2"], value, "FOCUS row")
+    except SchemaError:
+        raise error from None
     return row
 
 

@@ -18,7 +18,7 @@ from pipeline.pricing import PriceCatalog, price_usage
 from pipeline.pricing.focus import Billing
 from pipeline.pricing.model_billing import bare_model_id, model_identity
 from schemas.config import config_from_dict
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, SchemaError
 from schemas.focus import COLUMNS_BY_VERSION, FOCUS_1_4_COLUMNS, decode_row, encode_row, row_version
 from schemas.usage import TokenCounts
 from tests.unit.test_focus_rows import catalog, event, focus_rows
@@ -169,3 +169,13 @@ def test_report_by_provider_reads_1_2_and_1_4_files(tmp_path: Path, versions: tu
         write_partition(root, "2026-11", "2026-11-20", rows)
     report = make_report(tmp_path, ["provider"])
     assert [row["provider"] for row in report.rows] == ["Microsoft"]
+
+
+def test_a_tag_named_provider_name_does_not_make_a_1_4_row_a_1_2_row() -> None:
+    [row] = [decode_row(encode_row(r)) for r in rows_of("gpt-4o", "openai")[:1]]
+    value = encode_row({**row, "Tags": {"ProviderName": "x", "team": "search"}})
+    assert row_version(value) == "1.2"  # the quick guess is wrong...
+    decoded = decode_row(value)  # ...and the row still decodes, as 1.4
+    assert row_version(decoded) == "1.4" and decoded["Tags"] == {"ProviderName": "x", "team": "search"}
+    with pytest.raises(SchemaError, match=r"BilledCost"):
+        decode_row(encode_row({k: v for k, v in row.items() if k != "BilledCost"}))
