@@ -153,6 +153,9 @@ class FocusConfig:
 
     billing_account_id: str = "spendstream"
     billing_account_name: str = "spendstream"
+    #: the FOCUS version of the rows and files: 1.4 (all 65 Cost and Usage columns), or 1.2 for tools that
+    #: still ingest 1.2 (ProviderName/PublisherName instead of ServiceProviderName/HostProviderName)
+    version: Literal["1.4", "1.2"] = "1.4"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -290,6 +293,9 @@ def _schema_problems(data: Any, root: yaml.Node | None) -> list[str]:
             message = f"unknown key(s) {', '.join(map(repr, extra))}"
             if extra:
                 path = [*path, extra[0]]
+        if err.validator == "enum" and isinstance(err.instance, int | float) and not isinstance(err.instance, bool) \
+                and str(err.instance) in err.validator_value:  # `version: 1.2`: YAML read a number
+            message += f'; YAML read a number: write it quoted, "{err.instance}"'
         line = _line_of(root, path)
         where = f" (line {line})" if line else ""
         problems.append(f"{_dotted(path)}{where}: {message}")

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.focus import COLUMNS, FOCUS_VERSION, MONEY_SCALE
+from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION, MONEY_SCALE, row_version
 
 QUANTITY_SCALE: Final = 6
 _ARROW_TYPES: Final[Mapping[str, pa.DataType]] = {
@@ -37,9 +37,13 @@ _ARROW_TYPES: Final[Mapping[str, pa.DataType]] = {
     "datetime": pa.timestamp("s", tz="UTC"),
     "bool": pa.bool_(),
 }
-ARROW_SCHEMA: Final = pa.schema([pa.field(name, _ARROW_TYPES[kind]) for name, kind in COLUMNS]).with_metadata(
-    {"FocusVersion": FOCUS_VERSION, "DataGenerator": "spendstream"})
-_KINDS: Final = dict(COLUMNS)
+#: FOCUS version -> the files' Arrow schema; the version is also in the file metadata (FocusVersion)
+ARROW_SCHEMAS: Final[Mapping[str, pa.Schema]] = {
+    version: pa.schema([pa.field(name, _ARROW_TYPES[kind]) for name, kind in columns]).with_metadata(
+        {"FocusVersion": version, "DataGenerator": "spendstream"})
+    for version, columns in COLUMNS_BY_VERSION.items()}
+ARROW_SCHEMA: Final = ARROW_SCHEMAS[FOCUS_VERSION]
+_KINDS: Final = {name: kind for columns in COLUMNS_BY_VERSION.values() for name, kind in columns}
 LEDGER_DAYS: Final = 4
 
 
@@ -72,8 +76,11 @@ def _column(name: str, rows: Sequence[Mapping[str, Any]]) -> pa.Array:
 
 
 def rows_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """FOCUS rows (as on Kafka) -> an Arrow table with the FOCUS column types, in column order."""
-    return pa.Table.from_arrays([_column(name, rows) for name, _ in COLUMNS], schema=ARROW_SCHEMA)
+    """FOCUS rows (as on Kafka, all of one FOCUS version) -> an Arrow table with that version's column types, in
+    column order."""
+    version = row_version(rows[0]) if rows else FOCUS_VERSION
+    return pa.Table.from_arrays([_column(name, rows) for name, _ in COLUMNS_BY_VERSION[version]],
+                                schema=ARROW_SCHEMAS[version])
 
 
 def write_atomically(table: pa.Table, target: Path) -> None:
@@ -143,12 +150,14 @@ class RowLedger:
 _PER_REQUEST: Final = frozenset({"x_RowId", "x_UsageId", "x_TraceId", "x_SpanId"})
 _VARYING: Final = frozenset({"x_Model", "x_RequestModel"})  # dated model ids of one SKU may differ
 #: one rollup row per charge period x price point (SkuPriceId) x attribution: every dimension column
-_GROUP_COLUMNS: Final = [name for name, kind in COLUMNS
-                         if kind not in ("money", "quantity", "int") and name not in _PER_REQUEST | _VARYING
-                         and not name.startswith("ChargePeriod")]
+#: (SkuPriceDetails names the model version, so a rollup row is also per model version)
+_GROUP_COLUMNS: Final = {version: [name for name, kind in columns
+                                   if kind not in ("money", "quantity", "int") and name not in _PER_REQUEST | _VARYING
+                                   and not name.startswith("ChargePeriod")]
+                         for version, columns in COLUMNS_BY_VERSION.items()}
 
 
-def rollup_sql(grain: str, source_glob: str) -> str:
+def rollup_sql(grain: str, source_glob: str, version: str = FOCUS_VERSION) -> str:
     """DuckDB SQL aggregating request rows into one row per charge period x SKU price x attribution.
 
     Within one SkuPriceId the unit prices are the same, so ListCost = ListUnitPrice x PricingQuantity
@@ -157,15 +166,16 @@ def rollup_sql(grain: str, source_glob: str) -> str:
     if grain not in ("hour", "day"):
         raise ValueError(f"rollup grain must be hour or day, not {grain!r}")
     trunc = grain
-    keys = ", ".join(f'"{c}"' for c in _GROUP_COLUMNS)
+    group_columns = _GROUP_COLUMNS[version]
+    keys = ", ".join(f'"{c}"' for c in group_columns)
     select = []
-    for name, kind in COLUMNS:
+    for name, kind in COLUMNS_BY_VERSION[version]:
         q = f'"{name}"'
         if name == "ChargePeriodStart":
             select.append(f"date_trunc('{trunc}', {q}) AS {q}")
         elif name == "ChargePeriodEnd":
             select.append(f"date_trunc('{trunc}', \"ChargePeriodStart\") + INTERVAL 1 {trunc.upper()} AS {q}")
-        elif name in _GROUP_COLUMNS:
+        elif name in group_columns:
             select.append(q)
         elif "UnitPrice" in name or name == "x_SchemaVersion":  # one value per group
             select.append(f"any_value({q}) AS {q}")
@@ -190,16 +200,20 @@ def write_rollup(data_dir: Path, grain: str, period: str, day: str) -> Path:
     """(Re)build the rollup file of one charge date from its request files, replacing it atomically."""
     source = partition_dir(focus_dir(data_dir), period, day)
     target = partition_dir(focus_dir(data_dir, grain), period, day) / "rollup.parquet"
+    first = next(source.glob("part-*.parquet"), None)
+    metadata = pq.read_schema(first).metadata if first is not None else None
+    version = (metadata or {}).get(b"FocusVersion", FOCUS_VERSION.encode()).decode()
     with duckdb.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
-        table = con.execute(rollup_sql(grain, str(source / "part-*.parquet"))).to_arrow_table()
+        table = con.execute(rollup_sql(grain, str(source / "part-*.parquet"), version)).to_arrow_table()
     if table is None:
         raise RuntimeError(f"rollup of {source} returned no table")
     x_row_id = table.schema.get_field_index("x_RowId")
-    # a stable id per rollup row: grain, period start, SKU price and attribution
-    ids = pa.array([f"{grain}:{s:%Y-%m-%dT%H}:{p}:{k}" for s, k, p in zip(
+    # a stable id per rollup row: grain, period start, SKU price, attribution and model version
+    ids = pa.array([f"{grain}:{s:%Y-%m-%dT%H}:{p}:{k}" + (f":{m}" if m else "") for s, k, p, m in zip(
         table.column("ChargePeriodStart").to_pylist(), table.column("x_AttributionKey").to_pylist(),
-        table.column("SkuPriceId").to_pylist(), strict=True)], type=pa.string())
-    table = table.set_column(x_row_id, "x_RowId", ids).cast(ARROW_SCHEMA)
+        table.column("SkuPriceId").to_pylist(), table.column("x_Model").to_pylist(), strict=True)],
+        type=pa.string())
+    table = table.set_column(x_row_id, "x_RowId", ids).cast(ARROW_SCHEMAS[version])
     write_atomically(table, target)
     return target
