@@ -27,12 +27,13 @@ from schemas.usage import TokenCounts, UsageEvent
 PARTITIONS = 12
 CONFIG = config_from_dict({"billing_currency": "EUR", "fx": {"USD": 0.92},
                            "budgets": [{"scope": {"team": "ads"}, "period": "monthly", "amount": 1000}]})
-NOW_S = int(time.time()) - 30
 
 
 def priced_calls(n: int) -> tuple[list[PricedCall], list[bytes], Decimal]:
+    """n calls that started in the last minute (within the velocity windows the files' buckets are read for)."""
+    start_s = int(time.time()) - 60
     events = [UsageEvent(id=f"u-{i}", trace_id="t", span_id=f"s{i}", parent_span_id=None,
-                         start_time_unix_nano=(NOW_S + i) * 10**9, end_time_unix_nano=(NOW_S + i + 1) * 10**9,
+                         start_time_unix_nano=(start_s + i) * 10**9, end_time_unix_nano=(start_s + i + 1) * 10**9,
                          operation="chat", provider="openai", request_model="gpt-4o", response_model="gpt-4o",
                          tokens=TokenCounts(input_uncached=100_000, output=50_000),
                          attribution={"team": "ads", "env": "prod"}, attribution_key="team=ads", allocated=True)
@@ -63,7 +64,7 @@ def stage(data: Path) -> GuardrailStage:
 
 
 def ads_total(partition: PartitionState) -> Decimal:
-    return partition.scopes["team=ads"].periods[month_of(NOW_S)]
+    return partition.scopes["team=ads"].periods[month_of(int(time.time()) - 60)]
 
 
 def test_a_takeover_with_a_backlog_the_files_already_hold_counts_each_call_once(tmp_path: Path) -> None:
@@ -99,6 +100,6 @@ def test_a_budget_added_by_a_reload_fills_only_a_scope_with_no_state(tmp_path: P
     apply_messages(counted, spend(calls), CONFIG.policy, int(time.time()))
     asyncio.run(stage(tmp_path)._apply_files({p: counted}, cold=False, scopes={"team=ads"}))
     assert ads_total(counted) == truth  # not 2x: the stream had counted it
-    empty = PartitionState({}, watching_since_s=NOW_S)
+    empty = PartitionState({}, watching_since_s=int(time.time()) - 3600)
     asyncio.run(stage(tmp_path)._apply_files({p: empty}, cold=False, scopes={"team=ads"}))
     assert ads_total(empty) == truth
