@@ -47,6 +47,8 @@ from tests.support import free_port, make_request, make_span
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 RESULTS = Path(__file__).parent / "results"
 CALL_SPANS = SPANS_PER_REQUEST * 3 // 4  # build_payload: three in four spans are model calls
+#: a probe whose command has not come by then is a failure of detection, not a slow one
+PROBE_TIMEOUT_S = 60.0
 
 
 def policy(probes: int) -> str:
@@ -116,6 +118,8 @@ async def measure(endpoint: str, bootstrap: str, breakers: list[str], spans_per_
                 sent = time.perf_counter()
                 await call(probe_payload(breaker), timeout=30)
                 while True:
+                    if time.perf_counter() - sent > PROBE_TIMEOUT_S:
+                        raise SystemExit(f"no open command for {breaker} within {PROBE_TIMEOUT_S:g} s")
                     batch = await consumer.getmany(timeout_ms=50)
                     seen = [orjson.loads(r.value) for rs in batch.values() for r in rs]
                     if any(c["breaker_id"] == f"rate|{breaker}" and c["state"] == "open" for c in seen):
@@ -163,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     loads = [float(x) for x in args.loads.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="spendstream-detect-"))
-    (tmp / "spendstream.yaml").write_text(policy(args.probes * len(loads)))
+    (tmp / "spendstream.yaml").write_text(policy(args.probes * (len(loads) + 1)))  # + the retry storm's probes
     grpc_port, broker_port, metrics_port = free_port(), free_port(), free_port()
     output = tmp / "run.log"
     with output.open("w") as out:

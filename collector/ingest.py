@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+import msgspec
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -233,7 +234,8 @@ def check_start_time(start_ns: int, received_ns: int, limits: CollectorConfig) -
 def _event_fields(usage: SpanUsage, attribution: dict[str, str]) -> dict[str, object]:
     return {
         "operation": usage.operation, "provider": usage.provider, "request_model": usage.request_model,
-        "response_model": usage.response_model, "tokens": asdict(usage.tokens), "attribution": attribution,
+        "response_model": usage.response_model, "tokens": msgspec.structs.asdict(usage.tokens),
+        "attribution": attribution,
     }
 
 

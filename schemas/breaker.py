@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Final, Literal
+from datetime import datetime
+from typing import Annotated, Final, Literal
 
-import orjson
+import msgspec
 
-from schemas.codec import load_versioned
-from schemas.errors import SchemaError
+from schemas.codec import decode_as
+from schemas.policy import Scope
 
 BREAKER_SCHEMA_VERSION: Final = 1
 BreakerSource = Literal["rate", "budget", "manual"]
@@ -40,38 +40,52 @@ def command_id(breaker: str, state: str, at_s: float) -> str:
     return hashlib.sha256(f"{breaker}|{state}|{at_s}".encode()).hexdigest()[:20]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BreakerCommand:
-    command_id: str
-    breaker_id: str
+#: an RFC 3339 time as `schemas.codec.rfc3339` writes it (checked to be a real time when decoded)
+Timestamp = Annotated[str, msgspec.Meta(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z$")]
+ENV_CLASSES: Final = frozenset({"prod", "non_prod"})
+
+
+class BreakerCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """Decoding checks every field against `breaker_command.schema.json`, that the scope parses and that the
+    times are real times (a gateway compares them with its clock); unknown fields are ignored."""
+
+    command_id: Annotated[str, msgspec.Meta(min_length=1)]
+    breaker_id: Annotated[str, msgspec.Meta(pattern=r"^(rate|budget|manual)\|.+$")]
     source: BreakerSource
-    scope: str
+    scope: Annotated[str, msgspec.Meta(min_length=1)]
     scope_attributes: Mapping[str, str]
     state: BreakerState
     action: BreakerAction
     #: per environment class ("prod" / "non_prod"), overriding `action`; `prod_envs` says which envs are prod
-    env_actions: Mapping[str, BreakerAction] = field(default_factory=dict)
+    env_actions: Mapping[str, BreakerAction] = msgspec.field(default_factory=dict)
     prod_envs: tuple[str, ...] = ("prod", "production")
     #: for `downgrade`: requested model -> the model to use instead
-    downgrade: Mapping[str, str] = field(default_factory=dict)
+    downgrade: Mapping[str, str] = msgspec.field(default_factory=dict)
     #: half-open: the share of requests gateways let through as probes
-    probe_ratio: float = 0.0
-    reason: str
-    trigger: Mapping[str, str] = field(default_factory=dict)  # the figures that tripped it (decimal text)
-    issued_at: str  # RFC 3339
-    event_time: str | None = None  # RFC 3339: the event time of the decision (automatic breakers)
-    expires_at: str | None = None  # RFC 3339; after it gateways ignore the command (fail open)
-    schema_version: int = BREAKER_SCHEMA_VERSION
+    probe_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    reason: Annotated[str, msgspec.Meta(min_length=1)]
+    trigger: Mapping[str, str] = msgspec.field(default_factory=dict)  # the figures that tripped it (decimal text)
+    issued_at: Timestamp  # RFC 3339
+    event_time: Timestamp | None = None  # RFC 3339: the event time of the decision (automatic breakers)
+    expires_at: Timestamp | None = None  # RFC 3339; after it gateways ignore the command (fail open)
+    schema_version: Literal[1]  # required, as the schema says: a value without it is not a command
+
+    def __post_init__(self) -> None:
+        Scope.parse(self.scope)
+        if not ENV_CLASSES.issuperset(self.env_actions):
+            raise ValueError(f"env_actions: only {sorted(ENV_CLASSES)}, got {sorted(self.env_actions)}")
+        for moment in (self.issued_at, self.event_time, self.expires_at):
+            if moment is not None:
+                datetime.fromisoformat(moment)  # a ValueError names the bad time
 
     def encode(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return _ENCODER.encode(self)
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+_DECODER: Final = msgspec.json.Decoder(BreakerCommand)
 
 
 def decode_command(value: bytes) -> BreakerCommand:
     """Raises SchemaError naming what is wrong."""
-    data = load_versioned(value, "breaker command", BREAKER_SCHEMA_VERSION)
-    try:
-        data["prod_envs"] = tuple(data.get("prod_envs", ()))
-        return BreakerCommand(**data)
-    except TypeError as exc:
-        raise SchemaError(f"breaker command: {exc}") from exc
+    return decode_as(_DECODER, value, "breaker command")

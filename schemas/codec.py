@@ -1,14 +1,42 @@
-"""What every topic value shares: the versioned-JSON first decoding step, the keyed record, the timestamp format."""
+"""What every topic value shares: typed decoding, the bounded wire types, the keyed record, the timestamp format.
+
+Every value a spendstream process consumes is decoded with `decode_as` into a msgspec type that
+validates while it decodes: a value of the wrong type, out of range, missing a field, of another
+schema version, not UTF-8 or nested past the decoder's depth raises SchemaError, never anything
+else. Unknown fields are ignored (a newer producer may add some).
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any, Final, TypeVar
 
+import msgspec
 import orjson
 
 from schemas.errors import SchemaError
+
+_T = TypeVar("_T")
+
+#: a count or offset on the wire: what a signed 64-bit field holds, never negative
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+#: a signed 64-bit value (unix seconds, which may precede 1970 in a hostile value but not overflow)
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+#: an exact decimal as `str(Decimal)` writes it, bounded: no NaN, no infinity, no 1E999999999
+DECIMAL_TEXT: Final = r"^-?[0-9]{1,40}(\.[0-9]{1,40})?(E[+-]?[0-9]{1,2})?$"
+DecimalText = Annotated[str, msgspec.Meta(pattern=DECIMAL_TEXT)]
+
+
+def decode_as(decoder: msgspec.json.Decoder[_T], value: bytes, what: str) -> _T:
+    """`value` decoded and validated by `decoder`. Raises SchemaError naming `what` and where the first problem
+    is (`Expected `int`, got `str` - at `$.events[0].tokens.output``)."""
+    try:
+        return decoder.decode(value)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise SchemaError(f"{what}: {exc}") from exc
+    except RecursionError as exc:  # nested deeper than the decoder follows, even in fields it ignores
+        raise SchemaError(f"{what}: nested too deeply") from exc
 
 
 def load_versioned(value: bytes, what: str, version: int) -> dict[str, Any]:

@@ -153,6 +153,9 @@ class FocusConfig:
 
     billing_account_id: str = "spendstream"
     billing_account_name: str = "spendstream"
+    #: the FOCUS version of the rows and files: 1.4 (all 65 Cost and Usage columns), or 1.2 for tools that
+    #: still ingest 1.2 (ProviderName/PublisherName instead of ServiceProviderName/HostProviderName)
+    version: Literal["1.4", "1.2"] = "1.4"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,7 +165,7 @@ class ExporterConfig:
     #: how long rows may wait before they are written; a file is durable before its offsets are committed
     flush_seconds: float = 5.0
     max_rows_per_file: int = 200_000
-    #: rows held in memory at most, those being written included (~540 bytes a row): a full buffer is flushed,
+    #: rows held in memory at most, those being written included (~620 bytes a row): a full buffer is flushed,
     #: and nothing more is fetched until it is written, so memory does not grow with a burst
     max_buffered_rows: int = 100_000
     #: how often the exporter merges the small request files of closed charge dates into few (0: never;
@@ -173,8 +176,10 @@ class ExporterConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerConfig:
     #: usage ids are remembered this long in event time, so a retried span counts once; at least
-    #: collector.max_lateness_s, so every span the collector accepts can be checked
-    dedupe_horizon_s: int = 3600
+    #: collector.max_lateness_s, so every span the collector accepts can be checked. Twice that by default: the
+    #: horizon runs behind the stage's watermark, so a span accepted just within the lateness bound is still
+    #: recognised as a retry while pricing lags behind by up to an hour (a backlog after an outage)
+    dedupe_horizon_s: int = 7200
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -294,6 +299,9 @@ def _schema_problems(data: Any, root: yaml.Node | None) -> list[str]:
             message = f"unknown key(s) {', '.join(map(repr, extra))}"
             if extra:
                 path = [*path, extra[0]]
+        if err.validator == "enum" and isinstance(err.instance, int | float) and not isinstance(err.instance, bool) \
+                and str(err.instance) in err.validator_value:  # `version: 1.2`: YAML read a number
+            message += f'; YAML read a number: write it quoted, "{err.instance}"'
         line = _line_of(root, path)
         where = f" (line {line})" if line else ""
         problems.append(f"{_dotted(path)}{where}: {message}")

@@ -9,6 +9,8 @@ from typing import Any, Final
 import orjson
 
 DEADLETTER_SCHEMA_VERSION: Final = 1
+#: a rejected message's `detail` is cut here: an exception's text may quote a huge value
+DETAIL_MAX_CHARS: Final = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,3 +31,12 @@ class DeadLetter:
 
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self))
+
+
+def rejected_message(*, reason: str, stage: str, detail: str, topic: str, partition: int, offset: int,
+                     key: bytes | None, attribution_key: str = "") -> DeadLetter:
+    """A consumed message that could not be decoded, validated or processed: where it is, not what it says (the
+    value could hold anything a foreign producer wrote, prompts included)."""
+    return DeadLetter(reason=reason, detail=detail[:DETAIL_MAX_CHARS], stage=stage, attribution_key=attribution_key,
+                      fields={"topic": topic, "partition": partition, "offset": offset,
+                              "key": (key or b"").decode("utf-8", "replace")[:DETAIL_MAX_CHARS]})

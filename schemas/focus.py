@@ -1,4 +1,5 @@
-"""FOCUS 1.2 cost rows: the columns spendstream emits, in order, and their JSON / Parquet forms.
+"""FOCUS cost rows (1.4 by default, 1.2 on request): the columns spendstream emits, in order, and their JSON /
+Parquet forms.
 
 One row per model call x token meter (`reference/focus-1.2.md` §4.3). On Kafka a row is a JSON
 object: money and quantities are decimal strings (exact), Tags and SkuPriceDetails are objects.
@@ -8,21 +9,97 @@ In Parquet, money is decimal128(38, 18), Tags and SkuPriceDetails are JSON strin
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal, Optional, TypedDict, cast
 
+import msgspec
 import orjson
 
+from schemas.codec import Int64, decode_as
+from schemas.errors import SchemaError
+
 FOCUS_SCHEMA_VERSION: Final = 1
-FOCUS_VERSION: Final = "1.2"
+#: the FOCUS version written unless `focus.version` says otherwise
+FOCUS_VERSION: Final = "1.4"
 #: decimal places of money in rows and files: only float-artifact prices in the source data
 #: (e.g. 0.0833333333333333 USD/MTok) have more, and are rounded half-even there
 MONEY_SCALE: Final = 18
 MONEY_QUANTUM: Final = Decimal(1).scaleb(-MONEY_SCALE)
 
-#: (column, kind); kinds: money, quantity, int, string, datetime, json, bool. FOCUS columns first, then x_.
-COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+#: (column, kind); kinds: money, quantity, int, string, datetime, json, bool.
+#: The FOCUS 1.4 Cost and Usage columns: all 65, in name order; the inapplicable ones are null, as provider
+#: exports have them (focus-validator checks the presence of Conditional columns even when they do not apply)
+FOCUS_1_4_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+    ("AllocatedMethodDetails", "json"),
+    ("AllocatedMethodId", "string"),
+    ("AllocatedResourceId", "string"),
+    ("AllocatedResourceName", "string"),
+    ("AllocatedTags", "json"),
+    ("AvailabilityZone", "string"),
+    ("BilledCost", "money"),
+    ("BillingAccountId", "string"),
+    ("BillingAccountName", "string"),
+    ("BillingAccountType", "string"),
+    ("BillingCurrency", "string"),
+    ("BillingPeriodEnd", "datetime"),
+    ("BillingPeriodStart", "datetime"),
+    ("CapacityReservationId", "string"),
+    ("CapacityReservationStatus", "string"),
+    ("ChargeCategory", "string"),
+    ("ChargeClass", "string"),
+    ("ChargeDescription", "string"),
+    ("ChargeFrequency", "string"),
+    ("ChargePeriodEnd", "datetime"),
+    ("ChargePeriodStart", "datetime"),
+    ("CommitmentDiscountCategory", "string"),
+    ("CommitmentDiscountId", "string"),
+    ("CommitmentDiscountName", "string"),
+    ("CommitmentDiscountQuantity", "quantity"),
+    ("CommitmentDiscountStatus", "string"),
+    ("CommitmentDiscountType", "string"),
+    ("CommitmentDiscountUnit", "string"),
+    ("CommitmentProgramEligibilityDetails", "json"),
+    ("ConsumedQuantity", "quantity"),
+    ("ConsumedUnit", "string"),
+    ("ContractApplied", "json"),
+    ("ContractedCost", "money"),
+    ("ContractedUnitPrice", "money"),
+    ("EffectiveCost", "money"),
+    ("HostProviderName", "string"),
+    ("InvoiceDetailId", "string"),
+    ("InvoiceId", "string"),
+    ("InvoiceIssuerName", "string"),
+    ("ListCost", "money"),
+    ("ListUnitPrice", "money"),
+    ("PricingCategory", "string"),
+    ("PricingCurrency", "string"),
+    ("PricingCurrencyContractedUnitPrice", "money"),
+    ("PricingCurrencyEffectiveCost", "money"),
+    ("PricingCurrencyListUnitPrice", "money"),
+    ("PricingQuantity", "quantity"),
+    ("PricingUnit", "string"),
+    ("RegionId", "string"),
+    ("RegionName", "string"),
+    ("ResourceId", "string"),
+    ("ResourceName", "string"),
+    ("ResourceType", "string"),
+    ("ServiceCategory", "string"),
+    ("ServiceName", "string"),
+    ("ServiceProviderName", "string"),
+    ("ServiceSubcategory", "string"),
+    ("SkuId", "string"),
+    ("SkuMeter", "string"),
+    ("SkuPriceDetails", "json"),
+    ("SkuPriceId", "string"),
+    ("SubAccountId", "string"),
+    ("SubAccountName", "string"),
+    ("SubAccountType", "string"),
+    ("Tags", "json"),
+)
+#: the FOCUS 1.2 columns spendstream has always written (`focus.version: "1.2"`, for tools that ingest 1.2)
+FOCUS_1_2_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("AvailabilityZone", "string"),
     ("BilledCost", "money"),
     ("BillingAccountId", "string"),
@@ -70,6 +147,9 @@ COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("SubAccountId", "string"),
     ("SubAccountName", "string"),
     ("Tags", "json"),
+)
+#: spendstream's own columns, after the FOCUS ones in both versions
+CUSTOM_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("x_RowId", "string"),
     ("x_UsageId", "string"),
     ("x_TraceId", "string"),
@@ -93,6 +173,12 @@ COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("x_RequestCount", "int"),
     ("x_SchemaVersion", "int"),
 )
+FOCUS_VERSIONS: Final = ("1.4", "1.2")
+#: focus.version -> the columns of its rows and files, in order
+COLUMNS_BY_VERSION: Final[Mapping[str, tuple[tuple[str, str], ...]]] = {
+    "1.4": FOCUS_1_4_COLUMNS + CUSTOM_COLUMNS, "1.2": FOCUS_1_2_COLUMNS + CUSTOM_COLUMNS}
+#: the default version's columns
+COLUMNS: Final = COLUMNS_BY_VERSION[FOCUS_VERSION]
 COLUMN_NAMES: Final = tuple(name for name, _ in COLUMNS)
 #: the request-level files under a data dir, Hive-style (billing_period=YYYY-MM/charge_date=YYYY-MM-DD): what
 #: FinOps tools, `spendstream report` and a cold-starting worker read
@@ -113,10 +199,85 @@ def encode_row(row: Mapping[str, Any]) -> bytes:
     return orjson.dumps(row, default=_decimal_str)
 
 
+#: text columns that are never null (focus_row.schema.json); every other text column is a non-empty string or null
+REQUIRED_TEXT: Final = frozenset({"BillingAccountId", "InvoiceIssuerName", "ProviderName", "PublisherName",
+                                  "ServiceProviderName", "HostProviderName", "BillingAccountType",
+                                  "ServiceName", "x_RowId", "x_UsageId"})
+#: columns with one value (focus_row.schema.json `const`)
+CONSTANTS: Final[Mapping[str, str | int]] = {
+    "ChargeCategory": "Usage", "ChargeFrequency": "Usage-Based", "ServiceCategory": "AI and Machine Learning",
+    "ServiceSubcategory": "Generative AI", "x_SchemaVersion": FOCUS_SCHEMA_VERSION}
+CURRENCY_COLUMNS: Final = frozenset({"BillingCurrency", "PricingCurrency"})
+#: number columns that are null on every row: a model call has no commitment discount
+NULL_NUMBERS: Final = frozenset({"CommitmentDiscountQuantity"})
+_TEXT: Final = Annotated[str, msgspec.Meta(min_length=1)]
+#: what the files hold: money decimal128(38, 18), quantities decimal128(38, 6), int64 (files.py)
+_WIRE_TYPES: Final[Mapping[str, object]] = {
+    "money": Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$")],
+    "quantity": Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,32}(\.[0-9]{1,6})?$")],
+    "int": Int64,
+    "bool": bool,
+    "datetime": Annotated[str, msgspec.Meta(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")],
+    "json": dict[str, str | Int64 | float | bool | None] | None,
+    "string": _TEXT | None,
+}
+
+
+def _wire_type(name: str, kind: str) -> object:
+    if name in CONSTANTS:
+        return Literal[CONSTANTS[name]]
+    if name in CURRENCY_COLUMNS:
+        return Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
+    if name in REQUIRED_TEXT:
+        return _TEXT
+    if name in NULL_NUMBERS:
+        return Optional[_WIRE_TYPES[kind]]  # noqa: UP045  # a runtime type object: `X | None` needs a type
+    return _WIRE_TYPES[kind]
+
+
+def _row_decoder(version: str) -> msgspec.json.Decoder[dict[str, Any]]:
+    """Every column of `version` required, as focus_row.schema.json says; unknown columns are ignored (a newer
+    worker's additions)."""
+    columns = COLUMNS_BY_VERSION[version]
+    value_type = TypedDict(  # type: ignore[misc]  # built from the columns, so the decoder and they never drift
+        f"FocusRow{version.replace('.', '_')}Value", {name: _wire_type(name, kind) for name, kind in columns})
+    return cast("msgspec.json.Decoder[dict[str, Any]]", msgspec.json.Decoder(value_type))
+
+
+_ROW_DECODERS: Final = {version: _row_decoder(version) for version in FOCUS_VERSIONS}
+_DATETIME_COLUMNS: Final = tuple(name for name, kind in COLUMNS if kind == "datetime")  # the same in every version
+
+
+def row_version(row: Mapping[str, Any] | bytes) -> str:
+    """The FOCUS version of a row (decoded or as on Kafka): 1.2 rows have ProviderName, which 1.4 removed."""
+    if isinstance(row, bytes):
+        return "1.2" if b'"ProviderName":' in row else FOCUS_VERSION
+    return "1.2" if "ProviderName" in row else FOCUS_VERSION
+
+
 def decode_row(value: bytes) -> dict[str, Any]:
-    row = orjson.loads(value)
-    if not isinstance(row, dict) or "x_RowId" not in row:
-        raise ValueError("not a FOCUS row: expected an object with x_RowId")
+    """A `genai.cost.focus` value as a row the files can hold (every column of its FOCUS version checked: types,
+    patterns, money and quantities that fit the files' decimals, real dates). Raises SchemaError naming what is
+    wrong."""
+    version = row_version(value)
+    try:
+        row: dict[str, Any] = decode_as(_ROW_DECODERS[version], value, "FOCUS row")
+    except SchemaError as exc:
+        row = _decode_as_other_version(value, version, exc)
+    for name in _DATETIME_COLUMNS:
+        try:
+            datetime.fromisoformat(row[name][:-1])
+        except ValueError as exc:
+            raise SchemaError(f"FOCUS row: {name} {row[name]!r} is not a date-time") from exc
+    return row
+
+
+def _decode_as_other_version(value: bytes, version: str, error: SchemaError) -> dict[str, Any]:
+    """A row the version guess got wrong (a 1.4 row with a tag named "ProviderName"); else the first error."""
+    try:
+        row: dict[str, Any] = decode_as(_ROW_DECODERS["1.4" if version == "1.2" else "1.2"], value, "FOCUS row")
+    except SchemaError:
+        raise error from None
     return row
 
 

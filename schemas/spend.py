@@ -17,15 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Final, NamedTuple
+from typing import Annotated, Final, Literal, NamedTuple
 
+import msgspec
 import orjson
 
-from schemas.codec import load_versioned
+from schemas.codec import Count, DecimalText, Int64, decode_as
 from schemas.errors import SchemaError
 from schemas.policy import Scope
 
 SPEND_SCHEMA_VERSION: Final = 1
+ScopeKey = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class SpendEntry(NamedTuple):
@@ -70,30 +72,41 @@ def encode_reset(reset: Reset) -> bytes:
                          "reset": {"scope": reset.scope, "reason": reset.reason, "at_s": reset.at_s}})
 
 
-def _decode_reset(data: object) -> Reset:
-    if not isinstance(data, dict):
-        raise SchemaError("spend: a reset is an object with scope, reason and at_s")
-    scope, reason, at_s = data.get("scope"), data.get("reason"), data.get("at_s")
-    if not isinstance(scope, str) or not isinstance(reason, str) or isinstance(at_s, bool) \
-            or not isinstance(at_s, int):
-        raise SchemaError(f"spend: a reset needs scope and reason (text) and at_s (integer), got {data!r}")
-    try:
-        key = Scope.parse(scope).key  # canonical, as the spend of the scope is keyed
-    except ValueError as exc:
-        raise SchemaError(f"spend: reset of a bad scope: {exc}") from exc
-    return Reset(key, reason, at_s)
+class _ResetValue(msgspec.Struct, frozen=True):
+    scope: ScopeKey
+    reason: str
+    at_s: Int64
+
+    def __post_init__(self) -> None:
+        Scope.parse(self.scope)  # a ValueError names what is wrong with it
+
+
+class _SpendValue(msgspec.Struct, frozen=True):
+    """The three shapes of a `genai.spend` value in one: which fields are set says which it is."""
+
+    schema_version: Literal[1]
+    scope: ScopeKey | None = None
+    entries: list[tuple[Count, Count, Int64, DecimalText, Count, Count, DecimalText]] | None = None
+    tick_ns: Count | None = None
+    reset: _ResetValue | None = None
+
+    def __post_init__(self) -> None:
+        if self.scope is not None:
+            Scope.parse(self.scope)
+
+
+_DECODER: Final = msgspec.json.Decoder(_SpendValue)
 
 
 def decode_spend(value: bytes) -> SpendMessage | Tick | Reset:
     """Raises SchemaError naming what is wrong."""
-    data = load_versioned(value, "spend", SPEND_SCHEMA_VERSION)
-    if "reset" in data:
-        return _decode_reset(data["reset"])
-    try:
-        if "tick_ns" in data:
-            return Tick(int(data["tick_ns"]))
-        entries = [SpendEntry(int(p), int(o), int(b), Decimal(c), int(r), int(t), Decimal(u))
-                   for p, o, b, c, r, t, u in data["entries"]]
-        return SpendMessage(str(data["scope"]), entries)
-    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
-        raise SchemaError(f"spend: not a spend message, tick or reset ({exc!r})") from exc
+    data = decode_as(_DECODER, value, "spend")
+    # scope keys canonical, as the spend of a scope is keyed
+    if data.reset is not None:
+        return Reset(Scope.parse(data.reset.scope).key, data.reset.reason, data.reset.at_s)
+    if data.tick_ns is not None:
+        return Tick(data.tick_ns)
+    if data.scope is None or data.entries is None:
+        raise SchemaError("spend: not a spend message (scope and entries), a tick (tick_ns) or a reset")
+    return SpendMessage(Scope.parse(data.scope).key, [SpendEntry(p, o, b, Decimal(c), r, t, Decimal(u))
+                                     for p, o, b, c, r, t, u in data.entries])

@@ -2,63 +2,66 @@
 
 A `genai.usage` message value is a UsageBatch: the events of one OTLP request that share
 an attribution key, so one Kafka message carries many calls (DESIGN §3 "may be batched").
+The types are msgspec Structs: decoding validates every field against `usage_batch.schema.json`
+(types, ranges, id patterns), except that unknown fields are ignored and `operation` and
+`dialect` take any text, so a newer collector's additions do not stop an older worker, and integers must
+fit a signed 64-bit field (a start time past 2^63 ns, year 2262, is not a time the pipeline prices).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Annotated, Any, Final, Literal, cast
 
-import orjson
+import msgspec
 
-from schemas.errors import SchemaError
+from schemas.codec import Count, decode_as
 
 USAGE_SCHEMA_VERSION: Final = 1
+#: ids are checked for being text, not for the hex patterns the collector writes: pricing needs them only as keys
+UsageId = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TokenCounts:
+class TokenCounts(msgspec.Struct, frozen=True, kw_only=True):
     """Tokens by price meter. `input_uncached` excludes cache reads and writes.
 
     `reasoning` is informational: it is already part of `output` (semconv and OpenAI).
     """
 
-    input_uncached: int = 0
-    cache_read: int = 0
-    cache_write: int = 0
-    output: int = 0
-    reasoning: int = 0
+    input_uncached: Count = 0
+    cache_read: Count = 0
+    cache_write: Count = 0
+    output: Count = 0
+    reasoning: Count = 0
 
     @property
     def input_total(self) -> int:
         return self.input_uncached + self.cache_read + self.cache_write
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UsageEvent:
+class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One model call. `id` is `<trace_id>-<span_id>` (hex), so retries keep their id."""
 
-    id: str
+    id: UsageId
     trace_id: str
     span_id: str
     parent_span_id: str | None
-    start_time_unix_nano: int
-    end_time_unix_nano: int
+    start_time_unix_nano: Count
+    end_time_unix_nano: Count
     operation: str
     provider: str | None
     request_model: str | None
     response_model: str | None
     tokens: TokenCounts
     attribution: Mapping[str, str]
-    attribution_key: str
+    attribution_key: Annotated[str, msgspec.Meta(min_length=1)]
     allocated: bool = True
     service_tier: str | None = None
     server_address: str | None = None
     dialect: str = "semconv"
     error: bool = False
-    schema_version: int = USAGE_SCHEMA_VERSION
-    extra: Mapping[str, str] = field(default_factory=dict)
+    schema_version: Literal[1] = USAGE_SCHEMA_VERSION
+    extra: Mapping[str, str] = msgspec.field(default_factory=dict)
 
     @property
     def model(self) -> str | None:
@@ -66,38 +69,25 @@ class UsageEvent:
         return self.response_model or self.request_model
 
     def to_dict(self) -> dict[str, Any]:
-        return cast(dict[str, Any], orjson.loads(orjson.dumps(self)))
+        return cast(dict[str, Any], msgspec.to_builtins(self))
 
 
-def usage_event_from_dict(data: Mapping[str, Any]) -> UsageEvent:
-    """Build a UsageEvent from its JSON form. Raises SchemaError naming the bad field."""
-    try:
-        version = data.get("schema_version", USAGE_SCHEMA_VERSION)
-        if version != USAGE_SCHEMA_VERSION:
-            raise SchemaError(f"usage event: unsupported schema_version {version!r}")
-        tokens = TokenCounts(**data["tokens"])
-        fields = {k: v for k, v in data.items() if k != "tokens"}
-        return UsageEvent(tokens=tokens, **fields)
-    except KeyError as exc:
-        raise SchemaError(f"usage event: missing field {exc.args[0]!r}") from exc
-    except TypeError as exc:
-        raise SchemaError(f"usage event: {exc}") from exc
+class UsageBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """A `genai.usage` message value: the events of one attribution key."""
+
+    schema_version: Literal[1]  # required, as the schema says (an event's own may be left out)
+    events: Annotated[list[UsageEvent], msgspec.Meta(min_length=1)]
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+_DECODER: Final = msgspec.json.Decoder(UsageBatch)
 
 
 def encode_usage_batch(events: Sequence[UsageEvent]) -> bytes:
     """Encode the events of one attribution key as one `genai.usage` message value."""
-    # orjson serialises (slotted) dataclasses natively, many times faster than dataclasses.asdict
-    return orjson.dumps({"schema_version": USAGE_SCHEMA_VERSION, "events": events})
+    return _ENCODER.encode(UsageBatch(schema_version=USAGE_SCHEMA_VERSION, events=list(events)))
 
 
 def decode_usage_batch(value: bytes) -> list[UsageEvent]:
-    """Decode a `genai.usage` message value. Raises SchemaError if it is not a UsageBatch."""
-    try:
-        data = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise SchemaError(f"usage batch: not JSON ({exc})") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("events"), list):
-        raise SchemaError("usage batch: expected an object with an 'events' list")
-    if data.get("schema_version") != USAGE_SCHEMA_VERSION:
-        raise SchemaError(f"usage batch: unsupported schema_version {data.get('schema_version')!r}")
-    return [usage_event_from_dict(e) for e in data["events"]]
+    """Decode a `genai.usage` message value. Raises SchemaError if it is not a valid UsageBatch."""
+    return decode_as(_DECODER, value, "usage batch").events

@@ -201,8 +201,9 @@ def usage_counted(port: int) -> float:
 
 
 def metric(port: int, name: str) -> float:
-    """The value of an unlabelled sample on a local Prometheus endpoint (0 when absent)."""
+    """The value of a sample on a local Prometheus endpoint (0 when absent); `name` with its labels as exported,
+    e.g. `spendstream_messages_rejected_total{reason="invalid_usage_message",stage="pricing"}` (labels sorted)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0

@@ -16,8 +16,10 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.gateway.board import epoch_s
 from pipeline.gateway.client import BreakerClient
-from pipeline.gateway.kill_switch import in_force, publish
+from pipeline.gateway.kill_switch import in_force, is_reset, publish
+from pipeline.guardrails.state import month_of
 from schemas.breaker import BreakerCommand, decode_command
 from schemas.config import KafkaConfig
 from schemas.errors import SchemaError
@@ -30,8 +32,21 @@ def snapshot_path(data_dir: Path) -> Path:
     return data_dir / "state" / "breakers.jsonl"
 
 
+def holds_this_month(command: BreakerCommand, now_s: float) -> bool:
+    """An operator's reset issued this (UTC) month: it holds the scope's budget breakers closed for the rest of
+    their period, so a restart must tell stage 2 again (the embedded broker forgets `genai.spend`)."""
+    issued = epoch_s(command.issued_at)
+    return is_reset(command) and issued is not None and month_of(int(issued)) == month_of(int(now_s))
+
+
+def kept(command: BreakerCommand, now_s: float) -> bool:
+    """What a snapshot keeps: the commands in force and this month's resets."""
+    return in_force(command, now_s) or holds_this_month(command, now_s)
+
+
 def read_snapshot(path: Path, now_s: float) -> list[BreakerCommand]:
-    """The commands of a snapshot still in force at `now_s`; an unreadable line is skipped with a warning."""
+    """The commands of a snapshot still in force at `now_s` and this month's resets (published again, they tell
+    stage 2 of the reset once more); an unreadable line is skipped with a warning."""
     if not path.exists():
         return []
     commands = []
@@ -41,7 +56,7 @@ def read_snapshot(path: Path, now_s: float) -> list[BreakerCommand]:
         except SchemaError as exc:
             log.warning("%s line %d skipped: %s", path, number, exc)
             continue
-        if in_force(command, now_s):
+        if kept(command, now_s):
             commands.append(command)
     return commands
 
@@ -84,12 +99,21 @@ class BreakerKeeper:
         self._thread.join(timeout=10)
 
     async def _run(self) -> None:
-        client = BreakerClient(self._kafka)
+        resets: dict[str, BreakerCommand] = {}  # the board drops closed breakers: the resets are kept here
+
+        def keep_reset(command: BreakerCommand) -> None:
+            if is_reset(command):
+                resets[command.breaker_id] = command
+            else:  # tripped again: the reset no longer describes the breaker (and must not close it on restart)
+                resets.pop(command.breaker_id, None)
+
+        client = BreakerClient(self._kafka, also=keep_reset)
         await client.start()
         written: list[bytes] | None = None
         try:
             while True:
-                commands = client.board.in_force()
+                now_s = time.time()
+                commands = client.board.in_force() + [c for c in resets.values() if holds_this_month(c, now_s)]
                 encoded = sorted(c.encode() for c in commands)
                 if encoded != written:
                     write_snapshot(self._path, commands)

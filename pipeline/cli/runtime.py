@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
+from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.cli.breaker_keeper import BreakerKeeper, restore_breakers
@@ -152,23 +153,32 @@ def _drain(children: list[Child], config: Config) -> None:
     """Stop downstream last, so a clean stop loses nothing the collector acknowledged: the collector stops
     taking spans, then the workers and the exporter run (and are restarted if they die) until every stage has
     committed what the broker holds — the exporter commits only what is in the files — and stop."""
-    collector = [c for c in children if c.name == "collector"]
-    _stop(collector)
+    _stop([c for c in children if c.name == "collector"])
     rest = [c for c in children if c.name != "collector"]
+    try:
+        left = _wait_drained(rest, config)
+    except KafkaError as exc:  # nothing more can be drained from a broker that is gone
+        print(f"spendstream: cannot drain, the broker does not answer ({exc})", file=sys.stderr, flush=True)
+    else:
+        if left:
+            print(f"spendstream: stopped with {left:,} records not yet through (waited {DRAIN_TIMEOUT_S:g} s); "
+                  "with the embedded broker they are lost", file=sys.stderr, flush=True)
+    _stop(rest)
+
+
+def _wait_drained(roles: list[Child], config: Config) -> int:
+    """Keep the roles running until nothing is left unread or DRAIN_TIMEOUT_S passed; returns what is left."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     left, said = _unread(config), 0.0
     while left and time.monotonic() < deadline:
         if time.monotonic() - said >= STATUS_EVERY_S:
             print(f"draining: {left:,} records not yet through the workers and the exporter", flush=True)
             said = time.monotonic()
-        for child in rest:
-            child.supervise(time.monotonic())
+        for role in roles:
+            role.supervise(time.monotonic())
         time.sleep(0.5)
         left = _unread(config)
-    if left:
-        print(f"spendstream: stopped with {left:,} records not yet through (waited {DRAIN_TIMEOUT_S:g} s); with the "
-              "embedded broker they are lost", file=sys.stderr, flush=True)
-    _stop(rest)
+    return left
 
 
 def _roles(config: Config, *, workers: int, data_dir: Path, config_path: str | None, log_level: str) -> list[Child]:

@@ -2,7 +2,8 @@
 
 The exporter writes one file per charge date per flush (every few seconds), so a day collects
 thousands of small files. A pass merges a closed day's small files (under COMPACTED_ROWS rows)
-into files of up to COMPACTED_ROWS rows: the same rows, in the same order, same schema. It swaps
+into files of up to COMPACTED_ROWS rows: the same rows, in the same order, same schema (files of
+FOCUS 1.2 and 1.4 in one day are merged apart). It swaps
 them in so that a reader's glob (`billing_period=*/charge_date=*/part-*.parquet`) lists either
 all the old files of the day or all the new ones, never both and never neither:
 
@@ -38,7 +39,7 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.export.files import ARROW_SCHEMA, focus_dir, fsync_dir, partition_dir, writer_lock
+from pipeline.export.files import ARROW_SCHEMAS, focus_dir, fsync_dir, partition_dir, schema_version, writer_lock
 from schemas.errors import SpendstreamError
 from schemas.swap_lock import swapping_request_files
 
@@ -100,25 +101,32 @@ def closed_days(root: Path, now_s: float, lateness_s: float) -> list[tuple[str, 
 
 
 def compact_day(root: Path, period: str, day: str) -> Compaction | None:
-    """Merge the small files of one charge date and swap them in (module docstring); None when it has fewer than
-    two. The caller holds `writer_lock`. Raises SwapUnsupported, CompactionError, OSError or pyarrow's errors;
-    the day's files are then as they were."""
+    """Merge the small files of one charge date (per FOCUS version) and swap them in (module docstring); None when
+    no version has two. The caller holds `writer_lock`. Raises SwapUnsupported, CompactionError, OSError or
+    pyarrow's errors; the day's files are then as they were."""
     directory = partition_dir(root, period, day)
     staging = directory.with_name(STAGING_PREFIX + directory.name)
     shutil.rmtree(staging, ignore_errors=True)  # a crashed pass's: before or after its swap, `directory` is whole
     files = sorted(directory.glob("part-*.parquet"))
     rows = {path: pq.read_metadata(path).num_rows for path in files}
-    small = [path for path in files if rows[path] < COMPACTED_ROWS]
-    if len(small) < 2:
+    small: dict[str, list[Path]] = {}
+    for path in files:
+        if rows[path] < COMPACTED_ROWS:
+            small.setdefault(schema_version(pq.read_schema(path)), []).append(path)
+    merging = {version: paths for version, paths in small.items() if len(paths) >= 2}
+    if not merging:
         return None
+    merged_away = {path for paths in merging.values() for path in paths}
     staging.mkdir()
     try:
         for path in files:
-            if path not in small:
+            if path not in merged_away:
                 os.link(path, staging / path.name)
-        merged = _merge(small, staging)
-        if sum(merged) != sum(rows[path] for path in small):
-            raise CompactionError(f"{directory}: merged {sum(merged)} rows of {sum(rows[p] for p in small)}")
+        merged: list[int] = []
+        for version, paths in sorted(merging.items()):
+            merged += _merge(paths, staging, version, first_index=len(merged))
+        if sum(merged) != sum(rows[path] for path in merged_away):
+            raise CompactionError(f"{directory}: merged {sum(merged)} rows of {sum(rows[p] for p in merged_away)}")
         fsync_dir(staging)
         with swapping_request_files(root.parent.parent):  # root is <data>/focus/request
             exchange(staging, directory)
@@ -127,16 +135,16 @@ def compact_day(root: Path, period: str, day: str) -> Compaction | None:
         raise
     fsync_dir(directory.parent)
     shutil.rmtree(staging)
-    return Compaction(period, day, len(files), len(files) - len(small) + len(merged), sum(rows.values()))
+    return Compaction(period, day, len(files), len(files) - len(merged_away) + len(merged), sum(rows.values()))
 
 
-def _row_groups(sources: Sequence[Path]) -> Iterator[pa.Table]:
+def _row_groups(sources: Sequence[Path], schema: pa.Schema) -> Iterator[pa.Table]:
     """The rows of `sources`, in order, in tables of ROW_GROUP_ROWS rows (the last may have fewer)."""
     pending: list[pa.Table] = []
     held = 0
     for path in sources:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS):
-            pending.append(pa.Table.from_batches([batch]).cast(ARROW_SCHEMA))
+            pending.append(pa.Table.from_batches([batch]).cast(schema))
             held += batch.num_rows
             while held >= ROW_GROUP_ROWS:
                 rows = pa.concat_tables(pending)
@@ -146,20 +154,22 @@ def _row_groups(sources: Sequence[Path]) -> Iterator[pa.Table]:
         yield pa.concat_tables(pending)
 
 
-def _merge(sources: Sequence[Path], into: Path) -> list[int]:
-    """Write the rows of `sources` as files of up to COMPACTED_ROWS rows into `into`, fsynced; their row counts."""
+def _merge(sources: Sequence[Path], into: Path, version: str, first_index: int = 0) -> list[int]:
+    """Write the rows of `sources` (FOCUS `version` files) as files of up to COMPACTED_ROWS rows into `into`,
+    fsynced; their row counts."""
     stamp = time.time_ns()
+    schema = ARROW_SCHEMAS[version]
     counts: list[int] = []
     writer: pq.ParquetWriter | None = None
     path = into
     try:
-        for group in _row_groups(sources):
+        for group in _row_groups(sources, schema):
             if writer is None or counts[-1] + group.num_rows > COMPACTED_ROWS:
                 if writer is not None:
                     writer.close()
                     _fsync(path)
-                path = into / f"part-{stamp}-compacted-{len(counts):04d}.parquet"
-                writer = pq.ParquetWriter(path, ARROW_SCHEMA, compression="zstd")
+                path = into / f"part-{stamp}-compacted-{first_index + len(counts):04d}.parquet"
+                writer = pq.ParquetWriter(path, schema, compression="zstd")
                 counts.append(0)
             writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
             counts[-1] += group.num_rows

@@ -6,26 +6,29 @@ in files; the RowLedger drops them by x_RowId, so every row is in the files exac
 
 Memory is bounded by `exporter.max_buffered_rows`, the rows being written included: each
 message is validated on arrival, its raw value kept, and values are parsed in bulk into packed
-Arrow tables (`files.parse_rows`, ~540 bytes a row). A full buffer is flushed and nothing more
+Arrow tables (`files.parse_rows`, ~620 bytes a FOCUS 1.4 row). A full buffer is flushed and nothing more
 is fetched until it is written. The blocking work (parsing, Parquet writes and fsyncs, the
 ledger's loads, DuckDB rollups, compaction) runs in a thread, one job at a time, so the event
 loop keeps heartbeating and fetching meanwhile; a job commits exactly the offsets of the rows it
-wrote. The rows of a partition taken away by a rebalance are dropped from the buffer
-uncommitted: its new owner reads them again.
+wrote. A message that is not a FOCUS row the files can hold is dead-lettered (`invalid_focus_row`)
+and skipped; its dead letter is published before the offsets are committed. The rows of a
+partition taken away by a rebalance are dropped from the buffer uncommitted: its new owner
+reads them again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import pyarrow as pa
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline.export.compaction import SwapUnsupported, compact
 from pipeline.export.files import (
@@ -37,15 +40,19 @@ from pipeline.export.files import (
     writer_lock,
 )
 from pipeline.kafka.consumer import REBALANCE_TIMEOUT_MS, commit_processed, group_consumer
+from pipeline.kafka.producer import BatchProducer
 from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
+from pipeline.observability.rejections import Rejections
+from schemas.codec import Record
 from schemas.config import Config
+from schemas.errors import SchemaError
 from schemas.focus import decode_row
 from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
 EXPORTER_GROUP = "spendstream-exporter"
-#: records per fetch: each is decoded (a ~6.7 KB dict, dropped at once) and its raw value kept until parsed
+#: records per fetch: each is decoded (a ~7.6 KB dict, dropped at once) and its raw value kept until parsed
 FETCH_RECORDS: Final = 5_000
 #: raw values are parsed into a packed table once this many are waiting (~2.4 KB each until then)
 PARSE_ROWS: Final = 8_192
@@ -64,6 +71,8 @@ class _Flush:
     values: dict[TopicPartition, list[bytes]]
     tables: dict[TopicPartition, list[pa.Table]]
     offsets: dict[TopicPartition, int]
+    #: the dead letters of the messages read with them, published before the commit
+    letters: list[Record] = field(default_factory=list)
 
 
 class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type hints
@@ -72,8 +81,6 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         self._data_dir = data_dir
         self._root = focus_dir(data_dir)
         self._ledger = RowLedger(self._root)
-        #: raw values of the messages `_take` accepted, not yet filed under their partition
-        self._buffer: list[bytes] = []
         #: per partition: raw values not yet parsed, packed tables, the offset after the last record read
         self._values: dict[TopicPartition, list[bytes]] = {}
         self._tables: dict[TopicPartition, list[pa.Table]] = {}
@@ -85,10 +92,10 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         #: the job in the writer thread (a flush, then its commit; or a compaction pass) and the rows it holds
         self._job: asyncio.Task[None] | None = None
         self._job_rows = 0
+        self._rejections = Rejections("exporter", log)
         self._next_compaction = time.monotonic() + min(FIRST_COMPACTION_S, config.exporter.compact_every_s)
         self.rows_written = 0
         self.duplicates = 0
-        self.invalid = 0
         self.rows_read = 0
 
     @property
@@ -115,6 +122,8 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         settings = self._config.exporter
         consumer = group_consumer(kafka, EXPORTER_GROUP, max_poll_records=FETCH_RECORDS)
         consumer.subscribe([TopicNames(kafka.topic_prefix).cost_focus], listener=self)
+        producer = BatchProducer.of(kafka, os.environ)  # dead letters only
+        await producer.start()
         await consumer.start()
         observed = ConsumerMetrics(consumer, EXPORTER_GROUP, "exporter")
         try:
@@ -123,7 +132,7 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
                 room = settings.max_buffered_rows - self.held_rows
                 if room <= 0:  # full: write, and fetch nothing more until it is written
                     if self._job is None:
-                        self._start(self._flush(consumer))
+                        self._start(self._flush(consumer, producer))
                     assert self._job is not None
                     await asyncio.wait({self._job}, timeout=0.5)
                     continue
@@ -131,47 +140,42 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
                 await observed.after_fetch(batches)
                 owned = consumer.assignment()  # a rebalance during after_fetch may have taken partitions away
                 for tp, records in batches.items():
-                    if tp not in owned:
-                        continue
-                    for record in records:
-                        self._take(record.value, record.topic, record.partition, record.offset)
-                    self._file(tp, records[-1].offset + 1)
+                    if tp in owned:
+                        self._take(tp, records)
                 if self._unparsed >= PARSE_ROWS:
                     await self._parse()
                 if self._job is None and self._due():
-                    self._start(self._flush(consumer))
+                    self._start(self._flush(consumer, producer))
                 elif self._job is None and settings.compact_every_s and time.monotonic() >= self._next_compaction:
                     self._start(self._compact())
             if self._job is not None:
                 await asyncio.wait({self._job})
                 self._reap()
-            await self._flush(consumer)
+            await self._flush(consumer, producer)
         finally:
             if self._job is not None:  # an error: let the thread finish its file before the consumer goes
                 await asyncio.wait({self._job})
             await consumer.stop()
+            await producer.stop()
 
-    def _take(self, value: bytes | None, topic: str, partition: int, offset: int) -> None:
-        try:
-            decode_row(value or b"")
-        except ValueError as exc:
-            self.invalid += 1
-            metrics.EXPORTER_INVALID.inc()
-            log.warning("exporter: skipping a message that is not a FOCUS row (%s[%d]@%d): %s",
-                        topic, partition, offset, exc)
-            return
-        if not self._buffered:
+    def _take(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Validate each record; keep the raw values of the FOCUS rows (parsed in bulk later), dead-letter the rest."""
+        if not self._offsets:
             self._first_buffered = time.monotonic()
-        self._buffer.append(value or b"")
-
-    def _file(self, tp: TopicPartition, next_offset: int) -> None:
-        """File the values `_take` accepted from one partition's records under it, up to `next_offset`."""
-        taken, self._buffer = self._buffer, []
-        self._values.setdefault(tp, []).extend(taken)
-        self._offsets[tp] = next_offset
-        self._buffered += len(taken)
-        self._unparsed += len(taken)
-        self.rows_read += len(taken)
+        values = self._values.setdefault(tp, [])
+        before = len(values)
+        for record in records:
+            try:
+                decode_row(record.value or b"")
+            except SchemaError as exc:
+                self._rejections.add(record, "invalid_focus_row", exc)
+                continue
+            values.append(record.value or b"")
+        taken = len(values) - before
+        self._buffered += taken
+        self._unparsed += taken
+        self.rows_read += taken
+        self._offsets[tp] = records[-1].offset + 1
         metrics.EXPORTER_BUFFERED.set(self.held_rows)
 
     async def _parse(self) -> None:
@@ -181,14 +185,12 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         self._revoked.clear()
         tables = await asyncio.to_thread(self._parse_each, values)
         for tp, part in values.items():
-            table = tables.get(tp)
-            parsed = 0 if table is None else table.num_rows
+            parsed = tables.get(tp, [])
             if tp in self._revoked:  # the revoke could not subtract them
                 self._buffered -= len(part)
                 continue
-            self._buffered -= len(part) - parsed
-            if table is not None:
-                self._tables.setdefault(tp, []).append(table)
+            self._buffered -= len(part) - sum(table.num_rows for table in parsed)
+            self._tables.setdefault(tp, []).extend(parsed)
 
     def _due(self) -> bool:
         settings = self._config.exporter
@@ -206,25 +208,26 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
             metrics.EXPORTER_BUFFERED.set(self.held_rows)
             job.result()
 
-    def _flush(self, consumer: AIOKafkaConsumer) -> Coroutine[Any, Any, None]:
+    def _flush(self, consumer: AIOKafkaConsumer, producer: BatchProducer) -> Coroutine[Any, Any, None]:
         """Hand every buffered row to a write (the buffer starts empty): the coroutine writing them, then
         committing what was read. Taken at once, so rows read meanwhile wait for the next flush."""
-        flush = _Flush(self._values, self._tables, self._offsets)
+        flush = _Flush(self._values, self._tables, self._offsets, self._rejections.take())
         self._values, self._tables, self._offsets = {}, {}, {}
         self._job_rows, self._buffered, self._unparsed = self._buffered, 0, 0
-        return self._write_and_commit(consumer, flush)
+        return self._write_and_commit(consumer, producer, flush)
 
-    async def _write_and_commit(self, consumer: AIOKafkaConsumer, flush: _Flush) -> None:
-        """Write the rows not yet in the files, rebuild the rollups of the days touched, then commit what was
-        read: nothing is committed before it is in a file."""
+    async def _write_and_commit(self, consumer: AIOKafkaConsumer, producer: BatchProducer, flush: _Flush) -> None:
+        """Write the rows not yet in the files, rebuild the rollups of the days touched, publish the dead letters,
+        then commit what was read: nothing is committed before it is in a file or on `genai.deadletter`."""
         if flush.offsets:
             await asyncio.to_thread(self._write, flush)
+            await producer.send_all(TopicNames(self._config.kafka.topic_prefix).deadletter, flush.letters)
             await commit_processed(consumer, flush.offsets, "exporter", log)
 
     def _write(self, flush: _Flush) -> None:
         """The writer thread's part of a flush."""
         tables = [table for tps in flush.tables.values() for table in tps]
-        tables += self._parse_each(flush.values).values()
+        tables += [table for tps in self._parse_each(flush.values).values() for table in tps]
         flush.values, flush.tables = {}, {}
         with writer_lock(self._data_dir):
             written = write_rows(self._root, tables, self._ledger)
@@ -241,19 +244,19 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         metrics.EXPORTER_FILES.inc(written.files)
         log.info("exporter: %d rows in files, %d duplicates dropped", self.rows_written, self.duplicates)
 
-    def _parse_each(self, values: dict[TopicPartition, list[bytes]]) -> dict[TopicPartition, pa.Table]:
-        """Each partition's raw values as one packed table. A value `_take` accepted that still does not parse is
-        skipped like one `_take` refuses (logged, counted, its offset committed)."""
+    def _parse_each(self, values: dict[TopicPartition, list[bytes]]) -> dict[TopicPartition, list[pa.Table]]:
+        """Each partition's raw values as packed tables (one a FOCUS version). A value `_take` accepted that still
+        does not parse (the decoder and the files disagree: a bug) is skipped, logged and counted; its offset is
+        committed."""
         tables = {}
         for tp, part in values.items():
-            table, errors = parse_rows_skipping(part)
+            parsed, errors = parse_rows_skipping(part)
             for error in errors:
-                self.invalid += 1
-                metrics.EXPORTER_INVALID.inc()
-                log.warning("exporter: skipping a FOCUS row of %s[%d] that does not fit the files: %s",
-                            tp.topic, tp.partition, error)
-            if table is not None:
-                tables[tp] = table
+                metrics.MESSAGES_REJECTED.labels("exporter", "invalid_focus_row").inc()
+                log.error("exporter: a FOCUS row of %s[%d] the decoder accepted does not fit the files, skipped: %s",
+                          tp.topic, tp.partition, error)
+            if parsed:
+                tables[tp] = parsed
         return tables
 
     async def _compact(self) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import duckdb
 import orjson
@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.focus import COLUMNS, FOCUS_VERSION, MONEY_SCALE
+from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION, MONEY_SCALE, row_version
 from schemas.swap_lock import SWAP_LOCK
 
 QUANTITY_SCALE: Final = 6
@@ -42,9 +42,13 @@ _ARROW_TYPES: Final[Mapping[str, pa.DataType]] = {
     "datetime": pa.timestamp("s", tz="UTC"),
     "bool": pa.bool_(),
 }
-ARROW_SCHEMA: Final = pa.schema([pa.field(name, _ARROW_TYPES[kind]) for name, kind in COLUMNS]).with_metadata(
-    {"FocusVersion": FOCUS_VERSION, "DataGenerator": "spendstream"})
-_KINDS: Final = dict(COLUMNS)
+#: FOCUS version -> the files' Arrow schema; the version is also in the file metadata (FocusVersion)
+ARROW_SCHEMAS: Final[Mapping[str, pa.Schema]] = {
+    version: pa.schema([pa.field(name, _ARROW_TYPES[kind]) for name, kind in columns]).with_metadata(
+        {"FocusVersion": version, "DataGenerator": "spendstream"})
+    for version, columns in COLUMNS_BY_VERSION.items()}
+ARROW_SCHEMA: Final = ARROW_SCHEMAS[FOCUS_VERSION]
+_KINDS: Final = {name: kind for columns in COLUMNS_BY_VERSION.values() for name, kind in columns}
 LEDGER_DAYS: Final = 4
 
 
@@ -52,43 +56,85 @@ def focus_dir(data_dir: Path, grain: str = "request") -> Path:
     return data_dir / "focus" / grain
 
 
+def partition_of(row: Mapping[str, Any]) -> tuple[str, str]:
+    """(billing period, charge date) of a row, from its UTC timestamps."""
+    return row["BillingPeriodStart"][:7], row["ChargePeriodStart"][:10]
+
+
 def partition_dir(root: Path, period: str, day: str) -> Path:
     return root / f"billing_period={period}" / f"charge_date={day}"
+
+
+def _column(name: str, rows: Sequence[Mapping[str, Any]]) -> pa.Array:
+    """One column from row dicts. Decimal and time strings are parsed by Arrow, in C++."""
+    kind = _KINDS[name]
+    values = [row.get(name) for row in rows]
+    if kind in ("money", "quantity"):
+        text = pa.array([v if v is None or isinstance(v, str) else format(v, "f") for v in values], pa.string())
+        return text.cast(_ARROW_TYPES[kind])  # exact: a string -> decimal cast raises rather than rounds
+    if kind == "datetime":
+        parsed = pc.strptime(pa.array(values, pa.string()), format="%Y-%m-%dT%H:%M:%SZ", unit="s")
+        return parsed.cast(_ARROW_TYPES[kind])
+    if kind == "json":
+        values = [None if v is None else orjson.dumps(v).decode() for v in values]
+    return pa.array(values, type=_ARROW_TYPES[kind])
+
+
+def rows_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """FOCUS rows (as on Kafka, all of one FOCUS version) -> an Arrow table with that version's column types, in
+    column order."""
+    version = row_version(rows[0]) if rows else FOCUS_VERSION
+    return pa.Table.from_arrays([_column(name, rows) for name, _ in COLUMNS_BY_VERSION[version]],
+                                schema=ARROW_SCHEMAS[version])
 
 
 _PARSE_TYPES: Final[Mapping[str, str]] = {
     "money": f"DECIMAL(38, {MONEY_SCALE})", "quantity": f"DECIMAL(38, {QUANTITY_SCALE})", "int": "BIGINT",
     "string": "VARCHAR", "json": "JSON", "datetime": "VARCHAR", "bool": "BOOLEAN"}
-#: every column, typed as the files hold it (json_transform_strict: a missing column or a value that does not
-#: convert exactly is an error, never a null)
-_ROW_STRUCTURE: Final = orjson.dumps({name: _PARSE_TYPES[kind] for name, kind in COLUMNS}).decode()
+#: FOCUS version -> every column, typed as the files hold it (json_transform_strict: a missing column or a value
+#: that does not convert exactly is an error, never a null)
+_ROW_STRUCTURES: Final[Mapping[str, str]] = {
+    version: orjson.dumps({name: _PARSE_TYPES[kind] for name, kind in columns}).decode()
+    for version, columns in COLUMNS_BY_VERSION.items()}
 _PER_REQUEST: Final = frozenset({"x_RowId", "x_UsageId", "x_TraceId", "x_SpanId"})
 #: columns whose values repeat from row to row, dictionary-encoded while rows wait to be written: every text,
 #: JSON and time column but the per-request ids, and the unit prices
 PACKED_COLUMNS: Final = frozenset(
-    name for name, kind in COLUMNS
+    name for name, kind in _KINDS.items()
     if name not in _PER_REQUEST and (kind in ("string", "json", "datetime") or "UnitPrice" in name))
 
 
-def parse_rows(values: Sequence[bytes]) -> pa.Table:
-    """`genai.cost.focus` values (JSON objects) -> one packed table, parsed in bulk by DuckDB (in C++, without the
-    GIL): about 530 bytes a row, where a row as a Python dict takes about 6.7 KB. Repeating columns are
-    dictionary-encoded (`PACKED_COLUMNS`); `unpack` gives the file schema back. Raises duckdb.Error or
-    pyarrow.ArrowInvalid when a value lacks a column or one does not convert exactly (money with more than 18
-    decimals, a malformed time, text that is not UTF-8).
+def parse_rows(values: Sequence[bytes], version: str = FOCUS_VERSION) -> pa.Table:
+    """`genai.cost.focus` values (JSON objects) of one FOCUS version -> one packed table, parsed in bulk by DuckDB
+    (in C++, without the GIL): about 620 bytes a FOCUS 1.4 row, where it takes about 7.6 KB as a Python dict. Repeating
+    columns are dictionary-encoded (`PACKED_COLUMNS`); `unpack` gives the file schema back (the version is in the
+    table's metadata). Raises duckdb.Error or pyarrow.ArrowInvalid when a value lacks a column of `version` or one
+    does not convert exactly (money with more than 18 decimals, a malformed time, text that is not UTF-8).
     """
     source = pa.table({"v": pa.array(values, pa.binary()).cast(pa.string())})
     with duckdb.connect(config={"threads": 1}) as con:
         con.register("source", source)
-        parsed = con.sql(f"SELECT unnest(json_transform_strict(v, '{_ROW_STRUCTURE}')) FROM source").to_arrow_table()
+        parsed = con.sql(f"SELECT unnest(json_transform_strict(v, '{_ROW_STRUCTURES[version]}')) "
+                         "FROM source").to_arrow_table()
     arrays = []
-    for name, kind in COLUMNS:
+    for name, kind in COLUMNS_BY_VERSION[version]:
         column = parsed.column(name)
         if kind == "datetime":
             column = pc.strptime(column, format="%Y-%m-%dT%H:%M:%SZ", unit="s")
         column = column.cast(_ARROW_TYPES[kind])
         arrays.append(pc.dictionary_encode(column) if name in PACKED_COLUMNS else _copied(column))
-    return pa.Table.from_arrays(arrays, names=list(_KINDS)).combine_chunks()
+    return pa.Table.from_arrays(arrays, names=[name for name, _ in COLUMNS_BY_VERSION[version]],
+                                metadata={"FocusVersion": version}).combine_chunks()
+
+
+def table_version(table: pa.Table) -> str:
+    """The FOCUS version of a packed table (`parse_rows`) or of a file's table."""
+    return schema_version(table.schema)
+
+
+def schema_version(schema: pa.Schema) -> str:
+    """The FOCUS version a table or file schema says it holds (FocusVersion metadata; the default without)."""
+    return ((schema.metadata or {}).get(b"FocusVersion") or FOCUS_VERSION.encode()).decode()
 
 
 def _copied(column: pa.ChunkedArray) -> pa.Array:
@@ -97,27 +143,44 @@ def _copied(column: pa.ChunkedArray) -> pa.Array:
     return pa.concat_arrays([*column.chunks, pa.array([], column.type)])  # concatenating always copies
 
 
-def parse_rows_skipping(values: Sequence[bytes]) -> tuple[pa.Table | None, list[str]]:
-    """`parse_rows`, leaving out the values it cannot parse (found by halving, so one bad value among many costs a
-    few parses): the table of the others (None when none is left) and why each value left out was."""
+def parse_rows_skipping(values: Sequence[bytes]) -> tuple[list[pa.Table], list[str]]:
+    """`parse_rows` of values of any FOCUS version, leaving out the values it cannot parse: a table per version
+    (none when no value is left) and why each value left out was. Values are grouped by `row_version`'s guess; a
+    value that fails is found by halving (one bad value among many costs a few parses) and tried as the other
+    version before it is left out (the guess is wrong for a 1.4 row with a tag named ProviderName)."""
+    by_version: dict[str, list[bytes]] = {}
+    for value in values:
+        by_version.setdefault(row_version(value), []).append(value)
+    tables: list[pa.Table] = []
+    errors: list[str] = []
+    for version, group in by_version.items():
+        _parse_halving(group, version, tables, errors)
+    return tables, errors
+
+
+def _parse_halving(values: Sequence[bytes], version: str, tables: list[pa.Table], errors: list[str]) -> None:
     try:
-        return parse_rows(values), []
+        tables.append(parse_rows(values, version))
+        return
     except (duckdb.Error, pa.ArrowException) as exc:
         if len(values) == 1:
-            return None, [str(exc)[:300]]
+            other = next(v for v in COLUMNS_BY_VERSION if v != version)
+            try:
+                tables.append(parse_rows(values, other))
+            except (duckdb.Error, pa.ArrowException):
+                errors.append(str(exc)[:300])
+            return
     half = len(values) // 2
-    head, head_errors = parse_rows_skipping(values[:half])
-    tail, tail_errors = parse_rows_skipping(values[half:])
-    parts = [t for t in (head, tail) if t is not None]
-    return (pa.concat_tables(parts) if parts else None,
-            head_errors + tail_errors)
+    _parse_halving(values[:half], version, tables, errors)
+    _parse_halving(values[half:], version, tables, errors)
 
 
 def unpack(table: pa.Table) -> pa.Table:
-    """A packed table (`parse_rows`) with the file schema."""
-    return pa.Table.from_arrays([column.cast(ARROW_SCHEMA.field(name).type) if name in PACKED_COLUMNS else column
+    """A packed table (`parse_rows`) with the file schema of its FOCUS version."""
+    schema = ARROW_SCHEMAS[table_version(table)]
+    return pa.Table.from_arrays([column.cast(schema.field(name).type) if name in PACKED_COLUMNS else column
                                  for name, column in zip(table.column_names, table.columns, strict=True)],
-                                schema=ARROW_SCHEMA)
+                                schema=schema)
 
 
 def partition_keys(table: pa.Table) -> pa.Array:
@@ -161,9 +224,9 @@ def write_atomically(table: pa.Table, target: Path) -> None:
         pq.write_table(table, tmp, compression="zstd")
 
 
-def write_partition(root: Path, period: str, day: str, tables: Iterable[pa.Table]) -> int:
-    """Write the rows of `tables` (file schema), streamed one table at a time, as one new file of a charge date;
-    no file when they hold no row. Returns the rows written."""
+def write_tables(root: Path, period: str, day: str, tables: Iterable[pa.Table], schema: pa.Schema) -> int:
+    """Write the rows of `tables` (file schema `schema`), streamed one table at a time, as one new file of a charge
+    date; no file when they hold no row. Returns the rows written."""
     target = partition_dir(root, period, day) / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
     rows = 0
     with replacing(target) as tmp:
@@ -171,13 +234,20 @@ def write_partition(root: Path, period: str, day: str, tables: Iterable[pa.Table
         try:
             for table in tables:
                 if table.num_rows:
-                    writer = writer or pq.ParquetWriter(tmp, ARROW_SCHEMA, compression="zstd")
+                    writer = writer or pq.ParquetWriter(tmp, schema, compression="zstd")
                     writer.write_table(table)
                     rows += table.num_rows
         finally:
             if writer is not None:
                 writer.close()
     return rows
+
+
+def write_partition(root: Path, period: str, day: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Decoded rows of one FOCUS version (`rows_table`) as one new file of a charge date: for tools and tests that
+    have rows rather than messages. Returns the rows written."""
+    table = rows_table(rows)
+    return write_tables(root, period, day, [table], table.schema)
 
 
 @dataclass(slots=True)
@@ -191,18 +261,20 @@ class Written:
 
 
 def write_rows(root: Path, tables: Sequence[pa.Table], ledger: RowLedger) -> Written:
-    """Packed rows (`parse_rows`) -> one new request file per billing period x charge date, without the rows the
-    ledger says are already in the files. Streams table by table: memory beyond `tables` is one table unpacked.
-    If a file cannot be written, the ledger forgets its rows and the error is raised."""
-    keyed = [(table, partition_keys(table)) for table in tables if table.num_rows]
+    """Packed rows (`parse_rows`) -> one new request file per billing period x charge date x FOCUS version, without
+    the rows the ledger says are already in the files. Streams table by table: memory beyond `tables` is one table
+    unpacked. If a file cannot be written, the ledger forgets its rows and the error is raised."""
+    keyed = [(table, table_version(table), partition_keys(table)) for table in tables if table.num_rows]
     result = Written()
-    for key in sorted({k for _, keys in keyed for k in keys.unique().to_pylist()}):
+    for key, version in sorted({(k, v) for _, v, keys in keyed for k in keys.unique().to_pylist()}):
         period, day = key.split("/")
         recorded: list[str] = []
 
-        def fresh_tables(period: str = period, day: str = day, key: str = key,
+        def fresh_tables(period: str = period, day: str = day, key: str = key, version: str = version,
                          recorded: list[str] = recorded) -> Iterator[pa.Table]:
-            for table, keys in keyed:
+            for table, table_v, keys in keyed:
+                if table_v != version:
+                    continue
                 mask = pc.equal(keys, key)
                 part = table if pc.all(mask).as_py() else table.filter(mask)
                 if not part.num_rows:
@@ -215,14 +287,15 @@ def write_rows(root: Path, tables: Sequence[pa.Table], ledger: RowLedger) -> Wri
                 yield unpack(part if len(kept) == len(ids) else part.filter(pa.array(keep, pa.bool_())))
 
         try:
-            written = write_partition(root, period, day, fresh_tables())
+            written = write_tables(root, period, day, fresh_tables(), ARROW_SCHEMAS[version])
         except BaseException:
             ledger.forget(period, day, recorded)
             raise
         if written:
             result.rows += written
             result.files += 1
-            result.days.append((period, day))
+            if (period, day) not in result.days:
+                result.days.append((period, day))
     return result
 
 
@@ -289,12 +362,14 @@ class RowLedger:
 
 _VARYING: Final = frozenset({"x_Model", "x_RequestModel"})  # dated model ids of one SKU may differ
 #: one rollup row per charge period x price point (SkuPriceId) x attribution: every dimension column
-_GROUP_COLUMNS: Final = [name for name, kind in COLUMNS
-                         if kind not in ("money", "quantity", "int") and name not in _PER_REQUEST | _VARYING
-                         and not name.startswith("ChargePeriod")]
+#: (SkuPriceDetails names the model version, so a rollup row is also per model version)
+_GROUP_COLUMNS: Final = {version: [name for name, kind in columns
+                                   if kind not in ("money", "quantity", "int") and name not in _PER_REQUEST | _VARYING
+                                   and not name.startswith("ChargePeriod")]
+                         for version, columns in COLUMNS_BY_VERSION.items()}
 
 
-def rollup_sql(grain: str, source_glob: str) -> str:
+def rollup_sql(grain: str, source_glob: str, version: str = FOCUS_VERSION) -> str:
     """DuckDB SQL aggregating request rows into one row per charge period x SKU price x attribution.
 
     Within one SkuPriceId the unit prices are the same, so ListCost = ListUnitPrice x PricingQuantity
@@ -303,15 +378,16 @@ def rollup_sql(grain: str, source_glob: str) -> str:
     if grain not in ("hour", "day"):
         raise ValueError(f"rollup grain must be hour or day, not {grain!r}")
     trunc = grain
-    keys = ", ".join(f'"{c}"' for c in _GROUP_COLUMNS)
+    group_columns = _GROUP_COLUMNS[version]
+    keys = ", ".join(f'"{c}"' for c in group_columns)
     select = []
-    for name, kind in COLUMNS:
+    for name, kind in COLUMNS_BY_VERSION[version]:
         q = f'"{name}"'
         if name == "ChargePeriodStart":
             select.append(f"date_trunc('{trunc}', {q}) AS {q}")
         elif name == "ChargePeriodEnd":
             select.append(f"date_trunc('{trunc}', \"ChargePeriodStart\") + INTERVAL 1 {trunc.upper()} AS {q}")
-        elif name in _GROUP_COLUMNS:
+        elif name in group_columns:
             select.append(q)
         elif "UnitPrice" in name or name == "x_SchemaVersion":  # one value per group
             select.append(f"any_value({q}) AS {q}")
@@ -336,16 +412,20 @@ def write_rollup(data_dir: Path, grain: str, period: str, day: str) -> Path:
     """(Re)build the rollup file of one charge date from its request files, replacing it atomically."""
     source = partition_dir(focus_dir(data_dir), period, day)
     target = partition_dir(focus_dir(data_dir, grain), period, day) / "rollup.parquet"
+    first = next(source.glob("part-*.parquet"), None)
+    metadata = pq.read_schema(first).metadata if first is not None else None
+    version = (metadata or {}).get(b"FocusVersion", FOCUS_VERSION.encode()).decode()
     with duckdb.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
-        table = con.execute(rollup_sql(grain, str(source / "part-*.parquet"))).to_arrow_table()
+        table = con.execute(rollup_sql(grain, str(source / "part-*.parquet"), version)).to_arrow_table()
     if table is None:
         raise RuntimeError(f"rollup of {source} returned no table")
     x_row_id = table.schema.get_field_index("x_RowId")
-    # a stable id per rollup row: grain, period start, SKU price and attribution
-    ids = pa.array([f"{grain}:{s:%Y-%m-%dT%H}:{p}:{k}" for s, k, p in zip(
+    # a stable id per rollup row: grain, period start, SKU price, attribution and model version
+    ids = pa.array([f"{grain}:{s:%Y-%m-%dT%H}:{p}:{k}" + (f":{m}" if m else "") for s, k, p, m in zip(
         table.column("ChargePeriodStart").to_pylist(), table.column("x_AttributionKey").to_pylist(),
-        table.column("SkuPriceId").to_pylist(), strict=True)], type=pa.string())
-    table = table.set_column(x_row_id, "x_RowId", ids).cast(ARROW_SCHEMA)
+        table.column("SkuPriceId").to_pylist(), table.column("x_Model").to_pylist(), strict=True)],
+        type=pa.string())
+    table = table.set_column(x_row_id, "x_RowId", ids).cast(ARROW_SCHEMAS[version])
     write_atomically(table, target)
     return target

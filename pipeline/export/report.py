@@ -6,7 +6,7 @@ would write; rendering is separate so the numbers can be tested without a termin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -22,7 +22,7 @@ from schemas.focus import ATTRIBUTION_COLUMNS, REQUEST_FILES, request_files_glob
 from schemas.swap_lock import reading_request_files
 
 #: --by names -> FOCUS columns
-GROUPABLE: Final = {**ATTRIBUTION_COLUMNS, "provider": "ProviderName",
+GROUPABLE: Final = {**ATTRIBUTION_COLUMNS, "provider": "ServiceProviderName",
                     "model": "x_Model", "meter": "SkuMeter", "service": "ServiceName", "day": "charge_date"}
 REPORT_COLUMNS: Final = ("cost", "tokens_in", "tokens_out", "requests", "cost_per_request", "out_in_ratio")
 
@@ -39,11 +39,26 @@ class Report:
     total_cost: Decimal
 
 
-def report_sql(by: Sequence[str], source_glob: str, since: str | None, until: str | None, top: int) -> str:
+#: --by provider in FOCUS 1.2 files (focus.version "1.2"): ServiceProviderName replaced ProviderName
+_FOCUS_1_2_NAMES: Final = {"ServiceProviderName": "ProviderName"}
+
+
+def _group_expression(by: str, columns: Collection[str] | None) -> str:
+    """The SQL of a --by group over files that have `columns` (None: FOCUS 1.4 files only)."""
+    name = GROUPABLE[by]
+    old = _FOCUS_1_2_NAMES.get(name)
+    if columns is None or old is None or old not in columns:
+        return f'"{name}"'
+    return f'coalesce("{name}", "{old}")' if name in columns else f'"{old}"'
+
+
+def report_sql(by: Sequence[str], source_glob: str, since: str | None, until: str | None, top: int, *,
+               columns: Collection[str] | None = None) -> str:
+    """The report's SQL; `columns` are the files' columns (FOCUS 1.2 and 1.4 files name the provider apart)."""
     unknown = [b for b in by if b not in GROUPABLE]
     if unknown:
         raise ReportError(f"--by: unknown {', '.join(unknown)}; choose from {', '.join(GROUPABLE)}")
-    groups = [f'coalesce(CAST("{GROUPABLE[b]}" AS VARCHAR), \'(none)\') AS "{b}"' for b in by]
+    groups = [f'coalesce(CAST({_group_expression(b, columns)} AS VARCHAR), \'(none)\') AS "{b}"' for b in by]
     where = []
     if since:
         where.append(f"\"ChargePeriodStart\" >= TIMESTAMPTZ '{_iso(since)}'")
@@ -82,9 +97,15 @@ def make_report(data_dir: Path, by: Sequence[str], *, since: str | None = None, 
     root = focus_dir(data_dir)
     if not any(data_dir.glob(REQUEST_FILES)):
         raise ReportError(f"no FOCUS files under {root} (is the exporter running with --data-dir {data_dir}?)")
-    sql = report_sql(by, request_files_glob(data_dir), since, until, top)
+    source = request_files_glob(data_dir)
+    sql = report_sql(by, source, since, until, top)  # checks the arguments first
     with reading_request_files(data_dir), duckdb.connect() as con:  # never across a compaction swap
         con.execute("SET TimeZone = 'UTC'")
+        if any(_FOCUS_1_2_NAMES.get(GROUPABLE[b]) for b in by):  # the files may be FOCUS 1.2, 1.4 or both
+            columns = {row[0] for row in con.execute(
+                f"DESCRIBE SELECT * FROM read_parquet('{source}', hive_partitioning = true, union_by_name = true)"
+            ).fetchall()}
+            sql = report_sql(by, source, since, until, top, columns=columns)
         cursor = con.execute(sql)
         names = [d[0] for d in cursor.description]
         rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]

@@ -9,7 +9,7 @@ spendstream goes quiet, gateways fail open.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Final, Literal, NamedTuple
 
@@ -18,6 +18,7 @@ from schemas.policy import Scope
 
 Verdict = Literal["allow", "block", "downgrade", "approval_required"]
 _STRICTNESS: Final[Mapping[str, int]] = {"allow": 0, "downgrade": 1, "approval_required": 2, "block": 3}
+MAX_PROBE_EVERY: Final = 1_000_000_000
 
 
 class Decision(NamedTuple):
@@ -37,6 +38,18 @@ def epoch_s(text: str | None) -> float | None:
     return datetime.fromisoformat(text).timestamp() if text else None
 
 
+def _index_of(commands: Iterable[BreakerCommand]) -> dict[tuple[str, ...], dict[tuple[str, ...], list[_Entry]]]:
+    index: dict[tuple[str, ...], dict[tuple[str, ...], list[_Entry]]] = {}
+    for command in commands:
+        scope = Scope.parse(command.scope)
+        # at most one probe in MAX_PROBE_EVERY requests: a ratio near 0 must not make 1 / ratio infinite
+        probe_every = round(min(1 / command.probe_ratio, MAX_PROBE_EVERY)) \
+            if command.state == "half_open" and command.probe_ratio else 0
+        entry = _Entry(command, epoch_s(command.expires_at), probe_every)
+        index.setdefault(scope.dims, {}).setdefault(tuple(v for _, v in scope.items), []).append(entry)
+    return index
+
+
 class BreakerBoard:
     def __init__(self) -> None:
         self._commands: dict[str, BreakerCommand] = {}
@@ -45,21 +58,15 @@ class BreakerBoard:
         self._requests = 0
 
     def apply(self, command: BreakerCommand) -> None:
-        """The latest command of a breaker replaces the one before; a closed breaker is dropped."""
+        """The latest command of a breaker replaces the one before; a closed breaker is dropped. All or nothing: a
+        command that cannot be indexed raises and leaves the board as it was."""
+        commands = dict(self._commands)
         if command.state == "closed":
-            self._commands.pop(command.breaker_id, None)
+            commands.pop(command.breaker_id, None)
         else:
-            self._commands[command.breaker_id] = command
-        self._reindex()
-
-    def _reindex(self) -> None:
-        index: dict[tuple[str, ...], dict[tuple[str, ...], list[_Entry]]] = {}
-        for command in self._commands.values():
-            scope = Scope.parse(command.scope)
-            probe_every = round(1 / command.probe_ratio) if command.state == "half_open" and command.probe_ratio else 0
-            entry = _Entry(command, epoch_s(command.expires_at), probe_every)
-            index.setdefault(scope.dims, {}).setdefault(tuple(v for _, v in scope.items), []).append(entry)
-        self._index = index
+            commands[command.breaker_id] = command
+        self._index = _index_of(commands.values())
+        self._commands = commands
 
     def in_force(self) -> list[BreakerCommand]:
         return list(self._commands.values())

@@ -20,12 +20,16 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from pipeline.gateway.board import BreakerBoard, Decision
 from pipeline.kafka.consumer import read_to_end, reader
+from pipeline.observability.metrics import MESSAGES_REJECTED
+from pipeline.observability.rejections import PROCESSING_FAILED
 from schemas.breaker import BreakerCommand, decode_command
 from schemas.config import KafkaConfig
 from schemas.errors import SchemaError
 from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
+#: the `stage` label of the commands readers skip
+READER_STAGE = "breaker_client"
 
 
 OnCommand = Callable[[BreakerCommand], None]
@@ -48,17 +52,30 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
 
 
 def _apply(on_command: OnCommand, record: ConsumerRecord[bytes, bytes]) -> None:
-    if not record.value:
+    """Hand one command on. One that does not decode or validate, or that `on_command` cannot take, is skipped,
+    counted and logged, not dead-lettered: every gateway, `spendstream breaker list` and the breaker keeper read
+    the compacted topic from its start, so each would dead-letter the same message again on every start."""
+    if record.value is None:  # a tombstone: the compacted topic forgot the breaker
         return
     try:
-        on_command(decode_command(record.value))
+        command = decode_command(record.value)
     except SchemaError as exc:
+        MESSAGES_REJECTED.labels(READER_STAGE, "invalid_breaker_command").inc()
         log.warning("breaker client: skipped %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+        return
+    try:
+        on_command(command)
+    except Exception:  # this command only: the board keeps the others, the follower goes on
+        MESSAGES_REJECTED.labels(READER_STAGE, PROCESSING_FAILED).inc()
+        log.exception("breaker client: %s[%d]@%d could not be applied", record.topic, record.partition, record.offset)
 
 
 class BreakerClient:
-    def __init__(self, kafka: KafkaConfig, environ: Mapping[str, str] = os.environ) -> None:
+    def __init__(self, kafka: KafkaConfig, environ: Mapping[str, str] = os.environ, *,
+                 also: OnCommand | None = None) -> None:
+        """`also` sees every command the board takes (the breaker keeper keeps the resets the board drops)."""
         self._kafka = kafka
+        self._also = also
         self._environ = environ
         self._topic = TopicNames(kafka.topic_prefix).breaker_commands
         self.board = BreakerBoard()
@@ -70,14 +87,19 @@ class BreakerClient:
         consumer = reader(self._kafka, self._environ)
         await consumer.start()
         self._consumer = consumer
-        await read_commands(consumer, self._topic, self.board.apply)
+        await read_commands(consumer, self._topic, self._take)
         self._follow = asyncio.create_task(self._run(consumer))
+
+    def _take(self, command: BreakerCommand) -> None:
+        self.board.apply(command)
+        if self._also is not None:
+            self._also(command)
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
         while True:
             for records in (await consumer.getmany(timeout_ms=1000)).values():
                 for record in records:
-                    _apply(self.board.apply, record)
+                    _apply(self._take, record)
 
     async def stop(self) -> None:
         if self._follow is not None:

@@ -19,6 +19,7 @@ from pipeline.gateway.client import read_commands
 from pipeline.kafka.consumer import reader
 from pipeline.kafka.producer import BatchProducer
 from schemas.breaker import (
+    BREAKER_SCHEMA_VERSION,
     BreakerAction,
     BreakerCommand,
     BreakerSource,
@@ -47,7 +48,7 @@ def _command(scope: Scope, source: BreakerSource, state: BreakerState, action: B
                           breaker_id=bid, source=source, scope=scope.key, scope_attributes=scope.as_dict(),
                           state=state, action=action, reason=reason, issued_at=rfc3339(now_s),
                           downgrade=dict(downgrade or {}), expires_at=expires_at,
-                          trigger=dict(trigger or {"kind": "manual"}))
+                          trigger=dict(trigger or {"kind": "manual"}), schema_version=BREAKER_SCHEMA_VERSION)
 
 
 def trip_command(scope: Scope, action: BreakerAction, reason: str, *, ttl_s: int | None,
@@ -71,10 +72,14 @@ def reset_commands(scope: Scope, reason: str, now_s: float) -> list[BreakerComma
             for source, bid in ids]
 
 
+def is_reset(command: BreakerCommand) -> bool:
+    """One of the commands of an operator's `breaker reset` (`reset_commands`)."""
+    return command.state == "closed" and command.source == "manual" and dict(command.trigger) == RESET_TRIGGER
+
+
 def reset_records(commands: Sequence[BreakerCommand]) -> list[Record]:
     """Stage 2's reset records (for `genai.spend`, keyed by scope) of the resets among `commands`, one per scope."""
-    resets = {c.scope: Reset(c.scope, c.reason, int(epoch_s(c.issued_at) or 0)) for c in commands
-              if c.state == "closed" and c.source == "manual" and dict(c.trigger) == RESET_TRIGGER}
+    resets = {c.scope: Reset(c.scope, c.reason, int(epoch_s(c.issued_at) or 0)) for c in commands if is_reset(c)}
     return [(scope.encode(), encode_reset(reset)) for scope, reset in resets.items()]
 
 

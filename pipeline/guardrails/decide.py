@@ -23,6 +23,7 @@ from pipeline.guardrails.state import (
 )
 from schemas.alert import Alert, AlertKind, Severity
 from schemas.breaker import (
+    BREAKER_SCHEMA_VERSION,
     BreakerAction,
     BreakerCommand,
     BreakerSource,
@@ -116,7 +117,7 @@ def _command(ctx: Context, state: ScopeState, source: BreakerSource, new_state: 
         prod_envs=policy.prod_envs, downgrade=dict(ctx.policy.downgrade) if action == "downgrade" else {},
         probe_ratio=float(policy.probe_ratio) if new_state == "half_open" else 0.0, reason=reason,
         trigger=trigger, issued_at=rfc3339(ctx.issued_s), event_time=rfc3339(ctx.now_s),
-        expires_at=rfc3339(expires_s) if expires_s is not None else None)
+        expires_at=rfc3339(expires_s) if expires_s is not None else None, schema_version=BREAKER_SCHEMA_VERSION)
 
 
 # --- rates: velocity, ceilings, limits -------------------------------------------------------------------

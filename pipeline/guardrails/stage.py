@@ -19,11 +19,9 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from decimal import Decimal
 from pathlib import Path
 from typing import Final
 
-import orjson
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline.guardrails.decide import Context, Decisions, decide, held_after_reset, retain_from
@@ -36,8 +34,10 @@ from pipeline.kafka.consumer import commit_processed, group_consumer, read_to_en
 from pipeline.kafka.producer import BatchProducer, PlacedRecord, partition_for
 from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
+from pipeline.observability.rejections import PROCESSING_FAILED, Rejections
 from schemas.config import Config
-from schemas.errors import SchemaError
+from schemas.errors import SchemaError, SpendstreamError
+from schemas.guardrail_state import PartitionValue, decode_partition_state, decode_scope_state, encode_state_value
 from schemas.policy import Policy, Scope
 from schemas.spend import Reset, SpendMessage, Tick, decode_spend
 from schemas.topics import TopicNames
@@ -52,6 +52,11 @@ _NS = 1_000_000_000
 
 #: the changelog key of a partition's own record (scope keys never start with "@")
 PARTITION_KEY: Final = "@partition"
+
+
+class RestoreError(SpendstreamError):
+    """A taken-over partition's state could not be restored; the worker ends so that it is restarted (and the
+    partitions move) instead of ignoring their spend."""
 
 
 class PartitionState:
@@ -71,7 +76,7 @@ class PartitionState:
 
     def record(self) -> bytes:
         """The partition's own changelog value."""
-        return orjson.dumps({"watching_since_s": self.watching_since_s})
+        return encode_state_value(PartitionValue(self.watching_since_s))
 
     def pending(self) -> Iterable[ScopeState]:
         """Scopes with a breaker that time alone can move (cool-down, probe, period end)."""
@@ -107,6 +112,12 @@ def apply_messages(partition: PartitionState, messages: Iterable[SpendMessage | 
         if added:
             changed.add(message.scope)
     return changed
+
+
+def cold_partitions(partitions: dict[int, PartitionState]) -> dict[int, PartitionState]:
+    """The partitions whose changelog held nothing: neither a scope nor the partition's own record."""
+    return {p: partition for p, partition in partitions.items()
+            if not partition.scopes and partition.watching_since_s is None}
 
 
 def decide_partition(partition: PartitionState, changed: set[str], ctx: Context) -> tuple[Decisions, set[str]]:
@@ -162,6 +173,8 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         self._partitions: dict[int, PartitionState] = {}
         self._retired: dict[int, PartitionState] = {}  # revoked, until the rebalance's assignment is known
         self._lock = asyncio.Lock()
+        self._restore_failed: Exception | None = None
+        self._rejections = Rejections("guardrails", log)
         self._read_at = 0.0
         self.alerts = self.commands = 0
         GUARDRAIL_GAUGES.currency = config.billing_currency
@@ -185,7 +198,11 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             self._partitions.update(kept)
             missing = [tp.partition for tp in assigned if tp.partition not in self._partitions]
             if missing:
-                restored = await self._restore(missing)
+                try:
+                    restored = await self._restore(missing)
+                except Exception as exc:  # aiokafka would only log it, leaving the partitions dead
+                    self._restore_failed = exc
+                    return
                 self._partitions.update(restored)
             metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
 
@@ -196,13 +213,16 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         since: dict[int, int | None] = dict.fromkeys(partitions)
 
         def restore(record: ConsumerRecord[bytes, bytes]) -> None:
-            scopes, key = out[record.partition], (record.key or b"").decode()
-            if key == PARTITION_KEY:
-                since[record.partition] = orjson.loads(record.value or b"{}").get("watching_since_s")
-            elif record.value:
-                scopes[key] = ScopeState.from_json(orjson.loads(record.value))
-            else:  # a tombstone: the scope was forgotten
-                scopes.pop(key, None)
+            scopes, key = out[record.partition], (record.key or b"").decode("utf-8", "replace")
+            try:
+                if key == PARTITION_KEY:
+                    since[record.partition] = decode_partition_state(record.value or b"").watching_since_s
+                elif record.value is not None:
+                    scopes[key] = ScopeState.from_value(decode_scope_state(record.value))
+                else:  # a tombstone (null, not an empty value): the scope was forgotten
+                    scopes.pop(key, None)
+            except SchemaError as exc:  # the scope keeps its last good value, if any; the takeover goes on
+                self._rejections.add(record, "invalid_guardrail_state", exc)
 
         try:
             await read_to_end(changelog, [TopicPartition(self._names.guardrail_state, p) for p in partitions],
@@ -214,51 +234,48 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         log.info("guardrails: took over spend partitions %s, %d scope states restored from the changelog",
                  sorted(partitions), count)
         restored = {p: PartitionState(scopes, since[p]) for p, scopes in out.items()}
-        if self._data_dir is not None:
-            await self._apply_files(restored, budgets_only=False)
+        # only a partition the changelog knows nothing of (a new or emptied broker) is rebuilt from the files: a
+        # changelog is exact up to its committed spend, and `genai.spend` after that may hold calls the files
+        # already have (the backlog of a takeover), which would count twice
+        cold = cold_partitions(restored)
+        if self._data_dir is not None and cold:
+            await self._apply_files(cold, cold=True)
         return restored
 
-    async def _apply_files(self, partitions: dict[int, PartitionState], *, budgets_only: bool,
+    async def _apply_files(self, partitions: dict[int, PartitionState], *, cold: bool,
                            scopes: set[str] | None = None) -> None:
-        """Fold what the FOCUS files recorded into these partitions' states. Budget period totals: the larger
-        of the changelog's and the files' total wins (each counts every call at most once and may lack the
-        latest or the earliest calls: the larger is nearer the truth). A cold partition (no changelog state)
-        also takes the recent buckets, so its baselines need no blind minute."""
+        """Fill from the FOCUS files what the stream never counted. `cold`: partitions with no changelog state
+        take every recorded scope's period totals and recent buckets (so their baselines need no blind minute).
+        Otherwise (budgets added by a reload) only `scopes` without any state take their period totals: a scope
+        with state has been counted by the stream since its partition started watching, and adding the files
+        to it would count twice."""
         assert self._data_dir is not None
         policy, now_s = self._policy.policy, int(time.time())
         since_s = min(period_bounds(month_of(now_s))[0], period_bounds(day_of(now_s))[0] - DAY_S)
         recent_s = retain_from(policy, now_s)
-        days, buckets = await asyncio.gather(
-            asyncio.to_thread(recorded_spend, self._data_dir, since_s, DAY_S),
-            asyncio.to_thread(recorded_spend, self._data_dir, recent_s, BUCKET_S))
-        owners = {p: partition for p, partition in partitions.items()}
-        cold = {p for p, partition in partitions.items()
-                if not budgets_only and not partition.scopes and partition.watching_since_s is None}
-        recorded = recorded_scopes(days, [] if budgets_only else buckets, policy,
-                                   lambda key: partition_for(key.encode(), self._spend_partitions) in owners
+        days = await asyncio.to_thread(recorded_spend, self._data_dir, since_s, DAY_S)
+        buckets = await asyncio.to_thread(recorded_spend, self._data_dir, recent_s, BUCKET_S) if cold else []
+        recorded = recorded_scopes(days, buckets, policy,
+                                   lambda key: partition_for(key.encode(), self._spend_partitions) in partitions
                                    and (scopes is None or key in scopes))
         recorded_from = min((b.start_s for b in buckets), default=None)  # the files' record of the window starts
+        rebuilt = 0
         for key, spend in recorded.items():
-            p = partition_for(key.encode(), self._spend_partitions)
-            partition = owners[p]
-            state = partition.scopes.get(key)
-            if state is None:
-                if not (policy.budgets_of(key) or (p in cold and spend.buckets)):
-                    continue  # nothing decides on it: no need to hold it
-                state = partition.scopes[key] = ScopeState(Scope.parse(key))
-            for period, total in spend.periods.items():
-                if total > state.periods.get(period, Decimal(0)):
-                    state.periods[period] = total
-                    state.unallocated[period] = spend.unallocated.get(period, Decimal(0))
-            if p in cold and spend.buckets:
+            partition = partitions[partition_for(key.encode(), self._spend_partitions)]
+            if key in partition.scopes or not (policy.budgets_of(key) or (cold and spend.buckets)):
+                continue  # counted by the stream already, or nothing decides on it
+            state = partition.scopes[key] = ScopeState(Scope.parse(key))
+            state.periods = dict(spend.periods)
+            state.unallocated = dict(spend.unallocated)
+            if cold and spend.buckets:
                 state.buckets = spend.buckets
                 state.first_s = recorded_from
-        for p in cold:  # the files were being written from then on: spend before a scope's first call is known zero
-            if recorded_from is not None:
-                owners[p].watching_since_s = recorded_from
-        log.info("guardrails: %d scopes of spend partitions %s rebuilt from the FOCUS files (%s)", len(recorded),
-                 sorted(partitions), "budgets added by a reload" if budgets_only else
-                 f"{len(cold)} cold partitions with their recent buckets")
+            rebuilt += 1
+        if cold and recorded_from is not None:  # the files were written from then on: spend before is known zero
+            for partition in partitions.values():
+                partition.watching_since_s = recorded_from
+        log.info("guardrails: %d scopes of spend partitions %s rebuilt from the FOCUS files (%s)", rebuilt,
+                 sorted(partitions), "cold partitions" if cold else "budgets added by a reload")
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -275,6 +292,9 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         try:
             while True:
                 batches = await consumer.getmany(timeout_ms=200, max_records=5_000)
+                if self._restore_failed is not None:  # assigned partitions this worker cannot serve: let it restart
+                    raise RestoreError("guardrails: restoring the state of taken-over spend partitions failed "
+                                       f"({self._restore_failed!r})") from self._restore_failed
                 await observed.after_fetch(batches)
                 async with self._lock:
                     offsets = await self._process(batches, producer)
@@ -290,21 +310,25 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         policy = self._policy.policy
         added = {b.scope.key for b in policy.budgets} - self._tracked_budgets
         if added and self._data_dir is not None:  # a budget added mid-period counts the whole period
-            await self._apply_files(self._partitions, budgets_only=True, scopes=added)
+            await self._apply_files(self._partitions, cold=False, scopes=added)
         self._tracked_budgets = {b.scope.key for b in policy.budgets}
         issued = time.time()
         decisions = Decisions()
         states: list[PlacedRecord] = []
         for p, partition in self._partitions.items():
             records = next((r for tp, r in batches.items() if tp.partition == p), [])
-            messages: list[SpendMessage | Tick | Reset] = []
+            watching = partition.watching_since_s
+            changed = set()
             for record in records:
                 try:
-                    messages.append(decode_spend(record.value or b""))
+                    message = decode_spend(record.value or b"")
                 except SchemaError as exc:
-                    log.warning("guardrails: skipped %s[%d]@%d: %s", record.topic, p, record.offset, exc)
-            watching = partition.watching_since_s
-            changed = apply_messages(partition, messages, policy, int(issued))
+                    self._rejections.add(record, "invalid_spend_message", exc)
+                    continue
+                try:
+                    changed |= apply_messages(partition, [message], policy, int(issued))
+                except Exception as exc:  # this message only: dead-lettered, the stage goes on
+                    self._rejections.add(record, PROCESSING_FAILED, exc)
             changed |= {key for key in added if key in partition.scopes}  # rebuilt: decide and write them
             if partition.watching_since_s != watching:
                 states.append((p, (PARTITION_KEY.encode(), partition.record())))
@@ -318,7 +342,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                         del partition.scopes[key]
                         states.append((p, (key.encode(), None)))
                     else:
-                        states.append((p, (key.encode(), orjson.dumps(state.to_json()))))
+                        states.append((p, (key.encode(), encode_state_value(state.to_value()))))
             # after the decisions: a tombstone follows any state just written for the same scope
             states += [(p, (key.encode(), None)) for key in sweep_idle(partition, ctx)]
         with metrics.PUBLISH_SECONDS.labels("guardrails").time():
@@ -326,7 +350,8 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
                 producer.send_all(self._names.alerts, [(a.scope.encode(), a.encode()) for a in decisions.alerts]),
                 producer.send_all(self._names.breaker_commands,
                                   [(c.breaker_id.encode(), c.encode()) for c in decisions.commands]),
-                producer.send_to(self._names.guardrail_state, states))
+                producer.send_to(self._names.guardrail_state, states),
+                producer.send_all(self._names.deadletter, self._rejections.take()))
         for alert in decisions.alerts:
             metrics.ALERTS.labels(alert.kind).inc()
             log.info("alert %s: %s", alert.kind, alert.message)

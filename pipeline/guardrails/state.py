@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Final
+from typing import Final, Literal
 
+from schemas.breaker import BreakerAction, BreakerState
 from schemas.codec import rfc3339
-from schemas.policy import Scope
+from schemas.guardrail_state import ScopeStateValue
+from schemas.policy import Period, Scope
 from schemas.spend import SpendEntry
 
 BUCKET_S: Final = 5
@@ -66,11 +68,11 @@ RESET_TRIGGER: Final = "reset"
 class RateBreaker:
     """The breaker a rate opens (velocity spike, ceiling, limits): closed -> open -> half_open -> closed."""
 
-    state: str = "closed"
+    state: BreakerState = "closed"
     since_s: int = 0  # event time of the last transition
     trigger: dict[str, str] = field(default_factory=dict)  # {"kind": "reset"} after an operator's reset
     #: the action it opened with (a key's `limits.action` may differ from `breaker.action`); "": breaker.action
-    action: str = ""
+    action: BreakerAction | Literal[""] = ""
 
 
 @dataclass(slots=True)
@@ -86,7 +88,7 @@ class ScopeState:
     rate: RateBreaker = field(default_factory=RateBreaker)
     #: hard budgets exhausted, by period kind ("monthly", "daily"): each breaker (`budget|scope|kind`) stays
     #: open until this event time (the period's end)
-    budget_open: dict[str, int] = field(default_factory=dict)
+    budget_open: dict[Period, int] = field(default_factory=dict)
     #: periods ("2026-11", "2026-11-22") in which an operator reset the scope: no budget breaker opens in them
     budget_reset: set[str] = field(default_factory=set)
 
@@ -148,31 +150,31 @@ class ScopeState:
         keep.add(minute_of(now_s))
         self.alerted = {a for a in self.alerted if a.split("|")[2] in keep}
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "scope": self.scope.key, "offsets": [[p, o] for p, o in self.offsets.items()],
-            "buckets": [[s, str(b.cost), b.requests, b.tokens] for s, b in self.buckets.items()],
-            "first_s": self.first_s, "periods": {p: str(v) for p, v in self.periods.items()},
-            "unallocated": {p: str(v) for p, v in self.unallocated.items()}, "alerted": sorted(self.alerted),
-            "rate": [self.rate.state, self.rate.since_s, self.rate.trigger], "rate_action": self.rate.action,
-            "budget_open": self.budget_open, "budget_reset": sorted(self.budget_reset),
-        }
+    def to_value(self) -> ScopeStateValue:
+        """The scope's changelog value."""
+        return ScopeStateValue(
+            scope=self.scope.key, offsets=list(self.offsets.items()),
+            buckets=[(s, str(b.cost), b.requests, b.tokens) for s, b in self.buckets.items()],
+            first_s=self.first_s, periods={p: str(v) for p, v in self.periods.items()},
+            unallocated={p: str(v) for p, v in self.unallocated.items()}, alerted=sorted(self.alerted),
+            rate=(self.rate.state, self.rate.since_s, self.rate.trigger), rate_action=self.rate.action,
+            budget_open=self.budget_open, budget_reset=sorted(self.budget_reset))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ScopeState:
-        """Reads what `to_json` writes, and the values of earlier versions: one `budget_open_until_s` for all
+    def from_value(cls, value: ScopeStateValue) -> ScopeState:
+        """Reads what `to_value` writes, and the values of earlier versions: one `budget_open_until_s` for all
         budgets of the scope (read as the monthly one's), no `rate_action`, no `budget_reset`."""
-        state, since, trigger = data["rate"]
-        if "budget_open" in data:
-            budget_open = {str(k): int(v) for k, v in data["budget_open"].items()}
+        state, since, trigger = value.rate
+        if value.budget_open is not None:
+            budget_open: dict[Period, int] = dict(value.budget_open)
         else:
-            until = data.get("budget_open_until_s")
-            budget_open = {"monthly": int(until)} if until is not None else {}
+            until = value.budget_open_until_s
+            budget_open = {"monthly": until} if until is not None else {}
         return cls(
-            scope=Scope.parse(data["scope"]), offsets={int(p): int(o) for p, o in data["offsets"]},
-            buckets={int(s): Bucket(Decimal(c), int(r), int(t)) for s, c, r, t in data["buckets"]},
-            first_s=data["first_s"], periods={p: Decimal(v) for p, v in data["periods"].items()},
-            unallocated={p: Decimal(v) for p, v in data["unallocated"].items()}, alerted=set(data["alerted"]),
-            rate=RateBreaker(state, int(since), dict(trigger), str(data.get("rate_action", ""))),
-            budget_open=budget_open, budget_reset=set(data.get("budget_reset", ())),
+            scope=Scope.parse(value.scope), offsets=dict(value.offsets),
+            buckets={s: Bucket(Decimal(c), r, t) for s, c, r, t in value.buckets},
+            first_s=value.first_s, periods={p: Decimal(v) for p, v in value.periods.items()},
+            unallocated={p: Decimal(v) for p, v in value.unallocated.items()}, alerted=set(value.alerted),
+            rate=RateBreaker(state, since, dict(trigger), value.rate_action),
+            budget_open=budget_open, budget_reset=set(value.budget_reset),
         )

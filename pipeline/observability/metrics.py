@@ -15,9 +15,10 @@ from pipeline.observability.cardinality import METRIC_DIMENSIONS
 from schemas.alert import AlertKind
 from schemas.breaker import BreakerState
 
-USAGE_MESSAGES_INVALID: Final = Counter(
-    "spendstream_worker_usage_messages_invalid", "genai.usage messages that do not match the schema"
-)
+MESSAGES_REJECTED: Final = Counter(
+    "spendstream_messages_rejected",
+    "Consumed messages a stage could not decode, validate or process: dead-lettered and skipped (breaker-command "
+    "readers skip them without a dead letter)", ["stage", "reason"])
 
 USAGE_PRICED: Final = Counter("spendstream_worker_usage_priced", "Usage events priced into FOCUS rows")
 USAGE_DUPLICATES: Final = Counter(
@@ -47,8 +48,6 @@ CATALOG_INFO: Final = Gauge("spendstream_price_catalog_info", "The price catalog
 EXPORTER_ROWS: Final = Counter("spendstream_exporter_rows", "FOCUS rows written to Parquet files")
 EXPORTER_DUPLICATES: Final = Counter("spendstream_exporter_duplicate_rows",
                                      "FOCUS rows dropped as already written (same x_RowId)")
-EXPORTER_INVALID: Final = Counter("spendstream_exporter_invalid_messages",
-                                  "genai.cost.focus messages that are not FOCUS rows (skipped, logged)")
 EXPORTER_FILES: Final = Counter("spendstream_exporter_files", "Parquet files written")
 EXPORTER_BUFFERED: Final = Gauge("spendstream_exporter_buffered_rows",
                                  "FOCUS rows the exporter holds in memory, those being written included "

@@ -149,6 +149,10 @@ class PriceOverride:
     currency: str
     valid_from: date | None
     valid_until: date | None  # last day it applies (inclusive)
+    #: the model's developer and family for FOCUS SkuPriceDetails (x_ModelDeveloper, x_ModelFamily), when the
+    #: model id does not say (a self-hosted or fine-tuned model)
+    developer: str | None = None
+    family: str | None = None
 
     def applies(self, provider: str | None, model_refs: Sequence[str], day: date) -> bool:
         if self.provider is not None and self.provider != provider:
@@ -177,7 +181,8 @@ def overrides_from_config(raw: Sequence[Mapping[str, Any]], billing_currency: st
         if valid_from and valid_until and valid_until < valid_from:
             problems.append(f"{where}.valid_until: {valid_until} is before valid_from {valid_from}")
         out.append(PriceOverride(model=entry["model"], provider=entry.get("provider"), prices=prices,
-                                 currency=currency, valid_from=valid_from, valid_until=valid_until))
+                                 currency=currency, valid_from=valid_from, valid_until=valid_until,
+                                 developer=entry.get("developer"), family=entry.get("family")))
     if problems:
         raise ConfigError(problems, "config")
     return tuple(out)
@@ -198,6 +203,9 @@ class ResolvedPrice:
     is_list: bool
     #: no public price exists (self-hosted or unlisted model): the override is the only price
     unlisted: bool
+    #: the override's model developer and family, if it names them
+    developer: str | None = None
+    family: str | None = None
 
 
 class PriceCatalog:
@@ -256,7 +264,7 @@ class PriceCatalog:
             return ResolvedPrice(provider_id=provider or "unknown", provider_name=provider or "unknown",
                                  publisher_name=provider or "unknown", model_id=model, list_sheet=sheet,
                                  contract_sheet=sheet, contract_currency=override.currency, is_list=False,
-                                 unlisted=True), True
+                                 unlisted=True, developer=override.developer, family=override.family), True
         context = _price_context(service_tier)
         # genai-prices applies request variants only to a provider's own models, not fallback ones
         own_model = any(info is m for m in gp_provider.models)
@@ -274,9 +282,12 @@ class PriceCatalog:
             contract_sheet = compile_sheet({**list_prices, **override.prices},
                                            f"{list_sheet.price_id}+override@{override.valid_from or '-'}")
             currency = override.currency
-        return ResolvedPrice(provider_id=gp_provider.id, provider_name=gp_provider.name, publisher_name=publisher,
-                             model_id=info.id, list_sheet=list_sheet, contract_sheet=contract_sheet,
-                             contract_currency=currency, is_list=override is None, unlisted=False), cacheable
+        resolved = ResolvedPrice(
+            provider_id=gp_provider.id, provider_name=gp_provider.name, publisher_name=publisher, model_id=info.id,
+            list_sheet=list_sheet, contract_sheet=contract_sheet, contract_currency=currency,
+            is_list=override is None, unlisted=False, developer=override.developer if override else None,
+            family=override.family if override else None)
+        return resolved, cacheable
 
     def _find(self, provider: str | None, model: str) -> tuple[Provider, ModelInfo]:
         provider_id = PROVIDER_IDS.get(provider, provider) if provider else None

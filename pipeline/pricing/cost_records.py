@@ -38,6 +38,21 @@ class CostOutput:
     requests: Counter[tuple[str, ...]] = field(default_factory=Counter)
     by_meter: defaultdict[tuple[str, ...], MeterTotal] = field(default_factory=lambda: defaultdict(MeterTotal))
 
+    def extend(self, other: CostOutput) -> None:
+        """Append the output of the events priced after these."""
+        self.rows += other.rows
+        self.dead_letters += other.dead_letters
+        self.priced_events += other.priced_events
+        self.billed += other.billed
+        self.unpriced.update(other.unpriced)
+        for model, exc in other.unpriced_models.items():
+            self.unpriced_models.setdefault(model, exc)
+        self.requests.update(other.requests)
+        for labels, total in other.by_meter.items():
+            meter = self.by_meter[labels]
+            meter.cost += total.cost
+            meter.tokens += total.tokens
+
 
 def unpriced_letter(event: UsageEvent, exc: UnpricedError) -> DeadLetter:
     return DeadLetter(

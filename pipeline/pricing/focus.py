@@ -1,4 +1,9 @@
-"""FOCUS 1.2 mapping: a priced call -> one cost row per token meter (reference/focus-1.2.md §4.3).
+"""FOCUS mapping: a priced call -> one cost row per token meter (reference/focus-1.2.md §4.3), in FOCUS 1.4
+(default: all 65 Cost and Usage columns, null where they do not apply) or 1.2 (`focus.version`). One mapping:
+the version only chooses which columns a row has (schemas/focus.py COLUMNS_BY_VERSION).
+
+SkuPriceDetails carries the FOCUS 1.5-draft "AI Model Billing" properties, x_-prefixed while they are draft:
+x_ModelDeveloper, x_ModelFamily, x_ModelId, x_ModelVersion, x_TokenDirection, x_TokenCacheAction.
 
 Pure: no I/O. Money is Decimal; every product is computed in a 60-digit context and rounded once,
 to MONEY_SCALE places, so ListCost is ListUnitPrice x PricingQuantity and sums of rows are exact.
@@ -13,12 +18,21 @@ from functools import lru_cache
 from typing import Any, Final
 
 from pipeline.pricing import PricedLine, PricedUsage
+from pipeline.pricing.model_billing import model_identity, parties_of
 from schemas.codec import rfc3339
 from schemas.config import Config
-from schemas.focus import ATTRIBUTION_COLUMNS, FOCUS_SCHEMA_VERSION, MONEY_QUANTUM, encode_row
+from schemas.focus import (
+    ATTRIBUTION_COLUMNS,
+    COLUMNS_BY_VERSION,
+    FOCUS_SCHEMA_VERSION,
+    FOCUS_VERSION,
+    MONEY_QUANTUM,
+    encode_row,
+)
 
 _EXACT: Final = Context(prec=60)
-#: genai-prices usage key -> (SkuMeter, ConsumedUnit, token direction, cache action)
+#: genai-prices usage key -> (SkuMeter, ConsumedUnit, token direction, cache action). The direction and cache
+#: action are the 1.5 draft's TokenDirection (reasoning is Output) and TokenCacheAction (request tokens only)
 METERS: Final[dict[str, tuple[str, str, str | None, str | None]]] = {
     "input_tokens": ("Input Tokens", "Tokens", "Input", "Uncached"),
     "cache_read_tokens": ("Cache Read Input Tokens", "Tokens", "Input", "Read"),
@@ -38,12 +52,16 @@ class Billing:
     currency: str = "USD"
     usd_rate: Decimal = Decimal(1)
     account_id: str = "spendstream"
+    #: the organisation: it sells, runs and bills its self-hosted models (ServiceProviderName, ...)
     account_name: str = "spendstream"
+    #: "1.4" or "1.2": which FOCUS columns the rows have
+    focus_version: str = FOCUS_VERSION
 
     @classmethod
     def from_config(cls, config: Config) -> Billing:
         return cls(currency=config.billing_currency, usd_rate=config.usd_rate,
-                   account_id=config.focus.billing_account_id, account_name=config.focus.billing_account_name)
+                   account_id=config.focus.billing_account_id, account_name=config.focus.billing_account_name,
+                   focus_version=config.focus.version)
 
 
 #: calls cluster in time: most rows repeat a recent second
@@ -93,7 +111,7 @@ _PRICE_POINTS_MAX: Final = 20_000
 
 
 def _price_point(priced: PricedUsage, line: PricedLine, billing: Billing) -> _PricePoint:
-    key = (id(priced.price), line.meter, line.tier, priced.event.service_tier, id(billing))
+    key = (id(priced.price), line.meter, line.tier, priced.event.service_tier, priced.event.model, id(billing))
     point = _PRICE_POINTS.get(key)
     if point is None:
         if len(_PRICE_POINTS) >= _PRICE_POINTS_MAX:
@@ -116,8 +134,11 @@ def _new_price_point(priced: PricedUsage, line: PricedLine, billing: Billing) ->
     pc_contract_unit = money(line.contract_price)
     sku_id = f"{price.provider_id}/{price.model_id}/{_slug(sku_meter)}"
     tier = f">{line.tier}" if line.tier is not None else None
-    details: dict[str, Any] = {"x_ModelId": price.model_id, "x_PriceSource": "override" if not price.is_list
-                               else "genai-prices"}
+    model = model_identity(price.model_id, priced.event.model or price.model_id, publisher=price.publisher_name,
+                           developer=price.developer, family=price.family)
+    details: dict[str, Any] = {"x_ModelDeveloper": model.developer, "x_ModelFamily": model.family,
+                               "x_ModelId": model.model_id, "x_ModelVersion": model.version,
+                               "x_PriceSource": "override" if not price.is_list else "genai-prices"}
     if direction:
         details["x_TokenDirection"] = direction
     if cache_action:
@@ -167,7 +188,7 @@ def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[byte
     BilledCost. A row's JSON object is spliced
     from three encoded parts: the call's shared columns (encoded once per call), the price
     point's (encoded once, cached) and the row's own quantities and costs."""
-    head = encode_row(_common_columns(priced, billing))[:-1] + b","
+    head = b"{" + _CONSTANT_FRAGMENTS[billing.focus_version] + encode_row(_call_columns(priced, billing))[1:-1] + b","
     out = []
     for line in priced.lines:
         point = _price_point(priced, line, billing)
@@ -176,40 +197,65 @@ def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[byte
     return out
 
 
-def _common_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
+#: the columns of a row that depend on its price point (_PricePoint) and on its quantities (_quantity_columns)
+_POINT_COLUMNS: Final = frozenset({
+    "ChargeDescription", "ConsumedUnit", "ContractedUnitPrice", "ListUnitPrice", "PricingCurrency",
+    "PricingCurrencyContractedUnitPrice", "PricingCurrencyListUnitPrice", "PricingUnit", "SkuId", "SkuMeter",
+    "SkuPriceDetails", "SkuPriceId", "x_Meter", "x_PriceTier"})
+_QUANTITY_COLUMNS: Final = frozenset({
+    "BilledCost", "ConsumedQuantity", "ContractedCost", "EffectiveCost", "ListCost", "PricingCurrencyEffectiveCost",
+    "PricingQuantity", "x_RowId"})
+#: the columns that depend on the call (_call_columns sets them, in either version)
+_CALL_COLUMNS: Final = frozenset({
+    "BillingAccountId", "BillingAccountName", "BillingCurrency", "BillingPeriodEnd", "BillingPeriodStart",
+    "ChargePeriodEnd", "ChargePeriodStart", "HostProviderName", "InvoiceIssuerName", "ProviderName", "PublisherName",
+    "ServiceName", "ServiceProviderName", "SubAccountId", "SubAccountName", "SubAccountType", "Tags", "x_UsageId",
+    "x_TraceId", "x_SpanId", "x_Provider", "x_Model", "x_RequestModel", "x_Operation", "x_ServiceTier",
+    "x_CatalogVersion", "x_AttributionKey", "x_Allocated", *ATTRIBUTION_COLUMNS.values()})
+#: the columns with one value on every row; every other column is null: FOCUS has it, a model call does not use it
+#: (commitments, split cost allocation, invoices, capacity reservations, regions, resources, ...)
+_CONSTANTS: Final[dict[str, Any]] = {
+    "BillingAccountType": "Billing Account",  # 1.4: not null when BillingAccountId is not
+    "ChargeCategory": "Usage", "ChargeFrequency": "Usage-Based", "PricingCategory": "Standard",
+    "ServiceCategory": "AI and Machine Learning", "ServiceSubcategory": "Generative AI",
+    "x_RequestCount": 1, "x_SchemaVersion": FOCUS_SCHEMA_VERSION}
+#: per version: its constant and null columns, encoded once (JSON object members ending in ","), and the call
+#: columns it does not have (1.4: ProviderName, PublisherName; 1.2: ServiceProviderName, ...)
+_CONSTANT_FRAGMENTS: Final[dict[str, bytes]] = {
+    version: encode_row({name: _CONSTANTS.get(name) for name, _ in columns
+                         if name not in _POINT_COLUMNS | _QUANTITY_COLUMNS | _CALL_COLUMNS})[1:-1] + b","
+    for version, columns in COLUMNS_BY_VERSION.items()}
+_NOT_IN_VERSION: Final[dict[str, tuple[str, ...]]] = {
+    version: tuple(sorted(_CALL_COLUMNS - {name for name, _ in columns}))
+    for version, columns in COLUMNS_BY_VERSION.items()}
+
+
+def _call_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
+    """The columns that depend on the call, exactly those `billing.focus_version` has."""
     event = priced.event
     price = priced.price
     start_s = event.start_time_unix_nano // 10**9
     period_start, period_end = month_bounds(start_s)
     team = event.attribution.get("team")
-    return {
-        "AvailabilityZone": None,
+    parties = parties_of(price.provider_id, price.provider_name, self_hosted=price.unlisted,
+                         organisation=billing.account_name)
+    values: dict[str, Any] = {
         "BillingAccountId": billing.account_id,
         "BillingAccountName": billing.account_name,
         "BillingCurrency": billing.currency,
         "BillingPeriodEnd": period_end,
         "BillingPeriodStart": period_start,
-        "ChargeCategory": "Usage",
-        "ChargeClass": None,
-        "ChargeFrequency": "Usage-Based",
         "ChargePeriodEnd": iso_utc(start_s + 1),
         "ChargePeriodStart": iso_utc(start_s),
-        "CommitmentDiscountStatus": None,
-        "InvoiceId": None,
-        "InvoiceIssuerName": price.provider_name,
-        "PricingCategory": "Standard",
-        "ProviderName": price.provider_name,
-        "PublisherName": price.publisher_name,
-        "RegionId": None,
-        "RegionName": None,
-        "ResourceId": None,
-        "ResourceName": None,
-        "ResourceType": None,
-        "ServiceCategory": "AI and Machine Learning",
+        "HostProviderName": parties.host_provider,
+        "InvoiceIssuerName": parties.invoice_issuer,
+        "ProviderName": parties.service_provider,  # 1.2 only; ServiceProviderName replaced it (1.3)
+        "PublisherName": price.publisher_name,  # 1.2 only; removed in 1.4
         "ServiceName": f"{price.provider_name} API",
-        "ServiceSubcategory": "Generative AI",
+        "ServiceProviderName": parties.service_provider,
         "SubAccountId": team,
         "SubAccountName": team,
+        "SubAccountType": "Team" if team else None,  # 1.4: a sub account is a team
         "Tags": dict(event.attribution),
         "x_UsageId": event.id,
         "x_TraceId": event.trace_id,
@@ -223,6 +269,7 @@ def _common_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
         "x_AttributionKey": event.attribution_key,
         "x_Allocated": event.allocated,
         **{column: event.attribution.get(dim) for dim, column in ATTRIBUTION_COLUMNS.items()},
-        "x_RequestCount": 1,
-        "x_SchemaVersion": FOCUS_SCHEMA_VERSION,
     }
+    for name in _NOT_IN_VERSION[billing.focus_version]:
+        del values[name]
+    return values

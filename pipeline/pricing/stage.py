@@ -30,8 +30,9 @@ from pipeline.kafka.consumer import commit_processed, group_consumer, read_range
 from pipeline.kafka.producer import BatchProducer, partition_for
 from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
+from pipeline.observability.rejections import PROCESSING_FAILED, Rejections
 from pipeline.pricing import PriceCatalog, UnpricedError
-from pipeline.pricing.cost_records import cost_records
+from pipeline.pricing.cost_records import CostOutput, cost_records
 from pipeline.pricing.counters import UsageCounters
 from pipeline.pricing.dedupe import SeenUsage
 from pipeline.pricing.focus import Billing
@@ -53,13 +54,8 @@ IDLE_AFTER_S = 5.0
 _NS = 1_000_000_000
 
 
-def invalid_usage_letter(key: str, topic: str, partition: int, offset: int, exc: SchemaError) -> bytes:
-    """A `genai.usage` message that is not a UsageBatch, kept with where it came from."""
-    return DeadLetter(
-        reason="invalid_usage_message", detail=str(exc), stage="pricing", attribution_key=key,
-        # where to find it, not what it says: the value could hold anything a foreign producer wrote
-        fields={"topic": topic, "partition": partition, "offset": offset},
-    ).encode()
+#: (usage event, usage partition, usage offset)
+Located = tuple[UsageEvent, int, int]
 
 
 def invalid_timestamp_letter(event: UsageEvent, latest_ns: int) -> bytes:
@@ -113,7 +109,8 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         self._seen: dict[int, SeenUsage] = {}
         self._partitions = 0  # of genai.usage
         self._revocations = 0
-        self.priced = self.unpriced = self.invalid = self.duplicates = 0
+        self._rejections = Rejections("pricing", log)
+        self.priced = self.unpriced = self.duplicates = 0
 
     # a partition this worker gives up may be priced elsewhere meanwhile: its ids are rebuilt if it comes back
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -144,14 +141,16 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                     # a rebalance during the restore may have taken partitions away: their records are not ours
                     batches = {tp: records for tp, records in batches.items() if tp.partition in self._seen}
                     await self._price(batches, producer)
-                    await commit_processed(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()},
-                                           "pricing", log)
+                    # a rebalance during the publish may have taken partitions away: their new owner commits them
+                    await commit_processed(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()
+                                                      if tp.partition in self._seen}, "pricing", log)
                 tick = self._clock.tick_due(time.time_ns())
                 if tick is not None:
                     await producer.send_everywhere(self._names.spend, encode_tick(tick))
                 if time.monotonic() - at >= PROGRESS_EVERY_S and self.priced != reported:
-                    log.info("pricing: %d usage events priced, %d unpriced (dead-lettered), %d invalid messages, "
-                             "%d duplicates skipped", self.priced, self.unpriced, self.invalid, self.duplicates)
+                    log.info("pricing: %d usage events priced, %d unpriced (dead-lettered), %d messages rejected, "
+                             "%d duplicates skipped", self.priced, self.unpriced, self._rejections.total,
+                             self.duplicates)
                     reported, at = self.priced, time.monotonic()
         finally:
             await consumer.stop()
@@ -168,6 +167,8 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         tps = {TopicPartition(self._names.usage, p): p for p in first_offsets}
         since_ms = (time.time_ns() // _NS - horizon_s) * 1000
         wall_ns = time.time_ns()
+        # calls stamped a little ahead (within collector.max_skew_s) were priced too: their retries are repeats
+        latest_ns = wall_ns + self._config.collector.max_skew_s * _NS
 
         def remember(record: ConsumerRecord[bytes, bytes]) -> None:
             try:
@@ -176,7 +177,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                 return
             seen = restored[record.partition]
             for event in events:
-                if event.start_time_unix_nano <= wall_ns:
+                if event.start_time_unix_nano <= latest_ns:
                     seen.first_time(event.id, event.start_time_unix_nano // _NS)
 
         history = reader(self._config.kafka)
@@ -192,7 +193,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
             for key, usage_id, start_s in await asyncio.to_thread(recorded_usage, self._data_dir,
                                                                   since_ms // 1000):
                 seen = restored.get(partition_for(key.encode(), self._partitions))
-                if seen is not None and start_s * _NS <= wall_ns:
+                if seen is not None and start_s * _NS <= latest_ns:
                     seen.first_time(usage_id, start_s)
         for seen in restored.values():
             seen.advance(wall_ns // _NS)
@@ -202,8 +203,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         log.info("pricing: took over usage partitions %s, %d usage ids within the %d s dedupe horizon restored",
                  sorted(first_offsets), sum(len(s) for s in restored.values()), horizon_s)
 
-    def _first_copies(self, events: list[tuple[UsageEvent, int, int]], wall_ns: int
-                      ) -> tuple[list[tuple[UsageEvent, int, int]], list[Record]]:
+    def _first_copies(self, events: list[Located], wall_ns: int) -> tuple[list[Located], list[Record]]:
         """The calls to price: each usage id once (a client retry or a redelivery is a repeat), none from the
         future. Returns them and the dead letters of the calls stamped past now + collector.max_skew_s."""
         latest_ns = wall_ns + self._config.collector.max_skew_s * _NS
@@ -218,27 +218,23 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
 
     async def _price(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
                      producer: BatchProducer) -> None:
-        decoded: list[tuple[UsageEvent, int, int]] = []
-        invalid: list[Record] = []
+        decoded: list[Located] = []
         for records in batches.values():
             for record in records:
-                key = (record.key or b"").decode("utf-8", "replace")
                 try:
                     decoded.extend((event, record.partition, record.offset)
                                    for event in decode_usage_batch(record.value or b""))
                 except SchemaError as exc:
-                    self.invalid += 1
-                    metrics.USAGE_MESSAGES_INVALID.inc()
-                    invalid.append((record.key or b"", invalid_usage_letter(key, record.topic, record.partition,
-                                                                            record.offset, exc)))
+                    self._rejections.add(record, "invalid_usage_message", exc,
+                                         attribution_key=(record.key or b"").decode("utf-8", "replace"))
         wall_ns = time.time_ns()
         fresh, future = self._first_copies(decoded, wall_ns)
         duplicates = len(decoded) - len(fresh) - len(future)
         self.duplicates += duplicates
         metrics.USAGE_DUPLICATES.inc(duplicates)
         metrics.USAGE_UNPRICED.labels("invalid_timestamp").inc(len(future))
+        fresh, out = self._cost(fresh, batches)
         events = [event for event, _, _ in fresh]
-        out = cost_records(events, self._catalog, self._billing)
         if self._scopes.policy is not self._policy.policy:
             self._scopes = ScopeIndex(self._policy.policy)
         calls = [PricedCall(event, partition, offset, billed)
@@ -251,7 +247,8 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         # acknowledged by the broker before the offsets are committed: at-least-once
         with metrics.PUBLISH_SECONDS.labels("pricing").time():
             await asyncio.gather(producer.send_all(self._names.cost_focus, out.rows),
-                                 producer.send_all(self._names.deadletter, invalid + future + out.dead_letters),
+                                 producer.send_all(self._names.deadletter,
+                                                   self._rejections.take() + future + out.dead_letters),
                                  producer.send_all(self._names.spend, spend),
                                  producer.send_all(self._names.alerts, self._unpriced_alerts(out.unpriced_models)))
         metrics.SPEND_MESSAGES.inc(len(spend))
@@ -262,6 +259,32 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         for reason, count in out.unpriced.items():
             metrics.USAGE_UNPRICED.labels(reason).inc(count)
         self._counters.count(out)
+
+    def _cost(self, fresh: list[Located], batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+              ) -> tuple[list[Located], CostOutput]:
+        """Price the calls; returns those priced (or dead-lettered as unpriced) and their output. Should the pricing
+        core raise, the batch is priced again message by message and the messages that raise are rejected: one
+        call the core cannot handle must not stop the stage."""
+        try:
+            return fresh, cost_records([event for event, _, _ in fresh], self._catalog, self._billing)
+        except Exception:  # isolated below, message by message
+            log.warning("pricing: a batch failed to price; pricing it message by message", exc_info=True)
+        by_message: dict[tuple[int, int], list[Located]] = {}
+        for located in fresh:
+            by_message.setdefault(located[1:], []).append(located)
+        records = {(r.partition, r.offset): r for rs in batches.values() for r in rs}
+        kept: list[Located] = []
+        out = CostOutput()
+        for where, calls in by_message.items():
+            try:
+                part = cost_records([event for event, _, _ in calls], self._catalog, self._billing)
+            except Exception as exc:  # this message's calls only: dead-lettered, the stage goes on
+                self._rejections.add(records[where], PROCESSING_FAILED, exc,
+                                     attribution_key=calls[0][0].attribution_key)
+                continue
+            kept += calls
+            out.extend(part)
+        return kept, out
 
     def _unpriced_alerts(self, models: dict[tuple[str | None, str | None], UnpricedError]) -> list[Record]:
         """The first unpriced call of a model today (in this worker) raises an alert; the id dedupes the rest."""

@@ -3,7 +3,7 @@
 
 The bound (docs/architecture.md, "The exporter"): with the defaults (max_buffered_rows 100,000), the exporter
 process's peak resident memory (VmHWM) stays under PEAK_RSS_MIB. Before the rows were held as Arrow tables
-the same run peaked at 1,404 MiB (and kept 1,202): each buffered row was a Python dict of ~6.7 KB, up to
+the same run peaked at 1,787 MiB and kept it (FOCUS 1.4 rows): each buffered row was a Python dict of ~7.6 KB, up to
 200,000 of them (exporter.max_rows_per_file) plus a fetch.
 """
 
@@ -26,8 +26,8 @@ from tests.support import free_port, metric
 pytestmark = pytest.mark.integration
 CALLS = 100_000  # 3 rows a call
 MAX_BUFFERED_ROWS = 100_000  # the default
-#: the interpreter and its libraries (~100 MiB), DuckDB's parser (~60), a full buffer (100,000 x ~530 B), the
-#: row ids of 300k rows (~40), and the allocators' slack; measured 419-508 MiB on 2 shared cores
+#: the interpreter and its libraries (~100 MiB), DuckDB's parser (~60), a full buffer (100,000 x ~620 B), the
+#: row ids of 300k rows (~40), and the allocators' slack; measured 439-506 MiB on 2 shared cores
 PEAK_RSS_MIB = 640
 
 

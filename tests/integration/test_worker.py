@@ -56,7 +56,8 @@ def test_worker_counts_events_and_dead_letters_invalid_messages(
             time.sleep(0.5)
             try:
                 counted = usage_counted(port)
-                invalid = metric(port, "spendstream_worker_usage_messages_invalid_total")
+                invalid = metric(port, 'spendstream_messages_rejected_total{reason="invalid_usage_message",'
+                                       'stage="pricing"}')
             except OSError:
                 continue
         assert counted == len(events)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import msgspec
+
 from pipeline.gateway.board import BreakerBoard
 from pipeline.gateway.kill_switch import reset_commands, trip_command
 from pipeline.guardrails.policy_file import PolicyFile
@@ -19,8 +21,7 @@ PROD_SEARCH = {"team": "search", "env": "prod", "key": "k1", "use_case": "rag"}
 def trip(scope: str, action: str = "block", **changes: object) -> BreakerCommand:
     command = trip_command(Scope.parse(scope), action, f"{action} {scope}", ttl_s=None,  # type: ignore[arg-type]
                            downgrade={"gpt-4o": "gpt-4o-mini"}, now_s=NOW)
-    fields = {f: getattr(command, f) for f in command.__dataclass_fields__} | changes
-    return BreakerCommand(**fields)  # type: ignore[arg-type]
+    return msgspec.structs.replace(command, **changes)
 
 
 def test_a_block_applies_to_its_scope_only() -> None:

@@ -27,11 +27,13 @@ from pipeline.export.compaction import (
 )
 from pipeline.export.files import (
     ARROW_SCHEMA,
+    ARROW_SCHEMAS,
     RowLedger,
     focus_dir,
     parse_rows,
     parse_rows_skipping,
     partition_dir,
+    table_version,
     unpack,
     write_rows,
 )
@@ -39,7 +41,7 @@ from pipeline.guardrails import history
 from pipeline.pricing import PriceCatalog
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing
-from schemas.focus import COLUMNS
+from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION
 from schemas.swap_lock import swapping_request_files
 from schemas.usage import TokenCounts, UsageEvent
 
@@ -48,7 +50,8 @@ DAY_S = 86_400
 NOV_20 = 1_795_132_800
 
 
-def focus_values(calls: int, start_s: int = NOV_20, step_s: int = 60, tag: str = "a") -> list[bytes]:
+def focus_values(calls: int, start_s: int = NOV_20, step_s: int = 60, tag: str = "a",
+                 version: str = FOCUS_VERSION) -> list[bytes]:
     """The `genai.cost.focus` values of `calls` priced calls, `step_s` apart (3 rows a call)."""
     events = [UsageEvent(
         id=f"{tag}{m:031x}-{m:016x}", trace_id=f"{tag}{m:031x}", span_id=f"{m:016x}", parent_span_id=None,
@@ -57,12 +60,13 @@ def focus_values(calls: int, start_s: int = NOV_20, step_s: int = 60, tag: str =
         tokens=TokenCounts(input_uncached=100 + m, cache_read=64, output=20 + m % 9),
         attribution={"team": ("search", "ads")[m % 2], "use_case": "rag", "env": "prod", "ünicode": "✓"},
         attribution_key=f"team={('search', 'ads')[m % 2]}") for m in range(calls)]
-    return [value for _, value in cost_records(events, PriceCatalog(), Billing()).rows]
+    return [value for _, value in cost_records(events, PriceCatalog(), Billing(focus_version=version)).rows]
 
 
-def expected_table(values: list[bytes]) -> pa.Table:
+def expected_table(values: list[bytes], version: str = FOCUS_VERSION) -> pa.Table:
     """The file form of rows, built by hand from the decoded JSON (Decimal money, UTC times, JSON text)."""
-    kinds = dict(COLUMNS)
+    columns = COLUMNS_BY_VERSION[version]
+    kinds = dict(columns)
 
     def convert(name: str, value: Any) -> Any:
         if value is None:
@@ -75,8 +79,8 @@ def expected_table(values: list[bytes]) -> pa.Table:
             return orjson.dumps(value).decode()
         return value
 
-    rows = [{name: convert(name, row.get(name)) for name, _ in COLUMNS} for row in map(orjson.loads, values)]
-    return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
+    rows = [{name: convert(name, row.get(name)) for name, _ in columns} for row in map(orjson.loads, values)]
+    return pa.Table.from_pylist(rows, schema=ARROW_SCHEMAS[version])
 
 
 def test_packed_rows_hold_exactly_the_values_of_the_messages() -> None:
@@ -107,7 +111,7 @@ def test_a_packed_row_takes_a_tenth_of_a_dict_row() -> None:
     values = focus_values(3000)
     packed = parse_rows(values)
     per_row = packed.nbytes / packed.num_rows
-    assert per_row < 650, per_row  # measured ~530 B; a decoded dict row is ~6.7 KB, the JSON value ~2.3 KB
+    assert per_row < 700, per_row  # measured ~620 B (FOCUS 1.4); a decoded dict row is ~7.6 KB, its JSON ~2.9 KB
 
 
 def test_values_that_do_not_parse_are_left_out_one_by_one() -> None:
@@ -115,11 +119,32 @@ def test_values_that_do_not_parse_are_left_out_one_by_one() -> None:
     bad_money = values[3].replace(b'"BilledCost":"', b'"BilledCost":"x')
     no_row_id = orjson.dumps({k: v for k, v in orjson.loads(values[4]).items() if k != "x_RowId"})
     mixed = [*values[:3], bad_money, no_row_id, b"\xff\xfe", *values[5:]]
-    table, errors = parse_rows_skipping(mixed)
+    tables, errors = parse_rows_skipping(mixed)
     assert len(errors) == 3
-    assert table is not None
-    assert unpack(table).equals(expected_table([*values[:3], *values[5:]]))
-    assert parse_rows_skipping([b"{}"]) == (None, [parse_rows_skipping([b"{}"])[1][0]])
+    assert pa.concat_tables([unpack(t) for t in tables]).equals(expected_table([*values[:3], *values[5:]]))
+    assert parse_rows_skipping([b"{}"])[0] == []
+
+
+def test_rows_of_both_focus_versions_are_held_and_written_apart(tmp_path: Path) -> None:
+    """A topic may carry FOCUS 1.2 and 1.4 rows (a worker switched focus.version): each keeps its own columns, in a
+    file of its own; a 1.4 row whose tags name ProviderName (which makes the quick version guess say 1.2) is held
+    as 1.4, not dropped."""
+    rows_1_4 = focus_values(10)
+    rows_1_2 = focus_values(10, tag="c", version="1.2")
+    tagged = orjson.loads(focus_values(1, tag="d")[0])
+    tagged["Tags"] = {**tagged["Tags"], "ProviderName": "x"}
+    tables, errors = parse_rows_skipping([*rows_1_4[:15], *rows_1_2, orjson.dumps(tagged), *rows_1_4[15:]])
+    assert errors == []
+    by_version = {}
+    for table in tables:
+        by_version.setdefault(table_version(table), []).append(unpack(table))
+    assert sorted(by_version) == ["1.2", "1.4"]
+    assert pa.concat_tables(by_version["1.2"]).equals(expected_table(rows_1_2, "1.2"))
+    assert pa.concat_tables(by_version["1.4"]).num_rows == 31
+    written = write_rows(focus_dir(tmp_path), tables, RowLedger(focus_dir(tmp_path)))
+    assert (written.rows, written.files, written.days) == (61, 2, [("2026-11", "2026-11-20")])
+    versions = sorted(pq.read_schema(p).metadata[b"FocusVersion"] for p in focus_dir(tmp_path).rglob("*.parquet"))
+    assert versions == [b"1.2", b"1.4"]
 
 
 def read_files(root: Path) -> tuple[int, int, Decimal, int]:
@@ -171,7 +196,7 @@ def small_files(root: Path, values: list[bytes], per_file: int) -> RowLedger:
     """Write `values` as files of `per_file` rows, as many flushes would."""
     ledger = RowLedger(root)
     for start in range(0, len(values), per_file):
-        write_rows(root, [parse_rows(values[start:start + per_file])], ledger)
+        write_rows(root, parse_rows_skipping(values[start:start + per_file])[0], ledger)
     return ledger
 
 
@@ -217,6 +242,18 @@ def test_compacted_files_hold_at_most_compacted_rows_and_full_ones_stay(tmp_path
     assert result is not None and result.files_after == 4
     assert {p.name: p.stat().st_ino for p in directory.glob("part-*.parquet") if p.name in full} == full
     assert read_files(root)[:2] == (915, 915)
+
+
+def test_compaction_merges_the_files_of_each_focus_version_apart(tmp_path: Path) -> None:
+    root = focus_dir(tmp_path)
+    small_files(root, focus_values(60), 30)
+    small_files(root, focus_values(60, tag="c", version="1.2"), 30)
+    before = read_files(root)
+    result = compact_day(root, "2026-11", "2026-11-20")
+    assert result is not None and (result.files_before, result.files_after) == (12, 2)
+    assert read_files(root) == (*before[:3], 2)
+    directory = partition_dir(root, "2026-11", "2026-11-20")
+    assert sorted(pq.read_schema(p).metadata[b"FocusVersion"] for p in directory.glob("*.parquet")) == [b"1.2", b"1.4"]
 
 
 def test_a_pass_that_fails_before_its_swap_leaves_the_day_as_it_was(tmp_path: Path,

@@ -16,11 +16,17 @@ from pipeline.guardrails.state import ScopeState
 from schemas.breaker import BreakerCommand
 from schemas.config import config_from_dict
 from schemas.errors import ConfigError
+from schemas.guardrail_state import decode_scope_state, encode_state_value
 from schemas.policy import Policy, Scope, duration_s
 from schemas.spend import Reset, SpendEntry, SpendMessage, Tick, decode_spend
 from schemas.usage import TokenCounts, UsageEvent
 
 NOV_22 = int(datetime(2026, 11, 22, 12, 0, tzinfo=UTC).timestamp())  # 70 % of November gone
+
+
+def through_changelog(state: ScopeState) -> ScopeState:
+    """The state as a worker taking the scope over reads it back from the changelog."""
+    return ScopeState.from_value(decode_scope_state(encode_state_value(state.to_value())))
 
 
 def policy(**sections: object) -> Policy:
@@ -104,7 +110,7 @@ def test_state_survives_its_changelog_form() -> None:
     feed = Feed("team=search", policy(budgets=[{"scope": {"team": "search"}, "amount": 10,
                                                 "on_exhausted": {"prod": "block"}}]))
     feed.spend(NOV_22, "12.5")
-    restored = ScopeState.from_json(feed.state.to_json())
+    restored = through_changelog(feed.state)
     assert restored == feed.state
 
 
@@ -310,8 +316,8 @@ class PartitionFeed:
 
     def restart(self) -> None:
         """Another worker takes the partition over from the changelog (what `_process` writes for each scope)."""
-        self.partition = PartitionState({k: ScopeState.from_json(orjson.loads(orjson.dumps(s.to_json())))
-                                         for k, s in self.partition.scopes.items()}, self.partition.watching_since_s)
+        self.partition = PartitionState({k: through_changelog(s) for k, s in self.partition.scopes.items()},
+                                        self.partition.watching_since_s)
 
 
 NEW_SCOPE_POLICY = {"velocity": {"scopes": ["team"], "min_spend_per_min": 1, "spike_ratio": 3}}
@@ -511,11 +517,12 @@ def test_state_written_before_budget_breakers_per_period_still_reads() -> None:
     old = {"scope": "team=search", "offsets": [[0, 7]], "buckets": [[NOV_22, "1.5", 2, 30]], "first_s": NOV_22,
            "periods": {"2026-11": "101"}, "unallocated": {}, "alerted": ["budget_threshold|team=search|2026-11|100%"],
            "rate": ["open", NOV_22, {"kind": "velocity_spike"}], "budget_open_until_s": DEC_1}
-    state = ScopeState.from_json(old)
+    state = ScopeState.from_value(decode_scope_state(orjson.dumps(old)))
     assert state.budget_open == {"monthly": DEC_1} and state.budget_reset == set()
     assert (state.rate.state, state.rate.action) == ("open", "")
-    assert ScopeState.from_json({**old, "budget_open_until_s": None}).budget_open == {}
-    assert ScopeState.from_json(orjson.loads(orjson.dumps(state.to_json()))) == state
+    assert ScopeState.from_value(decode_scope_state(orjson.dumps({**old, "budget_open_until_s": None}))
+                                 ).budget_open == {}
+    assert through_changelog(state) == state
 
 
 def test_a_new_team_is_stopped_as_soon_as_the_partition_has_watched_for_min_history() -> None:
