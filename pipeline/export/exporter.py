@@ -6,8 +6,8 @@ in files; the RowLedger drops them by x_RowId, so every row is in the files exac
 
 Memory is bounded by `exporter.max_buffered_rows`, the rows being written included: each
 message is validated on arrival, its raw value kept, and values are parsed in bulk into packed
-Arrow tables (`files.parse_rows`, ~620 bytes a FOCUS 1.4 row). A full buffer is flushed and nothing more
-is fetched until it is written. The blocking work (parsing, Parquet writes and fsyncs, the
+Arrow tables (`files.parse_rows`, ~620 bytes a FOCUS 1.4 row). A full buffer is flushed and
+nothing more is fetched until it is written. The blocking work (parsing, Parquet writes and fsyncs, the
 ledger's loads, DuckDB rollups, compaction) runs in a thread, one job at a time, so the event
 loop keeps heartbeating and fetching meanwhile; a job commits exactly the offsets of the rows it
 wrote. A message that is not a FOCUS row the files can hold is dead-lettered (`invalid_focus_row`)
