@@ -1,8 +1,10 @@
 """Stage 1's partial spend per scope (`genai.spend`), from one pricing batch. Pure.
 
 Each priced call adds its billed cost (the exact sum of its FOCUS rows' BilledCost) to every
-scope it belongs to (`Policy.scopes_of`), in the entry of its usage message and event-time
-bucket. One message per scope per batch keeps stage 2's work proportional to scopes, not calls.
+scope it belongs to (`Policy.scopes_of`), in the entry of its usage message, event-time bucket
+(its end: a 10-minute call's spend is seen by velocity when it ends, not 10 minutes in the past) and
+charge bucket (its start, as its FOCUS rows are charged). One message per scope per batch keeps stage
+2's work proportional to scopes, not calls.
 """
 
 from __future__ import annotations
@@ -55,15 +57,21 @@ class _Partial:
         self.requests = self.tokens = 0
 
 
-def spend_records(calls: Iterable[PricedCall], index: ScopeIndex) -> list[Record]:
-    """One `genai.spend` record per scope touched, keyed by the scope key."""
-    per_scope: dict[str, dict[tuple[int, int, int], _Partial]] = {}
+def _bucket_of(time_ns: int) -> int:
+    seconds = time_ns // _NS
+    return seconds - seconds % BUCKET_S
+
+
+def spend_records(calls: Iterable[PricedCall], index: ScopeIndex, latest_ns: int) -> list[Record]:
+    """One `genai.spend` record per scope touched, keyed by the scope key. `latest_ns` (now + the accepted
+    clock skew) caps an end time: a client's far-future end must not park its spend beyond every window."""
+    per_scope: dict[str, dict[tuple[int, int, int, int], _Partial]] = {}
     for call in calls:
         event = call.event
-        bucket = event.start_time_unix_nano // _NS  # the charge period of its FOCUS rows
-        bucket -= bucket % BUCKET_S
+        start_ns = event.start_time_unix_nano
+        ended = _bucket_of(min(max(event.end_time_unix_nano, start_ns), max(latest_ns, start_ns)))
         tokens = event.tokens.input_total + event.tokens.output
-        at = (call.partition, call.offset, bucket)
+        at = (call.partition, call.offset, ended, _bucket_of(start_ns))
         for scope in index.scopes_of(event.attribution):
             entries = per_scope.setdefault(scope.key, {})
             partial = entries.get(at)
@@ -74,6 +82,6 @@ def spend_records(calls: Iterable[PricedCall], index: ScopeIndex) -> list[Record
             partial.tokens += tokens
             if not event.allocated:
                 partial.unallocated += call.billed
-    return [(scope.encode(), encode_spend(scope, [SpendEntry(p, o, b, e.cost, e.requests, e.tokens, e.unallocated)
-                                                  for (p, o, b), e in entries.items()]))
+    return [(scope.encode(), encode_spend(scope, [SpendEntry(p, o, b, e.cost, e.requests, e.tokens, e.unallocated, c)
+                                                  for (p, o, b, c), e in entries.items()]))
             for scope, entries in per_scope.items()]

@@ -109,7 +109,7 @@ class ScopeState:
                 bucket.cost += entry.cost
                 bucket.requests += entry.requests
                 bucket.tokens += entry.tokens
-            for period in (day_of(entry.bucket_s), month_of(entry.bucket_s)):
+            for period in (day_of(entry.period_s), month_of(entry.period_s)):
                 self.periods[period] = self.periods.get(period, Decimal(0)) + entry.cost
                 if entry.unallocated:
                     self.unallocated[period] = self.unallocated.get(period, Decimal(0)) + entry.unallocated

@@ -243,7 +243,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
             self._clock.saw(max(e.start_time_unix_nano for e in events), wall_ns)
             for seen in self._seen.values():
                 seen.advance(self._clock.watermark_ns // _NS)
-        spend = spend_records(calls, self._scopes)
+        spend = spend_records(calls, self._scopes, wall_ns + self._config.collector.max_skew_s * _NS)
         # acknowledged by the broker before the offsets are committed: at-least-once
         with metrics.PUBLISH_SECONDS.labels("pricing").time():
             await asyncio.gather(producer.send_all(self._names.cost_focus, out.rows),

@@ -45,7 +45,7 @@ def priced_calls(n: int) -> tuple[list[PricedCall], list[bytes], Decimal]:
 
 
 def spend(calls: list[PricedCall]) -> list[SpendMessage]:
-    return [m for _, v in spend_records(calls, ScopeIndex(CONFIG.policy))
+    return [m for _, v in spend_records(calls, ScopeIndex(CONFIG.policy), time.time_ns())
             if isinstance(m := decode_spend(v), SpendMessage)]
 
 

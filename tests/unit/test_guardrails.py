@@ -15,7 +15,7 @@ from pipeline.guardrails.stage import PartitionState, apply_messages, decide_par
 from pipeline.guardrails.state import ScopeState
 from schemas.breaker import BreakerCommand
 from schemas.config import config_from_dict
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, SchemaError
 from schemas.guardrail_state import decode_scope_state, encode_state_value
 from schemas.policy import Policy, Scope, duration_s
 from schemas.spend import Reset, SpendEntry, SpendMessage, Tick, decode_spend
@@ -64,10 +64,11 @@ class Feed:
         self.sent += out.commands
 
 
-def call(team: str | None, key: str, start_s: int, *, allocated: bool = True) -> UsageEvent:
+def call(team: str | None, key: str, start_s: int, *, allocated: bool = True, end_s: int | None = None) -> UsageEvent:
     attribution = {"use_case": "chat", "env": "prod", "key": key, "team": team or "unallocated"}
     return UsageEvent(id=f"t-{start_s}-{key}", trace_id="t", span_id="s", parent_span_id=None,
-                      start_time_unix_nano=start_s * 10**9, end_time_unix_nano=(start_s + 1) * 10**9,
+                      start_time_unix_nano=start_s * 10**9,
+                      end_time_unix_nano=(start_s + 1 if end_s is None else end_s) * 10**9,
                       operation="chat", provider="openai", request_model="gpt-4o", response_model="gpt-4o",
                       tokens=TokenCounts(input_uncached=100, output=50), attribution=attribution,
                       attribution_key=f"{team}|{key}", allocated=allocated)
@@ -81,16 +82,52 @@ def test_spend_goes_to_every_scope_of_a_call_once_per_usage_message() -> None:
     calls = [PricedCall(call("search", "k1", NOV_22), 0, 7, Decimal("0.25")),
              PricedCall(call("search", "k1", NOV_22 + 1), 0, 7, Decimal("0.5")),
              PricedCall(call(None, "k2", NOV_22, allocated=False), 1, 3, Decimal("1"))]
-    messages = {key.decode(): decode_spend(value) for key, value in spend_records(calls, ScopeIndex(pol))}
+    messages = {key.decode(): decode_spend(value)
+                for key, value in spend_records(calls, ScopeIndex(pol), latest_ns=(NOV_22 + 300) * 10**9)}
     assert set(messages) == {"global", "team=search", "key=k1", "env=prod,team=search", "team=unallocated",
                              "key=k2"}
     search = messages["env=prod,team=search"]
     assert isinstance(search, SpendMessage)
-    assert search.entries == [SpendEntry(0, 7, NOV_22, Decimal("0.75"), 2, 300, Decimal(0))]
+    assert search.entries == [SpendEntry(0, 7, NOV_22, Decimal("0.75"), 2, 300, Decimal(0), NOV_22)]
     world = messages["global"]
     assert isinstance(world, SpendMessage)
     assert sum(e.cost for e in world.entries) == Decimal("1.75")
     assert sum(e.unallocated for e in world.entries) == Decimal("1")
+
+
+def test_a_long_call_counts_for_velocity_when_it_ends_and_for_its_period_when_it_started() -> None:
+    """A 10-minute call (agents stream for minutes) must be seen by the rate windows now, not 10 minutes ago
+    where no window looks any more; its day and month are those of its FOCUS rows (its start)."""
+    month_end = int(datetime(2026, 12, 1, tzinfo=UTC).timestamp())
+    long_call = call("search", "k1", month_end - 600, end_s=month_end + 12)
+    (_, value), = [r for r in spend_records([PricedCall(long_call, 0, 1, Decimal("3"))], ScopeIndex(policy()),
+                                           latest_ns=(month_end + 300) * 10**9) if r[0] == b"global"]
+    message = decode_spend(value)
+    assert isinstance(message, SpendMessage)
+    assert message.entries == [SpendEntry(0, 1, month_end + 10, Decimal(3), 1, 150, Decimal(0), month_end - 600)]
+    state = ScopeState(Scope())
+    state.add(message.entries, month_end - 60)
+    assert state.buckets[month_end + 10].cost == Decimal(3)
+    assert state.periods == {"2026-11": Decimal(3), "2026-11-30": Decimal(3)}
+
+
+def test_a_far_future_end_time_is_capped_at_now_plus_the_accepted_skew() -> None:
+    hostile = call("search", "k1", NOV_22, end_s=NOV_22 + 86400 * 365)
+    records = spend_records([PricedCall(hostile, 0, 1, Decimal("1"))], ScopeIndex(policy()),
+                            latest_ns=(NOV_22 + 302) * 10**9)
+    message = decode_spend(records[0][1])
+    assert isinstance(message, SpendMessage)
+    assert [(e.bucket_s, e.charged_s) for e in message.entries] == [(NOV_22 + 300, NOV_22)]
+
+
+def test_a_previous_release_spend_message_charges_by_its_one_bucket() -> None:
+    old = orjson.dumps({"schema_version": 1, "scope": "team=search",
+                        "entries": [[0, 4, NOV_22, "1.5", 1, 10, "0"]]})
+    message = decode_spend(old)
+    assert isinstance(message, SpendMessage)
+    assert message.entries[0].period_s == NOV_22
+    with pytest.raises(SchemaError, match="2 charged_s for 1 entries"):
+        decode_spend(old[:-1] + b',"charged_s":[1,2]}')
 
 
 def test_spend_added_once_however_a_replay_cuts_its_batches() -> None:
