@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline.guardrails.decide import Context, Decisions, decide, held_after_reset, retain_from
 from pipeline.guardrails.gauges import GUARDRAIL_GAUGES
@@ -173,7 +173,10 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         self._partitions: dict[int, PartitionState] = {}
         self._retired: dict[int, PartitionState] = {}  # revoked, until the rebalance's assignment is known
         self._lock = asyncio.Lock()
-        self._restore_failed: Exception | None = None
+        #: assigned, paused, waiting for the loop to restore their changelog (not the rebalance callback: aiokafka
+        #: stops heartbeating while it runs, and a restore longer than the session got the member expelled)
+        self._unrestored: set[int] = set()
+        self._consumer: AIOKafkaConsumer | None = None
         self._rejections = Rejections("guardrails", log)
         self._read_at = 0.0
         self.alerts = self.commands = 0
@@ -184,6 +187,7 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self._lock:
+            self._unrestored.difference_update(tp.partition for tp in revoked)
             for tp in revoked:
                 partition = self._partitions.pop(tp.partition, None)
                 if partition is not None:
@@ -196,14 +200,23 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             kept = {tp.partition: self._retired[tp.partition] for tp in assigned if tp.partition in self._retired}
             self._retired.clear()
             self._partitions.update(kept)
-            missing = [tp.partition for tp in assigned if tp.partition not in self._partitions]
-            if missing:
-                try:
-                    restored = await self._restore(missing)
-                except Exception as exc:  # aiokafka would only log it, leaving the partitions dead
-                    self._restore_failed = exc
-                    return
-                self._partitions.update(restored)
+            missing = [tp for tp in assigned if tp.partition not in self._partitions]
+            if missing and self._consumer is not None:  # nothing of them is fetched before their state is back
+                self._consumer.pause(*missing)
+                self._unrestored.update(tp.partition for tp in missing)
+            metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
+
+    async def _restore_taken_over(self, consumer: AIOKafkaConsumer) -> None:
+        async with self._lock:
+            partitions = sorted(self._unrestored)
+            try:
+                restored = await self._restore(partitions)
+            except Exception as exc:  # assigned partitions this worker cannot serve: let it restart
+                raise RestoreError("guardrails: restoring the state of taken-over spend partitions failed "
+                                   f"({exc!r})") from exc
+            self._partitions.update(restored)
+            self._unrestored.clear()
+            consumer.resume(*(TopicPartition(self._names.spend, p) for p in partitions))
             metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
 
     async def _restore(self, partitions: list[int]) -> dict[int, PartitionState]:
@@ -287,14 +300,14 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
         producer = BatchProducer.of(kafka, os.environ)
         await producer.start()
         self._spend_partitions = len(await producer.partitions_of(self._names.spend))
+        self._consumer = consumer
         await consumer.start()
         observed = ConsumerMetrics(consumer, GUARDRAILS_GROUP, "guardrails")
         try:
             while True:
+                if self._unrestored:
+                    await self._restore_taken_over(consumer)
                 batches = await consumer.getmany(timeout_ms=200, max_records=5_000)
-                if self._restore_failed is not None:  # assigned partitions this worker cannot serve: let it restart
-                    raise RestoreError("guardrails: restoring the state of taken-over spend partitions failed "
-                                       f"({self._restore_failed!r})") from self._restore_failed
                 await observed.after_fetch(batches)
                 async with self._lock:
                     offsets = await self._process(batches, producer)
