@@ -101,6 +101,10 @@ class BreakerClient:
                 for record in records:
                     _apply(self._take, record)
 
+    def following(self) -> bool:
+        """Still following new commands: False before `start` and once the follower died (its decisions go stale)."""
+        return self._follow is not None and not self._follow.done()
+
     async def stop(self) -> None:
         if self._follow is not None:
             self._follow.cancel()
