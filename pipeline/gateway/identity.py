@@ -100,4 +100,4 @@ def _refusal(kind: str, reason: str, breaker: str | None, retry_after_s: int | N
 
 def _header_text(text: str) -> str:
     """Header values are ASCII: a reason's other characters are percent-encoded UTF-8."""
-    return quote(text, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    return quote(text, safe=" !#$&'()*+,-./:;<=>?@[]^_`{|}~")  # no quotes or backslashes: NGINX writes it into JSON
