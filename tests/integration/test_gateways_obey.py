@@ -23,13 +23,17 @@ import grpc
 import openai
 import pytest
 import yaml
+from aiohttp.test_utils import TestClient, TestServer
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3.external_auth_pb2_grpc import AuthorizationStub
 
 from pipeline.gateway import kill_switch
+from pipeline.gateway.authz import Authz, http_app
+from pipeline.gateway.client import BreakerClient
+from pipeline.gateway.proxy import make_app
 from pipeline.kafka.broker import EmbeddedBroker
 from schemas.breaker import BreakerAction
-from schemas.config import KafkaConfig
+from schemas.config import Config, KafkaConfig
 from schemas.policy import Scope
 from tests.conftest import new_topics
 from tests.e2e.running import read_until
@@ -298,6 +302,25 @@ def test_health_and_metrics(stack: Stack) -> None:
         assert 'spendstream_authz_decisions_total{decision="allow",protocol="http"}' in answer.read().decode()
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.gateway_port}/healthz", timeout=10) as answer:
         assert answer.status == 200
+
+
+def test_health_fails_once_the_command_follower_died(stack: Stack) -> None:
+    async def main() -> None:
+        client = BreakerClient(stack.kafka)
+        await client.start()
+        authz = Authz(client, Config(kafka=stack.kafka))
+        async with TestClient(TestServer(http_app(authz))) as service, \
+                TestClient(TestServer(make_app(authz, upstream="http://127.0.0.1:9", upstream_key=None))) as gateway:
+            assert [(await c.get("/healthz")).status for c in (service, gateway)] == [200, 200]
+            assert client._consumer is not None
+            await client._consumer.stop()  # the follower's consumer fails under it, as when its broker is lost
+            deadline = time.monotonic() + 30
+            while client.following() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert [(await c.get("/healthz")).status for c in (service, gateway)] == [503, 503]
+        await client.stop()
+
+    asyncio.run(main())
 
 
 def test_the_envoy_snippet_points_at_the_check_service() -> None:
