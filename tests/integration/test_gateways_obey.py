@@ -274,6 +274,11 @@ def test_a_downgrade_reaches_the_upstream(stack: Stack) -> None:
     assert headers["authorization"] == "Bearer sk-upstream-key"  # the gateway's key, not the client's
     ok = check(stack, "sk-ads-000001")
     assert {(h.header.key, h.header.value) for h in ok.ok_response.headers} >= {("x-spendstream-model", "gpt-4o-mini")}
+    # Envoy's and Traefik's HTTP mode: the original path under /check, the body passed, no model header
+    envoy_http = urllib.request.Request(f"http://127.0.0.1:{stack.authz_port}/check/v1/chat/completions",
+                                        data=b'{"model": "gpt-4o"}', headers={"authorization": "Bearer sk-ads-000001"})
+    with urllib.request.urlopen(envoy_http, timeout=10) as answer:
+        assert answer.headers["x-spendstream-model"] == "gpt-4o-mini"
     # the example gateway rewrites the body itself
     until(lambda: chat(stack.gateway_port, "sk-ads-000001").model == "gpt-4o-mini")
     headers, body = stack.upstream.seen[-1]
