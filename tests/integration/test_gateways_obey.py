@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -145,6 +146,16 @@ http {{
     return conf
 
 
+def listening(port: int, process: subprocess.Popen[str], log: Path, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nginx is not listening on {port}:\n{log.read_text() if log.exists() else ''}")
+
+
 @pytest.fixture(scope="module")
 def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -166,7 +177,8 @@ def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> I
         processes.append(_start([sys.executable, "-m", "pipeline", "authz", *common, "--port", str(ports[0]),
                                  "--grpc-port", str(ports[1])], tmp / "authz.log", "authz on"))
         conf = nginx_conf(tmp, listen=ports[2], authz=ports[0], upstream=server.server_address[1])
-        processes.append(subprocess.Popen([nginx, "-p", str(tmp), "-c", str(conf)]))
+        processes.append(subprocess.Popen([nginx, "-p", str(tmp), "-c", str(conf)], text=True))
+        listening(ports[2], processes[-1], tmp / "error.log")
         processes.append(_start([sys.executable, "-m", "pipeline", "gateway", *common, "--port", str(ports[3]),
                                  "--upstream", f"http://127.0.0.1:{server.server_address[1]}"],
                                 tmp / "gateway.log", "gateway on"))
