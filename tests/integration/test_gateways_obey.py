@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -117,9 +118,10 @@ class Stack:
     gateway_port: int
 
 
-def _start(args: list[str], log: Path, marker: str) -> subprocess.Popen[str]:
+def _start(args: list[str], log: Path, marker: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     with log.open("w") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, **(env or {})})
     read_until(process, log, marker, timeout_s=60)
     return process
 
@@ -180,8 +182,9 @@ def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> I
         processes.append(subprocess.Popen([nginx, "-p", str(tmp), "-c", str(conf)], text=True))
         listening(ports[2], processes[-1], tmp / "error.log")
         processes.append(_start([sys.executable, "-m", "pipeline", "gateway", *common, "--port", str(ports[3]),
-                                 "--upstream", f"http://127.0.0.1:{server.server_address[1]}"],
-                                tmp / "gateway.log", "gateway on"))
+                                 "--upstream", f"http://127.0.0.1:{server.server_address[1]}",
+                                 "--upstream-key-env", "TEST_UPSTREAM_KEY"],
+                                tmp / "gateway.log", "gateway on", {"TEST_UPSTREAM_KEY": "sk-gateway-upstream"}))
         yield Stack(kafka, upstream, ports[0], ports[1], ports[2], ports[3])
     finally:
         for process in processes:
@@ -294,7 +297,7 @@ def test_a_downgrade_reaches_the_upstream(stack: Stack) -> None:
     # the example gateway rewrites the body itself
     until(lambda: chat(stack.gateway_port, "sk-ads-000001").model == "gpt-4o-mini")
     headers, body = stack.upstream.seen[-1]
-    assert body["model"] == "gpt-4o-mini" and "authorization" not in headers  # no upstream key configured
+    assert body["model"] == "gpt-4o-mini" and headers["authorization"] == "Bearer sk-gateway-upstream"
     assert chat(stack.nginx_port, "sk-search-0001").model == "gpt-4o"
     reset(stack, "team=ads")
     until(lambda: chat(stack.nginx_port, "sk-ads-000001").model == "gpt-4o")
