@@ -316,6 +316,10 @@ def test_the_example_gateway_streams_before_the_upstream_finishes(stack: Stack) 
 
 
 def test_health_and_metrics(stack: Stack) -> None:
+    ask = urllib.request.Request(f"http://127.0.0.1:{stack.authz_port}/check",
+                                 headers={"authorization": "Bearer sk-ads-000001"})
+    with urllib.request.urlopen(ask, timeout=10) as answer:
+        assert answer.status == 200
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.authz_port}/healthz", timeout=10) as answer:
         assert json.loads(answer.read())["following"] is True
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.authz_port}/metrics", timeout=10) as answer:
