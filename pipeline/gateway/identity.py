@@ -43,7 +43,7 @@ class Answer(NamedTuple):
 def bearer(headers: Mapping[str, str]) -> str | None:
     """The token of `Authorization: Bearer <token>` (header names lower-case)."""
     scheme, _, token = headers.get("authorization", "").strip().partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def identify(headers: Mapping[str, str], gateway: GatewayConfig, required: tuple[str, ...]) -> Caller | None:
