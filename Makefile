@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-failover lint bench clean prometheus
+.PHONY: install run test test-failover lint bench clean prometheus nginx
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ prometheus:
 	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-test: lint prometheus
+# the gateway tests run deploy/nginx/spendstream.conf in a real NGINX (Debian's package; run unprivileged by the test)
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nginx >/dev/null; }
+
+test: lint prometheus nginx
 	$(BIN)/pytest
 
 # the failover tests alone: two workers, one killed mid-stream (also part of `make test`)
@@ -41,6 +46,7 @@ bench: install
 	$(BIN)/python bench/pricing.py
 	$(BIN)/python bench/detect.py
 	$(BIN)/python bench/cardinality.py
+	$(BIN)/python bench/authz.py
 
 clean:
 	rm -rf $(VENV) .venv-focus spendstream-data .pytest_cache .mypy_cache .ruff_cache

@@ -216,6 +216,31 @@ class AttributionConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    """Who is calling, as gateways know it: `spendstream authz` and `spendstream gateway` read it, never what a
+    client claims about itself."""
+
+    #: virtual key (the gateway-verified `Authorization: Bearer` secret) -> the identity it stands for
+    keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: dimension -> request header the gateway itself sets from its own authentication (and strips from clients)
+    identity_headers: Mapping[str, str] = field(default_factory=dict)
+    #: a caller with no configured key: refused (401), or let through with the required dimensions `unallocated`
+    unknown_keys: Literal["deny", "unallocated"] = "deny"
+    #: the `key` names (as in `keys`) an `approved_only` breaker lets through
+    approved_keys: tuple[str, ...] = ()
+
+    def validate(self, dimensions: Mapping[str, object]) -> list[str]:
+        problems = [f"gateway.keys.{secret[:4]}…: unknown dimension {dim!r}"
+                    for secret, identity in self.keys.items() for dim in identity if dim not in dimensions]
+        problems += [f"gateway.identity_headers: unknown dimension {dim!r}"
+                     for dim in self.identity_headers if dim not in dimensions]
+        named = {identity.get("key") for identity in self.keys.values()}
+        problems += [f"gateway.approved_keys: {name!r} is no key's `key` in gateway.keys"
+                     for name in self.approved_keys if name not in named]
+        return problems
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     billing_currency: str = "USD"
     fx: Mapping[str, float] = field(default_factory=dict)
@@ -225,6 +250,7 @@ class Config:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     #: bearer token -> the identity (dimension -> value) that token may claim
     ingest_tokens: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     #: the sections budgets, keys, velocity, breaker, downgrade and attribution.max_unallocated_share, typed
     policy: Policy = field(default_factory=Policy)
     pricing: Mapping[str, Any] = field(default_factory=dict)
@@ -240,7 +266,8 @@ class Config:
         return Decimal(str(self.fx["USD"]))
 
     def validate(self) -> list[str]:
-        problems = self.attribution.validate() + self.kafka.validate() + self.collector.validate()
+        problems = self.attribution.validate() + self.kafka.validate() + self.collector.validate() \
+            + self.gateway.validate(self.attribution.dimensions)
         if self.worker.dedupe_horizon_s < self.collector.max_lateness_s:
             problems.append(f"worker.dedupe_horizon_s: {self.worker.dedupe_horizon_s} is shorter than collector."
                             f"max_lateness_s ({self.collector.max_lateness_s}): a late retry could count twice")
@@ -367,6 +394,11 @@ def _build(data: Mapping[str, Any], source: str, root: yaml.Node | None = None) 
         sections["billing_currency"] = data["billing_currency"]
     if "ingest_tokens" in data:
         sections["ingest_tokens"] = {k: dict(v) for k, v in data["ingest_tokens"].items()}
+    if "gateway" in data:
+        gateway = dict(data["gateway"])
+        gateway["keys"] = {k: dict(v) for k, v in gateway.get("keys", {}).items()}
+        gateway["approved_keys"] = tuple(gateway.get("approved_keys", ()))
+        sections["gateway"] = GatewayConfig(**gateway)
     config = Config(attribution=AttributionConfig(**attribution), policy=policy, **sections)
     problems = salt_problems + config.validate() + policy_problems
     if problems:

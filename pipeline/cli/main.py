@@ -163,8 +163,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(gateway)
     gateway.add_argument("--upstream", required=True, help="base URL of the model API, e.g. https://api.openai.com")
     gateway.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
-    gateway.add_argument("--approved-key", action="append", default=[], metavar="KEY",
-                         help="virtual key allowed through an approved_only breaker (repeatable)")
+    gateway.add_argument("--upstream-key-env", metavar="VAR", default="OPENAI_API_KEY",
+                         help="environment variable holding the upstream's API key, sent instead of the client's "
+                              "virtual key (default OPENAI_API_KEY)")
+
+    authz = sub.add_parser("authz", help="breaker decisions for NGINX auth_request, Traefik forwardAuth and Envoy "
+                           "ext_authz (HTTP and gRPC)")
+    _add_common(authz)
+    authz.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    authz.add_argument("--port", type=int, default=9480, help="HTTP port: /check, /healthz, /metrics (default 9480)")
+    authz.add_argument("--grpc-port", type=int, default=9481, help="Envoy ext_authz gRPC port (default 9481)")
 
     topics = sub.add_parser("topics", help="create the topics (idempotent)")
     _add_common(topics)
@@ -316,8 +324,16 @@ def _cmd_gateway(args: argparse.Namespace) -> None:
     from pipeline.gateway.proxy import serve_gateway  # noqa: PLC0415
 
     config = _config(args)
-    asyncio.run(serve_gateway(config.kafka, upstream=args.upstream, port=args.port,
-                              approved_keys=frozenset(args.approved_key)))
+    asyncio.run(serve_gateway(config, upstream=args.upstream, port=args.port,
+                              upstream_key=os.environ.get(args.upstream_key_env)))
+
+
+def _cmd_authz(args: argparse.Namespace) -> None:
+    from pipeline.gateway.authz import serve_authz  # noqa: PLC0415
+
+    config = _config(args)
+    _serve_until_signal(lambda stop: serve_authz(config, host=args.host, http_port=args.port,
+                                                 grpc_port=args.grpc_port, stop=stop))
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -338,7 +354,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker, "exporter": _cmd_exporter,
             "topics": _cmd_topics, "demo": _cmd_demo, "report": _cmd_report, "compact": _cmd_compact,
-            "price": _cmd_price, "breaker": _cmd_breaker, "gateway": _cmd_gateway}
+            "price": _cmd_price, "breaker": _cmd_breaker, "gateway": _cmd_gateway,
+            "authz": _cmd_authz}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

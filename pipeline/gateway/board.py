@@ -4,7 +4,8 @@
 their scope, so the cost grows with the number of scope shapes in force, not with the number
 of breakers. Every open breaker whose scope matches applies; the strictest wins
 (block > approval required > downgrade > allow). An expired command no longer applies: if
-spendstream goes quiet, gateways fail open.
+spendstream goes quiet, gateways fail open. Scope values match whatever their case and surrounding
+blanks: a block on `team=search` also refuses `SEARCH` and ` Search `.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def epoch_s(text: str | None) -> float | None:
     return datetime.fromisoformat(text).timestamp() if text else None
 
 
+def fold(value: str) -> str:
+    """The form scope values are matched in: `Search ` and `search` are one team."""
+    return value.strip().casefold()
+
+
 def _index_of(commands: Iterable[BreakerCommand]) -> dict[tuple[str, ...], dict[tuple[str, ...], list[_Entry]]]:
     index: dict[tuple[str, ...], dict[tuple[str, ...], list[_Entry]]] = {}
     for command in commands:
@@ -46,7 +52,7 @@ def _index_of(commands: Iterable[BreakerCommand]) -> dict[tuple[str, ...], dict[
         probe_every = round(min(1 / command.probe_ratio, MAX_PROBE_EVERY)) \
             if command.state == "half_open" and command.probe_ratio else 0
         entry = _Entry(command, epoch_s(command.expires_at), probe_every)
-        index.setdefault(scope.dims, {}).setdefault(tuple(v for _, v in scope.items), []).append(entry)
+        index.setdefault(scope.dims, {}).setdefault(tuple(fold(v) for _, v in scope.items), []).append(entry)
     return index
 
 
@@ -68,6 +74,11 @@ class BreakerBoard:
         self._index = _index_of(commands.values())
         self._commands = commands
 
+    def expires_s(self, breaker_id: str) -> float | None:
+        """When the breaker lifts by itself (Unix time); None: until reset, or not on the board."""
+        command = self._commands.get(breaker_id)
+        return epoch_s(command.expires_at) if command else None
+
     def in_force(self) -> list[BreakerCommand]:
         return list(self._commands.values())
 
@@ -76,7 +87,7 @@ class BreakerBoard:
         self._requests += 1
         best = Decision("allow", model)
         for dims, scopes in self._index.items():
-            entries = scopes.get(tuple(attribution.get(d, "") for d in dims))
+            entries = scopes.get(tuple(fold(attribution.get(d, "")) for d in dims))
             for entry in entries or ():
                 decision = self._apply(entry, attribution, model, now_s)
                 if _STRICTNESS[decision.verdict] > _STRICTNESS[best.verdict]:
@@ -89,7 +100,7 @@ class BreakerBoard:
             return Decision("allow", model)
         if entry.probe_every and self._requests % entry.probe_every == 0:
             return Decision("allow", model, command.breaker_id, "half-open: let through as a probe")
-        env_class = "prod" if attribution.get("env") in command.prod_envs else "non_prod"
+        env_class = "prod" if fold(attribution.get("env", "")) in map(fold, command.prod_envs) else "non_prod"
         action = command.env_actions.get(env_class, command.action)
         if action == "block":
             return Decision("block", model, command.breaker_id, command.reason)

@@ -70,6 +70,11 @@ def _apply(on_command: OnCommand, record: ConsumerRecord[bytes, bytes]) -> None:
         log.exception("breaker client: %s[%d]@%d could not be applied", record.topic, record.partition, record.offset)
 
 
+def _report_death(follow: asyncio.Task[None]) -> None:
+    if not follow.cancelled() and follow.exception() is not None:
+        log.error("breaker client: stopped following breaker commands; decisions go stale", exc_info=follow.exception())
+
+
 class BreakerClient:
     def __init__(self, kafka: KafkaConfig, environ: Mapping[str, str] = os.environ, *,
                  also: OnCommand | None = None) -> None:
@@ -89,6 +94,7 @@ class BreakerClient:
         self._consumer = consumer
         await read_commands(consumer, self._topic, self._take)
         self._follow = asyncio.create_task(self._run(consumer))
+        self._follow.add_done_callback(_report_death)
 
     def _take(self, command: BreakerCommand) -> None:
         self.board.apply(command)
@@ -100,6 +106,10 @@ class BreakerClient:
             for records in (await consumer.getmany(timeout_ms=1000)).values():
                 for record in records:
                     _apply(self._take, record)
+
+    def following(self) -> bool:
+        """Still following new commands: False before `start` and once the follower died (its decisions go stale)."""
+        return self._follow is not None and not self._follow.done()
 
     async def stop(self) -> None:
         if self._follow is not None:

@@ -1,15 +1,16 @@
 """`spendstream gateway`: a small OpenAI-compatible HTTP proxy that obeys the breakers. An example.
 
-It shows the whole loop on one page: who is calling comes from the request (virtual key in
-`Authorization: Bearer`, team / use case / env / app in `x-team`, `x-use-case`, `x-env`,
-`x-app` headers), `BreakerClient.decide` says what to do, and the proxy
+It shows the whole loop on one page: who is calling comes from the virtual key in
+`Authorization: Bearer`, mapped by `gateway.keys` in the config (never from what the client says
+about itself), the authz check (`authz.py`) says what to do, and the proxy
 
-- blocks with 429 and the breaker's reason,
-- answers 403 `approval_required` unless the key is an approved client,
+- refuses with its answer: 401 unknown key, 429 blocked, 403 approval required,
 - or rewrites `model` to the cheaper one (header `x-spendstream-downgraded-from`)
 
-and forwards everything else to the upstream unchanged. A real gateway (LiteLLM, Envoy, Kong)
-does the same in its own request hook.
+and forwards everything else to the upstream, streamed as it arrives (SSE), with the upstream's
+own API key (from the environment), not the client's virtual key. `/healthz` answers 503 once the
+command follower died: its decisions would go stale. A real gateway (LiteLLM, Envoy, Kong) does the
+same in its own request hook, or asks `spendstream authz`.
 """
 
 from __future__ import annotations
@@ -20,59 +21,44 @@ from collections.abc import Mapping
 import orjson
 from aiohttp import ClientSession, ClientTimeout, web
 
-from pipeline.gateway.board import Decision
+from pipeline.gateway.authz import Authz
 from pipeline.gateway.client import BreakerClient
-from schemas.config import KafkaConfig
+from pipeline.gateway.identity import MODEL_HEADER, model_of
+from schemas.config import Config
 
-ATTRIBUTION_HEADERS = {"x-team": "team", "x-use-case": "use_case", "x-env": "env", "x-app": "app",
-                       "x-cost-center": "cost_center"}
-
-
-def attribution_of(headers: Mapping[str, str]) -> dict[str, str]:
-    attribution = {dim: headers[h] for h, dim in ATTRIBUTION_HEADERS.items() if headers.get(h)}
-    auth = headers.get("authorization", "")
-    if auth.lower().startswith("bearer ") and auth[7:].strip():
-        attribution["key"] = auth[7:].strip()
-    return attribution
+#: upstream answer headers passed on: the rest (lengths, encodings, connection) are aiohttp's to set
+_PASSED_ON = ("content-type", "cache-control", "x-request-id", "openai-processing-ms")
 
 
-def _refusal(status: int, kind: str, decision: Decision) -> web.Response:
-    body = {"error": {"type": kind, "message": decision.reason, "breaker": decision.breaker_id}}
-    return web.json_response(body, status=status, headers={"x-spendstream-decision": decision.verdict},
-                             dumps=lambda o: orjson.dumps(o).decode())
-
-
-def make_app(client: BreakerClient, *, upstream: str, approved_keys: frozenset[str]) -> web.Application:
+def make_app(authz: Authz, *, upstream: str, upstream_key: str | None) -> web.Application:
     session: dict[str, ClientSession] = {}
 
     async def forward(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        try:
-            body = orjson.loads(raw) if raw else {}
-        except orjson.JSONDecodeError:
-            return web.json_response({"error": {"type": "invalid_request", "message": "body is not JSON"}},
-                                     status=400)
-        attribution = attribution_of(request.headers)
-        model = str(body.get("model", "")) if isinstance(body, dict) else ""
-        decision = client.decide(attribution, model)
-        headers: dict[str, str] = {"x-spendstream-decision": decision.verdict}
-        if decision.verdict == "block":
-            return _refusal(429, "spendstream_blocked", decision)
-        if decision.verdict == "approval_required" and attribution.get("key") not in approved_keys:
-            return _refusal(403, "approval_required", decision)
-        if decision.verdict == "downgrade" and isinstance(body, dict):
+        result = authz.check({k.lower(): v for k, v in request.headers.items()}, raw, "gateway")
+        if result.status != 200:
+            return web.Response(status=result.status, headers=result.headers, body=result.body)
+        headers = dict(result.headers)
+        model = model_of(raw)
+        if MODEL_HEADER in headers and model is not None:
             headers["x-spendstream-downgraded-from"] = model
-            body["model"] = decision.model
-            raw = orjson.dumps(body)
-        forwarded = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+            raw = orjson.dumps(orjson.loads(raw) | {"model": headers[MODEL_HEADER]})
+        forwarded = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept")}
+        if upstream_key:
+            forwarded["Authorization"] = f"Bearer {upstream_key}"
         async with session["upstream"].request(request.method, upstream.rstrip("/") + request.path_qs, data=raw,
                                                headers=forwarded) as answer:
-            payload = await answer.read()
-            return web.Response(body=payload, status=answer.status, headers=headers,
-                                content_type=answer.content_type)
+            response = web.StreamResponse(status=answer.status, headers=headers | _passed_on(answer.headers))
+            await response.prepare(request)
+            async for chunk in answer.content.iter_any():  # as it arrives: SSE streams must not wait for the end
+                await response.write(chunk)
+            await response.write_eof()
+            return response
 
     async def health(_: web.Request) -> web.Response:
-        return web.json_response({"breakers_in_force": len(client.board.in_force())})
+        following = authz.client.following()
+        return web.json_response({"following": following, "breakers_in_force": len(authz.client.board.in_force())},
+                                 status=200 if following else 503)
 
     async def open_session(_: web.Application) -> None:
         session["upstream"] = ClientSession(timeout=ClientTimeout(total=300))
@@ -88,11 +74,15 @@ def make_app(client: BreakerClient, *, upstream: str, approved_keys: frozenset[s
     return app
 
 
-async def serve_gateway(kafka: KafkaConfig, *, upstream: str, port: int, approved_keys: frozenset[str]) -> None:
+def _passed_on(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() in _PASSED_ON}
+
+
+async def serve_gateway(config: Config, *, upstream: str, port: int, upstream_key: str | None) -> None:
     """Serve until cancelled (Ctrl-C)."""
-    client = BreakerClient(kafka)
+    client = BreakerClient(config.kafka)
     await client.start()
-    runner = web.AppRunner(make_app(client, upstream=upstream, approved_keys=approved_keys))
+    runner = web.AppRunner(make_app(Authz(client, config), upstream=upstream, upstream_key=upstream_key))
     await runner.setup()
     try:
         await web.TCPSite(runner, "0.0.0.0", port).start()

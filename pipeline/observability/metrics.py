@@ -69,3 +69,6 @@ SPEND_REPLAYED: Final = Counter("spendstream_guardrails_entries_replayed",
 SCOPES: Final = Gauge("spendstream_guardrails_scopes", "Scopes whose state this worker holds")
 STATE_RESTORED: Final = Counter("spendstream_guardrails_scopes_restored",
                                 "Scope states read back from the changelog on taking over a partition")
+AUTHZ_DECISIONS: Final = Counter("spendstream_authz_decisions", "Answers of `spendstream authz`, by protocol and "
+                                 "answer (allow, downgrade, block, approval_required, unknown_key)",
+                                 ["protocol", "decision"])

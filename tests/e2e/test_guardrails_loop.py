@@ -28,6 +28,14 @@ velocity: {window: 5m, rate_window: 10s, min_history: 1m}
 breaker: {cool_down: 5s, probe: 5s}
 downgrade: {gpt-4o: gpt-4o-mini}
 """
+GATEWAY_KEYS = """
+gateway:
+  keys:
+    ads-key-0001: {team: ads, env: prod, use_case: copy, key: ads-key}
+    search-key-01: {team: search, env: prod, use_case: rag, key: search-key}
+    vip-key-0001: {team: ads, env: prod, use_case: oncall, key: vip-key}
+  approved_keys: [vip-key]
+"""
 RUNAWAY_SCOPES = {"rate|team=research", "rate|key=research-agent"}
 
 
@@ -89,9 +97,10 @@ class Gateway:
     def __init__(self, port: int) -> None:
         self.port = port
 
-    def chat(self, key: str = "ads-key", team: str = "ads") -> openai.types.chat.ChatCompletion:
+    def chat(self, key: str = "ads-key-0001") -> openai.types.chat.ChatCompletion:
+        # who is calling comes from the key (gateway.keys), whatever the headers claim
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0,
-                               default_headers={"x-team": team, "x-env": "prod", "x-use-case": "copy"})
+                               default_headers={"x-team": "search"})
         return client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
 
 
@@ -132,10 +141,12 @@ def test_the_example_gateway_obeys_the_kill_switch(
     run, _ = pipeline
     port = free_port()
     log = tmp_path / "gateway.log"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(GATEWAY_KEYS)
     with log.open("w") as out:
         process = subprocess.Popen(
             [*SPENDSTREAM, "gateway", "--kafka", run.bootstrap, "--upstream", model_server.removesuffix("/v1"),
-             "--port", str(port), "--approved-key", "vip-key"], stdout=out, stderr=subprocess.STDOUT, text=True)
+             "--port", str(port), "--config", str(config)], stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         read_until(process, log, "gateway on", timeout_s=30)
         gateway = Gateway(port)
@@ -143,7 +154,7 @@ def test_the_example_gateway_obeys_the_kill_switch(
 
         breaker(run, "trip", "--scope", "team=ads", "--action", "block", "--reason", "runaway test")
         assert "runaway test" in str(refused(gateway.chat, openai.RateLimitError))
-        assert gateway.chat(team="search").model == "gpt-4o-2024-08-06"  # other teams unaffected
+        assert gateway.chat("search-key-01").model == "gpt-4o-2024-08-06"  # other teams unaffected
         assert "manual|team=ads" in breaker(run, "list")
 
         no_map = spendstream("breaker", "trip", "--scope", "team=ads", "--action", "downgrade", "--reason", "x",
@@ -156,7 +167,7 @@ def test_the_example_gateway_obeys_the_kill_switch(
 
         breaker(run, "trip", "--scope", "team=ads", "--action", "approved_only", "--reason", "needs sign-off")
         assert "needs sign-off" in str(refused(gateway.chat, openai.PermissionDeniedError))
-        assert gateway.chat(key="vip-key").model == "gpt-4o-2024-08-06"
+        assert gateway.chat("vip-key-0001").model == "gpt-4o-2024-08-06"
 
         breaker(run, "reset", "--scope", "team=ads")
         until(lambda: gateway.chat().model == "gpt-4o-2024-08-06")

@@ -107,3 +107,20 @@ def test_a_bad_reload_keeps_the_policy_in_force(tmp_path: Path) -> None:
     assert policy.check() is True and policy.policy.budgets[0].amount == 250
     policy.request_reload()  # SIGHUP: reload even though the file looks the same
     assert policy.check() is False and policy.policy.budgets[0].amount == 250
+
+
+def test_case_and_blanks_do_not_escape_a_breaker() -> None:
+    board = BreakerBoard()
+    board.apply(trip("team=Search", "approved_only", env_actions={"prod": "block"}, prod_envs=("prod",)))
+    for team in ("search", "SEARCH", " Search "):
+        assert board.decide({**PROD_SEARCH, "team": team, "env": "PROD"}, "gpt-4o", NOW).verdict == "block"
+    assert board.decide({**PROD_SEARCH, "team": "search2"}, "gpt-4o", NOW).verdict == "allow"
+
+
+def test_the_board_says_when_a_breaker_lifts_by_itself() -> None:
+    board = BreakerBoard()
+    board.apply(trip("team=search", expires_at="2027-01-15T08:10:00+00:00"))
+    board.apply(trip("team=ads"))
+    assert board.expires_s("manual|team=search") == NOW + 600
+    assert board.expires_s("manual|team=ads") is None  # until reset
+    assert board.expires_s("manual|team=nobody") is None

@@ -306,3 +306,12 @@ def test_front_filter_keeps_a_model_call_of_every_dialect_and_drops_other_spans(
     assert not dropped, f"the front collector would drop model calls of {dropped}"
     assert _dropped_by(condition, {"http.request.method": "GET", "url.path": "/health"})
     assert _dropped_by(condition, {"db.system.name": "postgresql", "db.query.text": "SELECT 1"})
+
+
+def test_the_readme_nginx_excerpt_is_the_snippet_the_tests_run() -> None:
+    readme = (ROOT / "README.md").read_text()
+    excerpt = re.search(r"```nginx\n(.*?)```", readme, re.S)
+    assert excerpt
+    shipped = {line.split("#")[0].strip() for line in (ROOT / "deploy" / "nginx" / "spendstream.conf").open()}
+    lines = [line.split("#")[0].strip() for line in excerpt.group(1).splitlines()]
+    assert [line for line in lines if line and line not in shipped] == []

@@ -1,0 +1,210 @@
+"""Decision cost of `spendstream authz`: HTTP and Envoy gRPC under load, against the bare board, and how long
+a `breaker trip` takes to become a 429 at NGINX.
+
+    .venv/bin/python bench/authz.py [--seconds 5] [--concurrency 32] [--breakers 200] [--trips 5]
+
+Starts an embedded broker, `spendstream authz` (its own process) and Debian's NGINX running
+deploy/nginx/spendstream.conf in front of a fake model server. `--breakers` manual breakers of
+assorted scopes are in force (one of them on the callers' team, a downgrade, so every answer
+is worked out in full). Measures, in the same run:
+
+- the baseline: `BreakerBoard.decide` alone on the same breakers, decisions/s on one core;
+- HTTP `/check` and gRPC `Authorization/Check` with `--concurrency` requests in flight for
+  `--seconds` each: decisions/s, p50/p99 latency, and their ratio to the baseline;
+- trip to 429: from starting `spendstream breaker trip` (a new process, as an operator runs
+  it) to the first 429 NGINX answers a caller polling it, `--trips` times (reset in between).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import aiohttp
+import grpc
+import yaml
+from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
+from envoy.service.auth.v3.external_auth_pb2_grpc import AuthorizationStub
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.gateway import kill_switch
+from pipeline.gateway.board import BreakerBoard
+from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.kafka.topics import ensure_topics
+from schemas.breaker import BreakerCommand
+from schemas.config import KafkaConfig
+from schemas.policy import Scope
+from tests.e2e.running import SPENDSTREAM, read_until
+from tests.integration.test_gateways_obey import Upstream, nginx_conf
+from tests.support import free_port
+
+KEY = "sk-bench-caller-1"
+IDENTITY = {"team": "bench", "use_case": "load", "env": "prod", "key": "bench-caller"}
+BODY = b'{"model": "gpt-4o", "messages": []}'
+
+
+def breakers(count: int) -> list[BreakerCommand]:
+    """`count` breakers over four scope shapes; one downgrades the callers' team."""
+    now = time.time()
+    shapes = ["team=t{i}", "key=k{i},env=prod", "use_case=u{i}", "team=t{i},use_case=u{i}"]
+    commands = [kill_switch.trip_command(Scope.parse(shapes[i % 4].format(i=i)), "block", "bench", ttl_s=None,
+                                         downgrade={}, now_s=now) for i in range(count - 1)]
+    commands.append(kill_switch.trip_command(Scope.parse("team=bench"), "downgrade", "bench", ttl_s=None,
+                                             downgrade={"gpt-4o": "gpt-4o-mini"}, now_s=now))
+    return commands
+
+
+def bare_board(commands: list[BreakerCommand], seconds: float) -> float:
+    board = BreakerBoard()
+    for command in commands:
+        board.apply(command)
+    assert board.decide(IDENTITY, "gpt-4o", time.time()).verdict == "downgrade"
+    done, start, now = 0, time.perf_counter(), time.time()
+    while time.perf_counter() - start < seconds:
+        for _ in range(1000):
+            board.decide(IDENTITY, "gpt-4o", now)
+        done += 1000
+    return done / (time.perf_counter() - start)
+
+
+async def load(call: object, seconds: float, concurrency: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            began = time.perf_counter()
+            await call()  # type: ignore[operator]
+            latencies.append(time.perf_counter() - began)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(latencies) / (time.perf_counter() - start), latencies
+
+
+async def http_load(port: int, seconds: float, concurrency: int) -> tuple[float, list[float]]:
+    url = f"http://127.0.0.1:{port}/check"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def call() -> None:
+            async with session.post(url, data=BODY, headers={"authorization": f"Bearer {KEY}"}) as answer:
+                assert answer.headers["x-spendstream-model"] == "gpt-4o-mini"
+
+        return await load(call, seconds, concurrency)
+
+
+async def grpc_load(port: int, seconds: float, concurrency: int) -> tuple[float, list[float]]:
+    request = ext_authz.CheckRequest()
+    request.attributes.request.http.headers["authorization"] = f"Bearer {KEY}"
+    request.attributes.request.http.body = BODY.decode()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = AuthorizationStub(channel)
+
+        async def call() -> None:
+            answer = await stub.Check(request, timeout=10)
+            assert answer.HasField("ok_response")
+
+        return await load(call, seconds, concurrency)
+
+
+def trip_to_429(bootstrap: str, config: Path, nginx_port: int) -> tuple[float, float]:
+    """Seconds from starting `spendstream breaker trip` to NGINX's first 429 for a caller polling it, and to the
+    command's exit (its start-up and the broker's acknowledgement)."""
+    seen, seen_at = threading.Event(), []
+    request = urllib.request.Request(f"http://127.0.0.1:{nginx_port}/v1/chat/completions", data=BODY,
+                                     headers={"authorization": f"Bearer {KEY}", "content-type": "application/json",
+                                              "x-spendstream-model": "gpt-4o"})
+
+    def poll() -> None:
+        while not seen.is_set():
+            try:
+                urllib.request.urlopen(request, timeout=10).read()
+            except urllib.error.HTTPError as exc:
+                if exc.code == 429:
+                    seen_at.append(time.perf_counter())
+                    seen.set()
+            except (OSError, http.client.HTTPException):  # a connection dropped under load: ask again
+                continue
+
+    start = time.perf_counter()
+    threading.Thread(target=poll, daemon=True).start()
+    common = ["--kafka", bootstrap, "--config", str(config), "--scope", "key=bench-caller"]
+    subprocess.run([*SPENDSTREAM, "breaker", "trip", *common, "--action", "block", "--reason", "bench"], check=True,
+                   capture_output=True)
+    cli = time.perf_counter() - start
+    if not seen.wait(60):
+        raise AssertionError("NGINX never answered 429")
+    took = seen_at[0] - start
+    subprocess.run([*SPENDSTREAM, "breaker", "reset", *common], check=True, capture_output=True)
+    seen.clear()
+    while not seen.wait(0.1):  # the reset has reached NGINX once a call goes through again
+        try:
+            urllib.request.urlopen(request, timeout=10).read()
+            break
+        except urllib.error.HTTPError:
+            continue
+    return took, cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--breakers", type=int, default=200)
+    parser.add_argument("--trips", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        broker = EmbeddedBroker(free_port(), log_file=tmp / "broker.log")
+        broker.start()
+        kafka = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic_prefix="bench.")
+        asyncio.run(ensure_topics(kafka, {}))
+        commands = breakers(args.breakers)
+        asyncio.run(kill_switch.publish(kafka, commands))
+        config = tmp / "spendstream.yaml"
+        config.write_text(yaml.safe_dump({"kafka": {"topic_prefix": "bench."}, "gateway": {"keys": {KEY: IDENTITY}}}))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream().handler())
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        http_port, grpc_port, nginx_port = free_port(), free_port(), free_port()
+        with (tmp / "authz.log").open("w") as out:
+            authz = subprocess.Popen([*SPENDSTREAM, "authz", "--kafka", broker.bootstrap_servers, "--config",
+                                      str(config), "--port", str(http_port), "--grpc-port", str(grpc_port),
+                                      "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, text=True)
+        conf = nginx_conf(tmp, listen=nginx_port, authz=http_port, upstream=server.server_address[1])
+        nginx = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(conf)])
+        try:
+            read_until(authz, tmp / "authz.log", "authz on", timeout_s=60)
+            bare = bare_board(commands, args.seconds)
+            print(f"{args.breakers} breakers in force, {args.concurrency} requests in flight, "
+                  f"{args.seconds:g}s each")
+            print(f"BreakerBoard.decide (bare, baseline): {bare:,.0f} decisions/s ({1e6 / bare:.1f} µs each)")
+            for name, run, port in (("HTTP /check", http_load, http_port), ("gRPC Check", grpc_load, grpc_port)):
+                rate, latencies = asyncio.run(run(port, args.seconds, args.concurrency))
+                cuts = statistics.quantiles(latencies, n=100)
+                print(f"{name}: {rate:,.0f} decisions/s, p50 {cuts[49] * 1e3:.2f} ms, p99 {cuts[98] * 1e3:.2f} ms; "
+                      f"{bare / rate:,.0f}x the bare board's cost")
+            trips, clis = zip(*(trip_to_429(broker.bootstrap_servers, config, nginx_port)
+                                for _ in range(args.trips)), strict=True)
+            print(f"`breaker trip` to first 429 at NGINX ({args.trips} trips): median {statistics.median(trips):.2f}s, "
+                  f"max {max(trips):.2f}s (the command itself, start to exit: median {statistics.median(clis):.2f}s)")
+        finally:
+            for process in (nginx, authz):
+                process.terminate()
+                process.wait(10)
+            server.shutdown()
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()
