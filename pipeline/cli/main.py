@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pipeline.cli.startup import LOG_FILE_BYTES, LOG_FILES_KEPT, LOG_FORMATS, configure_logging, load, version
 from schemas.codec import parse_utc
@@ -55,19 +55,28 @@ def _load(args: argparse.Namespace, *, announce: bool = True) -> tuple[Config, P
     return replace(config, kafka=kafka, collector=collector, metrics=metrics), path
 
 
+#: flags every command takes, before or after its name
+_GLOBAL_FLAGS: dict[str, dict[str, Any]] = {
+    "--config": {"metavar": "FILE", "help": "spendstream.yaml (default: $SPENDSTREAM_CONFIG, then ./spendstream.yaml, "
+                 "then built-in defaults); SPENDSTREAM_* variables override it (docs/configuration.md)"},
+    "--log-level": {"choices": ["debug", "info", "warning", "error"],
+                    "help": "default info (warning for report, price and demo)"},
+    "--log-file": {"metavar": "FILE", "help": f"log to FILE instead of stderr, rotated at {LOG_FILE_BYTES // 2**20} "
+                   f"MB ({LOG_FILES_KEPT} kept)"},
+    "--log-format": {"choices": LOG_FORMATS, "help": "text (default) or json: one object a line, the same for every "
+                     "role"},
+}
+
+
 def _add_globals(p: argparse.ArgumentParser, *, default: object) -> None:
-    """Flags every command takes, before or after its name; `default` is argparse.SUPPRESS on the subcommands,
-    so a flag given before the subcommand is not reset by the subcommand's parser."""
-    p.add_argument("--config", metavar="FILE", default=default, help="spendstream.yaml (default: $SPENDSTREAM_CONFIG, "
-                   "then ./spendstream.yaml, then built-in defaults); SPENDSTREAM_* variables override it "
-                   "(docs/configuration.md)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default,
-                   help="default info (warning for report, price and demo)")
-    p.add_argument("--log-file", metavar="FILE", default=default,
-                   help=f"log to FILE instead of stderr, rotated at {LOG_FILE_BYTES // 2**20} MB "
-                        f"({LOG_FILES_KEPT} kept)")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default=default,
-                   help="text (default) or json: one object a line, the same for every role")
+    """`default` is argparse.SUPPRESS on the subcommands, so a flag given before the subcommand is not reset by
+    the subcommand's parser; a subcommand that declares one of them itself keeps its own, with that default."""
+    for flag, options in _GLOBAL_FLAGS.items():
+        own = p._option_string_actions.get(flag)
+        if own is None:
+            p.add_argument(flag, default=default, **options)
+        else:
+            own.default = default
 
 
 def _share_globals(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
-"""SPENDSTREAM_* variables: one rule derived from the config schema, typed, errors naming the variable; config
-discovery (--config, $SPENDSTREAM_CONFIG, ./spendstream.yaml); the JSON log format."""
+"""What every command does before its work: SPENDSTREAM_* variables (one rule derived from the config schema,
+typed, errors naming the variable), config discovery (--config, $SPENDSTREAM_CONFIG, ./spendstream.yaml), the JSON
+log format, and the flags every command takes before or after its name."""
 
 from __future__ import annotations
 
@@ -155,3 +156,35 @@ def test_json_log_lines_from_our_loggers_libraries_and_warnings(tmp_path: Path) 
         ("WARNING", "py.warnings")]
     assert entries[0]["message"] == "config: x.yaml" and entries[0]["time"].endswith("+00:00")
     assert "RuntimeError: boom" in entries[2]["exception"]
+
+
+# --- global flags ------------------------------------------------------------------------------------------------
+
+GLOBALS = ["--config", "c.yaml", "--log-level", "debug", "--log-file", "x.log", "--log-format", "json"]
+
+
+@pytest.mark.parametrize("command", [["run"], ["collector"], ["worker"], ["exporter"], ["topics"], ["demo"],
+                                     ["report"], ["compact"], ["breaker", "list"], ["gateway", "--upstream", "u"],
+                                     ["price", "gpt-4o", "--input", "1", "--output", "1"]])
+def test_global_flags_before_or_after_the_command(command: list[str]) -> None:
+    from pipeline.cli.main import _parser  # noqa: PLC0415
+
+    before, after = _parser().parse_args([*GLOBALS, *command]), _parser().parse_args([*command, *GLOBALS])
+    assert before == after
+    assert (before.config, before.log_level, before.log_file, before.log_format) == ("c.yaml", "debug", "x.log", "json")
+    plain = _parser().parse_args(command)
+    assert (plain.config, plain.log_level, plain.log_file, plain.log_format) == (None, None, None, "text")
+
+
+def test_a_command_that_declares_a_global_flag_itself_keeps_the_order_free() -> None:
+    import argparse  # noqa: PLC0415
+
+    from pipeline.cli.main import _add_globals, _share_globals  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser()
+    _add_globals(parser, default=None)
+    own = parser.add_subparsers(dest="command").add_parser("reprice")
+    own.add_argument("--config", metavar="FILE", help="its own words")
+    _share_globals(parser)
+    assert parser.parse_args(["--config", "a.yaml", "reprice"]).config == "a.yaml"
+    assert parser.parse_args(["reprice", "--config", "b.yaml"]).config == "b.yaml"
