@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.cli.breaker_keeper import BreakerKeeper, restore_breakers
+from pipeline.cli.startup import notice
 from pipeline.export.exporter import EXPORTER_GROUP
 from pipeline.guardrails.stage import GUARDRAILS_GROUP
 from pipeline.kafka.broker import BrokerError, EmbeddedBroker, port_is_free
@@ -99,7 +100,7 @@ class Child:
             if self.restart_at_s is not None and now_s >= self.restart_at_s:
                 self.restarts += 1
                 self.start()
-                print(f"spendstream: {self.name} started again (restart {self.restarts})", file=sys.stderr, flush=True)
+                notice(f"{self.name} started again (restart {self.restarts})")
             return
         code = self.process.poll()
         if code is None:
@@ -107,8 +108,8 @@ class Child:
         self.process = None
         self.backoff_s = next_backoff(self.backoff_s, now_s - self.started_s)
         self.restart_at_s = now_s + self.backoff_s
-        print(f"spendstream: {self.name} {exit_reason(code)}; starting it again in {self.backoff_s:g} s "
-              f"(see {self.log})", file=sys.stderr, flush=True)
+        notice(f"{self.name} {exit_reason(code)}; starting it again in {self.backoff_s:g} s "
+               f"(see {self.log})")
 
 
 def _check_ports(config: Config, workers: int) -> None:
@@ -158,11 +159,11 @@ def _drain(children: list[Child], config: Config) -> None:
     try:
         left = _wait_drained(rest, config)
     except KafkaError as exc:  # nothing more can be drained from a broker that is gone
-        print(f"spendstream: cannot drain, the broker does not answer ({exc})", file=sys.stderr, flush=True)
+        notice(f"cannot drain, the broker does not answer ({exc})")
     else:
         if left:
-            print(f"spendstream: stopped with {left:,} records not yet through (waited {DRAIN_TIMEOUT_S:g} s); "
-                  "with the embedded broker they are lost", file=sys.stderr, flush=True)
+            notice(f"stopped with {left:,} records not yet through (waited {DRAIN_TIMEOUT_S:g} s); "
+                   "with the embedded broker they are lost")
     _stop(rest)
 
 
@@ -288,23 +289,23 @@ def _restart_broker(embedded: _EmbeddedKafka, roles: list[Child], code: int, now
     """The embedded broker died: say so, start a new one and every role again. False (stop the run) when it keeps
     dying or cannot start."""
     embedded.deaths = [t for t in embedded.deaths if now_s - t < STABLE_AFTER_S] + [now_s]
-    print(f"spendstream: the embedded broker {exit_reason(code)}; everything it held in memory is gone "
-          "(calls acknowledged but not yet in the FOCUS files are lost)", file=sys.stderr, flush=True)
+    notice(f"the embedded broker {exit_reason(code)}; everything it held in memory is gone "
+           "(calls acknowledged but not yet in the FOCUS files are lost)")
     if len(embedded.deaths) >= BROKER_DEATHS_TO_STOP:
-        print(f"spendstream: the broker died {len(embedded.deaths)} times within {STABLE_AFTER_S:g} s; stopping "
-              f"(see {embedded.broker.log_file})", file=sys.stderr, flush=True)
+        notice(f"the broker died {len(embedded.deaths)} times within {STABLE_AFTER_S:g} s; stopping "
+               f"(see {embedded.broker.log_file})")
         return False
     _stop(roles, timeout_s=5.0)  # their clients hold the old broker's groups and offsets
     embedded.stop()
     try:
         embedded.start()
     except BrokerError as exc:
-        print(f"spendstream: the broker could not be started again: {exc}", file=sys.stderr, flush=True)
+        notice(f"the broker could not be started again: {exc}")
         return False
     for role in roles:
         role.start()
-    print("spendstream: a new embedded broker is running with the topics and the breakers in force; every role "
-          "was started again", file=sys.stderr, flush=True)
+    notice("a new embedded broker is running with the topics and the breakers in force; every role "
+           "was started again")
     return True
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import metadata
@@ -88,3 +89,12 @@ def configure_logging(level: str, log_file: str | None, fmt: str = "text", *,
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)  # Python warnings too, instead of raw lines on stderr
+
+
+def notice(message: str) -> None:
+    """An event for the operator on stderr (`run` restarting a role, a dead broker): a `spendstream: ` line, or a
+    log record when the logs are JSON, so whatever reads them sees one format."""
+    if any(isinstance(handler.formatter, JsonFormatter) for handler in logging.getLogger().handlers):
+        log.warning("%s", message)
+    else:
+        print(f"spendstream: {message}", file=sys.stderr, flush=True)

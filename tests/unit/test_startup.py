@@ -188,3 +188,19 @@ def test_a_command_that_declares_a_global_flag_itself_keeps_the_order_free() -> 
     _share_globals(parser)
     assert parser.parse_args(["--config", "a.yaml", "reprice"]).config == "a.yaml"
     assert parser.parse_args(["reprice", "--config", "b.yaml"]).config == "b.yaml"
+
+
+def test_run_notices_follow_the_log_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli.startup import notice  # noqa: PLC0415
+
+    log_file = tmp_path / "run.log"
+    configure_logging("info", None)
+    notice("worker-1 was killed by SIGKILL; starting it again in 1 s")
+    configure_logging("info", str(log_file), "json")
+    try:
+        notice("the embedded broker was killed by SIGKILL")
+    finally:
+        logging.basicConfig(force=True)
+    assert capsys.readouterr().err == "spendstream: worker-1 was killed by SIGKILL; starting it again in 1 s\n"
+    (entry,) = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert (entry["level"], entry["message"]) == ("WARNING", "the embedded broker was killed by SIGKILL")
