@@ -241,6 +241,7 @@ def _event_fields(usage: SpanUsage, attribution: dict[str, str]) -> dict[str, ob
 
 def _event(span: Span, parent: str | None, usage: SpanUsage, who: Attribution) -> UsageEvent:
     extra = {"reported_cost_usd": usage.reported_cost_usd} if usage.reported_cost_usd else {}
+    extra |= {f"tokens.{meter}": str(count) for meter, count in usage.modality_tokens.items()}
     trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
     return UsageEvent(
         id=f"{trace_id}-{span_id}",

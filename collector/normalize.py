@@ -59,6 +59,10 @@ _PROVIDER_HOSTS: Final = (
     ("api.cohere.com", "cohere"),
     ("api.cohere.ai", "cohere"),
     ("openrouter.ai", "openrouter"),
+    ("api.perplexity.ai", "perplexity"),
+    ("api.moonshot.ai", "moonshot_ai"),
+    ("api.moonshot.cn", "moonshot_ai"),
+    ("ml.cloud.ibm.com", "ibm.watsonx.ai"),
 )
 
 _INPUT: Final = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.token_count.prompt",
@@ -76,6 +80,14 @@ _REASONING: Final = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reaso
 _RESPONSE_MODEL: Final = ("gen_ai.response.model", "llm.response.model_name", "llm.model_name")
 _REQUEST_MODEL: Final = ("gen_ai.request.model", "llm.request.model_name", "ai.model.id",
                          "langfuse.observation.model.name")
+#: the modality breakdowns of the GenAI conventions (gen_ai.usage.<modality>.<input|output>_tokens, subsets of the
+#: totals) and OpenInference's -> "<input|output>.<modality>"; carried on the event (extra), not priced apart
+_MODALITY_TOKENS: Final[Mapping[str, str]] = {
+    **{f"gen_ai.usage.{m}.input_tokens": f"input.{m}" for m in ("text", "image", "audio", "video")},
+    **{f"gen_ai.usage.{m}.output_tokens": f"output.{m}" for m in ("text", "audio")},
+    "llm.token_count.prompt_details.audio": "input.audio",
+    "llm.token_count.completion_details.audio": "output.audio",
+}
 _SERVICE_TIER: Final = ("openai.response.service_tier", "openai.request.service_tier",
                         "gen_ai.openai.response.service_tier", "gen_ai.openai.request.service_tier")
 _REPORTED_COST: Final = ("gen_ai.usage.cost", "llm.cost.total")
@@ -105,6 +117,8 @@ class SpanUsage:
     server_address: str | None
     error: bool
     reported_cost_usd: str | None
+    #: "<input|output>.<modality>" -> tokens, where the span breaks its totals down by modality
+    modality_tokens: Mapping[str, int]
 
 
 def any_value_str(value: AnyValue) -> str | None:
@@ -258,6 +272,18 @@ def _tokens(attrs: Attrs, dialect: str, provider: str | None, max_tokens: int) -
     )
 
 
+def _modality_tokens(attrs: Attrs, max_tokens: int) -> dict[str, int]:
+    counts = {}
+    for name, meter in _MODALITY_TOKENS.items():
+        value = attrs.get(name)
+        if value is not None:
+            count = _to_int(name, value)
+            if count < 0 or count > max_tokens:
+                raise InvalidSpan("invalid_token_count", f"{name} {count} is outside 0..{max_tokens}")
+            counts[meter] = count
+    return counts
+
+
 def _vercel_provider(attrs: Attrs) -> str | None:
     value = attrs.get("ai.model.provider") or attrs.get("gen_ai.system")  # e.g. "openai.chat"
     return value.string_value.split(".", 1)[0] if value is not None else None
@@ -304,4 +330,5 @@ def normalize_span(
         server_address=server_address,
         error="error.type" in attrs or span.status.code == Status.STATUS_CODE_ERROR,
         reported_cost_usd=_first_str(attrs, _REPORTED_COST, 64),
+        modality_tokens=_modality_tokens(attrs, max_tokens),
     )

@@ -285,7 +285,7 @@ class Config:
         return problems
 
 
-def _schema() -> dict[str, Any]:
+def config_schema() -> dict[str, Any]:
     text = resources.files("schemas").joinpath("config.schema.json").read_text("utf-8")
     return cast(dict[str, Any], json.loads(text))
 
@@ -315,7 +315,7 @@ def _dotted(path: Sequence[str | int]) -> str:
 
 
 def _schema_problems(data: Any, root: yaml.Node | None) -> list[str]:
-    validator = jsonschema.Draft202012Validator(_schema())
+    validator = jsonschema.Draft202012Validator(config_schema())
     problems = []
     for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
         path = list(err.absolute_path)
@@ -406,13 +406,24 @@ def _build(data: Mapping[str, Any], source: str, root: yaml.Node | None = None) 
     return config
 
 
-def load_config(path: Path | None) -> Config:
-    """Read and validate a spendstream.yaml; None gives the defaults.
+def _merge(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with `overrides` laid over it key by key: a section named in both keeps the file's other keys."""
+    merged = dict(data)
+    for key, value in overrides.items():
+        below = merged.get(key)
+        merged[key] = _merge(below if isinstance(below, Mapping) else {}, value) if isinstance(value, Mapping) \
+            else value
+    return merged
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a spendstream.yaml, with `overrides` (shaped like the file: schemas/config_env.py) laid
+    over it; None gives the defaults.
 
     Raises ConfigError with one `key (line N): problem` entry per problem found.
     """
     if path is None:
-        return Config()
+        return config_from_dict(overrides, "environment") if overrides else Config()
     source = str(path)
     try:
         text = path.read_text("utf-8")
@@ -425,6 +436,8 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError([f"not valid YAML: {exc}"], source) from exc
     if data is None:
         data = {}
+    if overrides and isinstance(data, Mapping):
+        data = _merge(data, overrides)
     problems = _schema_problems(data, root)
     if problems:
         raise ConfigError(problems, source)

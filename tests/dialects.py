@@ -37,6 +37,17 @@ DIALECTS = [
     }, {"operation": "chat", "provider": "anthropic", "request_model": "claude-sonnet-4-5", "response_model": None,
         "dialect": "semconv",
         "tokens": {"input_uncached": 300, "cache_read": 1000, "cache_write": 200, "output": 100, "reasoning": 0}}),
+    # the conventions' own repository (semantic-conventions-genai): modality breakdowns, subsets of the totals
+    Dialect("semconv_genai_modalities", {
+        "gen_ai.operation.name": "generate_content", "gen_ai.provider.name": "gcp.gemini",
+        "gen_ai.request.model": "gemini-2.5-flash", "gen_ai.usage.input_tokens": 1200,
+        "gen_ai.usage.output_tokens": 300, "gen_ai.usage.cache_read.input_tokens": 200,
+        "gen_ai.usage.reasoning.output_tokens": 100, "gen_ai.usage.text.input_tokens": 900,
+        "gen_ai.usage.image.input_tokens": 300, "gen_ai.usage.text.output_tokens": 300,
+    }, {"operation": "generate_content", "provider": "gcp.gemini", "request_model": "gemini-2.5-flash",
+        "dialect": "semconv",
+        "extra": {"tokens.input.text": "900", "tokens.input.image": "300", "tokens.output.text": "300"},
+        "tokens": {"input_uncached": 1000, "cache_read": 200, "cache_write": 0, "output": 300, "reasoning": 100}}),
     Dialect("semconv_deprecated", {
         "gen_ai.system": "az.ai.openai", "gen_ai.request.model": "gpt-4o-mini",
         "gen_ai.usage.prompt_tokens": 700, "gen_ai.usage.completion_tokens": 70,

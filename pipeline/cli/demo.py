@@ -13,6 +13,7 @@ every scope has a baseline by the time the runaway starts.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -121,14 +122,15 @@ SERVICES = (
 RUNAWAY = Service("research-agent", "research", "prod", 0.04, _semconv_openai("gpt-4o", "research-agent"))
 
 
-def _provider(service: Service, endpoint: str, token: str | None) -> TracerProvider:
+def _provider(service: Service, endpoint: str | None, token: str | None) -> TracerProvider:
     resource = {"service.name": service.name, "deployment.environment.name": service.env,
                 **service.extra_resource}
     if service.team:
         resource["team.name"] = service.team
     provider = TracerProvider(resource=Resource.create(resource))
     headers = {"authorization": f"Bearer {token}"} if token else None
-    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True, headers=headers)
+    # None: the SDK reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT / _HEADERS / _INSECURE, as any OTel app does
+    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True if endpoint else None, headers=headers)
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=300, max_queue_size=20_000,
                                                    max_export_batch_size=512))
     return provider
@@ -187,10 +189,13 @@ def _progress(elapsed: float, duration: float, calls: int, burst: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def run_demo(*, endpoint: str, duration_s: float, rate_per_s: float, seed: int, token: str | None,
+def run_demo(*, endpoint: str | None, duration_s: float, rate_per_s: float, seed: int, token: str | None,
              history_s: float = 180.0) -> int:
     """Replay `history_s` of normal traffic, then send it live for `duration_s`; the research agent runs
-    away at 10x the whole rate between 40 % and 60 % of the live run."""
+    away at 10x the whole rate between 40 % and 60 % of the live run. Without `endpoint` the spans go where the
+    standard OTEL_EXPORTER_OTLP_* variables say (default localhost:4317)."""
+    target = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or \
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "localhost:4317"
     rng = random.Random(seed)
     providers = {s.name: _provider(s, endpoint, token) for s in (*SERVICES, RUNAWAY)}
     traffic = Traffic({name: p.get_tracer("spendstream.demo") for name, p in providers.items()}, rng, rate_per_s)
@@ -224,7 +229,7 @@ def run_demo(*, endpoint: str, duration_s: float, rate_per_s: float, seed: int, 
     _progress(duration_s, duration_s, traffic.calls, False)
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    print(f"demo: sent {traffic.calls} model calls to {endpoint}")
+    print(f"demo: sent {traffic.calls} model calls to {target}")
     if burst:
         print(f"demo: the research agent ran away from {rfc3339(burst[0] // 10**9)} to {rfc3339(burst[1] // 10**9)} "
               "(team=research, key=research-agent)")

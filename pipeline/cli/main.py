@@ -13,25 +13,30 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
+from typing import Any, NoReturn
 
+from pipeline.cli.startup import LOG_FILE_BYTES, LOG_FILES_KEPT, LOG_FORMATS, configure_logging, load, version
 from schemas.codec import parse_utc
-from schemas.config import Config, load_config
+from schemas.config import Config
 from schemas.errors import ConfigError, SpendstreamError
 from schemas.policy import Scope, duration_s
 
 log = logging.getLogger("spendstream")
 #: where `run` keeps state and logs, and where the exporter writes and `report` reads the FOCUS files
 DEFAULT_DATA_DIR = "./spendstream-data"
-#: a role's log file is rotated at this size; with the files kept, a role's logs stay under 40 MB
-LOG_FILE_BYTES = 10 * 2**20
-LOG_FILES_KEPT = 3
 
 
 def _config(args: argparse.Namespace) -> Config:
-    """The config file with command-line flags applied on top."""
-    config = load_config(Path(args.config) if args.config else None)
+    return _load(args)[0]
+
+
+def _load(args: argparse.Namespace, *, announce: bool = True) -> tuple[Config, Path | None]:
+    """The config (file, then environment) with command-line flags applied on top, and the file it came from;
+    logs the start-up line naming them unless `announce` is off (`run` shows it in its banner)."""
+    config, path, line = load(args.config)
+    if announce:
+        log.info("%s", line)
     kafka = config.kafka
     if getattr(args, "kafka", None):
         kafka = replace(kafka, bootstrap_servers=args.kafka)
@@ -47,11 +52,42 @@ def _config(args: argparse.Namespace) -> Config:
     metrics = config.metrics
     if getattr(args, "metrics_port", None) is not None:
         metrics = replace(metrics, port=args.metrics_port)
-    return replace(config, kafka=kafka, collector=collector, metrics=metrics)
+    return replace(config, kafka=kafka, collector=collector, metrics=metrics), path
+
+
+#: flags every command takes, before or after its name
+_GLOBAL_FLAGS: dict[str, dict[str, Any]] = {
+    "--config": {"metavar": "FILE", "help": "spendstream.yaml (default: $SPENDSTREAM_CONFIG, then ./spendstream.yaml, "
+                 "then built-in defaults); SPENDSTREAM_* variables override it (docs/configuration.md)"},
+    "--log-level": {"choices": ["debug", "info", "warning", "error"],
+                    "help": "default info (warning for report, price and demo)"},
+    "--log-file": {"metavar": "FILE", "help": f"log to FILE instead of stderr, rotated at {LOG_FILE_BYTES // 2**20} "
+                   f"MB ({LOG_FILES_KEPT} kept)"},
+    "--log-format": {"choices": LOG_FORMATS, "help": "text (default) or json: one object a line, the same for every "
+                     "role"},
+}
+
+
+def _add_globals(p: argparse.ArgumentParser, *, default: object) -> None:
+    """`default` is argparse.SUPPRESS on the subcommands, so a flag given before the subcommand is not reset by
+    the subcommand's parser; a subcommand that declares one of them itself keeps its own, with that default."""
+    for flag, options in _GLOBAL_FLAGS.items():
+        own = p._option_string_actions.get(flag)
+        if own is None:
+            p.add_argument(flag, default=default, **options)
+        else:
+            own.default = default
+
+
+def _share_globals(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_globals(sub, default=argparse.SUPPRESS)
+                _share_globals(sub)
 
 
 def _add_common(p: argparse.ArgumentParser, *, kafka: bool = True) -> None:
-    p.add_argument("--config", metavar="FILE", help="spendstream.yaml (default: built-in defaults)")
     if kafka:
         p.add_argument("--kafka", metavar="HOST:PORT",
                        help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
@@ -64,16 +100,16 @@ def _add_host(p: argparse.ArgumentParser) -> None:
 
 
 def _add_log_level(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-file", metavar="FILE",
-                   help=f"log to FILE instead of stderr, rotated at {LOG_FILE_BYTES // 2**20} MB "
-                        f"({LOG_FILES_KEPT} kept)")
+    p.set_defaults(default_log_level=default)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spendstream", description="Real-time cost control for generative-AI traffic (OTLP in, Kafka out)."
     )
+    parser.add_argument("--version", action="version", version=f"spendstream {version()}")
+    _add_globals(parser, default=None)
+    parser.set_defaults(log_format="text", default_log_level="info")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="everything on one machine: broker, topics, collector, workers")
@@ -136,7 +172,6 @@ def _parser() -> argparse.ArgumentParser:
     price.add_argument("--provider", help="e.g. openai, anthropic, aws.bedrock (default: found from the model)")
     price.add_argument("--service-tier", help="e.g. flex, priority, batch")
     price.add_argument("--at", metavar="DATE", help="price in force on this UTC date (default now)")
-    price.add_argument("--config", metavar="FILE", help="spendstream.yaml for overrides and fx")
     _add_log_level(price, "warning")
 
     breaker = sub.add_parser("breaker", help="the kill switch: trip, reset or list circuit breakers")
@@ -179,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     topics.add_argument("--partitions", type=int, help="partitions per topic (default kafka.partitions)")
 
     demo = sub.add_parser("demo", help="send realistic GenAI traffic through the OpenTelemetry SDK")
-    demo.add_argument("--endpoint", default="localhost:4317", help="OTLP/gRPC endpoint (default localhost:4317)")
+    demo.add_argument("--endpoint", help="OTLP/gRPC endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT, with "
+                      "$OTEL_EXPORTER_OTLP_HEADERS, else localhost:4317)")
     demo.add_argument("--duration", type=float, default=30.0, help="seconds of traffic (default 30)")
     demo.add_argument("--rate", type=float, default=40.0, help="model calls per second, steady traffic (default 40)")
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
@@ -187,6 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--history", type=float, default=180.0, help="seconds of normal traffic to replay with past "
                       "timestamps first, so velocity has a baseline (default 180; 0: none)")
     _add_log_level(demo, "warning")
+    _share_globals(parser)
     return parser
 
 
@@ -214,9 +251,8 @@ def _cmd_worker(args: argparse.Namespace) -> None:
     from pipeline.cli.worker import run_worker  # noqa: PLC0415
     from pipeline.observability.endpoint import serve_metrics  # noqa: PLC0415
 
-    config = _config(args)
+    config, config_path = _load(args)
     serve_metrics(args.metrics_port if args.metrics_port is not None else config.metrics.port + 1)
-    config_path = Path(args.config) if args.config else None
     data_dir = Path(args.data_dir) if args.data_dir else None
     _serve_until_signal(lambda stop: run_worker(config, config_path, data_dir, stop))
 
@@ -339,10 +375,11 @@ def _cmd_authz(args: argparse.Namespace) -> None:
 def _cmd_run(args: argparse.Namespace) -> None:
     from pipeline.cli.runtime import run_all  # noqa: PLC0415
 
-    config = _config(args)
+    config, path = _load(args, announce=False)
     raise SystemExit(run_all(config, workers=args.workers, data_dir=Path(args.data_dir),
                              broker_port=None if args.kafka else args.broker_port,
-                             config_path=args.config, log_level=args.log_level))
+                             config_path=str(path) if path else None, log_level=args.log_level,
+                             log_format=args.log_format))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -360,17 +397,14 @@ COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker,
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    configure_logging(args.log_level, args.log_file)
+    args.log_level = args.log_level or args.default_log_level
+    configure_logging(args.log_level, args.log_file, args.log_format)
     try:
         COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"spendstream: invalid configuration {exc.source}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(args, "\n  ".join([f"invalid configuration {exc.source}:", *exc.problems]), 2)
     except (SpendstreamError, OSError) as exc:
-        print(f"spendstream: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        _fail(args, str(exc), 1)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except Exception:
@@ -379,10 +413,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(1) from None
 
 
-def configure_logging(level: str, log_file: str | None, *, max_bytes: int = LOG_FILE_BYTES) -> None:
-    handlers: list[logging.Handler] = []
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=LOG_FILES_KEPT))
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers or None, force=True)
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> NoReturn:
+    if args.log_format == "json":
+        log.error("%s", message)  # in the format of every other line, for whatever collects them
+    else:
+        print(f"spendstream: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.cli.breaker_keeper import BreakerKeeper, restore_breakers
+from pipeline.cli.startup import notice
 from pipeline.export.exporter import EXPORTER_GROUP
 from pipeline.guardrails.stage import GUARDRAILS_GROUP
 from pipeline.kafka.broker import BrokerError, EmbeddedBroker, port_is_free
@@ -99,7 +100,7 @@ class Child:
             if self.restart_at_s is not None and now_s >= self.restart_at_s:
                 self.restarts += 1
                 self.start()
-                print(f"spendstream: {self.name} started again (restart {self.restarts})", file=sys.stderr, flush=True)
+                notice(f"{self.name} started again (restart {self.restarts})")
             return
         code = self.process.poll()
         if code is None:
@@ -107,8 +108,8 @@ class Child:
         self.process = None
         self.backoff_s = next_backoff(self.backoff_s, now_s - self.started_s)
         self.restart_at_s = now_s + self.backoff_s
-        print(f"spendstream: {self.name} {exit_reason(code)}; starting it again in {self.backoff_s:g} s "
-              f"(see {self.log})", file=sys.stderr, flush=True)
+        notice(f"{self.name} {exit_reason(code)}; starting it again in {self.backoff_s:g} s "
+               f"(see {self.log})")
 
 
 def _check_ports(config: Config, workers: int) -> None:
@@ -158,11 +159,11 @@ def _drain(children: list[Child], config: Config) -> None:
     try:
         left = _wait_drained(rest, config)
     except KafkaError as exc:  # nothing more can be drained from a broker that is gone
-        print(f"spendstream: cannot drain, the broker does not answer ({exc})", file=sys.stderr, flush=True)
+        notice(f"cannot drain, the broker does not answer ({exc})")
     else:
         if left:
-            print(f"spendstream: stopped with {left:,} records not yet through (waited {DRAIN_TIMEOUT_S:g} s); "
-                  "with the embedded broker they are lost", file=sys.stderr, flush=True)
+            notice(f"stopped with {left:,} records not yet through (waited {DRAIN_TIMEOUT_S:g} s); "
+                   "with the embedded broker they are lost")
     _stop(rest)
 
 
@@ -181,10 +182,11 @@ def _wait_drained(roles: list[Child], config: Config) -> int:
     return left
 
 
-def _roles(config: Config, *, workers: int, data_dir: Path, config_path: str | None, log_level: str) -> list[Child]:
+def _roles(config: Config, *, workers: int, data_dir: Path, config_path: str | None, log_level: str,
+           log_format: str) -> list[Child]:
     """The roles in start order (downstream first)."""
     logs = data_dir / "logs"
-    common = ["--kafka", config.kafka.bootstrap_servers, "--log-level", log_level]
+    common = ["--kafka", config.kafka.bootstrap_servers, "--log-level", log_level, "--log-format", log_format]
     if config_path:
         common += ["--config", config_path]
     port = config.metrics.port
@@ -229,7 +231,7 @@ class _EmbeddedKafka:
 
 
 def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | None,
-            config_path: str | None, log_level: str) -> int:
+            config_path: str | None, log_level: str, log_format: str) -> int:
     """Run until Ctrl-C or SIGTERM; returns the exit code."""
     if workers < 1:
         raise BrokerError("--workers must be at least 1")
@@ -240,7 +242,8 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
         broker = EmbeddedBroker(broker_port, log_file=data_dir / "logs" / "broker.log")
         config = replace(config, kafka=replace(config.kafka, bootstrap_servers=broker.bootstrap_servers))
         embedded = _EmbeddedKafka(config, broker, data_dir)
-    roles = _roles(config, workers=workers, data_dir=data_dir, config_path=config_path, log_level=log_level)
+    roles = _roles(config, workers=workers, data_dir=data_dir, config_path=config_path, log_level=log_level,
+                   log_format=log_format)
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -256,7 +259,8 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
             asyncio.run(ensure_topics(config.kafka, os.environ))
         for role in roles:
             role.start()
-        _print_endpoints(config, config.kafka.bootstrap_servers, embedded is not None, workers, data_dir)
+        _print_endpoints(config, config.kafka.bootstrap_servers, embedded is not None, workers, data_dir,
+                         config_path=config_path)
         last_status, next_status = "", time.monotonic() + STATUS_EVERY_S
         while not stopping:
             now = time.monotonic()
@@ -285,23 +289,23 @@ def _restart_broker(embedded: _EmbeddedKafka, roles: list[Child], code: int, now
     """The embedded broker died: say so, start a new one and every role again. False (stop the run) when it keeps
     dying or cannot start."""
     embedded.deaths = [t for t in embedded.deaths if now_s - t < STABLE_AFTER_S] + [now_s]
-    print(f"spendstream: the embedded broker {exit_reason(code)}; everything it held in memory is gone "
-          "(calls acknowledged but not yet in the FOCUS files are lost)", file=sys.stderr, flush=True)
+    notice(f"the embedded broker {exit_reason(code)}; everything it held in memory is gone "
+           "(calls acknowledged but not yet in the FOCUS files are lost)")
     if len(embedded.deaths) >= BROKER_DEATHS_TO_STOP:
-        print(f"spendstream: the broker died {len(embedded.deaths)} times within {STABLE_AFTER_S:g} s; stopping "
-              f"(see {embedded.broker.log_file})", file=sys.stderr, flush=True)
+        notice(f"the broker died {len(embedded.deaths)} times within {STABLE_AFTER_S:g} s; stopping "
+               f"(see {embedded.broker.log_file})")
         return False
     _stop(roles, timeout_s=5.0)  # their clients hold the old broker's groups and offsets
     embedded.stop()
     try:
         embedded.start()
     except BrokerError as exc:
-        print(f"spendstream: the broker could not be started again: {exc}", file=sys.stderr, flush=True)
+        notice(f"the broker could not be started again: {exc}")
         return False
     for role in roles:
         role.start()
-    print("spendstream: a new embedded broker is running with the topics and the breakers in force; every role "
-          "was started again", file=sys.stderr, flush=True)
+    notice("a new embedded broker is running with the topics and the breakers in force; every role "
+           "was started again")
     return True
 
 
@@ -344,7 +348,8 @@ def _flow_status(metrics_port: int, workers: int) -> str:
             f"in files; {alerts:,.0f} alerts, {commands:,.0f} breaker commands")
 
 
-def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: int, data_dir: Path) -> None:
+def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: int, data_dir: Path, *,
+                     config_path: str | None) -> None:
     m = config.metrics.port
     lines = [
         "spendstream is running",
@@ -356,6 +361,8 @@ def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: in
         + "".join(f", :{m + 1 + i} (worker-{i + 1})" for i in range(workers)) + f", :{m + 1 + workers} (exporter)",
         f"  FOCUS files  {data_dir / 'focus'}   (spendstream report --data-dir {data_dir})",
         f"  data, logs   {data_dir}",
+        f"  config       {config_path or 'built-in defaults'}   (each role's log says which settings came from "
+        "SPENDSTREAM_* variables)",
         "  breakers     spendstream breaker list --kafka " + bootstrap,
         "try it:        spendstream demo      stop: Ctrl-C",
     ]

@@ -12,6 +12,7 @@ error, so a supervisor sees it, rather than leaving half a worker running.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pipeline.pricing.catalog import PriceCatalog
 from pipeline.pricing.focus import Billing
 from pipeline.pricing.stage import PricingStage
 from schemas.config import Config
+from schemas.config_env import env_overrides
 
 POLICY_CHECK_EVERY_S = 2.0
 
@@ -36,7 +38,7 @@ async def run_worker(config: Config, config_path: Path | None, data_dir: Path | 
     """Run both stages until `stop` is set; raises the error of a stage that failed. `data_dir` holds the
     FOCUS files (the durable record of spend), read when the broker has no state to restore."""
     catalog = PriceCatalog.from_config(config)
-    policy = PolicyFile(config_path, config.policy)
+    policy = PolicyFile(config_path, config.policy, env_overrides(os.environ))
     CATALOG_INFO.labels(catalog.version).set(1)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policy.request_reload)
     tasks = [asyncio.create_task(PricingStage(config, catalog, Billing.from_config(config), policy, data_dir).run()),

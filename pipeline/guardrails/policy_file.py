@@ -8,7 +8,9 @@ a reload loses none of it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pipeline.observability import metrics
 from schemas.config import load_config
@@ -19,9 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class PolicyFile:
-    def __init__(self, path: Path | None, policy: Policy) -> None:
+    def __init__(self, path: Path | None, policy: Policy, overrides: Mapping[str, Any] | None = None) -> None:
         self.path = path
         self.policy = policy
+        #: the SPENDSTREAM_* settings the process started with (schemas/config_env.py): a reload keeps them
+        self._overrides = overrides
         self._stamp = self._file_stamp()
         self._requested = False
 
@@ -43,7 +47,7 @@ class PolicyFile:
             return False
         self._requested, self._stamp = False, stamp
         try:
-            policy = load_config(self.path).policy
+            policy = load_config(self.path, self._overrides).policy
         except ConfigError as exc:
             metrics.POLICY_RELOADS.labels("rejected").inc()
             log.error("policy reload from %s rejected, the previous policy stays in force:\n  %s",

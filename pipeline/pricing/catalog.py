@@ -34,6 +34,7 @@ PROVIDER_IDS: Final[Mapping[str, str]] = {
     "anthropic": "anthropic", "gcp.gemini": "google", "gcp.vertex_ai": "google", "gcp.gen_ai": "google",
     "aws.bedrock": "aws", "mistral_ai": "mistral", "x_ai": "x-ai", "groq": "groq", "deepseek": "deepseek",
     "cohere": "cohere", "openrouter": "openrouter", "perplexity": "perplexity", "together_ai": "together",
+    "moonshot_ai": "moonshotai",
 }
 #: override keys in spendstream.yaml -> genai-prices price keys
 OVERRIDE_PRICE_KEYS: Final[Mapping[str, str]] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -15,13 +16,18 @@ from pathlib import Path
 
 from tests.support import free_port
 
+ROOT = Path(__file__).resolve().parents[2]
 SPENDSTREAM = [sys.executable, "-m", "pipeline"]
 #: metrics ports `spendstream run --workers 1` takes from --metrics-port on: collector, worker, exporter
 METRICS_PORTS = 3
 
 
-def spendstream(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SPENDSTREAM, *args], capture_output=True, text=True, timeout=timeout, check=False)
+def spendstream(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI from this work tree (also from another working directory), with `env` added to the environment."""
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([*SPENDSTREAM, *args], capture_output=True, text=True, timeout=timeout, check=False,
+                          env=environ, cwd=cwd)
 
 
 @dataclass(frozen=True)
@@ -82,14 +88,18 @@ def spendstream_run(data_dir: Path, output: Path, *extra: str) -> Iterator[Runni
             run.wait()
 
 
-def demo(pipeline: RunningPipeline, duration_s: float, history_s: float = 0) -> subprocess.CompletedProcess[str]:
-    """`spendstream demo` against the pipeline (no replayed history unless asked)."""
-    done = spendstream("demo", "--endpoint", f"localhost:{pipeline.grpc_port}", "--duration", f"{duration_s:g}",
-                       "--rate", "40", "--history", f"{history_s:g}", timeout=180)
+def demo(pipeline: RunningPipeline, duration_s: float, history_s: float = 0,
+         otel_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`spendstream demo` against the pipeline (no replayed history unless asked); with `otel_env`, the endpoint
+    comes from those OTEL_EXPORTER_OTLP_* variables instead of --endpoint."""
+    target = [] if otel_env else ["--endpoint", f"localhost:{pipeline.grpc_port}"]
+    done = spendstream("demo", *target, "--duration", f"{duration_s:g}", "--rate", "40", "--history",
+                       f"{history_s:g}", timeout=180, env=otel_env)
     assert done.returncode == 0, done.stderr
     return done
 
 
-def run_demo(pipeline: RunningPipeline, duration_s: float) -> int:
+def run_demo(pipeline: RunningPipeline, duration_s: float, otel_env: dict[str, str] | None = None) -> int:
     """Send demo traffic to the pipeline; returns how many model calls the demo sent."""
-    return int(re.search(r"sent (\d+) model calls", demo(pipeline, duration_s).stdout).group(1))  # type: ignore[union-attr]
+    done = demo(pipeline, duration_s, otel_env=otel_env)
+    return int(re.search(r"sent (\d+) model calls", done.stdout).group(1))  # type: ignore[union-attr]

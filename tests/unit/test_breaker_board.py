@@ -124,3 +124,17 @@ def test_the_board_says_when_a_breaker_lifts_by_itself() -> None:
     assert board.expires_s("manual|team=search") == NOW + 600
     assert board.expires_s("manual|team=ads") is None  # until reset
     assert board.expires_s("manual|team=nobody") is None
+
+
+def test_a_reload_keeps_the_environments_settings(tmp_path: Path) -> None:
+    from schemas.config_env import env_overrides  # noqa: PLC0415
+
+    path = tmp_path / "spendstream.yaml"
+    path.write_text("breaker:\n  cool_down: 5m\nbudgets:\n  - {scope: {team: a}, amount: 100}\n")
+    overrides = env_overrides({"SPENDSTREAM_BREAKER_COOL_DOWN": "1m"})
+    policy = PolicyFile(path, load_config(path, overrides).policy, overrides)
+    assert policy.policy.breaker.cool_down_s == 60
+    path.write_text("breaker:\n  cool_down: 5m\nbudgets:\n  - {scope: {team: a}, amount: 250}\n")
+    os.utime(path, ns=(1, 1))
+    assert policy.check() is True and policy.policy.budgets[0].amount == 250
+    assert policy.policy.breaker.cool_down_s == 60, "SPENDSTREAM_BREAKER_COOL_DOWN still wins over the file"

