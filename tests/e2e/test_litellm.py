@@ -90,7 +90,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningP
                "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of LiteLLM's price list from the internet
                "SPENDSTREAM_CONFIG": str(tmp / "spendstream.yaml"), "SPENDSTREAM_KAFKA": run.bootstrap,
                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{run.grpc_port}",
-               "USE_OTEL_LITELLM_REQUEST_SPAN": "true", "OTEL_ENVIRONMENT_NAME": "prod"}
+               "OTEL_ENVIRONMENT_NAME": "prod"}
         log = tmp / "litellm.log"
         with log.open("w") as out:
             process = subprocess.Popen(
