@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.gateway.board import Decision
 from pipeline.gateway.litellm_decisions import Caller, Refusal, attribution_of, obey
 
+ROOT = Path(__file__).resolve().parents[2]
 ADS = Caller(key_alias="ads-key", team_alias="ads", team_id="team-ads", metadata={"env": "prod"},
              team_metadata={"env": "dev", "use_case": "copy", "cost_center": "cc-7"})
 
@@ -46,3 +49,10 @@ def test_approval_required_refuses_with_403_unless_the_key_or_its_team_is_approv
 def test_downgrade_calls_the_cheaper_model_and_allow_the_requested_one() -> None:
     assert obey(Decision("downgrade", "gpt-4o-mini", "b", "too dear"), ADS, None, 0) == "gpt-4o-mini"
     assert obey(Decision("allow", "gpt-4o"), ADS, None, 0) == "gpt-4o"
+
+
+def test_the_readme_shows_the_litellm_config_the_tests_run() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### LiteLLM"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    assert section[start:section.index("```", start)] in (ROOT / "deploy" / "litellm" / "config.yaml").read_text()
