@@ -4,6 +4,7 @@ are priced by the pipeline with the key's attribution. One `spendstream run` and
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -22,10 +23,14 @@ import orjson
 import pytest
 import yaml
 
+from pipeline.gateway.kill_switch import publish, reset_commands, trip_command
 from pipeline.pricing import PriceCatalog, price_usage
 from pipeline.pricing.focus import money
+from schemas.breaker import BreakerAction
+from schemas.config import KafkaConfig
+from schemas.policy import Scope
 from tests.e2e.conftest import USAGE, FakeChatCompletions
-from tests.e2e.running import RunningPipeline, read_until, spendstream, spendstream_run
+from tests.e2e.running import RunningPipeline, read_until, spendstream_run
 from tests.support import free_port, read_topic, read_usage
 
 pytestmark = pytest.mark.e2e
@@ -106,9 +111,14 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningP
             upstream.shutdown()
 
 
-def breaker(run: RunningPipeline, *args: str) -> None:
-    done = spendstream("breaker", *args, "--kafka", run.bootstrap)
-    assert done.returncode == 0, done.stderr
+ADS = Scope.parse("team=ads")
+
+
+def trip(run: RunningPipeline, action: BreakerAction, reason: str, *, ttl_s: int | None = None,
+         downgrade: dict[str, str] | None = None) -> None:
+    """What `spendstream breaker trip --scope team=ads` publishes, without a process per command."""
+    command = trip_command(ADS, action, reason, ttl_s=ttl_s, downgrade=downgrade or {}, now_s=time.time())
+    asyncio.run(publish(KafkaConfig(bootstrap_servers=run.bootstrap), [command]))
 
 
 def eventually(check: Callable[[], bool], timeout_s: float = 20) -> None:
@@ -141,7 +151,7 @@ def test_litellm_obeys_the_breakers_for_its_virtual_keys(running: tuple[RunningP
     with pytest.raises(openai.AuthenticationError):
         litellm.asks_upstream_for("sk-nobody")
 
-    breaker(run, "trip", "--scope", "team=ads", "--action", "block", "--reason", "runaway test", "--ttl", "1h")
+    trip(run, "block", "runaway test", ttl_s=3600)
     blocked = refused(lambda: litellm.asks_upstream_for("sk-ads"), openai.RateLimitError)
     assert "runaway test" in str(blocked)
     assert 3500 < int(blocked.response.headers["retry-after"]) <= 3601
@@ -151,15 +161,14 @@ def test_litellm_obeys_the_breakers_for_its_virtual_keys(running: tuple[RunningP
                                   extra_body={"metadata": {"tags": ["env:dev"], "team": "search"}})
     assert litellm.asks_upstream_for("sk-search") == "gpt-4o"  # other teams unaffected
 
-    breaker(run, "trip", "--scope", "team=ads", "--action", "downgrade", "--downgrade", "gpt-4o=gpt-4o-mini",
-            "--reason", "too dear")
+    trip(run, "downgrade", "too dear", downgrade={"gpt-4o": "gpt-4o-mini"})
     eventually(lambda: litellm.asks_upstream_for("sk-ads") == "gpt-4o-mini")
 
-    breaker(run, "trip", "--scope", "team=ads", "--action", "approved_only", "--reason", "needs sign-off")
+    trip(run, "approved_only", "needs sign-off")
     assert "needs sign-off" in str(refused(lambda: litellm.asks_upstream_for("sk-ads"), openai.PermissionDeniedError))
     assert litellm.asks_upstream_for("sk-vip") == "gpt-4o"  # the ads team's approved key
 
-    breaker(run, "reset", "--scope", "team=ads")
+    asyncio.run(publish(KafkaConfig(bootstrap_servers=run.bootstrap), reset_commands(ADS, "done", time.time())))
     eventually(lambda: litellm.asks_upstream_for("sk-ads") == "gpt-4o")
 
 
