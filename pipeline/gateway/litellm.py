@@ -51,7 +51,9 @@ def http_error(refusal: Refusal) -> HTTPException:
     if refusal.status == 429:
         headers = {"retry-after": str(refusal.retry_after_s)} if refusal.retry_after_s else None
         # LiteLLM's own 429: its rate-limit metrics and callbacks count it as the budget limit it is
-        return ProxyRateLimitError(detail=detail, headers=headers, rate_limit_type=RateLimitType.BUDGET)
+        blocked: HTTPException = ProxyRateLimitError(detail=detail, headers=headers,
+                                                     rate_limit_type=RateLimitType.BUDGET)
+        return blocked
     return HTTPException(status_code=refusal.status, detail=detail)
 
 
@@ -66,7 +68,7 @@ def _expiry(client: BreakerClient, decision: Decision) -> float | None:
     return next((epoch_s(c.expires_at) for c in client.board.in_force() if c.breaker_id == decision.breaker_id), None)
 
 
-class SpendstreamBreakers(CustomLogger):
+class SpendstreamBreakers(CustomLogger):  # type: ignore[misc]  # mypy skips LiteLLM (pyproject.toml)
     def __init__(self) -> None:
         super().__init__()
         self._client: BreakerClient | None = None
