@@ -7,6 +7,7 @@ tokens exclusive of cache tokens.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -32,6 +33,14 @@ BILLABLE_OPERATIONS: Final[Mapping[str, str]] = {
     "embedding": "embeddings",
 }
 _OPENINFERENCE_KINDS: Final[Mapping[str, str]] = {"LLM": "chat", "EMBEDDING": "embeddings"}
+#: LiteLLM's call types (its `llm.request.type`): its `completion` is a chat call, not the legacy text completion
+_LITELLM_CALL_TYPES: Final[Mapping[str, str]] = {
+    "completion": "chat", "acompletion": "chat", "responses": "chat", "aresponses": "chat",
+    "text_completion": "text_completion", "atext_completion": "text_completion",
+    "embedding": "embeddings", "aembedding": "embeddings",
+}
+#: on every span of LiteLLM's `otel` callback
+_LITELLM_MARKER: Final = "litellm.call_id"
 
 _PROVIDER_ALIASES: Final[Mapping[str, str]] = {
     "xai": "x_ai",
@@ -90,8 +99,9 @@ _MODALITY_TOKENS: Final[Mapping[str, str]] = {
 }
 _SERVICE_TIER: Final = ("openai.response.service_tier", "openai.request.service_tier",
                         "gen_ai.openai.response.service_tier", "gen_ai.openai.request.service_tier")
-_REPORTED_COST: Final = ("gen_ai.usage.cost", "llm.cost.total")
+_REPORTED_COST: Final = ("gen_ai.usage.cost", "llm.cost.total", "gen_ai.cost.total_cost")
 _LANGFUSE_USAGE: Final = "langfuse.observation.usage_details"
+_LITELLM_USAGE: Final = "metadata.usage_object"
 
 
 class InvalidSpan(PermanentError):
@@ -164,7 +174,9 @@ def _operation(attrs: Attrs) -> str | None:
     for name in ("gen_ai.operation.name", "llm.request.type"):
         value = attrs.get(name)
         if value is not None:
-            return BILLABLE_OPERATIONS.get(value.string_value.lower(), "")
+            names = _LITELLM_CALL_TYPES if name == "llm.request.type" and _LITELLM_MARKER in attrs \
+                else BILLABLE_OPERATIONS
+            return names.get(value.string_value.lower(), "")
     kind = attrs.get("openinference.span.kind")
     if kind is not None:
         return _OPENINFERENCE_KINDS.get(kind.string_value.upper(), "")
@@ -174,6 +186,8 @@ def _operation(attrs: Attrs) -> str | None:
 
 
 def _dialect(attrs: Attrs, resource: Attrs, scope_name: str) -> str:
+    if _LITELLM_MARKER in attrs:
+        return "litellm"
     if "openinference.span.kind" in attrs or "llm.token_count.prompt" in attrs:
         return "openinference"
     if _LANGFUSE_USAGE in attrs:
@@ -232,6 +246,40 @@ def _langfuse_tokens(attrs: Attrs) -> dict[str, int]:
     }
 
 
+def _litellm_details(attrs: Attrs) -> dict[str, int]:
+    """Cache and reasoning tokens of a LiteLLM span: LiteLLM writes them only inside `metadata.usage_object`, the
+    Python repr of its OpenAI-style usage (a literal: `ast.literal_eval` evaluates no code). One that does not
+    parse gives none, so the call is priced with its whole input uncached: dearer, never free."""
+    value = attrs.get(_LITELLM_USAGE)
+    try:
+        usage = ast.literal_eval(value.string_value) if value is not None else None
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return {}
+    if not isinstance(usage, dict):
+        return {}
+
+    def pick(*path: str) -> int:
+        found: object = usage
+        for key in path:
+            found = found.get(key) if isinstance(found, dict) else None
+        return found if isinstance(found, int) and not isinstance(found, bool) else 0
+
+    return {
+        "cache_read": pick("prompt_tokens_details", "cached_tokens"),
+        "cache_write": pick("cache_creation_input_tokens") or pick("prompt_tokens_details", "cache_creation_tokens"),
+        "reasoning": pick("completion_tokens_details", "reasoning_tokens"),
+    }
+
+
+def _litellm_model(attrs: Attrs, raw_provider: str | None, max_chars: int) -> str | None:
+    """The model LiteLLM called (`openai/gpt-4o` -> `gpt-4o`), not the name the client asked for: that is a
+    LiteLLM model group, an alias of the operator's choosing."""
+    model = _first_str(attrs, ("litellm.provider.model",), max_chars)
+    if model and raw_provider and model.startswith(raw_provider + "/"):
+        return model[len(raw_provider) + 1:]
+    return model
+
+
 def _count(attrs: Attrs, names: tuple[str, ...]) -> int | None:
     for name in names:
         value = attrs.get(name)
@@ -256,6 +304,8 @@ def _tokens(attrs: Attrs, dialect: str, provider: str | None, max_tokens: int) -
             "cache_write": _count(attrs, _CACHE_WRITE) or 0,
             "reasoning": _count(attrs, _REASONING) or 0,
         }
+        if dialect == "litellm":
+            counts.update(_litellm_details(attrs))
         # OpenLIT's Anthropic instrumentation reports Anthropic's own input_tokens, which exclude cache
         input_is_exclusive = dialect == "openlit" and provider == "anthropic"
     for meter, count in counts.items():
@@ -315,6 +365,9 @@ def normalize_span(
         operation = "chat"  # a legacy span with token counts (checked above) and no operation name
     request_model = _first_str(attrs, _REQUEST_MODEL, max_chars)
     response_model = _first_str(attrs, _RESPONSE_MODEL, max_chars)
+    if dialect == "litellm":
+        # its gen_ai.response.model is the model group the client named, not the model that answered
+        request_model, response_model = _litellm_model(attrs, raw_provider, max_chars) or request_model, None
     if request_model is None and response_model is None:
         if tokens is None or tokens == TokenCounts():
             return None  # nothing was consumed and nothing names a model: no call to price

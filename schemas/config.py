@@ -28,11 +28,11 @@ from schemas.policy import Policy, policy_from_sections
 #: Where each attribution dimension is read from, first match wins (span, then resource).
 DEFAULT_DIMENSIONS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
-        "team": ("team.name", "team", "gen_ai.team"),
+        "team": ("team.name", "team", "gen_ai.team", "metadata.user_api_key_team_alias"),  # LiteLLM's
         "use_case": ("feature.name", "use_case", "gen_ai.use_case", "app.use_case"),
         "env": ("deployment.environment.name", "deployment.environment", "env"),
         "app": ("service.name",),
-        "key": ("gen_ai.virtual_key", "virtual_key", "api_key.name"),
+        "key": ("gen_ai.virtual_key", "virtual_key", "api_key.name", "metadata.user_api_key_alias"),
         "cost_center": ("cost_center", "cost.center"),
         "user": ("enduser.id", "user.id"),
         "tenant_tier": ("tenant.tier",),

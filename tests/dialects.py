@@ -120,6 +120,19 @@ DIALECTS = [
     }, {"operation": "chat", "provider": "openai", "request_model": "gpt-4o-mini", "dialect": "vercel_ai",
         "tokens": {"input_uncached": 600, "cache_read": 400, "cache_write": 0, "output": 100, "reasoning": 10}},
         scope="ai"),
+    Dialect("litellm_proxy", {  # LiteLLM's `otel` callback, on its proxy, calling the model group `fast`
+        "litellm.call_id": "3a9c4b0b-8c2b-4d0f-9991-020b0ea1b1b2", "llm.request.type": "acompletion",
+        "gen_ai.system": "openai", "gen_ai.request.model": "fast", "gen_ai.response.model": "fast",
+        "litellm.model_group": "fast", "litellm.provider.model": "openai/gpt-4o-mini",
+        "gen_ai.usage.input_tokens": 1234, "gen_ai.usage.output_tokens": 56, "gen_ai.usage.total_tokens": 1290,
+        "metadata.usage_object": "{'completion_tokens': 56, 'prompt_tokens': 1234, 'total_tokens': 1290, "
+                                 "'completion_tokens_details': {'reasoning_tokens': 6, 'audio_tokens': None}, "
+                                 "'prompt_tokens_details': {'audio_tokens': None, 'cached_tokens': 1024}}",
+        "metadata.user_api_key_alias": "ads-key", "metadata.user_api_key_team_alias": "ads",
+        "metadata.user_api_key_team_id": "team-ads", "gen_ai.cost.total_cost": 0.002365,
+    }, {"operation": "chat", "provider": "openai", "request_model": "gpt-4o-mini", "response_model": None,
+        "dialect": "litellm", "extra": {"reported_cost_usd": "0.002365"},
+        "tokens": {"input_uncached": 210, "cache_read": 1024, "cache_write": 0, "output": 56, "reasoning": 6}}),
 ]
 
 

@@ -300,3 +300,9 @@ class TestUserIdKey:
 
         config = replace(CONFIG, attribution=AttributionConfig(hash_user_ids=False))
         assert user_id_key(config, {"SPENDSTREAM_USER_ID_KEY": "short"}) is None
+
+
+def test_litellm_spans_are_attributed_to_the_virtual_key_and_its_team() -> None:
+    [litellm] = [d for d in DIALECTS if d.name == "litellm_proxy"]
+    [event] = ingest([make_span(litellm.attrs)]).events
+    assert (event.attribution["team"], event.attribution["key"]) == ("ads", "ads-key")
