@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-failover lint bench clean prometheus nginx
+.PHONY: install run test test-failover lint bench clean prometheus nginx protos
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +48,17 @@ bench: install
 	$(BIN)/python bench/cardinality.py
 	$(BIN)/python bench/authz.py
 
+# regenerates the checked-in modules of the vendored Envoy ext_authz protos (pipeline/gateway/ext_authz/).
+# protoc 31.1 (grpcio-tools 1.74.0) writes gencode 6.31.1, which every protobuf runtime our dependencies
+# allow loads (googleapis-common-protos needs >=6.33.5; 7.x too); a newer grpcio-tools would demand a newer
+# runtime, so it gets a venv of its own
+PROTOC_VENV := .venv-protoc
+protos:
+	$(PYTHON) -m venv $(PROTOC_VENV)
+	$(PROTOC_VENV)/bin/python -m pip install --quiet grpcio-tools==1.74.0 googleapis-common-protos==1.76.0
+	$(PROTOC_VENV)/bin/python -m grpc_tools.protoc -I . \
+	  -I "$$($(PROTOC_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+	  --python_out=. pipeline/gateway/ext_authz/ext_authz.proto
+
 clean:
-	rm -rf $(VENV) .venv-focus spendstream-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PROTOC_VENV) .venv-focus spendstream-data .pytest_cache .mypy_cache .ruff_cache

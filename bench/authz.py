@@ -34,13 +34,13 @@ from pathlib import Path
 import aiohttp
 import grpc
 import yaml
-from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
-from envoy.service.auth.v3.external_auth_pb2_grpc import AuthorizationStub
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.gateway import kill_switch
 from pipeline.gateway.board import BreakerBoard
+from pipeline.gateway.ext_authz import check_stub
+from pipeline.gateway.ext_authz import ext_authz_pb2 as ext_authz
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.topics import ensure_topics
 from schemas.breaker import BreakerCommand
@@ -109,10 +109,10 @@ async def grpc_load(port: int, seconds: float, concurrency: int) -> tuple[float,
     request.attributes.request.http.headers["authorization"] = f"Bearer {KEY}"
     request.attributes.request.http.body = BODY.decode()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = AuthorizationStub(channel)
+        stub = check_stub(channel)
 
         async def call() -> None:
-            answer = await stub.Check(request, timeout=10)
+            answer = await stub(request, timeout=10)
             assert answer.HasField("ok_response")
 
         return await load(call, seconds, concurrency)

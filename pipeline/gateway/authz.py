@@ -4,7 +4,7 @@
   `/check` or below it. 200 go on (with `x-spendstream-model` on a downgrade), 401 unknown caller,
   403 approval required, 429 blocked (`Retry-After` from the breaker's expiry, the reason in
   `x-spendstream-reason`).
-- gRPC: Envoy's `envoy.service.auth.v3.Authorization/Check` (protos from `xds-protos`), the same
+- gRPC: Envoy's `envoy.service.auth.v3.Authorization/Check` (its protos vendored in `ext_authz/`), the same
   answers as an `OkHttpResponse` with the headers to set or a `DeniedHttpResponse`.
 
 `/healthz` (503 once the command follower died) and `/metrics` are on the HTTP port. The caller
@@ -20,14 +20,13 @@ from typing import Any, Final
 
 import grpc
 from aiohttp import web
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
-from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
-from envoy.service.auth.v3.external_auth_pb2_grpc import add_AuthorizationServicer_to_server
-from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.rpc import code_pb2, status_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.gateway.client import BreakerClient
+from pipeline.gateway.ext_authz import authorization_handler
+from pipeline.gateway.ext_authz import ext_authz_pb2 as ext_authz
+from pipeline.gateway.ext_authz.ext_authz_pb2 import HeaderValue, HeaderValueOption, HttpStatus
 from pipeline.gateway.identity import DECISION_HEADER, MODEL_HEADER, Answer, answer, identify, model_of
 from pipeline.observability.metrics import AUTHZ_DECISIONS
 from schemas.config import Config
@@ -111,7 +110,7 @@ async def serve_authz(config: Config, *, host: str, http_port: int, grpc_port: i
     runner = web.AppRunner(http_app(authz))
     await runner.setup()
     server = grpc.aio.server()
-    add_AuthorizationServicer_to_server(_Authorization(authz), server)
+    server.add_generic_rpc_handlers((authorization_handler(_Authorization(authz).Check),))
     try:
         await web.TCPSite(runner, host, http_port).start()
         if not server.add_insecure_port(f"{host}:{grpc_port}"):

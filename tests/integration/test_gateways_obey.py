@@ -26,12 +26,12 @@ import openai
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
-from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
-from envoy.service.auth.v3.external_auth_pb2_grpc import AuthorizationStub
 
 from pipeline.gateway import kill_switch
 from pipeline.gateway.authz import Authz, http_app
 from pipeline.gateway.client import BreakerClient
+from pipeline.gateway.ext_authz import check_stub
+from pipeline.gateway.ext_authz import ext_authz_pb2 as ext_authz
 from pipeline.gateway.proxy import make_app
 from pipeline.kafka.broker import EmbeddedBroker
 from schemas.breaker import BreakerAction
@@ -218,7 +218,7 @@ def check(stack: Stack, key: str, model: str = "gpt-4o", **claimed: str) -> Any:
     http.headers.update({"authorization": f"Bearer {key}", **claimed})
     http.body = json.dumps({"model": model, "messages": []})
     with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
-        return AuthorizationStub(channel).Check(request, timeout=10)
+        return check_stub(channel)(request, timeout=10)
 
 
 def until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
