@@ -161,7 +161,9 @@ def test_a_clean_stop_under_load_keeps_every_acknowledged_call(tmp_path: Path) -
     data = tmp_path / "data"
     with spendstream_run(data, tmp_path / "run.log") as run:
         load = AcknowledgedLoad(run.grpc_port).__enter__()
-        time.sleep(5)
+        deadline = time.monotonic() + 60  # a loaded machine acknowledges 60 calls in the 5 s a quiet one needs
+        while len(load.acknowledged) <= 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
         # the context's exit is Ctrl-C under load: the collector stops first, the rest drains
     load.__exit__()  # its last request is unacknowledged now: the collector is gone, and it does not count
     assert len(load.acknowledged) > 200
