@@ -397,7 +397,9 @@ def rollup_sql(grain: str, source_glob: str, version: str = FOCUS_VERSION) -> st
             select.append(f"CASE WHEN count(DISTINCT {q}) = 1 THEN any_value({q}) END AS {q}")
         else:  # per-request ids have no meaning in a rollup
             select.append(f"CAST(NULL AS {_sql_type(kind)}) AS {q}")
-    return (f"SELECT {', '.join(select)} FROM read_parquet('{source_glob}', hive_partitioning = false) "
+    # union_by_name: a day may hold files written before a column was added (x_SampleAdjustedCount)
+    return (f"SELECT {', '.join(select)} FROM read_parquet('{source_glob}', hive_partitioning = false, "
+            "union_by_name = true) "
             f"GROUP BY {keys}, date_trunc('{trunc}', \"ChargePeriodStart\") "
             f"ORDER BY \"ChargePeriodStart\", \"SkuPriceId\", \"x_AttributionKey\"")
 
