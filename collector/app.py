@@ -16,9 +16,12 @@ from collector import metrics
 from collector._grpc import PortInUse, start_grpc_server
 from collector._http import build_http_app
 from collector._tls import grpc_server_credentials, http_ssl_context
+from collector.forward import SpanForwarder
 from collector.inflight import InflightBytes
 from collector.publisher import KafkaPublisher, Publisher
 from collector.service import TraceIngestService
+from pipeline.pricing import PriceCatalog
+from pipeline.pricing.focus import Billing
 from schemas.config import Config
 from schemas.errors import ConfigError
 
@@ -68,6 +71,7 @@ class Collector:
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._service: TraceIngestService | None = None
+        self.forwarder: SpanForwarder | None = None
         self.inflight = InflightBytes(config.collector.max_inflight_bytes)
         self.endpoints: Endpoints | None = None
 
@@ -77,9 +81,15 @@ class Collector:
             # certificates and keys first: a wrong file is a clear error before anything listens
             ssl_context = http_ssl_context(cfg.tls) if cfg.tls else None
             credentials = grpc_server_credentials(cfg.tls) if cfg.tls else None
-            service = self._service = TraceIngestService(self._config, self._publisher,
-                                                         user_key=user_id_key(self._config, self._environ))
+            user_key = user_id_key(self._config, self._environ)
+            if cfg.forward is not None:  # priced as the workers price: the same catalog, built the same way
+                catalog = await asyncio.to_thread(PriceCatalog.from_config, self._config)
+                self.forwarder = SpanForwarder(cfg.forward, catalog, Billing.from_config(self._config))
+            service = self._service = TraceIngestService(self._config, self._publisher, user_key=user_key,
+                                                         forwarder=self.forwarder)
             await self._publisher.start()
+            if self.forwarder is not None:
+                await self.forwarder.start()
             self._grpc, grpc_port = await start_grpc_server(
                 service, cfg.host, cfg.grpc_port, max_request_bytes=cfg.max_request_bytes, inflight=self.inflight,
                 credentials=credentials, min_tls=cfg.tls.min_version if cfg.tls else None)
@@ -114,6 +124,9 @@ class Collector:
         service, self._service = self._service, None
         if service is not None:
             await asyncio.to_thread(service.close)
+        forwarder, self.forwarder = self.forwarder, None
+        if forwarder is not None:
+            await forwarder.stop()
         await self._publisher.stop()
 
 

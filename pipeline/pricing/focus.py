@@ -197,6 +197,12 @@ def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[byte
     return out
 
 
+def billed_cost(priced: PricedUsage, billing: Billing) -> Decimal:
+    """What the FOCUS rows of one priced call bill in total (the sum of their BilledCost), without the rows."""
+    return sum((_quantity_columns(_price_point(priced, line, billing), line, priced.event.id)["BilledCost"]
+                for line in priced.lines), Decimal(0))
+
+
 #: the columns of a row that depend on its price point (_PricePoint) and on its quantities (_quantity_columns)
 _POINT_COLUMNS: Final = frozenset({
     "ChargeDescription", "ConsumedUnit", "ContractedUnitPrice", "ListUnitPrice", "PricingCurrency",
