@@ -5,7 +5,11 @@ Both are measured in this run on this machine, on the same 512-span OTLP payload
   core       the collector's pure ingest path (decode, normalise, attribute, encode), no I/O
   end-to-end OTLP/gRPC client process → `spendstream collector` process → embedded broker,
              answered only after the broker acknowledged (acks=all)
-Prints the ratios and writes a bar chart to bench/results/ingest.svg.
+  forwarding the same, with processor mode on (`collector.forward`): every span also priced, enriched and
+             sent to a downstream OTLP/gRPC receiver (a bare counting server in this process)
+  forward core  what processor mode adds per request, no I/O: price the calls, enrich, serialise
+Prints the ratios (forwarding / not forwarding is the cost of processor mode) and writes a bar chart to
+bench/results/ingest.svg.
 
     .venv/bin/python bench/ingest.py [--seconds 10] [--concurrency 4]
 """
@@ -19,20 +23,29 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+import grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chart import bar_chart
+from collector.enrich import enrich_request, span_costs
 from collector.ingest import NestedCallFilter, ingest_request
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.topics import ensure_topics
+from pipeline.pricing import PriceCatalog
+from pipeline.pricing.focus import Billing
 from schemas.config import Config, KafkaConfig
 from schemas.usage import encode_usage_batch
-from tests.support import free_port, make_request, make_span
+from tests.support import free_port, make_request, make_span, metric
 
 SPANS_PER_REQUEST = 512
 RESULTS = Path(__file__).parent / "results"
@@ -107,15 +120,54 @@ def core(payload: bytes, config: Config, nested: NestedCallFilter) -> None:
     encode_usage_batch(result.events)
 
 
-def end_to_end(payload: bytes, seconds: float, concurrency: int) -> float:
+def forward_core(payload: bytes, config: Config, catalog: PriceCatalog, billing: Billing) -> None:
+    """What processor mode adds to a request: price its calls, enrich and strip its spans, serialise it."""
+    request = ExportTraceServiceRequest.FromString(payload)
+    events = ingest_request(ExportTraceServiceRequest.FromString(payload), config, None, NestedCallFilter(),
+                            user_key=BENCH_USER_KEY).events
+    enrich_request(request, span_costs(events, catalog, billing), keep_content=False)
+    request.SerializeToString()
+
+
+_EMPTY_ANSWER: bytes = ExportTraceServiceResponse().SerializeToString()
+
+
+class CountingReceiver:
+    """A bare OTLP/gRPC receiver: counts the bytes and requests it is sent, decodes nothing."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._lock = threading.Lock()
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService", {"Export": grpc.unary_unary_rpc_method_handler(
+                self._export, request_deserializer=None, response_serializer=None)})])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _export(self, request: bytes, context: object) -> bytes:
+        with self._lock:
+            self.requests += 1
+        return _EMPTY_ANSWER
+
+
+def end_to_end(payload: bytes, seconds: float, concurrency: int, *, forward: bool = False) -> float:
     broker = EmbeddedBroker(free_port())
     broker.start()
     grpc_port, metrics_port = free_port(), free_port()
     asyncio.run(ensure_topics(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, partitions=4), {}))
+    receiver = CountingReceiver() if forward else None
+    config_args: list[str] = []
+    if receiver is not None:
+        config_file = Path(tempfile.mkdtemp()) / "spendstream.yaml"
+        config_file.write_text(f"collector:\n  forward: {{endpoint: '127.0.0.1:{receiver.port}'}}\n")
+        config_args = ["--config", str(config_file)]
     collector = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "collector", "--kafka", broker.bootstrap_servers, "--grpc-port",
          str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(metrics_port),
-         "--log-level", "warning"], env={**os.environ, "SPENDSTREAM_USER_ID_KEY": BENCH_USER_KEY.decode()})
+         "--log-level", "warning", *config_args],
+        env={**os.environ, "SPENDSTREAM_USER_ID_KEY": BENCH_USER_KEY.decode()})
+    received = forwarded = dropped = 0.0
     try:
         with tempfile.NamedTemporaryFile(suffix=".pb", delete=False) as f:
             f.write(payload)
@@ -125,29 +177,49 @@ def end_to_end(payload: bytes, seconds: float, concurrency: int) -> float:
              str(seconds), str(concurrency)], capture_output=True, text=True, check=True)
         os.unlink(f.name)
         stats = json.loads(load.stdout)
+        if receiver is not None:  # what the queue still holds is sent within a few seconds, or dropped
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and metric(metrics_port,
+                                                          "spendstream_collector_forward_queue_spans") > 0:
+                time.sleep(0.5)
+            received = metric(metrics_port, 'spendstream_collector_spans_received_total{transport="grpc"}')
+            forwarded = metric(metrics_port, "spendstream_collector_forward_spans_sent_total")
+            dropped = sum(metric(metrics_port, f'spendstream_collector_forward_spans_dropped_total{{reason="{r}"}}')
+                          for r in ("queue_full", "retries_exhausted", "refused", "enrich_failed"))
     finally:
         collector.terminate()
         collector.wait(timeout=20)
         broker.stop()
+        if receiver is not None:
+            receiver.server.stop(grace=None)
     rate = stats["spans"] / stats["seconds"]
-    print(f"  {'end-to-end (gRPC → Kafka, acked)':<32} {rate:>10,.0f} spans/s  "
+    label = "end-to-end + forwarding" if forward else "end-to-end (gRPC → Kafka, acked)"
+    print(f"  {label:<32} {rate:>10,.0f} spans/s  "
           f"({stats['requests']} requests, {stats['errors']} errors, concurrency {concurrency})", flush=True)
+    if forward:
+        print(f"  {'':<32} forwarded {forwarded:,.0f} of the {received:,.0f} spans received (warm-up included), "
+              f"dropped {dropped:,.0f}", flush=True)
     return rate
 
 
 def measure(payload: bytes, label: str, seconds: float, concurrency: int) -> dict[str, float]:
     print(f"{label}: {SPANS_PER_REQUEST} spans, {len(payload):,} bytes", flush=True)
     config = Config()
+    catalog, billing = PriceCatalog.from_config(config), Billing.from_config(config)
     rates = {
         "bare decode + walk (baseline)": timed(lambda: baseline(payload), seconds / 2, "baseline decode+walk"),
         "collector core (no I/O)": timed(lambda: core(payload, config, NestedCallFilter()), seconds / 2,
                                          "collector core"),
+        "forward core (no I/O)": timed(lambda: forward_core(payload, config, catalog, billing), seconds / 2,
+                                       "forward core (price+enrich)"),
         "end to end to Kafka": end_to_end(payload, seconds, concurrency),
+        "end to end, forwarding": end_to_end(payload, seconds, concurrency, forward=True),
     }
     base = rates["bare decode + walk (baseline)"]
     print(f"  ratio core / baseline:        {rates['collector core (no I/O)'] / base:.2f}")
-    print(f"  ratio end-to-end / baseline:  {rates['end to end to Kafka'] / base:.2f}   (DESIGN target: >= 0.5)",
-          flush=True)
+    print(f"  ratio end-to-end / baseline:  {rates['end to end to Kafka'] / base:.2f}   (DESIGN target: >= 0.5)")
+    print(f"  ratio forwarding / not:       {rates['end to end, forwarding'] / rates['end to end to Kafka']:.2f}   "
+          "(the cost of processor mode, same run)", flush=True)
     return {f"{name} [{label}]": rate for name, rate in rates.items()}
 
 
