@@ -14,6 +14,7 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Final
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -82,11 +83,10 @@ def _is_event_content(key: str) -> bool:
     return key in EVENT_CONTENT_KEYS or is_content(key)
 
 
-def _drop(attributes: object, unwanted: Callable[[str], bool]) -> None:
-    kept = [kv for kv in attributes if not unwanted(kv.key)]  # type: ignore[attr-defined]  # repeated KeyValue
-    if len(kept) != len(attributes):  # type: ignore[arg-type]
-        del attributes[:]  # type: ignore[attr-defined]
-        attributes.extend(kept)  # type: ignore[attr-defined]
+def _drop(attributes: RepeatedCompositeFieldContainer[KeyValue], unwanted: Callable[[str], bool]) -> None:
+    # deleted in place, last first: rebuilding the list would copy every attribute that stays
+    for index in reversed([i for i, kv in enumerate(attributes) if unwanted(kv.key)]):
+        del attributes[index]
 
 
 def _string(key: str, value: str) -> KeyValue:

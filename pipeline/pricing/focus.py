@@ -167,10 +167,15 @@ def _new_price_point(priced: PricedUsage, line: PricedLine, billing: Billing) ->
                        Decimal(line.per), (price, billing))
 
 
+def _contract_cost(point: _PricePoint, pricing_quantity: Decimal) -> Decimal:
+    """BilledCost, ContractedCost and EffectiveCost of a row (no discounts or credits apply to a model call)."""
+    return money(_EXACT.multiply(point.contract_unit, pricing_quantity))
+
+
 def _quantity_columns(point: _PricePoint, line: PricedLine, usage_id: str) -> dict[str, Any]:
     """The columns that change with every call: quantities, the three costs, the row id."""
     pricing_quantity = _EXACT.divide(Decimal(line.quantity), point.per)
-    contract_cost = money(_EXACT.multiply(point.contract_unit, pricing_quantity))
+    contract_cost = _contract_cost(point, pricing_quantity)
     return {
         "BilledCost": contract_cost,
         "ConsumedQuantity": Decimal(line.quantity),
@@ -199,8 +204,11 @@ def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[byte
 
 def billed_cost(priced: PricedUsage, billing: Billing) -> Decimal:
     """What the FOCUS rows of one priced call bill in total (the sum of their BilledCost), without the rows."""
-    return sum((_quantity_columns(_price_point(priced, line, billing), line, priced.event.id)["BilledCost"]
-                for line in priced.lines), Decimal(0))
+    total = Decimal(0)
+    for line in priced.lines:
+        point = _price_point(priced, line, billing)
+        total += _contract_cost(point, _EXACT.divide(Decimal(line.quantity), point.per))
+    return total
 
 
 #: the columns of a row that depend on its price point (_PricePoint) and on its quantities (_quantity_columns)
