@@ -11,7 +11,7 @@ SPANS_RECEIVED: Final = Counter(
 )
 SPANS_OUTCOME: Final = Counter(
     "spendstream_collector_spans", "Spans by outcome: accepted, not_usage, nested_duplicate, "
-    "unallocated, spoofed, rejected:<reason>", ["outcome"]
+    "unallocated, spoofed, sampled, malformed_tracestate, rejected:<reason>", ["outcome"]
 )
 REQUESTS: Final = Counter(
     "spendstream_collector_requests", "OTLP export requests by transport and answer", ["transport", "code"]
