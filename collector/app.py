@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -16,14 +17,14 @@ from collector import metrics
 from collector._grpc import PortInUse, start_grpc_server
 from collector._http import build_http_app
 from collector._tls import grpc_server_credentials, http_ssl_context
-from collector.forward import SpanForwarder
 from collector.inflight import InflightBytes
 from collector.publisher import KafkaPublisher, Publisher
 from collector.service import TraceIngestService
-from pipeline.pricing import PriceCatalog
-from pipeline.pricing.focus import Billing
 from schemas.config import Config
 from schemas.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collector.forward import SpanForwarder
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,21 @@ def user_id_key(config: Config, environ: Mapping[str, str]) -> bytes | None:
     return key
 
 
+def _forwarder(config: Config) -> SpanForwarder | None:
+    """Processor mode's forwarder, priced as the workers price (the same catalog, built the same way).
+
+    Imported here, not at the top: the price catalog (genai-prices) is loaded only by a collector that
+    forwards; one that does not stays as lean as before (tests/unit/test_layout.py).
+    """
+    if config.collector.forward is None:
+        return None
+    from collector.forward import SpanForwarder  # noqa: PLC0415
+    from pipeline.pricing import PriceCatalog  # noqa: PLC0415
+    from pipeline.pricing.focus import Billing  # noqa: PLC0415
+
+    return SpanForwarder(config.collector.forward, PriceCatalog.from_config(config), Billing.from_config(config))
+
+
 class Collector:
     """The OTLP receiver. `start()` undoes itself on failure; `stop()` is safe twice and flushes."""
 
@@ -82,9 +98,7 @@ class Collector:
             ssl_context = http_ssl_context(cfg.tls) if cfg.tls else None
             credentials = grpc_server_credentials(cfg.tls) if cfg.tls else None
             user_key = user_id_key(self._config, self._environ)
-            if cfg.forward is not None:  # priced as the workers price: the same catalog, built the same way
-                catalog = await asyncio.to_thread(PriceCatalog.from_config, self._config)
-                self.forwarder = SpanForwarder(cfg.forward, catalog, Billing.from_config(self._config))
+            self.forwarder = await asyncio.to_thread(_forwarder, self._config)
             service = self._service = TraceIngestService(self._config, self._publisher, user_key=user_key,
                                                          forwarder=self.forwarder)
             await self._publisher.start()

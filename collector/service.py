@@ -18,14 +18,13 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector import metrics
 from collector.attribution import TokenIdentity, token_identities
 from collector.decode import DecodedRequest, decode_json, decode_protobuf
-from collector.forward import SpanForwarder
 from collector.ingest import NestedCallFilter, PreparedRequest, finish_request, prepare_request
 from collector.publisher import Publisher
 from schemas.codec import Record
@@ -33,6 +32,9 @@ from schemas.config import Config
 from schemas.errors import PermanentError
 from schemas.topics import TopicNames
 from schemas.usage import UsageEvent, encode_usage_batch
+
+if TYPE_CHECKING:  # processor mode's module, loaded only when forwarding (collector/app.py)
+    from collector.forward import SpanForwarder
 
 Encoding = Literal["protobuf", "json"]
 
