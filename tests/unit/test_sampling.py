@@ -11,7 +11,9 @@ import pytest
 
 from collector.ingest import NestedCallFilter, ingest_request
 from collector.sampling import InvalidTraceState, adjusted_count
+from pipeline.export.files import focus_dir, parse_rows, partition_of, unpack, write_partition
 from pipeline.guardrails.decide import Context, decide, retain_from
+from pipeline.guardrails.history import recorded_spend
 from pipeline.guardrails.spend import PricedCall, ScopeIndex, spend_records
 from pipeline.guardrails.state import ScopeState
 from pipeline.pricing import PriceCatalog
@@ -124,3 +126,29 @@ def test_a_json_row_of_an_older_worker_without_the_sampling_column_still_decodes
     row = orjson.loads(value)
     del row["x_SampleAdjustedCount"]
     assert "x_SampleAdjustedCount" not in decode_row(orjson.dumps(row))
+
+
+def test_the_files_hold_the_adjusted_count_and_take_rows_of_older_workers_without_it() -> None:
+    [measured] = ingest("").events
+    [sampled] = ingest("ot=th:e").events
+    values = [value for _, value in cost_records([measured, sampled], PriceCatalog(), Billing()).rows]
+    old = orjson.loads(values[0])
+    del old["x_SampleAdjustedCount"]  # a row from a worker older than the column
+    table = unpack(parse_rows([*values, orjson.dumps(old)]))
+    counts = {(u, c) for u, c in zip(table.column("x_UsageId").to_pylist(),
+                                     table.column("x_SampleAdjustedCount").to_pylist(), strict=True)}
+    assert counts == {(measured.id, None), (sampled.id, Decimal(8))}
+    assert table.num_rows == len(values) + 1
+
+
+def test_spend_rebuilt_from_the_files_counts_a_sampled_call_as_the_calls_it_stands_for(tmp_path) -> None:
+    [measured] = ingest("").events
+    [sampled] = ingest("ot=th:e").events
+    out = cost_records([measured, sampled], PriceCatalog(), Billing())
+    rows = [decode_row(value) for _, value in out.rows]
+    write_partition(focus_dir(tmp_path), *partition_of(rows[0]), rows)
+    since = measured.start_time_unix_nano // 10**9 - 3600
+    [spend] = recorded_spend(tmp_path, since, 86_400)
+    assert spend.requests == 1 + 8
+    assert spend.cost == sum(b for b in out.billed if b is not None)
+    assert spend.tokens == 9 * sum(int(Decimal(r["ConsumedQuantity"])) for r in rows if r["x_UsageId"] == measured.id)
