@@ -196,7 +196,7 @@ def end_to_end(payload: bytes, seconds: float, concurrency: int, *, forward: boo
             received = metric(metrics_port, 'spendstream_collector_spans_received_total{transport="grpc"}')
             forwarded = metric(metrics_port, "spendstream_collector_forward_spans_sent_total")
             dropped = sum(metric(metrics_port, f'spendstream_collector_forward_spans_dropped_total{{reason="{r}"}}')
-                          for r in ("queue_full", "retries_exhausted", "refused", "enrich_failed"))
+                          for r in ("queue_full", "retries_exhausted", "refused", "failed"))
     finally:
         collector.terminate()
         collector.wait(timeout=20)

@@ -6,7 +6,8 @@ queue and never waits, so cost accounting (the OTLP answer after Kafka acknowled
 downstream endpoint. One task takes batches from the queue, prices, enriches and sends them, retrying what
 may succeed later (gRPC UNAVAILABLE and the other retryable codes, HTTP 429/502/503/504, connection errors)
 with capped exponential backoff and jitter. Spans are dropped, and counted, when the queue is full, when a
-batch is still refused after `max_elapsed_s`, when the endpoint refuses them for good, and at shutdown.
+batch is still refused after `max_elapsed_s`, when the endpoint refuses them for good, when a bug stops a batch
+(`failed`, logged) and at shutdown.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -142,6 +144,10 @@ class _HttpSender:
             await session.close()
 
 
+#: a queued request: itself, its accepted calls, its span count
+_Queued = tuple[ExportTraceServiceRequest, Sequence[UsageEvent], int]
+
+
 def _spans(request: ExportTraceServiceRequest) -> int:
     return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
 
@@ -154,12 +160,16 @@ class SpanForwarder:
         self._config = config
         self._catalog = catalog
         self._billing = billing
-        self._queue: deque[tuple[ExportTraceServiceRequest, Sequence[UsageEvent], int]] = deque()
+        self._queue: deque[_Queued] = deque()
         self._queued_spans = 0
         self._ready = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._sender: _Sender | None = None
+        self._in_flight_spans = 0
+        # pricing and enriching a batch is CPU work: done on a thread of its own, the event loop keeps answering
+        # OTLP requests meanwhile (the GIL is shared, but not held for a whole batch)
+        self._enricher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otlp-forward")
 
     @property
     def queued_spans(self) -> int:
@@ -184,19 +194,28 @@ class SpanForwarder:
         self._queued_spans += spans
         self._ready.set()
 
-    def _next_batch(self) -> tuple[bytes, int, int]:
-        """Up to max_batch_spans of queued requests, priced, enriched and merged: (payload, spans, priced)."""
+    def _take(self) -> list[_Queued]:
+        """Up to max_batch_spans of queued requests (at least one), out of the queue."""
+        items: list[_Queued] = []
+        spans = 0
+        while self._queue and (not spans or spans + self._queue[0][2] <= self._config.max_batch_spans):
+            item = self._queue.popleft()
+            self._queued_spans -= item[2]
+            spans += item[2]
+            items.append(item)
+        return items
+
+    def _build(self, items: list[_Queued]) -> tuple[bytes, int, int]:
+        """The requests priced, enriched and merged into one: (payload, spans, priced spans). Runs on a thread."""
         batch = ExportTraceServiceRequest()
         spans = priced = 0
-        while self._queue and (not spans or spans + self._queue[0][2] <= self._config.max_batch_spans):
-            request, events, n = self._queue.popleft()
-            self._queued_spans -= n
+        for request, events, n in items:
             try:
                 costs = span_costs(events, self._catalog, self._billing) if events else {}
                 enrich_request(request, costs, keep_content=self._config.keep_content)
-            except Exception:  # a bug in enrichment must not stop forwarding: this request is lost, and counted
+            except Exception:  # one request that cannot be enriched (a bug) must not sink the others: counted
                 log.exception("could not enrich %d spans for forwarding", n)
-                metrics.FORWARD_SPANS_DROPPED.labels("enrich_failed").inc(n)
+                metrics.FORWARD_SPANS_DROPPED.labels("failed").inc(n)
                 continue
             batch.resource_spans.extend(request.resource_spans)
             spans += n
@@ -204,6 +223,7 @@ class SpanForwarder:
         return batch.SerializeToString(), spans, priced
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 if self._stopping:
@@ -211,9 +231,17 @@ class SpanForwarder:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            payload, spans, priced = self._next_batch()
-            if spans:
-                await self._send(payload, spans, priced)
+            items = self._take()
+            self._in_flight_spans = sum(n for *_, n in items)
+            try:
+                payload, spans, priced = await loop.run_in_executor(self._enricher, self._build, items)
+                self._in_flight_spans = spans
+                if spans:
+                    await self._send(payload, spans, priced)
+            except Exception:  # the forwarder must outlive a bug: the batch is lost, and counted
+                log.exception("could not forward %d spans", self._in_flight_spans)
+                metrics.FORWARD_SPANS_DROPPED.labels("failed").inc(self._in_flight_spans)
+            self._in_flight_spans = 0
 
     async def _send(self, payload: bytes, spans: int, priced: int) -> None:
         assert self._sender is not None
@@ -256,10 +284,12 @@ class SpanForwarder:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._queued_spans:
-            metrics.FORWARD_SPANS_DROPPED.labels("shutdown").inc(self._queued_spans)
+        dropped, self._in_flight_spans = self._queued_spans + self._in_flight_spans, 0
+        if dropped:
+            metrics.FORWARD_SPANS_DROPPED.labels("shutdown").inc(dropped)
             self._queue.clear()
             self._queued_spans = 0
+        await asyncio.to_thread(self._enricher.shutdown, wait=True)
         sender, self._sender = self._sender, None
         if sender is not None:
             await sender.close()

@@ -37,7 +37,7 @@ FORWARD_SPANS_PRICED: Final = Counter(
 )
 FORWARD_SPANS_DROPPED: Final = Counter(
     "spendstream_collector_forward_spans_dropped", "Spans not forwarded, by reason: queue_full, "
-    "retries_exhausted, refused (a permanent error or a partial success), enrich_failed, shutdown", ["reason"]
+    "retries_exhausted, refused (a permanent error or a partial success), failed (a bug, logged), shutdown", ["reason"]
 )
 FORWARD_RETRIES: Final = Counter(
     "spendstream_collector_forward_retries", "Export attempts to the downstream endpoint that failed and are retried"
