@@ -45,6 +45,7 @@ from schemas.config import ForwardConfig
 from tests.conftest import new_topics
 from tests.dialects import DIALECTS
 from tests.support import CollectorThread, collector_config, free_port, read_topic, read_usage, usage_counted
+from tests.tls_certs import Authority
 
 pytestmark = pytest.mark.e2e
 
@@ -59,8 +60,9 @@ OUTAGE_S = float(os.environ.get("SPENDSTREAM_TEST_OUTAGE_S", "6"))
 class OtlpGrpcSink:
     """An OTLP/gRPC trace receiver that keeps every span it is sent."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, credentials: grpc.ServerCredentials | None = None) -> None:
         self.port = port
+        self.credentials = credentials
         self.spans: dict[tuple[str, str], Span] = {}
         self._lock = threading.Lock()
         self._server: grpc.Server | None = None
@@ -79,7 +81,10 @@ class OtlpGrpcSink:
             "opentelemetry.proto.collector.trace.v1.TraceService", {"Export": grpc.unary_unary_rpc_method_handler(
                 self._export, request_deserializer=ExportTraceServiceRequest.FromString,
                 response_serializer=ExportTraceServiceResponse.SerializeToString)})])
-        assert server.add_insecure_port(f"127.0.0.1:{self.port}") == self.port
+        address = f"127.0.0.1:{self.port}"
+        bound = (server.add_secure_port(address, self.credentials) if self.credentials
+                 else server.add_insecure_port(address))
+        assert bound == self.port
         server.start()
         self._server = server
         return self
@@ -277,6 +282,27 @@ def test_a_downstream_outage_blocks_nothing_and_drops_and_retries_are_counted(
     assert set(sink.spans) <= set(sent)
     assert sample("spendstream_collector_forward_spans_dropped_total",
                   {"reason": "retries_exhausted"}) == before["retries_exhausted"]
+
+
+def test_forwarding_over_grpc_with_mutual_tls(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    ca = Authority(tmp_path, "backend")
+    server, client = ca.issue("localhost", server=True), ca.issue("spendstream", server=False)
+    credentials = grpc.ssl_server_credentials([(server.key.read_bytes(), server.cert.read_bytes())],
+                                              root_certificates=ca.cert_file.read_bytes(), require_client_auth=True)
+    sink = OtlpGrpcSink(free_port(), credentials).start()
+    names = new_topics(broker.bootstrap_servers)
+    config = collector_config(broker.bootstrap_servers, names.prefix)
+    config = replace(config, collector=replace(config.collector, forward=ForwardConfig(
+        endpoint=f"localhost:{sink.port}", ca_file=str(ca.cert_file), cert_file=str(client.cert),
+        key_file=str(client.key))))
+    collector = CollectorThread(config).start()
+    try:
+        sent = send_spans(collector.grpc_endpoint, 20)
+        received = sink.wait_for(len(sent), timeout_s=30)
+    finally:
+        collector.stop()
+        sink.stop()
+    assert set(received) == set(sent)
 
 
 class OtlpHttpSink(BaseHTTPRequestHandler):
