@@ -5,7 +5,12 @@ Both are measured in this run on this machine, on the same 512-span OTLP payload
   core       the collector's pure ingest path (decode, normalise, attribute, encode), no I/O
   end-to-end OTLP/gRPC client process → `spendstream collector` process → embedded broker,
              answered only after the broker acknowledged (acks=all)
-Prints the ratios and writes a bar chart to bench/results/ingest.svg.
+  forwarding the same, with processor mode on (`collector.forward`): every span also priced, enriched and
+             sent to a downstream OTLP/gRPC receiver (a bare counting server in this process); the two
+             collectors take turns on one broker, so the machine's load falls on both alike
+  forward core  what processor mode adds per request, no I/O: price the calls, enrich, serialise
+Prints the ratios (forwarding / not forwarding is the cost of processor mode) and writes a bar chart to
+bench/results/ingest.svg.
 
     .venv/bin/python bench/ingest.py [--seconds 10] [--concurrency 4]
 """
@@ -16,23 +21,33 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+import grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chart import bar_chart
+from collector.enrich import enrich_request, span_costs
 from collector.ingest import NestedCallFilter, ingest_request
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.topics import ensure_topics
+from pipeline.pricing import PriceCatalog
+from pipeline.pricing.focus import Billing
 from schemas.config import Config, KafkaConfig
-from schemas.usage import encode_usage_batch
-from tests.support import free_port, make_request, make_span
+from schemas.usage import UsageEvent, encode_usage_batch
+from tests.support import free_port, make_request, make_span, metric
 
 SPANS_PER_REQUEST = 512
 RESULTS = Path(__file__).parent / "results"
@@ -107,47 +122,145 @@ def core(payload: bytes, config: Config, nested: NestedCallFilter) -> None:
     encode_usage_batch(result.events)
 
 
-def end_to_end(payload: bytes, seconds: float, concurrency: int) -> float:
+def forward_core(payload: bytes, events: list[UsageEvent], catalog: PriceCatalog, billing: Billing) -> None:
+    """What processor mode adds to a request: price its calls, enrich and strip its spans, serialise it (the
+    decode is only here because enriching changes the request; it is a few % of the rest)."""
+    request = ExportTraceServiceRequest.FromString(payload)
+    enrich_request(request, span_costs(events, catalog, billing), keep_content=False)
+    request.SerializeToString()
+
+
+_EMPTY_ANSWER: bytes = ExportTraceServiceResponse().SerializeToString()
+
+
+class CountingReceiver:
+    """A bare OTLP/gRPC receiver: counts the bytes and requests it is sent, decodes nothing."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._lock = threading.Lock()
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService", {"Export": grpc.unary_unary_rpc_method_handler(
+                self._export, request_deserializer=None, response_serializer=None)})])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _export(self, request: bytes, context: object) -> bytes:
+        with self._lock:
+            self.requests += 1
+        return _EMPTY_ANSWER
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """Until the collector listens (a fixed sleep is too short on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the collector did not listen on {port} within {timeout_s:g} s")
+
+
+def start_collector(bootstrap: str, config_args: list[str]) -> tuple[subprocess.Popen[bytes], int, int]:
+    """A `spendstream collector` process: (process, its gRPC port, its metrics port), once it listens."""
+    grpc_port, metrics_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "collector", "--kafka", bootstrap, "--grpc-port", str(grpc_port),
+         "--http-port", str(free_port()), "--metrics-port", str(metrics_port), "--log-level", "warning",
+         *config_args], env={**os.environ, "SPENDSTREAM_USER_ID_KEY": BENCH_USER_KEY.decode()})
+    wait_for_port(grpc_port, process)
+    return process, grpc_port, metrics_port
+
+
+def load(port: int, payload_file: str, seconds: float, concurrency: int) -> dict[str, int | float]:
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "otlp_load.py"), f"localhost:{port}",
+                           payload_file, str(seconds), str(concurrency)], capture_output=True, text=True, check=True)
+    stats: dict[str, int | float] = json.loads(done.stdout)
+    return stats
+
+
+def forward_counts(metrics_port: int) -> tuple[float, float, float]:
+    """A forwarding collector's spans received, forwarded and dropped so far."""
+    dropped = sum(metric(metrics_port, f'spendstream_collector_forward_spans_dropped_total{{reason="{r}"}}')
+                  for r in ("queue_full", "retries_exhausted", "refused", "failed", "shutdown"))
+    return (metric(metrics_port, 'spendstream_collector_spans_received_total{transport="grpc"}'),
+            metric(metrics_port, "spendstream_collector_forward_spans_sent_total"), dropped)
+
+
+def end_to_end(payload: bytes, seconds: float, concurrency: int, rounds: int = 4) -> tuple[float, float]:
+    """Spans/s of a plain collector and of one that forwards every span (to a counting receiver), both on one
+    broker. They take turns, `rounds` times, so that a change in the machine's load (other processes) falls on
+    both alike; after each forwarding turn its queue is left to drain, so none of its work overlaps the other's."""
     broker = EmbeddedBroker(free_port())
     broker.start()
-    grpc_port, metrics_port = free_port(), free_port()
     asyncio.run(ensure_topics(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, partitions=4), {}))
-    collector = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "collector", "--kafka", broker.bootstrap_servers, "--grpc-port",
-         str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(metrics_port),
-         "--log-level", "warning"], env={**os.environ, "SPENDSTREAM_USER_ID_KEY": BENCH_USER_KEY.decode()})
+    receiver = CountingReceiver()
+    config_file = Path(tempfile.mkdtemp()) / "spendstream.yaml"
+    config_file.write_text(f"collector:\n  forward: {{endpoint: '127.0.0.1:{receiver.port}'}}\n")
+    with tempfile.NamedTemporaryFile(suffix=".pb", delete=False) as f:
+        f.write(payload)
+    collectors: list[subprocess.Popen[bytes]] = []
+    totals = {False: [0.0, 0.0, 0], True: [0.0, 0.0, 0]}  # forwarding? -> spans, seconds, errors
     try:
-        with tempfile.NamedTemporaryFile(suffix=".pb", delete=False) as f:
-            f.write(payload)
-        time.sleep(2.0)
-        load = subprocess.run(
-            [sys.executable, str(Path(__file__).parent / "otlp_load.py"), f"localhost:{grpc_port}", f.name,
-             str(seconds), str(concurrency)], capture_output=True, text=True, check=True)
-        os.unlink(f.name)
-        stats = json.loads(load.stdout)
+        plain, plain_port, _ = start_collector(broker.bootstrap_servers, [])
+        collectors.append(plain)
+        forwarding, forward_port, metrics_port = start_collector(broker.bootstrap_servers,
+                                                                 ["--config", str(config_file)])
+        collectors.append(forwarding)
+        for _ in range(rounds):
+            for forward, port in ((False, plain_port), (True, forward_port)):
+                stats = load(port, f.name, max(seconds / rounds, 2.0), concurrency)
+                total = totals[forward]
+                total[0] += stats["spans"]
+                total[1] += stats["seconds"]
+                total[2] += int(stats["errors"])
+            deadline = time.monotonic() + 60  # until every span received is forwarded or dropped
+            while time.monotonic() < deadline:
+                received, forwarded, dropped = forward_counts(metrics_port)
+                if forwarded + dropped >= received:
+                    break
+                time.sleep(0.2)
+        received, forwarded, dropped = forward_counts(metrics_port)
     finally:
-        collector.terminate()
-        collector.wait(timeout=20)
+        for process in collectors:
+            process.terminate()
+            process.wait(timeout=20)
         broker.stop()
-    rate = stats["spans"] / stats["seconds"]
-    print(f"  {'end-to-end (gRPC → Kafka, acked)':<32} {rate:>10,.0f} spans/s  "
-          f"({stats['requests']} requests, {stats['errors']} errors, concurrency {concurrency})", flush=True)
-    return rate
+        receiver.server.stop(grace=None)
+        os.unlink(f.name)
+    rates = []
+    for forward, (spans, elapsed, errors) in totals.items():
+        rate = spans / elapsed
+        rates.append(rate)
+        label = "end-to-end + forwarding" if forward else "end-to-end (gRPC → Kafka, acked)"
+        print(f"  {label:<32} {rate:>10,.0f} spans/s  ({errors} errors, concurrency {concurrency}, "
+              f"{rounds} turns)", flush=True)
+    print(f"  {'':<32} forwarded {forwarded:,.0f} of the {received:,.0f} spans received (warm-ups included), "
+          f"dropped {dropped:,.0f}", flush=True)
+    return rates[0], rates[1]
 
 
 def measure(payload: bytes, label: str, seconds: float, concurrency: int) -> dict[str, float]:
     print(f"{label}: {SPANS_PER_REQUEST} spans, {len(payload):,} bytes", flush=True)
     config = Config()
+    catalog, billing = PriceCatalog.from_config(config), Billing.from_config(config)
+    events = ingest_request(ExportTraceServiceRequest.FromString(payload), config, None, NestedCallFilter(),
+                            user_key=BENCH_USER_KEY).events
     rates = {
         "bare decode + walk (baseline)": timed(lambda: baseline(payload), seconds / 2, "baseline decode+walk"),
         "collector core (no I/O)": timed(lambda: core(payload, config, NestedCallFilter()), seconds / 2,
                                          "collector core"),
-        "end to end to Kafka": end_to_end(payload, seconds, concurrency),
+        "forward core (no I/O)": timed(lambda: forward_core(payload, events, catalog, billing), seconds / 2,
+                                       "forward core (price+enrich)"),
     }
+    rates["end to end to Kafka"], rates["end to end, forwarding"] = end_to_end(payload, seconds, concurrency)
     base = rates["bare decode + walk (baseline)"]
     print(f"  ratio core / baseline:        {rates['collector core (no I/O)'] / base:.2f}")
-    print(f"  ratio end-to-end / baseline:  {rates['end to end to Kafka'] / base:.2f}   (DESIGN target: >= 0.5)",
-          flush=True)
+    print(f"  ratio end-to-end / baseline:  {rates['end to end to Kafka'] / base:.2f}   (DESIGN target: >= 0.5)")
+    print(f"  ratio forwarding / not:       {rates['end to end, forwarding'] / rates['end to end to Kafka']:.2f}   "
+          "(the cost of processor mode, same run)", flush=True)
     return {f"{name} [{label}]": rate for name, rate in rates.items()}
 
 

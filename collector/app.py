@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -21,6 +22,9 @@ from collector.publisher import KafkaPublisher, Publisher
 from collector.service import TraceIngestService
 from schemas.config import Config
 from schemas.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collector.forward import SpanForwarder
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,21 @@ def user_id_key(config: Config, environ: Mapping[str, str]) -> bytes | None:
     return key
 
 
+def _forwarder(config: Config) -> SpanForwarder | None:
+    """Processor mode's forwarder, priced as the workers price (the same catalog, built the same way).
+
+    Imported here, not at the top: the price catalog (genai-prices) is loaded only by a collector that
+    forwards; one that does not stays as lean as before (tests/unit/test_layout.py).
+    """
+    if config.collector.forward is None:
+        return None
+    from collector.forward import SpanForwarder  # noqa: PLC0415
+    from pipeline.pricing import PriceCatalog  # noqa: PLC0415
+    from pipeline.pricing.focus import Billing  # noqa: PLC0415
+
+    return SpanForwarder(config.collector.forward, PriceCatalog.from_config(config), Billing.from_config(config))
+
+
 class Collector:
     """The OTLP receiver. `start()` undoes itself on failure; `stop()` is safe twice and flushes."""
 
@@ -68,6 +87,7 @@ class Collector:
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._service: TraceIngestService | None = None
+        self.forwarder: SpanForwarder | None = None
         self.inflight = InflightBytes(config.collector.max_inflight_bytes)
         self.endpoints: Endpoints | None = None
 
@@ -77,9 +97,13 @@ class Collector:
             # certificates and keys first: a wrong file is a clear error before anything listens
             ssl_context = http_ssl_context(cfg.tls) if cfg.tls else None
             credentials = grpc_server_credentials(cfg.tls) if cfg.tls else None
-            service = self._service = TraceIngestService(self._config, self._publisher,
-                                                         user_key=user_id_key(self._config, self._environ))
+            user_key = user_id_key(self._config, self._environ)
+            self.forwarder = await asyncio.to_thread(_forwarder, self._config)
+            service = self._service = TraceIngestService(self._config, self._publisher, user_key=user_key,
+                                                         forwarder=self.forwarder)
             await self._publisher.start()
+            if self.forwarder is not None:
+                await self.forwarder.start()
             self._grpc, grpc_port = await start_grpc_server(
                 service, cfg.host, cfg.grpc_port, max_request_bytes=cfg.max_request_bytes, inflight=self.inflight,
                 credentials=credentials, min_tls=cfg.tls.min_version if cfg.tls else None)
@@ -114,6 +138,9 @@ class Collector:
         service, self._service = self._service, None
         if service is not None:
             await asyncio.to_thread(service.close)
+        forwarder, self.forwarder = self.forwarder, None
+        if forwarder is not None:
+            await forwarder.stop()
         await self._publisher.stop()
 
 

@@ -7,9 +7,13 @@ the innermost span wins, as the reference recipe says.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Context, Decimal
+from fractions import Fraction
+from typing import Final
 
 import msgspec
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -19,13 +23,18 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from collector.attribution import Attribution, TokenIdentity, attribute, dimension_values
 from collector.decode import RejectedSpan
 from collector.normalize import InvalidSpan, SpanUsage, normalize_span
+from collector.sampling import InvalidTraceState, adjusted_count, scaled
 from schemas.config import CollectorConfig, Config
 from schemas.deadletter import DeadLetter
-from schemas.usage import UsageEvent
+from schemas.usage import TokenCounts, UsageEvent
 
 #: How many rejection messages one OTLP answer carries; the count covers all of them.
 MAX_MESSAGES = 5
 _NS = 1_000_000_000
+#: an adjusted count on the wire and in FOCUS rows: 6 decimal places (FOCUS quantities have 6)
+_COUNT_QUANTUM: Final = Decimal("0.000001")
+_EXACT: Final = Context(prec=60)
+_MAX_COUNT: Final = 2**63 - 1  # what a token count on the wire holds
 
 
 class NestedCallFilter:
@@ -54,7 +63,8 @@ class IngestResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     rejected_spans: int = 0
     messages: list[str] = field(default_factory=list)
-    #: outcome -> spans: accepted, not_usage, nested_duplicate, unallocated, spoofed, rejected:<reason>
+    #: outcome -> spans: accepted, not_usage, nested_duplicate, unallocated, spoofed, sampled,
+    #: malformed_tracestate (counted as unsampled), rejected:<reason>
     outcomes: Counter[str] = field(default_factory=Counter)
 
     def reject(self, message: str, reason: str) -> None:
@@ -146,6 +156,9 @@ def prepare_request(
                         raise InvalidSpan("invalid_span_id", "trace_id must be 16 bytes and span_id 8 bytes")
                     if received_ns is not None:
                         check_start_time(span.start_time_unix_nano, received_ns, limits)
+                    count = _sampling_count(span.trace_state, result)
+                    if count is not None:
+                        usage = dataclasses.replace(usage, tokens=_sampled(usage.tokens, count))
                 except InvalidSpan as exc:
                     who = who_pays(attrs, resource_values)
                     result.reject(f"span {span_id or '?'}: {exc.detail}", exc.reason)
@@ -169,8 +182,10 @@ def prepare_request(
                     result.outcomes["spoofed"] += 1
                 if who.missing:
                     result.outcomes["unallocated"] += 1
+                if count is not None:
+                    result.outcomes["sampled"] += 1
                 parent = span.parent_span_id.hex() or None
-                candidates.append((_event(span, parent, usage, who), parent))
+                candidates.append((_event(span, parent, usage, who, count), parent))
     for item in rejected:
         _reject_undecodable(item, result, config, who_pays)
     return PreparedRequest(result, candidates)
@@ -239,7 +254,42 @@ def _event_fields(usage: SpanUsage, attribution: dict[str, str]) -> dict[str, ob
     }
 
 
-def _event(span: Span, parent: str | None, usage: SpanUsage, who: Attribution) -> UsageEvent:
+def _sampling_count(trace_state: str, result: IngestResult) -> Fraction | None:
+    """The calls a span stands for when it was sampled; None for a measured call. A malformed threshold
+    counts the span as measured (and is counted): a broken tracestate must not lose the call."""
+    try:
+        count = adjusted_count(trace_state) if trace_state else None
+    except InvalidTraceState:
+        result.outcomes["malformed_tracestate"] += 1
+        return None
+    return None if count == 1 else count  # th:0: kept with probability 1, a measured call
+
+
+def _sampled(tokens: TokenCounts, count: Fraction) -> TokenCounts:
+    """Token meters scaled to the estimate, once, by the exact rational count; priced downstream like any other.
+
+    Every cost is then the exact price of whole tokens, as for a measured call, and FOCUS keeps
+    ListCost = ListUnitPrice x PricingQuantity. Scaling the Decimal cost instead would need a non-terminating
+    division for counts that are not whole (p not a power of two). Raises InvalidSpan when the estimate
+    does not fit a token count.
+    """
+    out = TokenCounts(input_uncached=scaled(tokens.input_uncached, count), cache_read=scaled(tokens.cache_read, count),
+                      cache_write=scaled(tokens.cache_write, count), output=scaled(tokens.output, count),
+                      reasoning=scaled(tokens.reasoning, count))
+    if out.input_total + out.output > _MAX_COUNT:
+        raise InvalidSpan("invalid_token_count", f"sampled at 1/{float(count):g}, its tokens estimate more than "
+                                                 f"{_MAX_COUNT} tokens")
+    return out
+
+
+def _count_text(count: Fraction) -> str:
+    exact = _EXACT.divide(Decimal(count.numerator), Decimal(count.denominator))
+    return format(exact.quantize(_COUNT_QUANTUM, context=_EXACT).normalize(), "f")
+
+
+def _event(span: Span, parent: str | None, usage: SpanUsage, who: Attribution,
+           count: Fraction | None = None) -> UsageEvent:
+    """The usage event of a call; `count`: the calls a sampled span stands for (its tokens already scaled)."""
     extra = {"reported_cost_usd": usage.reported_cost_usd} if usage.reported_cost_usd else {}
     extra |= {f"tokens.{meter}": str(count) for meter, count in usage.modality_tokens.items()}
     trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
@@ -263,4 +313,5 @@ def _event(span: Span, parent: str | None, usage: SpanUsage, who: Attribution) -
         dialect=usage.dialect,
         error=usage.error,
         extra=extra,
+        adjusted_count=None if count is None else _count_text(count),
     )

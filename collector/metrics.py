@@ -11,7 +11,7 @@ SPANS_RECEIVED: Final = Counter(
 )
 SPANS_OUTCOME: Final = Counter(
     "spendstream_collector_spans", "Spans by outcome: accepted, not_usage, nested_duplicate, "
-    "unallocated, spoofed, rejected:<reason>", ["outcome"]
+    "unallocated, spoofed, sampled, malformed_tracestate, rejected:<reason>", ["outcome"]
 )
 REQUESTS: Final = Counter(
     "spendstream_collector_requests", "OTLP export requests by transport and answer", ["transport", "code"]
@@ -28,6 +28,22 @@ PUBLISH_SECONDS: Final = Histogram(
 )
 INTERNAL_ERRORS: Final = Counter(
     "spendstream_collector_internal_errors", "OTLP requests answered INTERNAL / 500 by error type", ["error"]
+)
+FORWARD_SPANS_SENT: Final = Counter(
+    "spendstream_collector_forward_spans_sent", "Spans the downstream OTLP endpoint accepted (processor mode)"
+)
+FORWARD_SPANS_PRICED: Final = Counter(
+    "spendstream_collector_forward_spans_priced", "Forwarded model-call spans that carry gen_ai.usage.cost.amount"
+)
+FORWARD_SPANS_DROPPED: Final = Counter(
+    "spendstream_collector_forward_spans_dropped", "Spans not forwarded, by reason: queue_full, "
+    "retries_exhausted, refused (a permanent error or a partial success), failed (a bug, logged), shutdown", ["reason"]
+)
+FORWARD_RETRIES: Final = Counter(
+    "spendstream_collector_forward_retries", "Export attempts to the downstream endpoint that failed and are retried"
+)
+FORWARD_QUEUE_SPANS: Final = Gauge(
+    "spendstream_collector_forward_queue_spans", "Spans waiting to be forwarded (limit: collector.forward.queue_spans)"
 )
 INFLIGHT_BYTES: Final = Gauge(
     "spendstream_collector_inflight_bytes",

@@ -18,7 +18,9 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector import metrics
 from collector.attribution import TokenIdentity, token_identities
@@ -30,6 +32,9 @@ from schemas.config import Config
 from schemas.errors import PermanentError
 from schemas.topics import TopicNames
 from schemas.usage import UsageEvent, encode_usage_batch
+
+if TYPE_CHECKING:  # processor mode's module, loaded only when forwarding (collector/app.py)
+    from collector.forward import SpanForwarder
 
 Encoding = Literal["protobuf", "json"]
 
@@ -63,9 +68,11 @@ def _usage_records(events: list[UsageEvent], max_per_message: int) -> list[Recor
 
 
 class TraceIngestService:
-    def __init__(self, config: Config, publisher: Publisher, *, user_key: bytes | None = None) -> None:
+    def __init__(self, config: Config, publisher: Publisher, *, user_key: bytes | None = None,
+                 forwarder: SpanForwarder | None = None) -> None:
         self._config = config
         self._publisher = publisher
+        self._forwarder = forwarder
         self._user_key = user_key
         self._topics = TopicNames(config.kafka.topic_prefix)
         self._nested = NestedCallFilter()
@@ -91,11 +98,11 @@ class TraceIngestService:
         return identity
 
     def _prepare(self, payload: bytes, encoding: Encoding, identity: TokenIdentity | None,
-                 received_ns: int) -> tuple[PreparedRequest, int]:
+                 received_ns: int) -> tuple[PreparedRequest, int, ExportTraceServiceRequest]:
         decoded: DecodedRequest = decode_protobuf(payload) if encoding == "protobuf" else decode_json(payload)
         prepared = prepare_request(decoded.request, self._config, identity, received_ns,
                                    rejected=decoded.rejected, user_key=self._user_key)
-        return prepared, decoded.span_count
+        return prepared, decoded.span_count, decoded.request
 
     async def export(self, payload: bytes, encoding: Encoding, identity: TokenIdentity | None,
                      transport: str) -> ExportOutcome:
@@ -108,10 +115,10 @@ class TraceIngestService:
         offload = len(payload) > (OFFLOAD_JSON_BYTES if encoding == "json" else OFFLOAD_PROTOBUF_BYTES)
         if offload:
             loop = asyncio.get_running_loop()
-            prepared, spans = await loop.run_in_executor(self._decoder, self._prepare, payload, encoding, identity,
-                                                         received_ns)
+            prepared, spans, request = await loop.run_in_executor(self._decoder, self._prepare, payload, encoding,
+                                                                  identity, received_ns)
         else:
-            prepared, spans = self._prepare(payload, encoding, identity, received_ns)
+            prepared, spans, request = self._prepare(payload, encoding, identity, received_ns)
         result = finish_request(prepared, self._nested)
         metrics.SPANS_RECEIVED.labels(transport).inc(spans)
         records = _usage_records(result.events, self._config.collector.max_events_per_message)
@@ -126,4 +133,6 @@ class TraceIngestService:
         metrics.EVENTS_PUBLISHED.inc(len(result.events))
         for letter in result.dead_letters:
             metrics.DEADLETTERS_PUBLISHED.labels(letter.reason).inc()
+        if self._forwarder is not None:  # only once accounted: a retried request is not forwarded twice
+            self._forwarder.submit(request, result.events)
         return ExportOutcome(result.rejected_spans, result.error_message)

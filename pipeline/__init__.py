@@ -3,5 +3,6 @@
 (metrics), `cli/` (commands and processes).
 
 Imports nothing here, so `import pipeline.kafka` (as the collector does) loads nothing else.
-`collector` imports from this package only `pipeline.kafka`.
+`collector` imports from this package only `pipeline.kafka` and, for processor mode, the pure pricing core
+(`pipeline.pricing` catalog, price and FOCUS mapping).
 """

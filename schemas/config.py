@@ -102,6 +102,42 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardConfig:
+    """Processor mode: every span received is also sent on to a downstream OTLP endpoint, model calls enriched
+    with their cost. Named as in the OpenTelemetry Collector's OTLP exporter and its `sending_queue`.
+
+    `endpoint`: `host:port` for gRPC (TLS when `ca_file` is set), a URL such as `http://host:4318/v1/traces`
+    for HTTP (TLS for https://). Forwarding never holds up cost accounting: spans wait in a bounded queue
+    (`queue_spans`); what does not fit, or is still refused after `max_elapsed_s` of retries, is dropped and
+    counted.
+    """
+
+    endpoint: str
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    compression: Literal["gzip", "none"] = "gzip"
+    ca_file: str | None = None
+    cert_file: str | None = None  # with key_file: a client certificate (mutual TLS)
+    key_file: str | None = None
+    timeout_s: float = 5.0
+    queue_spans: int = 100_000
+    max_batch_spans: int = 2048
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 5.0
+    max_elapsed_s: float = 60.0
+    #: prompt and completion content is stripped from forwarded spans unless this is on
+    keep_content: bool = False
+
+    def validate(self) -> list[str]:
+        if (self.cert_file is None) != (self.key_file is None):
+            return ["collector.forward.cert_file: cert_file and key_file go together (a client certificate)"]
+        if self.protocol == "http/protobuf" and not self.endpoint.startswith(("http://", "https://")):
+            return [f"collector.forward.endpoint: {self.endpoint!r} is not an http:// or https:// URL "
+                    "(protocol http/protobuf)"]
+        return []
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CollectorConfig:
     #: Address the OTLP receivers listen on: loopback by default; 0.0.0.0 (all interfaces) is what a
     #: container or a collector other hosts send to needs, and then TLS and ingest tokens matter.
@@ -128,12 +164,16 @@ class CollectorConfig:
     #: batch that waited in an agent's queue; 5 min covers any host whose clock is kept by NTP.
     max_lateness_s: int = 3600
     max_skew_s: int = 300
+    #: processor mode (off by default): forward every span, with its cost, to a downstream OTLP endpoint
+    forward: ForwardConfig | None = None
 
     def validate(self) -> list[str]:
+        problems = self.forward.validate() if self.forward else []
         if self.max_inflight_bytes < self.max_request_bytes:
-            return [f"collector.max_inflight_bytes: {self.max_inflight_bytes} is below collector.max_request_bytes "
-                    f"({self.max_request_bytes}): a request of the largest size could never be accepted"]
-        return []
+            problems.append(f"collector.max_inflight_bytes: {self.max_inflight_bytes} is below "
+                            f"collector.max_request_bytes ({self.max_request_bytes}): a request of the largest size "
+                            "could never be accepted")
+        return problems
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -388,6 +428,10 @@ def _build(data: Mapping[str, Any], source: str, root: yaml.Node | None = None) 
         collector = dict(data["collector"])
         if collector.get("tls") is not None:
             collector["tls"] = TlsConfig(**collector["tls"])
+        if collector.get("forward") is not None:
+            forward = dict(collector["forward"])
+            forward["headers"] = MappingProxyType(dict(forward.get("headers") or {}))
+            collector["forward"] = ForwardConfig(**forward)
         sections["collector"] = CollectorConfig(**collector)
     sections |= {name: dict(data[name]) for name in ("fx", "pricing") if name in data}
     if "billing_currency" in data:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Optional, TypedDict, cast
+from typing import Annotated, Any, Final, Literal, NotRequired, Optional, TypedDict, cast
 
 import msgspec
 import orjson
@@ -171,6 +171,7 @@ CUSTOM_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("x_Key", "string"),
     ("x_CostCenter", "string"),
     ("x_RequestCount", "int"),
+    ("x_SampleAdjustedCount", "quantity"),
     ("x_SchemaVersion", "int"),
 )
 FOCUS_VERSIONS: Final = ("1.4", "1.2")
@@ -210,6 +211,9 @@ CONSTANTS: Final[Mapping[str, str | int]] = {
 CURRENCY_COLUMNS: Final = frozenset({"BillingCurrency", "PricingCurrency"})
 #: number columns that are null on every row: a model call has no commitment discount
 NULL_NUMBERS: Final = frozenset({"CommitmentDiscountQuantity"})
+#: columns added since rows were first published: null when they do not apply, and absent from an older
+#: worker's rows (still decoded during a rolling upgrade; the files hold null)
+ADDED_COLUMNS: Final = frozenset({"x_SampleAdjustedCount"})
 _TEXT: Final = Annotated[str, msgspec.Meta(min_length=1)]
 #: what the files hold: money decimal128(38, 18), quantities decimal128(38, 6), int64 (files.py)
 _WIRE_TYPES: Final[Mapping[str, object]] = {
@@ -232,6 +236,8 @@ def _wire_type(name: str, kind: str) -> object:
         return _TEXT
     if name in NULL_NUMBERS:
         return Optional[_WIRE_TYPES[kind]]  # noqa: UP045  # a runtime type object: `X | None` needs a type
+    if name in ADDED_COLUMNS:
+        return NotRequired[Optional[_WIRE_TYPES[kind]]]  # noqa: UP045  # as above
     return _WIRE_TYPES[kind]
 
 

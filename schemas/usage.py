@@ -11,11 +11,12 @@ fit a signed 64-bit field (a start time past 2^63 ns, year 2262, is not a time t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, cast
 
 import msgspec
 
-from schemas.codec import Count, decode_as
+from schemas.codec import Count, DecimalText, decode_as
 
 USAGE_SCHEMA_VERSION: Final = 1
 #: ids are checked for being text, not for the hex patterns the collector writes: pricing needs them only as keys
@@ -62,6 +63,14 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     error: bool = False
     schema_version: Literal[1] = USAGE_SCHEMA_VERSION
     extra: Mapping[str, str] = msgspec.field(default_factory=dict)
+    #: Set when the span was sampled (tracestate `ot=th:...`): the calls it stands for, 1/p, to 6 decimal
+    #: places. `tokens` are then already scaled by it (estimated, not measured); None: one call, counted.
+    adjusted_count: DecimalText | None = None
+
+    @property
+    def requests(self) -> int:
+        """The calls this event counts for: 1, or its adjusted count to the nearest whole call."""
+        return 1 if self.adjusted_count is None else round(Decimal(self.adjusted_count))
 
     @property
     def model(self) -> str | None:

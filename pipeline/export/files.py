@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION, MONEY_SCALE, row_version
+from schemas.focus import ADDED_COLUMNS, COLUMNS_BY_VERSION, FOCUS_VERSION, MONEY_SCALE, row_version
 from schemas.swap_lock import SWAP_LOCK
 
 QUANTITY_SCALE: Final = 6
@@ -92,10 +92,12 @@ _PARSE_TYPES: Final[Mapping[str, str]] = {
     "money": f"DECIMAL(38, {MONEY_SCALE})", "quantity": f"DECIMAL(38, {QUANTITY_SCALE})", "int": "BIGINT",
     "string": "VARCHAR", "json": "JSON", "datetime": "VARCHAR", "bool": "BOOLEAN"}
 #: FOCUS version -> every column, typed as the files hold it (json_transform_strict: a missing column or a value
-#: that does not convert exactly is an error, never a null)
+#: that does not convert exactly is an error, never a null), but the columns added since rows were first published
 _ROW_STRUCTURES: Final[Mapping[str, str]] = {
-    version: orjson.dumps({name: _PARSE_TYPES[kind] for name, kind in columns}).decode()
+    version: orjson.dumps({name: _PARSE_TYPES[kind] for name, kind in columns if name not in ADDED_COLUMNS}).decode()
     for version, columns in COLUMNS_BY_VERSION.items()}
+#: ... which an older worker's rows lack: read on their own, null when absent (a wrong value still fails, when cast)
+_ADDED_SELECT: Final = "".join(f", json_extract_string(v, '$.{name}') AS \"{name}\"" for name in sorted(ADDED_COLUMNS))
 _PER_REQUEST: Final = frozenset({"x_RowId", "x_UsageId", "x_TraceId", "x_SpanId"})
 #: columns whose values repeat from row to row, dictionary-encoded while rows wait to be written: every text,
 #: JSON and time column but the per-request ids, and the unit prices
@@ -114,7 +116,7 @@ def parse_rows(values: Sequence[bytes], version: str = FOCUS_VERSION) -> pa.Tabl
     source = pa.table({"v": pa.array(values, pa.binary()).cast(pa.string())})
     with duckdb.connect(config={"threads": 1}) as con:
         con.register("source", source)
-        parsed = con.sql(f"SELECT unnest(json_transform_strict(v, '{_ROW_STRUCTURES[version]}')) "
+        parsed = con.sql(f"SELECT unnest(json_transform_strict(v, '{_ROW_STRUCTURES[version]}')){_ADDED_SELECT} "
                          "FROM source").to_arrow_table()
     arrays = []
     for name, kind in COLUMNS_BY_VERSION[version]:
@@ -397,7 +399,9 @@ def rollup_sql(grain: str, source_glob: str, version: str = FOCUS_VERSION) -> st
             select.append(f"CASE WHEN count(DISTINCT {q}) = 1 THEN any_value({q}) END AS {q}")
         else:  # per-request ids have no meaning in a rollup
             select.append(f"CAST(NULL AS {_sql_type(kind)}) AS {q}")
-    return (f"SELECT {', '.join(select)} FROM read_parquet('{source_glob}', hive_partitioning = false) "
+    # union_by_name: a day may hold files written before a column was added (x_SampleAdjustedCount)
+    return (f"SELECT {', '.join(select)} FROM read_parquet('{source_glob}', hive_partitioning = false, "
+            "union_by_name = true) "
             f"GROUP BY {keys}, date_trunc('{trunc}', \"ChargePeriodStart\") "
             f"ORDER BY \"ChargePeriodStart\", \"SkuPriceId\", \"x_AttributionKey\"")
 

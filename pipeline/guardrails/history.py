@@ -48,12 +48,16 @@ def _query(data_dir: Path, sql: str, since_s: int) -> list[tuple[object, ...]]:
 
 def recorded_spend(data_dir: Path, since_s: int, grain_s: int) -> list[RecordedSpend]:
     """Spend charged from `since_s` on, per attribution and per `grain_s` of charge time (86400: per UTC day)."""
+    # per call first: a sampled call counts as the calls it stands for (x_RequestCount), on each of its rows
     rows = _query(data_dir, f"""
-        SELECT "Tags", coalesce("x_Allocated", true),
-               CAST(epoch("ChargePeriodStart") AS BIGINT) // {int(grain_s)} * {int(grain_s)} AS start_s,
-               sum("BilledCost"), count(DISTINCT "x_UsageId"), CAST(sum("ConsumedQuantity") AS BIGINT)
-        FROM {{source}}
-        WHERE "ChargePeriodStart" >= to_timestamp(?) AND charge_date >= CAST(? AS DATE)
+        SELECT "Tags", allocated, start_s, sum(cost), sum(requests), CAST(sum(tokens) AS BIGINT)
+        FROM (SELECT "Tags", coalesce("x_Allocated", true) AS allocated,
+                     CAST(epoch("ChargePeriodStart") AS BIGINT) // {int(grain_s)} * {int(grain_s)} AS start_s,
+                     "x_UsageId", sum("BilledCost") AS cost, max(coalesce("x_RequestCount", 1)) AS requests,
+                     sum("ConsumedQuantity") AS tokens
+              FROM {{source}}
+              WHERE "ChargePeriodStart" >= to_timestamp(?) AND charge_date >= CAST(? AS DATE)
+              GROUP BY ALL)
         GROUP BY ALL""", since_s)
     return [RecordedSpend(orjson.loads(str(tags)) if tags else {}, bool(allocated), int(str(start)),
                           Decimal(str(cost)), int(str(requests)), int(str(tokens or 0)))

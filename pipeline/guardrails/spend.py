@@ -78,7 +78,7 @@ def spend_records(calls: Iterable[PricedCall], index: ScopeIndex, latest_ns: int
             if partial is None:
                 partial = entries[at] = _Partial()
             partial.cost += call.billed
-            partial.requests += 1
+            partial.requests += event.requests
             partial.tokens += tokens
             if not event.allocated:
                 partial.unallocated += call.billed

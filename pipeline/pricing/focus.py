@@ -167,10 +167,15 @@ def _new_price_point(priced: PricedUsage, line: PricedLine, billing: Billing) ->
                        Decimal(line.per), (price, billing))
 
 
+def _contract_cost(point: _PricePoint, pricing_quantity: Decimal) -> Decimal:
+    """BilledCost, ContractedCost and EffectiveCost of a row (no discounts or credits apply to a model call)."""
+    return money(_EXACT.multiply(point.contract_unit, pricing_quantity))
+
+
 def _quantity_columns(point: _PricePoint, line: PricedLine, usage_id: str) -> dict[str, Any]:
     """The columns that change with every call: quantities, the three costs, the row id."""
     pricing_quantity = _EXACT.divide(Decimal(line.quantity), point.per)
-    contract_cost = money(_EXACT.multiply(point.contract_unit, pricing_quantity))
+    contract_cost = _contract_cost(point, pricing_quantity)
     return {
         "BilledCost": contract_cost,
         "ConsumedQuantity": Decimal(line.quantity),
@@ -197,6 +202,15 @@ def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[byte
     return out
 
 
+def billed_cost(priced: PricedUsage, billing: Billing) -> Decimal:
+    """What the FOCUS rows of one priced call bill in total (the sum of their BilledCost), without the rows."""
+    total = Decimal(0)
+    for line in priced.lines:
+        point = _price_point(priced, line, billing)
+        total += _contract_cost(point, _EXACT.divide(Decimal(line.quantity), point.per))
+    return total
+
+
 #: the columns of a row that depend on its price point (_PricePoint) and on its quantities (_quantity_columns)
 _POINT_COLUMNS: Final = frozenset({
     "ChargeDescription", "ConsumedUnit", "ContractedUnitPrice", "ListUnitPrice", "PricingCurrency",
@@ -211,14 +225,15 @@ _CALL_COLUMNS: Final = frozenset({
     "ChargePeriodEnd", "ChargePeriodStart", "HostProviderName", "InvoiceIssuerName", "ProviderName", "PublisherName",
     "ServiceName", "ServiceProviderName", "SubAccountId", "SubAccountName", "SubAccountType", "Tags", "x_UsageId",
     "x_TraceId", "x_SpanId", "x_Provider", "x_Model", "x_RequestModel", "x_Operation", "x_ServiceTier",
-    "x_CatalogVersion", "x_AttributionKey", "x_Allocated", *ATTRIBUTION_COLUMNS.values()})
+    "x_CatalogVersion", "x_AttributionKey", "x_Allocated", "x_RequestCount", "x_SampleAdjustedCount",
+    *ATTRIBUTION_COLUMNS.values()})
 #: the columns with one value on every row; every other column is null: FOCUS has it, a model call does not use it
 #: (commitments, split cost allocation, invoices, capacity reservations, regions, resources, ...)
 _CONSTANTS: Final[dict[str, Any]] = {
     "BillingAccountType": "Billing Account",  # 1.4: not null when BillingAccountId is not
     "ChargeCategory": "Usage", "ChargeFrequency": "Usage-Based", "PricingCategory": "Standard",
     "ServiceCategory": "AI and Machine Learning", "ServiceSubcategory": "Generative AI",
-    "x_RequestCount": 1, "x_SchemaVersion": FOCUS_SCHEMA_VERSION}
+    "x_SchemaVersion": FOCUS_SCHEMA_VERSION}
 #: per version: its constant and null columns, encoded once (JSON object members ending in ","), and the call
 #: columns it does not have (1.4: ProviderName, PublisherName; 1.2: ServiceProviderName, ...)
 _CONSTANT_FRAGMENTS: Final[dict[str, bytes]] = {
@@ -268,6 +283,9 @@ def _call_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:
         "x_CatalogVersion": priced.catalog_version,
         "x_AttributionKey": event.attribution_key,
         "x_Allocated": event.allocated,
+        # a sampled call's row is an estimate: it stands for x_SampleAdjustedCount calls, quantities scaled
+        "x_RequestCount": event.requests,
+        "x_SampleAdjustedCount": None if event.adjusted_count is None else Decimal(event.adjusted_count),
         **{column: event.attribution.get(dim) for dim, column in ATTRIBUTION_COLUMNS.items()},
     }
     for name in _NOT_IN_VERSION[billing.focus_version]:

@@ -39,15 +39,16 @@ class PricedUsage:
         return sum((line.contract_cost for line in self.lines), Decimal(0))
 
 
-def usage_counts(tokens: TokenCounts) -> dict[str, int]:
-    """Our token meters as genai-prices usage keys (its `input_tokens` includes cache reads and writes)."""
+def usage_counts(tokens: TokenCounts, requests: int = 1) -> dict[str, int]:
+    """Our token meters as genai-prices usage keys (its `input_tokens` includes cache reads and writes);
+    `requests`: the calls they are for (a sampled call's adjusted count)."""
     return {
         "input_tokens": tokens.input_uncached + tokens.cache_read + tokens.cache_write,
         "cache_read_tokens": tokens.cache_read,
         "cache_write_tokens": tokens.cache_write,
         "output_tokens": tokens.output,
         "output_reasoning_tokens": tokens.reasoning,
-        "requests": 1,
+        "requests": requests,
     }
 
 
@@ -57,7 +58,7 @@ def price_usage(event: UsageEvent, catalog: PriceCatalog) -> PricedUsage:
     if not model:
         raise UnpricedError("missing_model", "the call names no model")
     resolved = catalog.resolve(event.provider, model, event.start_time_unix_nano, event.service_tier)
-    counts = usage_counts(event.tokens)
+    counts = usage_counts(event.tokens, event.requests)
     total_input = counts["input_tokens"]
     listed = resolved.list_sheet.meters
     # the contract sheet has the same meters in the same order (catalog._with_meters)
