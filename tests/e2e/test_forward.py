@@ -222,6 +222,7 @@ def test_every_span_is_forwarded_and_model_calls_carry_their_billed_cost(
 
     assert set(received) == set(sent) | set(sampled)  # the same spans out, nothing more, nothing less
     assert len(events) == 606 and len(billed) > 300  # the model calls, and most of them priced
+    teams = {event.id: event.attribution["team"] for event in events}
     costs = {}
     for ids, span in received.items():
         attrs = attributes(span)
@@ -231,7 +232,7 @@ def test_every_span_is_forwarded_and_model_calls_carry_their_billed_cost(
         if usage_id in billed:
             assert attrs[COST_AMOUNT] == float(billed[usage_id])
             assert attrs[COST_CURRENCY] == "USD" and attrs[COST_SOURCE] == "local"
-            assert attrs[ATTRIBUTION_PREFIX + "team"] == "customer-support"
+            assert attrs[ATTRIBUTION_PREFIX + "team"] == teams[usage_id]  # as the pipeline attributed it
             costs[ids] = Decimal(str(attrs[COST_AMOUNT]))
         else:
             assert COST_AMOUNT not in attrs  # not a model call, or no price: never a cost of 0

@@ -3,6 +3,7 @@ rest is unchanged."""
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 from fractions import Fraction
 
@@ -91,7 +92,7 @@ def test_a_call_sampled_at_one_in_eight_counts_eight_times_the_tokens_spend_requ
     pol = config_from_dict({"budgets": [{"scope": {"team": "t"}, "amount": float(eight * 2)}]}).policy
     spent = {}
     for event, billed in ((measured, one), (sampled, eight)):
-        [(_, value)] = [m for m in spend_records([PricedCall(event, 0, 1, billed)], ScopeIndex(pol))
+        [(_, value)] = [m for m in spend_records([PricedCall(event, 0, 1, billed)], ScopeIndex(pol), time.time_ns())
                         if m[0] == b"team=t"]
         message = decode_spend(value)
         assert isinstance(message, SpendMessage)
