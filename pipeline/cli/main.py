@@ -322,8 +322,10 @@ def _cmd_gateway(args: argparse.Namespace) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from pipeline.cli.runtime import run_all  # noqa: PLC0415
+    from pipeline.pricing.catalog import PriceCatalog  # noqa: PLC0415
 
     config = _config(args)
+    PriceCatalog.from_config(config)  # a bad pricing section stops the start, not each worker in a restart loop
     raise SystemExit(run_all(config, workers=args.workers, data_dir=Path(args.data_dir),
                              broker_port=None if args.kafka else args.broker_port,
                              config_path=args.config, log_level=args.log_level))
