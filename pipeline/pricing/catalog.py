@@ -24,8 +24,7 @@ import pydantic
 from genai_prices import data_snapshot
 from genai_prices.data_units import unit_data
 from genai_prices.types import ModelInfo, ModelPrice, Provider, Tier, TieredPrices, TimeOfDateConstraint
-# genai-prices' own reader of its published data.json (UpdatePrices.fetch uses it); no public name exists
-from genai_prices.types import _providers_from_raw
+from genai_prices.types import _providers_from_raw as providers_from_raw  # UpdatePrices.fetch's reader; not public
 
 from schemas.config import Config
 from schemas.errors import ConfigError
@@ -78,7 +77,7 @@ def price_data_file(path: Path) -> PriceData:
         raise invalid("not a genai-prices data file: expected a non-empty JSON array of providers "
                       "(prices/data.json as genai-prices publishes it)")
     try:
-        providers = _providers_from_raw(data)
+        providers = providers_from_raw(data)
     except (pydantic.ValidationError, ValueError, TypeError) as exc:
         raise invalid(f"not valid genai-prices data: {str(exc).splitlines()[0]} ({_first_error(exc)})") from None
     return PriceData(providers, f"genai-prices-data-{hashlib.sha256(raw).hexdigest()[:12]}")

@@ -1,0 +1,164 @@
+"""`spendstream reprice`'s shell: read `genai.deadletter` and the files, publish what the core decides.
+
+pipeline/pricing/reprice.py says how each repriced call counts once (markers on `genai.deadletter`, row ids,
+spend placed at the marker's offset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+from aiokafka import ConsumerRecord, TopicPartition
+
+from pipeline.guardrails.history import recorded_usage_ids
+from pipeline.guardrails.spend import ScopeIndex
+from pipeline.kafka.consumer import read_to_end, reader
+from pipeline.kafka.producer import BatchProducer
+from pipeline.pricing.catalog import PriceCatalog
+from pipeline.pricing.focus import Billing
+from pipeline.pricing.reprice import (
+    DeadLetters,
+    Marker,
+    choose,
+    in_range,
+    marked_outputs,
+    marker_records,
+    read_dead_letters,
+)
+from schemas.codec import plain_decimal
+from schemas.config import Config
+from schemas.errors import SpendstreamError
+from schemas.topics import TopicNames
+
+_NS = 1_000_000_000
+#: how long to wait for the markers just written to be read back
+MARKERS_VISIBLE_S = 30.0
+
+
+@dataclass(slots=True)
+class ModelTotal:
+    calls: int = 0
+    cost: Decimal = Decimal(0)
+
+
+@dataclass(slots=True)
+class RepriceResult:
+    """What one run did, for people."""
+
+    currency: str
+    #: (provider, model) -> the calls priced by this run and their billed cost
+    priced: dict[tuple[str, str], ModelTotal] = field(default_factory=dict)
+    marked_before: int = 0
+    in_files: int = 0
+    #: (provider, model, reason) -> calls still without a price
+    still_unpriced: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    #: marked calls no price covers any more (an override removed since they were marked): not published
+    unpriced_now: int = 0
+    without_call: int = 0
+    rows: int = 0
+
+
+async def _dead_letters(config: Config, topic: str) -> DeadLetters:
+    consumer = reader(config.kafka)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions is None:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise SpendstreamError(f"no topic {topic} on {config.kafka.bootstrap_servers}")
+        records: list[tuple[int, int, bytes]] = []
+
+        def keep(record: ConsumerRecord[bytes, bytes]) -> None:
+            records.append((record.partition, record.offset, record.value or b""))
+
+        await read_to_end(consumer, [TopicPartition(topic, p) for p in sorted(partitions)], keep)
+    finally:
+        await consumer.stop()
+    return read_dead_letters(sorted(records))
+
+
+async def _until_marked(config: Config, topic: str, usage_ids: list[str]) -> dict[str, Marker]:
+    """The markers, once those of `usage_ids` (just written) can be read back."""
+    deadline = time.monotonic() + MARKERS_VISIBLE_S
+    while True:
+        marked = (await _dead_letters(config, topic)).marked()
+        if all(usage_id in marked for usage_id in usage_ids):
+            return marked
+        if time.monotonic() > deadline:
+            raise SpendstreamError(f"the markers written to {topic} could not be read back within "
+                                   f"{MARKERS_VISIBLE_S:g} s; run spendstream reprice again (nothing counts twice)")
+        await asyncio.sleep(0.5)
+
+
+async def reprice(config: Config, data_dir: Path, since_ns: int, until_ns: int | None) -> RepriceResult:
+    """Price the unpriced calls that started in [since_ns, until_ns) and now have a price; publish their rows and
+    spend (again for those an earlier run marked: downstream keeps one of each)."""
+    catalog = PriceCatalog.from_config(config)
+    billing = Billing.from_config(config)
+    names = TopicNames(config.kafka.topic_prefix)
+    letters = await _dead_letters(config, names.deadletter)
+    calls = in_range(letters.unpriced.values(), since_ns, until_ns)
+    in_files = await asyncio.to_thread(recorded_usage_ids, data_dir, [c.id for c in calls], since_ns // _NS)
+    choice = choose(calls, letters.marked(), in_files, catalog)
+    result = RepriceResult(billing.currency, marked_before=choice.marked_before, in_files=choice.in_files,
+                           without_call=letters.without_call)
+    for event, exc in choice.still_unpriced:
+        result.still_unpriced[(event.provider or "-", event.model or "-", exc.reason)] += 1
+    producer = BatchProducer.of(config.kafka, os.environ)
+    await producer.start()
+    try:
+        marked = letters.marked()
+        if choice.to_mark:
+            await producer.send_all(names.deadletter, marker_records(choice.to_mark))
+            marked = await _until_marked(config, names.deadletter, choice.to_mark)
+        outputs = marked_outputs([(marked[c.id], c) for c in calls if c.id in marked], catalog, billing,
+                                 ScopeIndex(config.policy))
+        await asyncio.gather(producer.send_all(names.cost_focus, outputs.rows),
+                             producer.send_all(names.spend, outputs.spend))
+    finally:
+        await producer.stop()
+    new = set(choice.to_mark)
+    for event, billed in outputs.billed:
+        if billed is None:
+            result.unpriced_now += 1
+        elif event.id in new:
+            total = result.priced.setdefault((event.provider or "-", event.model or "-"), ModelTotal())
+            total.calls += 1
+            total.cost += billed
+    result.rows = len(outputs.rows)
+    return result
+
+
+def describe(result: RepriceResult) -> str:
+    """The run's outcome as people read it."""
+    lines = []
+    total = sum((t.cost for t in result.priced.values()), Decimal(0))
+    count = sum(t.calls for t in result.priced.values())
+    lines.append(f"priced now: {count:,} calls, {plain_decimal(total)} {result.currency}")
+    for (provider, model), model_total in sorted(result.priced.items()):
+        lines.append(f"  {provider} {model}: {model_total.calls:,} calls, {plain_decimal(model_total.cost)} "
+                     f"{result.currency}")
+    lines.append(f"priced by an earlier reprice: {result.marked_before:,} calls (published again; the files and "
+                 "budgets keep each once)")
+    if result.in_files:
+        lines.append(f"already in the FOCUS files (priced another way): {result.in_files:,} calls")
+    unpriced = sum(result.still_unpriced.values())
+    lines.append(f"still unpriced: {unpriced:,} calls")
+    for (provider, model, reason), calls in sorted(result.still_unpriced.items()):
+        lines.append(f"  {provider} {model} ({reason}): {calls} calls")
+    if result.unpriced_now:
+        lines.append(f"repriced before but without a price now (an override removed?): {result.unpriced_now:,} "
+                     "calls, not published")
+    if result.without_call:
+        lines.append(f"unpriced letters that do not carry the call (written by an older spendstream): "
+                     f"{result.without_call:,}, cannot be repriced")
+    return "\n".join(lines)
+
