@@ -263,13 +263,16 @@ def _utc_ns(flag: str, value: str) -> int:
 
 
 def _cmd_reprice(args: argparse.Namespace) -> None:
-    from pipeline.cli.reprice import describe, reprice  # noqa: PLC0415
+    from pipeline.cli.reprice import describe, describe_restatement, reprice, restate  # noqa: PLC0415
 
     config = _config(args)
     since = _utc_ns("--since", args.since)
     until = _utc_ns("--until", args.until) if args.until else None
-    result = asyncio.run(reprice(config, Path(args.data_dir), since, until))
-    print(describe(result))
+    if args.restate:
+        print(describe_restatement(asyncio.run(restate(config, Path(args.data_dir), since, until)),
+                                   config.billing_currency))
+    else:
+        print(describe(asyncio.run(reprice(config, Path(args.data_dir), since, until))))
 
 
 def _cmd_price(args: argparse.Namespace) -> None:

@@ -1,7 +1,8 @@
-"""`spendstream reprice`'s shell: read `genai.deadletter` and the files, publish what the core decides.
+"""`spendstream reprice`'s shell: read `genai.deadletter` and the files, publish what the cores decide.
 
 pipeline/pricing/reprice.py says how each repriced call counts once (markers on `genai.deadletter`, row ids,
-spend placed at the marker's offset).
+spend placed at the marker's offset); pipeline/pricing/restate.py how `--restate` corrects rows (correction rows
+on `genai.cost.focus`, ids that make a second run add nothing).
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import Final
 
+import duckdb
+import orjson
 from aiokafka import ConsumerRecord, TopicPartition
 
 from pipeline.guardrails.history import recorded_usage_ids
 from pipeline.guardrails.spend import ScopeIndex
+from pipeline.guardrails.state import day_of
 from pipeline.kafka.consumer import read_to_end, reader
 from pipeline.kafka.producer import BatchProducer
 from pipeline.pricing.catalog import PriceCatalog
@@ -31,9 +36,12 @@ from pipeline.pricing.reprice import (
     marker_records,
     read_dead_letters,
 )
+from pipeline.pricing.restate import FileRow, Restatement, corrections
 from schemas.codec import plain_decimal
 from schemas.config import Config
 from schemas.errors import SpendstreamError
+from schemas.focus import REQUEST_FILES, request_files_glob
+from schemas.swap_lock import reading_request_files
 from schemas.topics import TopicNames
 
 _NS = 1_000_000_000
@@ -162,3 +170,48 @@ def describe(result: RepriceResult) -> str:
                      f"{result.without_call:,}, cannot be repriced")
     return "\n".join(lines)
 
+
+
+_FILE_ROWS: Final = """
+    SELECT "x_RowId", "x_UsageId", "x_TraceId", "x_SpanId", CAST(epoch("ChargePeriodStart") AS BIGINT), "x_Provider",
+           "x_Model", "x_RequestModel", "x_Operation", "x_ServiceTier", "Tags", "x_AttributionKey",
+           coalesce("x_Allocated", true), "x_Meter", CAST("ConsumedQuantity" AS BIGINT), "ChargeClass",
+           "BilledCost", "EffectiveCost", "ContractedCost", "ListCost", "PricingCurrencyEffectiveCost"
+    FROM read_parquet('{glob}', hive_partitioning = true, union_by_name = true)
+    WHERE "ChargePeriodStart" >= to_timestamp(?) AND "ChargePeriodStart" < to_timestamp(?)
+      AND charge_date >= CAST(? AS DATE)"""
+
+
+def file_rows(data_dir: Path, since_s: int, until_s: int) -> list[FileRow]:
+    """The rows (originals and corrections) charged in [since_s, until_s), from the request-level files."""
+    if not any(data_dir.glob(REQUEST_FILES)):
+        raise SpendstreamError(f"no FOCUS files under {data_dir} to restate")
+    with reading_request_files(data_dir), duckdb.connect() as con:  # never across a compaction swap
+        con.execute("SET TimeZone = 'UTC'")
+        found = con.execute(_FILE_ROWS.format(glob=request_files_glob(data_dir)),
+                            [since_s, until_s, day_of(since_s)]).fetchall()
+    return [FileRow(row_id, usage_id, trace_id, span_id, start_s, provider, model, request_model, operation, tier,
+                    orjson.loads(tags) if tags else {}, key, allocated, meter, quantity, charge_class, tuple(costs))
+            for (row_id, usage_id, trace_id, span_id, start_s, provider, model, request_model, operation, tier, tags,
+                 key, allocated, meter, quantity, charge_class, *costs) in found]
+
+
+async def restate(config: Config, data_dir: Path, since_ns: int, until_ns: int | None) -> Restatement:
+    """Publish correction rows for the rows charged in [since_ns, until_ns) whose price changed (pricing.restate)."""
+    catalog = PriceCatalog.from_config(config)
+    until_s = until_ns // _NS if until_ns is not None else time.time_ns() // _NS + 1
+    rows = await asyncio.to_thread(file_rows, data_dir, since_ns // _NS, until_s)
+    out = corrections(rows, catalog, Billing.from_config(config))
+    producer = BatchProducer.of(config.kafka, os.environ)
+    await producer.start()
+    try:
+        await producer.send_all(TopicNames(config.kafka.topic_prefix).cost_focus, out.rows)
+    finally:
+        await producer.stop()
+    return out
+
+
+def describe_restatement(out: Restatement, currency: str) -> str:
+    return (f"rows checked: {out.checked:,}; unchanged: {out.unchanged:,}; not priced by today's catalog (left as "
+            f"they are): {out.not_restated:,}\ncorrection rows: {len(out.rows):,}, net BilledCost "
+            f"{plain_decimal(out.net_billed)} {currency}")
