@@ -1,6 +1,7 @@
 """`spendstream reprice` on the real broker with a real worker and exporter: calls to a model nobody priced are
 dead-lettered; once an override exists, reprice prices exactly those calls, once however often it runs, and the
-files, the budget totals and `spendstream report` include them."""
+files, the budget totals and `spendstream report` include them. `--restate` corrects rows after a retroactive
+price change with correction rows that net the difference, once, and the files still pass focus-validator."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from schemas.config import KafkaConfig
 from schemas.focus import REQUEST_FILES, request_files_glob
 from schemas.topics import TopicNames
 from schemas.usage import TokenCounts, UsageEvent, encode_usage_batch
+from tests.focus_validator import validate, validator
 from tests.integration.roles import role
 from tests.integration.test_worker import produce
 from tests.support import free_port, read_deadletters, usage_counted
@@ -113,9 +115,9 @@ def exporter(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[None]:
         process.wait(timeout=30)
 
 
-def reprice(broker: EmbeddedBroker, config: Path, data: Path, since: str) -> str:
+def reprice(broker: EmbeddedBroker, config: Path, data: Path, since: str, *flags: str) -> str:
     done = subprocess.run([sys.executable, "-m", "pipeline", "reprice", "--kafka", broker.bootstrap_servers,
-                           "--config", str(config), "--data-dir", str(data), "--since", since],
+                           "--config", str(config), "--data-dir", str(data), "--since", since, *flags],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -171,3 +173,54 @@ def test_reprice_prices_dead_lettered_calls_once_into_files_budgets_and_report(
     report = subprocess.run([sys.executable, "-m", "pipeline", "report", "--data-dir", str(data), "--by", "model",
                              "--format", "csv"], capture_output=True, text=True, timeout=60, check=True).stdout
     assert f"acme-internal-70b,{3 * CALL_COST}," in report, report
+
+
+def test_a_retroactive_override_gives_correction_rows_that_net_the_hand_computed_difference(
+    broker: EmbeddedBroker, topics: TopicNames, tmp_path: Path, worker: int,
+) -> None:
+    now = time.time_ns()
+    calls = [call(i, "gpt-4o", "openai", now - 60 * 10**9 + i) for i in range(20, 22)]
+    asyncio.run(produce(broker.bootstrap_servers, topics.usage,
+                        [(e.attribution_key.encode(), encode_usage_batch([e])) for e in calls]))
+    data = tmp_path / "data"
+    since = time.strftime("%Y-%m-%d", time.gmtime(now / 1e9 - 86_400))
+    # renegotiated after the fact: input at 3 USD per million instead of 1, from a day before the calls
+    renegotiated = tmp_path / "renegotiated.yaml"
+    renegotiated.write_text(CONFIG.format(prefix=topics.prefix, added=(
+        f"    - {{provider: openai, model: gpt-4o, input_per_mtok: 3, output_per_mtok: 2, valid_from: '{since}'}}\n")))
+    with exporter(broker, tmp_path):
+        wait_for("the calls in the files", lambda: set(in_files(data)) == {e.id for e in calls})
+        # 1,000 input tokens at 1 and 500 output tokens at 2 USD per million: 0.002 USD a call
+        assert sum(in_files(data).values(), Decimal(0)) == Decimal("0.004")
+        first = restate(broker, renegotiated, data, since)
+        # 2 calls x 1,000 input tokens x (3 - 1) USD / 1e6
+        assert "correction rows: 2, net BilledCost 0.004 USD" in first, first
+        wait_for("the corrections in the files", lambda: sum(in_files(data).values(), Decimal(0)) == Decimal("0.008"))
+        second = restate(broker, renegotiated, data, since)
+        assert "correction rows: 0," in second, second
+        wait_for("the second run's output to be consumed", lambda: drained(broker.bootstrap_servers, topics))
+        time.sleep(2)  # an exporter flush (every 1 s): a second correction would show
+    with duckdb.connect() as con:
+        corrections = con.execute(
+            f"SELECT count(*), sum(\"BilledCost\"), count(DISTINCT \"x_RowId\"), "
+            f"count(*) FILTER (WHERE \"ConsumedQuantity\" IS NULL AND \"x_Meter\" = 'input_tokens') "
+            f"FROM read_parquet('{request_files_glob(data)}', hive_partitioning = true) "
+            "WHERE \"ChargeClass\" = 'Correction'").fetchone()
+    assert corrections == (2, Decimal("0.004"), 2, 2)
+    report = subprocess.run([sys.executable, "-m", "pipeline", "report", "--data-dir", str(data), "--by", "model",
+                             "--format", "csv"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "gpt-4o,0.008," in report, report  # billed totals include the corrections; requests stay 2
+
+    exe = validator()
+    if exe is None:
+        pytest.skip("NO PYTHON >= 3.12 ON THIS MACHINE: the FOCUS conformance check (focus-validator) did not run")
+    merged = tmp_path / "focus.parquet"
+    with duckdb.connect() as con:
+        con.execute(f"COPY (SELECT * FROM read_parquet('{request_files_glob(data)}', hive_partitioning = false)) "
+                    f"TO '{merged}' (FORMAT parquet)")
+    result = validate(exe, merged, tmp_path, "1.4")
+    assert "| Fail: 0 |" in result.summary and not result.failed_rules, result.output[-4000:]
+
+
+def restate(broker: EmbeddedBroker, config: Path, data: Path, since: str) -> str:
+    return reprice(broker, config, data, since, "--restate")
