@@ -7,6 +7,8 @@ Expected values are computed by hand from the prices in each test.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -232,3 +234,17 @@ def test_a_bad_catalog_file_is_an_error_naming_the_file_and_the_problem(tmp_path
     assert message.startswith(f"pricing.catalog_file: {path}: ") and problem in message
     with pytest.raises(ConfigError, match="cannot be read"):
         price_data_file(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("command", [["run", "--broker-port", "1"],
+                                     ["price", "gpt-4o", "--input", "1", "--output", "1"]])
+def test_a_bad_catalog_file_stops_the_start_naming_the_file(tmp_path: Path, command: list[str]) -> None:
+    bad = data_file(tmp_path, [{"id": "x"}])
+    config = tmp_path / "spendstream.yaml"
+    config.write_text(f"pricing: {{catalog_file: '{bad}'}}\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline", *command, "--config", str(config),
+                           *(["--data-dir", str(tmp_path / "data")] if command[0] == "run" else [])],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert f"pricing.catalog_file: {bad}: not valid genai-prices data" in done.stderr
+    assert not (tmp_path / "data").exists()  # nothing started
