@@ -30,11 +30,11 @@ from pipeline.pricing.focus import Billing
 from pipeline.pricing.reprice import (
     DeadLetters,
     Marker,
+    add_dead_letter,
     choose,
     in_range,
     marked_outputs,
     marker_records,
-    read_dead_letters,
 )
 from pipeline.pricing.restate import FileRow, Restatement, corrections
 from schemas.codec import plain_decimal
@@ -82,15 +82,15 @@ async def _dead_letters(config: Config, topic: str) -> DeadLetters:
             partitions = consumer.partitions_for_topic(topic)
         if not partitions:
             raise SpendstreamError(f"no topic {topic} on {config.kafka.bootstrap_servers}")
-        records: list[tuple[int, int, bytes]] = []
+        letters = DeadLetters()
 
-        def keep(record: ConsumerRecord[bytes, bytes]) -> None:
-            records.append((record.partition, record.offset, record.value or b""))
+        def fold(record: ConsumerRecord[bytes, bytes]) -> None:  # as read: the topic may hold many rejected messages
+            add_dead_letter(letters, record.partition, record.offset, record.value or b"")
 
-        await read_to_end(consumer, [TopicPartition(topic, p) for p in sorted(partitions)], keep)
+        await read_to_end(consumer, [TopicPartition(topic, p) for p in sorted(partitions)], fold)
     finally:
         await consumer.stop()
-    return read_dead_letters(sorted(records))
+    return letters
 
 
 async def _until_marked(config: Config, topic: str, usage_ids: list[str]) -> dict[str, Marker]:

@@ -83,32 +83,25 @@ _USAGE: Final = msgspec.json.Decoder(UsageEvent)
 UNPRICED_REASONS: Final = frozenset({"unknown_model", "unknown_provider"})
 
 
-def read_dead_letters(records: Iterable[tuple[int, int, bytes]]) -> DeadLetters:
-    """Fold `genai.deadletter` records (partition, offset, value), in offset order per partition. Letters of other
+def add_dead_letter(letters: DeadLetters, partition: int, offset: int, value: bytes) -> None:
+    """Fold one `genai.deadletter` record into `letters` (records of a partition in offset order). Letters of other
     kinds (rejected messages, invalid timestamps) and values that are not letters are passed over."""
-    out = DeadLetters()
-    for partition, offset, value in records:
+    try:
+        letter = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(letter, dict) or not isinstance(letter.get("fields"), dict):
+        return
+    fields: Mapping[str, Any] = letter["fields"]
+    if letter.get("stage") == REPRICE_STAGE and letter.get("reason") == REPRICED:
+        letters.markers.append(Marker(partition, offset, tuple(str(i) for i in fields.get("usage_ids", ()))))
+    elif letter.get("stage") == "pricing" and letter.get("reason") in UNPRICED_REASONS:
         try:
-            letter = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(letter, dict) or not isinstance(letter.get("fields"), dict):
-            continue
-        fields: Mapping[str, Any] = letter["fields"]
-        if letter.get("stage") == REPRICE_STAGE and letter.get("reason") == REPRICED:
-            out.markers.append(Marker(partition, offset, tuple(str(i) for i in fields.get("usage_ids", ()))))
-        elif letter.get("stage") == "pricing" and letter.get("reason") in UNPRICED_REASONS:
-            if "usage" not in fields:
-                out.without_call += 1
-                continue
-            try:
-                event = _USAGE.decode(orjson.dumps(fields["usage"]))
-            except msgspec.DecodeError:
-                out.without_call += 1
-                continue
-            out.unpriced[event.id] = event
-    return out
-
+            event = _USAGE.decode(orjson.dumps(fields["usage"]))
+        except (KeyError, msgspec.DecodeError):
+            letters.without_call += 1
+            return
+        letters.unpriced[event.id] = event
 
 
 def marker_records(usage_ids: Sequence[str]) -> list[Record]:

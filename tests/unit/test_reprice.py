@@ -11,9 +11,11 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from decimal import Decimal
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import orjson
 import pytest
 
@@ -26,12 +28,13 @@ from pipeline.pricing.focus import Billing
 from pipeline.pricing.reprice import (
     MARKER_PARTITION_BASE,
     REPRICED,
+    DeadLetters,
     Marker,
+    add_dead_letter,
     choose,
     in_range,
     marked_outputs,
     marker_records,
-    read_dead_letters,
 )
 from pipeline.pricing.restate import CORRECTION, COST_COLUMNS, FileRow, corrections
 from schemas.config import config_from_dict
@@ -67,12 +70,23 @@ def dead_letter(event: UsageEvent) -> bytes:
     return value
 
 
+def read_dead_letters(records: list[tuple[int, int, bytes]]) -> DeadLetters:
+    letters = DeadLetters()
+    for partition, offset, value in records:
+        add_dead_letter(letters, partition, offset, value)
+    return letters
+
+
 def test_unpriced_letters_carry_the_call_and_are_read_back_with_markers() -> None:
     first, second = call(1), call(2)
     with pytest.raises(UnpricedError) as unpriced:
         catalog().resolve("vllm", "acme-internal-70b", NS)
     letter = orjson.loads(unpriced_letter(first, unpriced.value).encode())
     assert letter["fields"]["usage"]["id"] == first.id and letter["fields"]["usage"]["tokens"]["output"] == 500
+    dead_letter_schema = jsonschema.Draft202012Validator(json.loads(
+        resources.files("schemas").joinpath("deadletter.schema.json").read_text("utf-8")))
+    dead_letter_schema.validate(letter)
+    dead_letter_schema.validate(orjson.loads(marker_records([first.id])[0][1]))
     rejected = orjson.dumps({"reason": "invalid_usage_message", "stage": "pricing", "fields": {"topic": "x"}})
     records = [(0, 0, dead_letter(first)), (1, 0, b"not json"), (1, 1, rejected), (0, 1, dead_letter(second)),
                *((0, 2 + i, value) for i, (_, value) in enumerate(marker_records([first.id])))]
