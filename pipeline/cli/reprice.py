@@ -29,7 +29,6 @@ from pipeline.pricing.catalog import PriceCatalog
 from pipeline.pricing.focus import Billing
 from pipeline.pricing.reprice import (
     DeadLetters,
-    Marker,
     add_dead_letter,
     choose,
     in_range,
@@ -69,7 +68,8 @@ class RepriceResult:
     #: marked calls no price covers any more (an override removed since they were marked): not published
     unpriced_now: int = 0
     without_call: int = 0
-    rows: int = 0
+    #: calls priced by earlier runs (in any range) whose outputs this run sent again
+    republished: int = 0
 
 
 async def _dead_letters(config: Config, topic: str) -> DeadLetters:
@@ -93,13 +93,14 @@ async def _dead_letters(config: Config, topic: str) -> DeadLetters:
     return letters
 
 
-async def _until_marked(config: Config, topic: str, usage_ids: list[str]) -> dict[str, Marker]:
-    """The markers, once those of `usage_ids` (just written) can be read back."""
+async def _until_marked(config: Config, topic: str, usage_ids: list[str]) -> DeadLetters:
+    """The dead letters, once the markers of `usage_ids` (just written) can be read back."""
     deadline = time.monotonic() + MARKERS_VISIBLE_S
     while True:
-        marked = (await _dead_letters(config, topic)).marked()
+        letters = await _dead_letters(config, topic)
+        marked = letters.marked()
         if all(usage_id in marked for usage_id in usage_ids):
-            return marked
+            return letters
         if time.monotonic() > deadline:
             raise SpendstreamError(f"the markers written to {topic} could not be read back within "
                                    f"{MARKERS_VISIBLE_S:g} s; run spendstream reprice again (nothing counts twice)")
@@ -107,8 +108,11 @@ async def _until_marked(config: Config, topic: str, usage_ids: list[str]) -> dic
 
 
 async def reprice(config: Config, data_dir: Path, since_ns: int, until_ns: int | None) -> RepriceResult:
-    """Price the unpriced calls that started in [since_ns, until_ns) and now have a price; publish their rows and
-    spend (again for those an earlier run marked: downstream keeps one of each)."""
+    """Price the unpriced calls that started in [since_ns, until_ns) and now have a price, and publish their rows and
+    spend, with those of every call an earlier run priced (downstream keeps one of each). Re-sending all of them,
+    whatever the range, is what makes a run that crashed, or ran at the same time, harmless: a run that places
+    spend at a marker's offset also places, in the same messages, the spend of every earlier marker, so stage 2
+    never sees a later marker's spend before an earlier one's."""
     catalog = PriceCatalog.from_config(config)
     billing = Billing.from_config(config)
     names = TopicNames(config.kafka.topic_prefix)
@@ -123,12 +127,12 @@ async def reprice(config: Config, data_dir: Path, since_ns: int, until_ns: int |
     producer = BatchProducer.of(config.kafka, os.environ)
     await producer.start()
     try:
-        marked = letters.marked()
         if choice.to_mark:
             await producer.send_all(names.deadletter, marker_records(choice.to_mark))
-            marked = await _until_marked(config, names.deadletter, choice.to_mark)
-        outputs = marked_outputs([(marked[c.id], c) for c in calls if c.id in marked], catalog, billing,
-                                 ScopeIndex(config.policy))
+            letters = await _until_marked(config, names.deadletter, choice.to_mark)
+        marked = [(marker, letters.unpriced[usage_id]) for usage_id, marker in letters.marked().items()
+                  if usage_id in letters.unpriced]
+        outputs = marked_outputs(marked, catalog, billing, ScopeIndex(config.policy))
         await asyncio.gather(producer.send_all(names.cost_focus, outputs.rows),
                              producer.send_all(names.spend, outputs.spend))
     finally:
@@ -141,7 +145,7 @@ async def reprice(config: Config, data_dir: Path, since_ns: int, until_ns: int |
             total = result.priced.setdefault((event.provider or "-", event.model or "-"), ModelTotal())
             total.calls += 1
             total.cost += billed
-    result.rows = len(outputs.rows)
+    result.republished = len(marked) - len(new)
     return result
 
 
@@ -154,8 +158,8 @@ def describe(result: RepriceResult) -> str:
     for (provider, model), model_total in sorted(result.priced.items()):
         lines.append(f"  {provider} {model}: {model_total.calls:,} calls, {plain_decimal(model_total.cost)} "
                      f"{result.currency}")
-    lines.append(f"priced by an earlier reprice: {result.marked_before:,} calls (published again; the files and "
-                 "budgets keep each once)")
+    lines.append(f"priced by an earlier reprice: {result.marked_before:,} calls (their rows and spend, and those of "
+                 f"all {result.republished:,} calls repriced before, sent again: the files and budgets keep each once)")
     if result.in_files:
         lines.append(f"already in the FOCUS files (priced another way): {result.in_files:,} calls")
     unpriced = sum(result.still_unpriced.values())

@@ -12,8 +12,9 @@ on `genai.spend`. Each must count once however often reprice runs or crashes:
   (reason `repriced`) naming the usage ids it prices, then places their spend at the marker's own
   (partition, offset), on partition numbers no usage topic has (MARKER_PARTITION_BASE + p). A
   marker is written once per usage id, after every earlier marker, so each repriced call has one
-  coordinate, and later ones are always higher: running again publishes the same entries again,
-  and stage 2 skips them; a run that crashed after its markers publishes what they name next time.
+  coordinate, and later ones are always higher. Every run publishes the outputs of every marked
+  call again: stage 2 skips what it added, and a run that crashed after its markers is completed
+  by the next one.
   Republishing the usage event to `genai.usage` instead would not do: the pricing stage remembers
   usage ids only within `worker.dedupe_horizon_s` of event time (two hours), and repriced calls are
   usually older, so a second run would be priced and counted again.
