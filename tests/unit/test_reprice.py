@@ -38,7 +38,7 @@ from pipeline.pricing.reprice import (
 )
 from pipeline.pricing.restate import CORRECTION, COST_COLUMNS, FileRow, corrections
 from schemas.config import config_from_dict
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, SchemaError
 from schemas.focus import decode_row
 from schemas.policy import Scope
 from schemas.spend import decode_spend
@@ -262,3 +262,12 @@ def test_a_bad_catalog_file_stops_the_start_naming_the_file(tmp_path: Path, comm
     assert done.returncode == 2, done.stderr
     assert f"pricing.catalog_file: {bad}: not valid genai-prices data" in done.stderr
     assert not (tmp_path / "data").exists()  # nothing started
+
+
+def test_only_a_correction_row_may_leave_its_quantities_null() -> None:
+    (_, value), *_ = cost_records([call(1, "gpt-4o", "openai")], catalog(CONTRACT), Billing()).rows
+    for name in ("ConsumedQuantity", "PricingQuantity"):
+        with pytest.raises(SchemaError, match=f"{name} is null on a row that is not a correction"):
+            decode_row(orjson.dumps({**orjson.loads(value), name: None}))
+    decode_row(orjson.dumps({**orjson.loads(value), "ChargeClass": CORRECTION, "ConsumedQuantity": None,
+                             "PricingQuantity": None}))
