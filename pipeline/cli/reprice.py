@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -35,7 +36,7 @@ from pipeline.pricing.reprice import (
     marked_outputs,
     marker_records,
 )
-from pipeline.pricing.restate import FileRow, Restatement, corrections
+from pipeline.pricing.restate import FileRow, Restatement, corrections, restate_marker_records, restated_spend
 from schemas.codec import plain_decimal
 from schemas.config import Config
 from schemas.errors import SpendstreamError
@@ -93,13 +94,12 @@ async def _dead_letters(config: Config, topic: str) -> DeadLetters:
     return letters
 
 
-async def _until_marked(config: Config, topic: str, usage_ids: list[str]) -> DeadLetters:
-    """The dead letters, once the markers of `usage_ids` (just written) can be read back."""
+async def _until_read_back(config: Config, topic: str, written: Callable[[DeadLetters], bool]) -> DeadLetters:
+    """The dead letters, once the markers just written can be read back (`written` says so)."""
     deadline = time.monotonic() + MARKERS_VISIBLE_S
     while True:
         letters = await _dead_letters(config, topic)
-        marked = letters.marked()
-        if all(usage_id in marked for usage_id in usage_ids):
+        if written(letters):
             return letters
         if time.monotonic() > deadline:
             raise SpendstreamError(f"the markers written to {topic} could not be read back within "
@@ -129,7 +129,8 @@ async def reprice(config: Config, data_dir: Path, since_ns: int, until_ns: int |
     try:
         if choice.to_mark:
             await producer.send_all(names.deadletter, marker_records(choice.to_mark))
-            letters = await _until_marked(config, names.deadletter, choice.to_mark)
+            letters = await _until_read_back(config, names.deadletter,
+                                             lambda read: set(choice.to_mark) <= read.marked().keys())
         marked = [(marker, letters.unpriced[usage_id]) for usage_id, marker in letters.marked().items()
                   if usage_id in letters.unpriced]
         outputs = marked_outputs(marked, catalog, billing, ScopeIndex(config.policy))
@@ -201,15 +202,27 @@ def file_rows(data_dir: Path, since_s: int, until_s: int) -> list[FileRow]:
 
 
 async def restate(config: Config, data_dir: Path, since_ns: int, until_ns: int | None) -> Restatement:
-    """Publish correction rows for the rows charged in [since_ns, until_ns) whose price changed (pricing.restate)."""
+    """Publish correction rows for the rows charged in [since_ns, until_ns) whose price changed, and their spend
+    (pipeline/pricing/restate.py): markers first, then the spend of every restatement marker, then the rows."""
     catalog = PriceCatalog.from_config(config)
     until_s = until_ns // _NS if until_ns is not None else time.time_ns() // _NS + 1
     rows = await asyncio.to_thread(file_rows, data_dir, since_ns // _NS, until_s)
     out = corrections(rows, catalog, Billing.from_config(config))
+    names = TopicNames(config.kafka.topic_prefix)
+    letters = await _dead_letters(config, names.deadletter)
+    known = {row_id for marker in letters.restated for row_id in marker.row_ids}
+    new = [fix for fix in out.corrected if fix.row_id not in known]  # a rerun before the exporter wrote them: known
     producer = BatchProducer.of(config.kafka, os.environ)
     await producer.start()
     try:
-        await producer.send_all(TopicNames(config.kafka.topic_prefix).cost_focus, out.rows)
+        if new:
+            await producer.send_all(names.deadletter, restate_marker_records(new, ScopeIndex(config.policy)))
+            ids = {fix.row_id for fix in new}
+            letters = await _until_read_back(config, names.deadletter, lambda read: ids <= {
+                row_id for marker in read.restated for row_id in marker.row_ids})
+        # the spend before the rows: once the files hold the rows, a rerun finds nothing to correct
+        await producer.send_all(names.spend, restated_spend(letters.restated))
+        await producer.send_all(names.cost_focus, out.rows)
     finally:
         await producer.stop()
     return out

@@ -41,6 +41,8 @@ from schemas.usage import UsageEvent
 
 #: a marker's reason and stage on `genai.deadletter`
 REPRICED: Final = "repriced"
+#: the reason of a marker of correction rows (restate.py)
+RESTATED: Final = "restated"
 REPRICE_STAGE: Final = "reprice"
 #: repriced spend is placed on usage partition MARKER_PARTITION_BASE + (the marker's dead-letter partition): no
 #: usage topic has that many partitions, so its offsets never mix with those of priced usage messages
@@ -60,6 +62,17 @@ class Marker:
     usage_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class RestateMarker:
+    """Correction rows `spendstream reprice --restate` wrote, with their spend (restate.py)."""
+
+    partition: int
+    offset: int
+    row_ids: tuple[str, ...]
+    #: scope key -> (bucket start, cost, unallocated part of the cost)
+    spend: Mapping[str, tuple[tuple[int, Decimal, Decimal], ...]]
+
+
 @dataclass(slots=True)
 class DeadLetters:
     """What `genai.deadletter` says about unpriced calls."""
@@ -67,6 +80,7 @@ class DeadLetters:
     #: usage id -> the call, of every letter the pricing stage wrote as unpriced (the latest per id)
     unpriced: dict[str, UsageEvent] = field(default_factory=dict)
     markers: list[Marker] = field(default_factory=list)
+    restated: list[RestateMarker] = field(default_factory=list)
     #: unpriced letters written before letters carried the call (`fields.usage`): they cannot be repriced
     without_call: int = 0
 
@@ -96,6 +110,15 @@ def add_dead_letter(letters: DeadLetters, partition: int, offset: int, value: by
     fields: Mapping[str, Any] = letter["fields"]
     if letter.get("stage") == REPRICE_STAGE and letter.get("reason") == REPRICED:
         letters.markers.append(Marker(partition, offset, tuple(str(i) for i in fields.get("usage_ids", ()))))
+    elif letter.get("stage") == REPRICE_STAGE and letter.get("reason") == RESTATED:
+        try:
+            spend = {str(scope): tuple((int(bucket), Decimal(cost), Decimal(unallocated))
+                                       for bucket, cost, unallocated in entries)
+                     for scope, entries in fields.get("spend", {}).items()}
+        except (AttributeError, TypeError, ValueError, ArithmeticError):
+            return  # not a marker this version wrote
+        letters.restated.append(RestateMarker(partition, offset, tuple(str(i) for i in fields.get("row_ids", ())),
+                                              spend))
     elif letter.get("stage") == "pricing" and letter.get("reason") in UNPRICED_REASONS:
         try:
             event = _USAGE.decode(orjson.dumps(fields["usage"]))

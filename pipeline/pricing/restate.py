@@ -11,6 +11,12 @@ PricingQuantity may be null on a correction; the usage was counted by the origin
 Its row id is `<original row id>/correction/<digest of the before and after costs>`: running again before the
 exporter wrote it gives the same id (the exporter keeps one), and after, the row nets to today's price and
 nothing is emitted. A later change of price gives a new digest, so a new correction.
+
+Budgets count corrections once too. Their spend cannot be derived again once the files hold them (they then
+net to nothing), so a marker on `genai.deadletter` (reason `restated`) carries it: the correction row ids and
+their spend per scope and bucket, written before any of it is published. Every run sends the spend of every
+such marker, placed at the marker's (partition, offset) on usage partition RESTATE_PARTITION_BASE + p (stage 2
+adds each once), and only then the rows: a run that stopped anywhere is completed by the next one.
 """
 
 from __future__ import annotations
@@ -24,11 +30,16 @@ from typing import Final, NamedTuple
 
 import orjson
 
+from pipeline.guardrails.spend import ScopeIndex
+from pipeline.guardrails.state import BUCKET_S
 from pipeline.pricing.catalog import PriceCatalog, UnpricedError
 from pipeline.pricing.focus import INPUT_METERS, Billing, encoded_focus_rows
 from pipeline.pricing.price import PricedUsage, priced_line
+from pipeline.pricing.reprice import MARKER_KEY, MARKER_MAX_IDS, REPRICE_STAGE, RESTATED, RestateMarker
 from schemas.codec import Record
+from schemas.deadletter import DeadLetter
 from schemas.focus import encode_row
+from schemas.spend import SpendEntry, encode_spend
 from schemas.usage import TokenCounts, UsageEvent
 
 CORRECTION: Final = "Correction"
@@ -37,6 +48,9 @@ COST_COLUMNS: Final = ("BilledCost", "EffectiveCost", "ContractedCost", "ListCos
 #: a correction bills no usage of its own: the original row counted it
 NULLED_ON_CORRECTION: Final = ("ConsumedQuantity", "ConsumedUnit", "PricingQuantity", "PricingUnit")
 _NS = 1_000_000_000
+#: correction spend is placed on usage partition RESTATE_PARTITION_BASE + (its marker's dead-letter partition), apart
+#: from repriced calls' (reprice.MARKER_PARTITION_BASE): the two kinds of marker are re-sent by different runs
+RESTATE_PARTITION_BASE: Final = 2_000_000
 
 
 class FileRow(NamedTuple):
@@ -66,9 +80,20 @@ def correction_prefix(row_id: str) -> str:
     return f"{row_id}/correction/"
 
 
+class Corrected(NamedTuple):
+    """One correction row, as its spend needs it."""
+
+    row_id: str
+    start_s: int
+    attribution: Mapping[str, str]
+    allocated: bool
+    billed: Decimal  # its BilledCost: the difference
+
+
 @dataclass(slots=True)
 class Restatement:
     rows: list[Record] = field(default_factory=list)
+    corrected: list[Corrected] = field(default_factory=list)  # one per row in `rows`
     #: the corrections' BilledCost, summed
     net_billed: Decimal = Decimal(0)
     checked: int = 0  # original rows looked at
@@ -114,11 +139,12 @@ def corrections(rows: Sequence[FileRow], catalog: PriceCatalog, billing: Billing
             out.unchanged += 1
             continue
         digest = hashlib.sha256(orjson.dumps([[str(c) for c in before], [str(c) for c in after]])).hexdigest()[:16]
-        correction = {**restated, "ChargeClass": CORRECTION, "x_RequestCount": 0,
-                      "x_RowId": f"{correction_prefix(row.row_id)}{digest}",
+        row_id = f"{correction_prefix(row.row_id)}{digest}"
+        correction = {**restated, "ChargeClass": CORRECTION, "x_RequestCount": 0, "x_RowId": row_id,
                       **dict.fromkeys(NULLED_ON_CORRECTION),
                       **{column: a - b for column, a, b in zip(COST_COLUMNS, after, before, strict=True)}}
         out.rows.append((row.attribution_key.encode(), encode_row(correction)))
+        out.corrected.append(Corrected(row_id, row.start_s, row.tags, row.allocated, after[0] - before[0]))
         out.net_billed += after[0] - before[0]
     return out
 
@@ -140,3 +166,38 @@ def _restated(row: FileRow, input_tokens: int, catalog: PriceCatalog, billing: B
             restated: dict[str, object] = orjson.loads(value)
             return restated
     return None
+
+
+def restate_marker_records(corrected: Sequence[Corrected], scopes: ScopeIndex) -> list[Record]:
+    """Markers naming `corrected` with their spend per scope: (bucket start, cost, unallocated part) entries."""
+    out = []
+    for chunk in (corrected[i:i + MARKER_MAX_IDS] for i in range(0, len(corrected), MARKER_MAX_IDS)):
+        spend: dict[str, dict[int, list[Decimal]]] = {}
+        for fix in chunk:
+            bucket = fix.start_s - fix.start_s % BUCKET_S
+            for scope in scopes.scopes_of(fix.attribution):
+                total = spend.setdefault(scope.key, {}).setdefault(bucket, [Decimal(0), Decimal(0)])
+                total[0] += fix.billed
+                if not fix.allocated:
+                    total[1] += fix.billed
+        out.append((MARKER_KEY, DeadLetter(
+            reason=RESTATED, stage=REPRICE_STAGE, attribution_key="",
+            detail=f"{len(chunk)} correction rows of spendstream reprice --restate; their spend is placed at this "
+                   "record's partition and offset",
+            fields={"row_ids": [fix.row_id for fix in chunk],
+                    "spend": {scope: [[bucket, str(cost), str(unallocated)]
+                                      for bucket, (cost, unallocated) in sorted(buckets.items())]
+                              for scope, buckets in spend.items()}}).encode()))
+    return out
+
+
+def restated_spend(markers: Sequence[RestateMarker]) -> list[Record]:
+    """The spend of every restatement marker, one `genai.spend` message per scope holding the entries of all of
+    them: stage 2 adds those above what it added, so a later marker's entry never arrives before an earlier one's."""
+    entries: dict[str, list[SpendEntry]] = {}
+    for marker in sorted(markers, key=lambda m: (m.partition, m.offset)):
+        for scope, spend in marker.spend.items():
+            entries.setdefault(scope, []).extend(
+                SpendEntry(RESTATE_PARTITION_BASE + marker.partition, marker.offset, bucket, cost, 0, 0, unallocated)
+                for bucket, cost, unallocated in spend)
+    return [(scope.encode(), encode_spend(scope, scope_entries)) for scope, scope_entries in entries.items()]

@@ -1,7 +1,8 @@
 """`spendstream reprice` on the real broker with a real worker and exporter: calls to a model nobody priced are
 dead-lettered; once an override exists, reprice prices exactly those calls, once however often it runs, and the
 files, the budget totals and `spendstream report` include them. `--restate` corrects rows after a retroactive
-price change with correction rows that net the difference, once, and the files still pass focus-validator."""
+price change with correction rows that net the difference, once, in the files and the budgets, and the files
+still pass focus-validator."""
 
 from __future__ import annotations
 
@@ -190,16 +191,23 @@ def test_a_retroactive_override_gives_correction_rows_that_net_the_hand_computed
         f"    - {{provider: openai, model: gpt-4o, input_per_mtok: 3, output_per_mtok: 2, valid_from: '{since}'}}\n")))
     with exporter(broker, tmp_path):
         wait_for("the calls in the files", lambda: set(in_files(data)) == {e.id for e in calls})
-        # 1,000 input tokens at 1 and 500 output tokens at 2 USD per million: 0.002 USD a call
-        assert sum(in_files(data).values(), Decimal(0)) == Decimal("0.004")
-        first = restate(broker, renegotiated, data, since)
+    # 1,000 input tokens at 1 and 500 output tokens at 2 USD per million: 0.002 USD a call
+    assert sum(in_files(data).values(), Decimal(0)) == Decimal("0.004")
+    wait_for("the budget to count the calls", lambda: budget_spent(worker) == Decimal("0.004"))
+
+    # twice while no exporter runs: the second run finds the same corrections, and counts none of them again
+    for _ in range(2):
         # 2 calls x 1,000 input tokens x (3 - 1) USD / 1e6
+        first = restate(broker, renegotiated, data, since)
         assert "correction rows: 2, net BilledCost 0.004 USD" in first, first
+    wait_for("the budget to include the corrections", lambda: budget_spent(worker) == Decimal("0.008"))
+    with exporter(broker, tmp_path):
         wait_for("the corrections in the files", lambda: sum(in_files(data).values(), Decimal(0)) == Decimal("0.008"))
-        second = restate(broker, renegotiated, data, since)
-        assert "correction rows: 0," in second, second
-        wait_for("the second run's output to be consumed", lambda: drained(broker.bootstrap_servers, topics))
-        time.sleep(2)  # an exporter flush (every 1 s): a second correction would show
+        again = restate(broker, renegotiated, data, since)
+        assert "correction rows: 0," in again, again
+        wait_for("every run's output to be consumed", lambda: drained(broker.bootstrap_servers, topics))
+        time.sleep(6)  # a gauge snapshot (every 5 s) and an exporter flush (every 1 s): a second count would show
+    assert budget_spent(worker) == Decimal("0.008")
     with duckdb.connect() as con:
         corrections = con.execute(
             f"SELECT count(*), sum(\"BilledCost\"), count(DISTINCT \"x_RowId\"), "

@@ -26,6 +26,7 @@ from pipeline.pricing.catalog import price_data_file
 from pipeline.pricing.cost_records import cost_records, unpriced_letter
 from pipeline.pricing.focus import Billing
 from pipeline.pricing.reprice import (
+    MARKER_KEY,
     MARKER_PARTITION_BASE,
     REPRICED,
     DeadLetters,
@@ -36,12 +37,20 @@ from pipeline.pricing.reprice import (
     marked_outputs,
     marker_records,
 )
-from pipeline.pricing.restate import CORRECTION, COST_COLUMNS, FileRow, corrections
+from pipeline.pricing.restate import (
+    CORRECTION,
+    COST_COLUMNS,
+    RESTATE_PARTITION_BASE,
+    FileRow,
+    corrections,
+    restate_marker_records,
+    restated_spend,
+)
 from schemas.config import config_from_dict
 from schemas.errors import ConfigError, SchemaError
 from schemas.focus import decode_row
 from schemas.policy import Scope
-from schemas.spend import decode_spend
+from schemas.spend import SpendMessage, decode_spend
 from schemas.usage import TokenCounts, UsageEvent
 
 WHEN = datetime(2026, 11, 20, 9, 30, 15, tzinfo=UTC)
@@ -271,3 +280,28 @@ def test_only_a_correction_row_may_leave_its_quantities_null() -> None:
             decode_row(orjson.dumps({**orjson.loads(value), name: None}))
     decode_row(orjson.dumps({**orjson.loads(value), "ChargeClass": CORRECTION, "ConsumedQuantity": None,
                              "PricingQuantity": None}))
+
+
+def test_correction_spend_travels_in_its_marker_and_is_added_once() -> None:
+    calls = [call(1, "gpt-4o", "openai"), call(2, "gpt-4o", "openai")]
+    rows = file_rows([v for _, v in cost_records(calls, catalog(CONTRACT), Billing()).rows])
+    out = corrections(rows, catalog(CONTRACT, RENEGOTIATED), Billing())
+    scopes = ScopeIndex(config_from_dict(CONFIG).policy)
+    (key, value), = restate_marker_records(out.corrected, scopes)
+    assert key == MARKER_KEY
+    jsonschema.Draft202012Validator(json.loads(resources.files("schemas").joinpath(
+        "deadletter.schema.json").read_text("utf-8"))).validate(orjson.loads(value))
+    later = restate_marker_records(out.corrected[:1], scopes)[0][1]
+    letters = read_dead_letters([(3, 40, value), (3, 41, later)])
+    assert [m.row_ids for m in letters.restated] == [tuple(f.row_id for f in out.corrected), (out.corrected[0].row_id,)]
+    state = ScopeState(Scope.parse("team=ml"))
+    first = restated_spend(letters.restated[:1])
+    for run in (first, first, restated_spend(letters.restated)):  # again, then with a later marker
+        for scope, message in run:
+            spend = decode_spend(message)
+            assert isinstance(spend, SpendMessage)
+            assert {(e.partition, e.requests, e.tokens) for e in spend.entries} == {(RESTATE_PARTITION_BASE + 3, 0, 0)}
+            if scope == b"team=ml":
+                state.add(spend.entries, 0)
+    # 0.004 from the first marker, once; 0.002 from the later one
+    assert state.periods["2026-11"] == Decimal("0.006")
