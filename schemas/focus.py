@@ -214,6 +214,9 @@ NULL_NUMBERS: Final = frozenset({"CommitmentDiscountQuantity"})
 #: columns added since rows were first published: null when they do not apply, and absent from an older
 #: worker's rows (still decoded during a rolling upgrade; the files hold null)
 ADDED_COLUMNS: Final = frozenset({"x_SampleAdjustedCount"})
+#: quantities a correction row (ChargeClass "Correction", `spendstream reprice --restate`) leaves null: the usage
+#: was counted by the row it corrects; every other row has them
+CORRECTION_NULLS: Final = frozenset({"ConsumedQuantity", "PricingQuantity"})
 _TEXT: Final = Annotated[str, msgspec.Meta(min_length=1)]
 #: what the files hold: money decimal128(38, 18), quantities decimal128(38, 6), int64 (files.py)
 _WIRE_TYPES: Final[Mapping[str, object]] = {
@@ -234,7 +237,7 @@ def _wire_type(name: str, kind: str) -> object:
         return Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
     if name in REQUIRED_TEXT:
         return _TEXT
-    if name in NULL_NUMBERS:
+    if name in NULL_NUMBERS | CORRECTION_NULLS:
         return Optional[_WIRE_TYPES[kind]]  # noqa: UP045  # a runtime type object: `X | None` needs a type
     if name in ADDED_COLUMNS:
         return NotRequired[Optional[_WIRE_TYPES[kind]]]  # noqa: UP045  # as above
@@ -270,6 +273,10 @@ def decode_row(value: bytes) -> dict[str, Any]:
         row: dict[str, Any] = decode_as(_ROW_DECODERS[version], value, "FOCUS row")
     except SchemaError as exc:
         row = _decode_as_other_version(value, version, exc)
+    if row["ChargeClass"] is None:
+        for name in CORRECTION_NULLS:
+            if row[name] is None:
+                raise SchemaError(f"FOCUS row: {name} is null on a row that is not a correction")
     for name in _DATETIME_COLUMNS:
         try:
             datetime.fromisoformat(row[name][:-1])

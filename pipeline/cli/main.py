@@ -162,6 +162,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     _add_log_level(report, "warning")
 
+    reprice = sub.add_parser("reprice", help="price the calls dead-lettered as unpriced that now have a price "
+                             "(an override, a newer pricing.catalog_file); --restate: correct past rows after a "
+                             "contracted price changed")
+    _add_common(reprice)
+    reprice.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                         help=f"where the exporter writes (default {DEFAULT_DATA_DIR})")
+    reprice.add_argument("--since", required=True, help="calls that started from this UTC date or date-time on")
+    reprice.add_argument("--until", help="calls that started before this UTC date or date-time (default: now)")
+    reprice.add_argument("--restate", action="store_true",
+                         help="instead: FOCUS correction rows (ChargeClass Correction) for the rows in the files "
+                              "whose price differs from today's catalog and overrides")
+
     price = sub.add_parser("price", help="what one call costs, and why")
     price.add_argument("model")
     price.add_argument("--input", type=int, required=True, help="input tokens, cached ones included")
@@ -287,6 +299,26 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(render_report(report, args.format))
 
 
+def _utc_ns(flag: str, value: str) -> int:
+    try:
+        return int(parse_utc(value).timestamp()) * 1_000_000_000
+    except ValueError:
+        raise SpendstreamError(f"{flag}: not a date or date-time: {value!r} (use e.g. 2026-11-01)") from None
+
+
+def _cmd_reprice(args: argparse.Namespace) -> None:
+    from pipeline.cli.reprice import describe, describe_restatement, reprice, restate  # noqa: PLC0415
+
+    config = _config(args)
+    since = _utc_ns("--since", args.since)
+    until = _utc_ns("--until", args.until) if args.until else None
+    if args.restate:
+        print(describe_restatement(asyncio.run(restate(config, Path(args.data_dir), since, until)),
+                                   config.billing_currency))
+    else:
+        print(describe(asyncio.run(reprice(config, Path(args.data_dir), since, until))))
+
+
 def _cmd_price(args: argparse.Namespace) -> None:
     from pipeline.pricing.catalog import PriceCatalog, UnpricedError  # noqa: PLC0415
     from pipeline.pricing.explain import explain_price  # noqa: PLC0415
@@ -374,8 +406,10 @@ def _cmd_authz(args: argparse.Namespace) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from pipeline.cli.runtime import run_all  # noqa: PLC0415
+    from pipeline.pricing.catalog import PriceCatalog  # noqa: PLC0415
 
     config, path = _load(args, announce=False)
+    PriceCatalog.from_config(config)  # a bad pricing section stops the start, not each worker in a restart loop
     raise SystemExit(run_all(config, workers=args.workers, data_dir=Path(args.data_dir),
                              broker_port=None if args.kafka else args.broker_port,
                              config_path=str(path) if path else None, log_level=args.log_level,
@@ -391,7 +425,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {"run": _cmd_run, "collector": _cmd_collector, "worker": _cmd_worker, "exporter": _cmd_exporter,
             "topics": _cmd_topics, "demo": _cmd_demo, "report": _cmd_report, "compact": _cmd_compact,
-            "price": _cmd_price, "breaker": _cmd_breaker, "gateway": _cmd_gateway,
+            "price": _cmd_price, "reprice": _cmd_reprice, "breaker": _cmd_breaker, "gateway": _cmd_gateway,
             "authz": _cmd_authz}
 
 

@@ -35,7 +35,7 @@ class RecordedSpend:
     tokens: int
 
 
-def _query(data_dir: Path, sql: str, since_s: int) -> list[tuple[object, ...]]:
+def _query(data_dir: Path, sql: str, since_s: int, *params: object) -> list[tuple[object, ...]]:
     if not any(data_dir.glob(REQUEST_FILES)):
         return []
     glob = request_files_glob(data_dir)
@@ -43,7 +43,7 @@ def _query(data_dir: Path, sql: str, since_s: int) -> list[tuple[object, ...]]:
         con.execute("SET TimeZone = 'UTC'")
         return con.execute(sql.format(source=f"read_parquet('{glob}', hive_partitioning = true, "
                                              "union_by_name = true)"),
-                           [since_s, day_of(since_s)]).fetchall()
+                           [since_s, day_of(since_s), *params]).fetchall()
 
 
 def recorded_spend(data_dir: Path, since_s: int, grain_s: int) -> list[RecordedSpend]:
@@ -71,6 +71,18 @@ def recorded_usage(data_dir: Path, since_s: int) -> list[tuple[str, str, int]]:
         FROM {source}
         WHERE "ChargePeriodStart" >= to_timestamp(?) AND charge_date >= CAST(? AS DATE)""", since_s)
     return [(str(key or ""), str(usage_id), int(str(start))) for key, usage_id, start in rows]
+
+
+def recorded_usage_ids(data_dir: Path, usage_ids: Iterable[str], since_s: int) -> set[str]:
+    """Which of `usage_ids` (calls charged from `since_s` on) have rows in the files."""
+    wanted = sorted(set(usage_ids))
+    if not wanted:
+        return set()
+    rows = _query(data_dir, """
+        SELECT DISTINCT "x_UsageId" FROM {source}
+        WHERE "ChargePeriodStart" >= to_timestamp(?) AND charge_date >= CAST(? AS DATE)
+          AND list_contains(?, "x_UsageId")""", since_s, wanted)
+    return {str(usage_id) for (usage_id,) in rows}
 
 
 @dataclass(slots=True)

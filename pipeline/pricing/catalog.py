@@ -15,13 +15,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Final
 
 import genai_prices
 import orjson
+import pydantic
 from genai_prices import data_snapshot
 from genai_prices.data_units import unit_data
 from genai_prices.types import ModelInfo, ModelPrice, Provider, Tier, TieredPrices, TimeOfDateConstraint
+from genai_prices.types import _providers_from_raw as providers_from_raw  # UpdatePrices.fetch's reader; not public
 
 from schemas.config import Config
 from schemas.errors import ConfigError
@@ -46,6 +49,46 @@ _LOOKUP_CACHE_MAX: Final = 50_000
 #: the genai-prices usage keys a UsageEvent reports (see price.usage_counts)
 REPORTED_USAGE: Final = frozenset({"input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
                                    "output_reasoning_tokens", "requests"})
+
+
+@dataclass(frozen=True, slots=True)
+class PriceData:
+    """The genai-prices providers a catalog prices with, and the name rows give them (`x_CatalogVersion`)."""
+
+    providers: Sequence[Provider]
+    name: str
+
+
+def price_data_file(path: Path) -> PriceData:
+    """A genai-prices data file (its published `data.json`: a list of providers), for a site that cannot upgrade
+    the package. Named by the file's SHA-256, so rows say which file priced them. Raises ConfigError naming the
+    file and what is wrong with it."""
+    def invalid(problem: str) -> ConfigError:
+        return ConfigError([f"pricing.catalog_file: {path}: {problem}"], "config")
+
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise invalid(f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"not JSON ({exc})") from None
+    if not isinstance(data, list) or not data:
+        raise invalid("not a genai-prices data file: expected a non-empty JSON array of providers "
+                      "(prices/data.json as genai-prices publishes it)")
+    try:
+        providers = providers_from_raw(data)
+    except (pydantic.ValidationError, ValueError, TypeError) as exc:
+        raise invalid(f"not valid genai-prices data: {str(exc).splitlines()[0]} ({_first_error(exc)})") from None
+    return PriceData(providers, f"genai-prices-data-{hashlib.sha256(raw).hexdigest()[:12]}")
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, pydantic.ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        return f"at {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return str(exc)[:200]
 
 
 class UnpricedError(Exception):
@@ -213,11 +256,14 @@ class PriceCatalog:
     """Compiled prices: `resolve(...)` answers which prices apply to a call, from memory after the first time."""
 
     def __init__(self, overrides: Sequence[PriceOverride] = (), *, billing_currency: str = LIST_CURRENCY,
-                 usd_rate: Decimal = Decimal(1)) -> None:
+                 usd_rate: Decimal = Decimal(1), data: PriceData | None = None) -> None:
         self.overrides = tuple(overrides)
         self.billing_currency = billing_currency
         self.usd_rate = usd_rate  # billing currency units per USD
-        self._snapshot = data_snapshot.get_snapshot()
+        # `data` (pricing.catalog_file) or else the data the installed package ships
+        self._snapshot = data_snapshot.get_snapshot() if data is None else \
+            data_snapshot.DataSnapshot(providers=list(data.providers), from_auto_update=False)
+        self.data_name = f"genai-prices-{genai_prices.__version__}" if data is None else data.name
         self._sheets: dict[tuple[int, int, tuple[int, ...]], PriceSheet] = {}
         self._lookups: dict[tuple[str | None, str, int, str | None], ResolvedPrice | UnpricedError] = {}
         # one object per distinct answer: day after day a model resolves to the same prices, and
@@ -225,13 +271,16 @@ class PriceCatalog:
         self._interned: dict[ResolvedPrice, ResolvedPrice] = {}
         digest = hashlib.sha256(orjson.dumps(
             [billing_currency, str(usd_rate), [_override_json(o) for o in self.overrides]])).hexdigest()[:12]
-        self.version = f"genai-prices-{genai_prices.__version__}+{digest}"
+        self.version = f"{self.data_name}+{digest}"
 
     @classmethod
     def from_config(cls, config: Config) -> PriceCatalog:
-        """The catalog with the config's overrides (`pricing.overrides`), billing currency and fx rate."""
+        """The catalog with the config's price data (`pricing.catalog_file`, else the package's), overrides
+        (`pricing.overrides`), billing currency and fx rate. Raises ConfigError."""
         overrides = overrides_from_config(config.pricing.get("overrides", ()), config.billing_currency)
-        return cls(overrides, billing_currency=config.billing_currency, usd_rate=config.usd_rate)
+        catalog_file = config.pricing.get("catalog_file")
+        data = price_data_file(Path(catalog_file)) if catalog_file else None
+        return cls(overrides, billing_currency=config.billing_currency, usd_rate=config.usd_rate, data=data)
 
     def resolve(self, provider: str | None, model: str, start_unix_nano: int,
                 service_tier: str | None = None) -> ResolvedPrice:
@@ -302,8 +351,8 @@ class PriceCatalog:
                 except LookupError:
                     pass
             reason = "unknown_provider" if "provider" in str(exc) and provider_id else "unknown_model"
-            raise UnpricedError(reason, f"{model!r} from provider {provider!r} is not in genai-prices "
-                                        f"{genai_prices.__version__} and no pricing.overrides entry matches") from exc
+            raise UnpricedError(reason, f"{model!r} from provider {provider!r} is not in {self.data_name} "
+                                        "and no pricing.overrides entry matches") from exc
 
     def _publisher(self, provider: Provider, info: ModelInfo) -> str:
         for fallback_id in provider.fallback_model_providers or ():

@@ -63,7 +63,9 @@ def unpriced_letter(event: UsageEvent, exc: UnpricedError) -> DeadLetter:
                 "tokens": {"input_uncached": event.tokens.input_uncached, "cache_read": event.tokens.cache_read,
                            "cache_write": event.tokens.cache_write, "output": event.tokens.output,
                            "reasoning": event.tokens.reasoning},
-                "attribution": dict(event.attribution)},
+                "attribution": dict(event.attribution),
+                # the call itself (ids, times, token counts, attribution: no content), for `spendstream reprice`
+                "usage": event.to_dict()},
     )
 
 

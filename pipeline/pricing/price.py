@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import NamedTuple
 
-from pipeline.pricing.catalog import PriceCatalog, ResolvedPrice, UnpricedError
+from pipeline.pricing.catalog import MeterPrice, PriceCatalog, ResolvedPrice, UnpricedError
 from schemas.usage import TokenCounts, UsageEvent
 
 
@@ -63,22 +63,28 @@ def price_usage(event: UsageEvent, catalog: PriceCatalog) -> PricedUsage:
     listed = resolved.list_sheet.meters
     # the contract sheet has the same meters in the same order (catalog._with_meters)
     contracted = listed if resolved.is_list else resolved.contract_sheet.meters
-    lines = []
-    new_tuple = tuple.__new__
-    for meter, contract_meter, leaf in zip(listed, contracted, resolved.list_sheet.leaves(counts), strict=True):
-        if not leaf:
-            continue
-        if meter.tiers:
-            list_price, tier = meter.price_for(total_input)
-            list_cost = list_price * leaf / meter.per  # genai-prices' own formula, so results are equal
-        else:
-            list_price, tier, list_cost = meter.base, None, meter.unit_base * leaf
-        if contract_meter is meter:
-            contract_price, contract_cost = list_price, list_cost
-        else:
-            contract_price = contract_meter.price_for(total_input)[0] if contract_meter.tiers else contract_meter.base
-            contract_cost = contract_price * leaf / meter.per
-        # tuple.__new__ skips NamedTuple's Python-level __new__, a third of the per-meter cost
-        lines.append(new_tuple(PricedLine, (meter.usage_key, leaf, meter.per, list_price, contract_price, list_cost,
-                                            contract_cost, tier)))
+    lines = [priced_line(meter, contract_meter, leaf, total_input)
+             for meter, contract_meter, leaf in zip(listed, contracted, resolved.list_sheet.leaves(counts), strict=True)
+             if leaf]
     return PricedUsage(event=event, price=resolved, lines=tuple(lines), catalog_version=catalog.version)
+
+
+_new_tuple = tuple.__new__
+
+
+def priced_line(meter: MeterPrice, contract_meter: MeterPrice, leaf: int, total_input: int) -> PricedLine:
+    """`leaf` units of one meter, at list (`meter`) and contracted (`contract_meter`) prices; `total_input` (the
+    call's input tokens) picks a long-context tier."""
+    if meter.tiers:
+        list_price, tier = meter.price_for(total_input)
+        list_cost = list_price * leaf / meter.per  # genai-prices' own formula, so results are equal
+    else:
+        list_price, tier, list_cost = meter.base, None, meter.unit_base * leaf
+    if contract_meter is meter:
+        contract_price, contract_cost = list_price, list_cost
+    else:
+        contract_price = contract_meter.price_for(total_input)[0] if contract_meter.tiers else contract_meter.base
+        contract_cost = contract_price * leaf / meter.per
+    # tuple.__new__ skips NamedTuple's Python-level __new__, a third of the per-meter cost
+    return _new_tuple(PricedLine, (meter.usage_key, leaf, meter.per, list_price, contract_price, list_cost,
+                                   contract_cost, tier))
