@@ -175,3 +175,18 @@ def test_bad_overrides_name_the_entry() -> None:
     with pytest.raises(ConfigError, match=r"valid_until: 2026-01-01 is before valid_from"):
         catalog({"pricing": {"overrides": [{"model": "m", "input_per_mtok": 1, "valid_from": "2026-02-01",
                                             "valid_until": "2026-01-01"}]}})
+
+
+@pytest.mark.parametrize("version", ["1.4", "1.2"])
+def test_spliced_rows_are_the_json_of_their_columns_for_tiny_costs_and_odd_text(version: str) -> None:
+    # 1 token of gpt-4o-mini costs 0.00000015 USD: str() of that Decimal is E-notation, which the contract forbids
+    odd = UsageEvent(**{**event("gpt-4o-mini").to_dict(), "tokens": TokenCounts(input_uncached=1, output=1),
+                        "id": 'tr"ace\\-spän', "attribution": {"team": 'sé"arch\n'}})
+    rows = encoded_focus_rows(price_usage(odd, PriceCatalog()), Billing(focus_version=version))
+    for value, billed in rows:
+        columns = orjson.loads(value)
+        assert value == encode_row(columns)  # what encoding the columns in one go gives, byte for byte
+        row = decode_row(value)  # money and quantities as plain decimals, as the contract's patterns require
+        assert row["x_RowId"] == f'tr"ace\\-spän/{row["x_Meter"]}' and row["x_UsageId"] == 'tr"ace\\-spän'
+        assert row["Tags"] == {"team": 'sé"arch\n'} and Decimal(row["BilledCost"]) == billed
+    assert orjson.loads(rows[0][0])["ListCost"] == "0.000000150000000000"
