@@ -11,7 +11,9 @@ probes (one call over its key's velocity ceiling each, as bench/detect.py) time 
 command. The rate is spans / (last FOCUS row in the files - first request sent); the files are
 checked with DuckDB to hold every span's rows. In the same run, before and after: the bare
 protobuf decode-and-walk of the same payloads on one core (the baseline; the ratio is printed).
-Also printed: the collector's accept rate, breaker p50/p99 under the load, each role's peak RSS.
+Also printed: the collector's accept rate, breaker p50/p99 under the load, each role's peak RSS, and
+each role's CPU time per 1,000 spans, which does not depend on how much of a shared machine the run
+got: their sum bounds what 2 cores of their own could carry.
 
 With --profile DIR, py-spy samples every role during the load (py-spy must be installed: it is in
 the `bench` extra) and the busiest functions of each are printed; the raw stacks stay in DIR.
@@ -53,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.chart import bar_chart
 from bench.detect import policy, probe_payload
 from bench.ingest import baseline as decode_and_walk
-from bench.roles import role_pids, rss_mb
+from bench.roles import cpu_seconds, role_pids, rss_mb
 from collector.ingest import NestedCallFilter, ingest_request
 from pipeline.pricing import PriceCatalog
 from pipeline.pricing.cost_records import cost_records
@@ -363,11 +365,10 @@ def main() -> None:
         with Probes(endpoint, f"127.0.0.1:{pipeline.broker_port}") as probes:
             profiles = Profiles(args.profile, pids)
             load = Load(endpoint, payloads)
+            cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
             load.start()
             while True:
                 time.sleep(1.0)
-                if load.finished_all:
-                    probes.stop()  # the load is in: what is left is pricing it and writing its rows
                 written = scrape(pipeline.ports["exporter"]).get("spendstream_exporter_rows_total", 0.0)
                 for role, pid in pids.items():
                     peak_rss[role] = max(peak_rss.get(role, 0.0), rss_mb(pid))
@@ -375,11 +376,16 @@ def main() -> None:
                 # only the exporter's /metrics: a worker's takes it ~2 s of CPU to render under this load
                 print(f"  {elapsed:5.1f} s  accepted {load.accepted:>8,} spans  "
                       f"rows in files {written - warmup_rows:>9,.0f} of {load_rows:,}", flush=True)
-                if load.finished_all and written >= warmup_rows + load_rows + probe_rows * probes.sent:
+                if load.finished_all and written >= warmup_rows + load_rows + probe_rows * len(probes.latencies):
                     break
                 if elapsed > 900:
                     raise SystemExit("not done after 15 minutes")
-            # the last rows landed when the newest file was written (the polling above is coarser)
+            probes.stop()
+            calls = warmup_spans + args.spans
+            wait_for("every call in the files", lambda: rows_in_files(pipeline.data_dir)[1] >= calls)
+            cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in pids.items()}
+            # the last rows landed when the newest file was written (the polling above is coarser); a probe sent
+            # just before the load's last rows may land in one flush more (exporter.flush_seconds)
             ended = max(f.stat().st_mtime for f in pipeline.data_dir.glob(REQUEST_FILES)) - load.wall_started
             load.join()
             if args.profile:
@@ -404,6 +410,13 @@ def main() -> None:
         print(f"  span → breaker command under the load: p50 {percentile(probes.latencies, 50) * 1000:,.0f} ms  "
               f"p99 {percentile(probes.latencies, 99) * 1000:,.0f} ms  ({len(probes.latencies)} probes)")
     print("  peak RSS: " + "  ".join(f"{role} {mb:,.0f} MB" for role, mb in sorted(peak_rss.items())))
+    # CPU time per span does not depend on how much of a shared machine the roles were given
+    print("  CPU per 1,000 spans: " + "  ".join(f"{role} {seconds / args.spans * 1e6:,.0f} ms"
+                                                for role, seconds in sorted(cpu.items())))
+    total_cpu = sum(cpu.values())
+    print(f"  all roles: {total_cpu / args.spans * 1e6:,.0f} ms per 1,000 spans, so 2 cores of their own would "
+          f"carry at most {2 * args.spans / total_cpu:,.0f} spans/s (the busiest role alone: "
+          f"{args.spans / max(cpu.values()):,.0f} spans/s on one core)")
     RESULTS.mkdir(exist_ok=True)
     chart = RESULTS / "e2e.svg"
     chart.write_text(bar_chart(f"spans/s, spendstream run --workers {args.workers}, 2-core machine", {
