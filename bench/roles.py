@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -35,3 +36,13 @@ def rss_mb(pid: int) -> float:
 def children_rss_mb(parent: int) -> dict[str, float]:
     """VmRSS of each role `spendstream run` started, by role."""
     return {role: rss_mb(pid) for role, pid in role_pids(parent).items()}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used: on a shared machine, what a role costs regardless of how
+    much of the CPU it was given."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
