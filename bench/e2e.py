@@ -1,6 +1,7 @@
 """End to end: priced spans/s from OTLP/gRPC until every FOCUS row is in the Parquet files.
 
-    .venv/bin/python bench/e2e.py [--spans 60000] [--workers 1] [--flush-seconds 1] [--profile DIR]
+    .venv/bin/python bench/e2e.py [--spans 60000] [--workers 1] [--flush-seconds 1] [--compression lz4]
+                                  [--profile DIR]
 
 Starts `spendstream run` (embedded broker, collector, `--workers` workers, exporter) in a temp data
 dir and warms it up: every role has joined its consumer groups (its lag gauges cover every
@@ -77,8 +78,9 @@ PARTITIONS = 8  # kafka.partitions, the default
 GROUPS_PER_ROLE = {"worker": ("spendstream-pricing", "spendstream-guardrails"), "exporter": ("spendstream-exporter",)}
 
 
-def config(flush_seconds: float) -> str:
-    return f"exporter: {{flush_seconds: {flush_seconds}}}\n" + policy(PROBE_KEYS)
+def config(flush_seconds: float, compression: str) -> str:
+    return (f"exporter: {{flush_seconds: {flush_seconds}}}\nkafka: {{compression: {compression}}}\n"
+            + policy(PROBE_KEYS))
 
 
 def build_payloads(spans: int, first: int) -> list[bytes]:
@@ -142,8 +144,8 @@ def _free(port: int) -> bool:
 class Pipeline:
     """`spendstream run` and the metrics endpoints of its roles."""
 
-    def __init__(self, tmp: Path, workers: int, flush_seconds: float) -> None:
-        (tmp / "spendstream.yaml").write_text(config(flush_seconds))
+    def __init__(self, tmp: Path, workers: int, flush_seconds: float, compression: str) -> None:
+        (tmp / "spendstream.yaml").write_text(config(flush_seconds, compression))
         self.grpc_port, self.broker_port, metrics_port = free_port(), free_port(), free_port()
         while not all(_free(metrics_port + n) for n in range(workers + 2)):  # the roles take consecutive ports
             metrics_port = free_port()
@@ -337,6 +339,7 @@ def main() -> None:
     parser.add_argument("--spans", type=int, default=60_000, help="spans in the measured load (default 60,000)")
     parser.add_argument("--workers", type=int, default=1, help="pipeline workers (default 1)")
     parser.add_argument("--flush-seconds", type=float, default=1.0, help="exporter.flush_seconds (default 1)")
+    parser.add_argument("--compression", default="lz4", help="kafka.compression (default lz4, the config's)")
     parser.add_argument("--profile", type=Path, help="sample every role with py-spy; raw stacks go here")
     args = parser.parse_args()
     warmup_spans = 2 * SPANS_PER_REQUEST
@@ -348,11 +351,12 @@ def main() -> None:
     print(f"  baseline: bare decode-and-walk {base_before:,.0f} spans/s on one core", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="spendstream-e2e-"))
-    pipeline = Pipeline(tmp, args.workers, args.flush_seconds)
+    pipeline = Pipeline(tmp, args.workers, args.flush_seconds, args.compression)
     endpoint = f"localhost:{pipeline.grpc_port}"
     try:
         read_until(pipeline.process, pipeline.log, "try it:", timeout_s=120)
-        print(f"spendstream run --workers {args.workers} (exporter.flush_seconds {args.flush_seconds:g}); "
+        print(f"spendstream run --workers {args.workers} (exporter.flush_seconds {args.flush_seconds:g}, "
+              f"kafka.compression {args.compression}); "
               "warming up until every role has joined its groups", flush=True)
         wait_for("the consumer groups", pipeline.joined, 180)
         Load(endpoint, warmup).start()
