@@ -256,7 +256,7 @@ class _CallTemplate:
 
 
 _CALL_TEMPLATES: dict[tuple[Any, ...], _CallTemplate] = {}
-_CALL_TEMPLATES_MAX: Final = 20_000
+_CALL_TEMPLATES_MAX: Final = 10_000  # under 1 KB each (with their key): about 10 MB at most
 
 
 def _call_fragment(priced: PricedUsage, billing: Billing) -> bytes:
