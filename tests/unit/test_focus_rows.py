@@ -18,6 +18,7 @@ import pytest
 from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, overrides_from_config, price_usage
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing, encoded_focus_rows, month_bounds
+from schemas.codec import rfc3339
 from schemas.config import config_from_dict
 from schemas.errors import ConfigError
 from schemas.focus import COLUMN_NAMES, COLUMNS, decode_row, encode_row
@@ -190,3 +191,20 @@ def test_spliced_rows_are_the_json_of_their_columns_for_tiny_costs_and_odd_text(
         assert row["x_RowId"] == f'tr"ace\\-spän/{row["x_Meter"]}' and row["x_UsageId"] == 'tr"ace\\-spän'
         assert row["Tags"] == {"team": 'sé"arch\n'} and Decimal(row["BilledCost"]) == billed
     assert orjson.loads(rows[0][0])["ListCost"] == "0.000000150000000000"
+
+
+def test_calls_differing_in_one_call_column_each_get_their_own_columns() -> None:
+    base = event("gpt-4o-mini").to_dict() | {"tokens": TokenCounts(input_uncached=10, output=5)}
+    variants = [{}, {"operation": "text_completion"}, {"response_model": "gpt-4o-mini-2024-07-18"},
+                {"allocated": False}, {"service_tier": "flex"}, {"attribution": {"team": "ads"}},
+                {"attribution_key": "team=ads"}, {"start_time_unix_nano": base["start_time_unix_nano"] + 10**9},
+                {"id": "other-id", "trace_id": "other", "span_id": "id"}]
+    cat = PriceCatalog()
+    for changed in variants * 2:  # the second time from the cached templates
+        call = UsageEvent(**base | changed)
+        [row, *_] = [decode_row(v) for v, _ in encoded_focus_rows(price_usage(call, cat), Billing())]
+        assert (row["x_Operation"], row["x_Model"], row["x_Allocated"], row["x_ServiceTier"], row["Tags"],
+                row["x_AttributionKey"], row["x_UsageId"], row["x_SpanId"]) == (
+            call.operation, call.model, call.allocated, call.service_tier, dict(call.attribution),
+            call.attribution_key, call.id, call.span_id), changed
+        assert row["ChargePeriodStart"] == rfc3339(call.start_time_unix_nano // 10**9)
