@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chart import bar_chart
+from bench.roles import children_rss_mb
 from tests.e2e.running import read_until
 from tests.support import free_port, make_request, make_span
 
@@ -64,26 +65,6 @@ def scrape(port: int) -> dict[str, float]:
             out["series"] += 1
             if sample.name in ("spendstream_worker_usage_priced_total", "spendstream_guardrails_scopes"):
                 out[sample.name] = out.get(sample.name, 0.0) + sample.value
-    return out
-
-
-def children_rss_mb(parent: int) -> dict[str, float]:
-    """VmRSS of each role `spendstream run` started, by role."""
-    out = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            status = (proc / "status").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) != parent or len(cmdline) < 4:
-            continue
-        role = cmdline[3].decode()
-        rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-        out[role] = rss_kb / 1024
     return out
 
 

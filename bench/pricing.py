@@ -6,7 +6,8 @@ cache reads and writes, reasoning, long-context tiers, service tiers, dates acro
   pricing    spendstream's price_usage (compiled catalog): every meter's list and contracted cost
   + FOCUS    price_usage + the FOCUS 1.2 rows of each call, encoded as `genai.cost.focus` values
   decode +   the same from `genai.usage` message values (one call each): decode_usage_batch, then + FOCUS
-Each is run for --seconds; the chart goes to bench/results/pricing.svg.
+Each runs for --seconds of this thread's CPU time, in interleaved rounds so that a shared machine's load
+weighs on all alike; the chart goes to bench/results/pricing.svg.
 
     .venv/bin/python bench/pricing.py [--seconds 5]
 """
@@ -65,16 +66,24 @@ def make_events(n: int, seed: int = 7) -> list[UsageEvent]:
     return events
 
 
-def rate(label: str, work: Callable[[Sequence[Any]], object], events: Sequence[Any], seconds: float) -> float:
-    done, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds:
-        chunk = events[done % len(events):][:2_000]
-        work(chunk)
-        done += len(chunk)
-        print(f"\r  {label:<10} {done:>10,} events", end="", flush=True)
-    per_s = done / (time.perf_counter() - began)
-    print(f"\r  {label:<10} {per_s:>12,.0f} events/s")
-    return per_s
+def interleaved_rates(workloads: dict[str, tuple[Callable[[Sequence[Any]], object], Sequence[Any]]],
+                      seconds: float, *, slice_s: float = 0.25) -> dict[str, float]:
+    """Events/s of each workload by this thread's CPU time, in interleaved slices of `slice_s`: on a shared
+    machine, wall-clock rates measured one after the other would compare different loads."""
+    done = dict.fromkeys(workloads, 0)
+    spent = dict.fromkeys(workloads, 0.0)
+    while min(spent.values()) < seconds:
+        for label, (work, events) in workloads.items():
+            began = time.thread_time()
+            while (used := time.thread_time() - began) < slice_s:
+                chunk = events[done[label] % len(events):][:500]
+                work(chunk)
+                done[label] += len(chunk)
+            spent[label] += used
+        print("\r  " + "  ".join(f"{label} {done[label] / spent[label]:>9,.0f}/s" for label in workloads),
+              end="", flush=True)
+    print()
+    return {label: done[label] / spent[label] for label in workloads}
 
 
 def main() -> None:
@@ -121,10 +130,12 @@ def main() -> None:
             assert price_usage(e, catalog).list_cost == expected.total_price, e
         print(f"pricing {len(events):,} events ({len(MODELS)} models), {args.seconds:g}s each; "
               "2,000 checked equal to calc_price first")
-        rates = {"genai_prices.calc_price (baseline)": rate("baseline", baseline, events, args.seconds)}
-    rates["price_usage"] = rate("pricing", pricing, events, args.seconds)
-    rates["price_usage + FOCUS rows"] = rate("+ FOCUS", with_focus, events, args.seconds)
-    rates["decode + price + FOCUS rows"] = rate("decode +", decoded, values, args.seconds)
+        measured = interleaved_rates({"baseline": (baseline, events), "pricing": (pricing, events),
+                                      "+ FOCUS": (with_focus, events), "decode +": (decoded, values)}, args.seconds)
+    for label, per_s in measured.items():
+        print(f"  {label:<10} {per_s:>12,.0f} events/s")
+    rates = {"genai_prices.calc_price (baseline)": measured["baseline"], "price_usage": measured["pricing"],
+             "price_usage + FOCUS rows": measured["+ FOCUS"], "decode + price + FOCUS rows": measured["decode +"]}
     base = rates["genai_prices.calc_price (baseline)"]
     print(f"pricing: {rates['price_usage'] / base:.1f}x calc_price; "
           f"with FOCUS rows: {rates['price_usage + FOCUS rows'] / base:.1f}x; "

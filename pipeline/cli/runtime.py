@@ -20,10 +20,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import Final
 
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
@@ -309,10 +311,20 @@ def _restart_broker(embedded: _EmbeddedKafka, roles: list[Child], code: int, now
     return True
 
 
-def _scrape(port: int) -> dict[str, float]:
-    """Sum of each sample name on a local metrics endpoint; empty if it does not answer (yet)."""
+#: the samples the flow line reads, per role: asking for them alone (`name[]`) spares a worker rendering its
+#: thousands of labelled series every few seconds (under load that was a fifth of its CPU)
+_COLLECTOR_FLOW: Final = ("spendstream_collector_spans_received_total",
+                          "spendstream_collector_usage_events_published_total", "spendstream_collector_spans_total")
+_WORKER_FLOW: Final = ("spendstream_worker_usage_priced_total", "spendstream_worker_usage_unpriced_total",
+                       "spendstream_alerts_total", "spendstream_breaker_commands_total")
+_EXPORTER_FLOW: Final = ("spendstream_exporter_rows_total",)
+
+
+def _scrape(port: int, names: tuple[str, ...]) -> dict[str, float]:
+    """Sum of each of these sample names on a local metrics endpoint; empty if it does not answer (yet)."""
+    query = urllib.parse.urlencode([("name[]", name) for name in names])
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?{query}", timeout=1) as response:
             text = response.read().decode()
     except OSError:
         return {}
@@ -327,13 +339,13 @@ def _scrape(port: int) -> dict[str, float]:
 
 def _flow_status(metrics_port: int, workers: int) -> str:
     """One line on what flowed so far, read from the roles' own metrics."""
-    collector = _scrape(metrics_port)
+    collector = _scrape(metrics_port, _COLLECTOR_FLOW)
     if not collector:
         return ""
-    worker_totals = [_scrape(metrics_port + 1 + i) for i in range(workers)]
+    worker_totals = [_scrape(metrics_port + 1 + i, _WORKER_FLOW) for i in range(workers)]
     priced = sum(w.get("spendstream_worker_usage_priced_total", 0.0) for w in worker_totals)
     unpriced = sum(w.get("spendstream_worker_usage_unpriced_total", 0.0) for w in worker_totals)
-    in_files = _scrape(metrics_port + 1 + workers).get("spendstream_exporter_rows_total", 0.0)
+    in_files = _scrape(metrics_port + 1 + workers, _EXPORTER_FLOW).get("spendstream_exporter_rows_total", 0.0)
     alerts = sum(w.get("spendstream_alerts_total", 0.0) for w in worker_totals)
     commands = sum(w.get("spendstream_breaker_commands_total", 0.0) for w in worker_totals)
     received = collector.get("spendstream_collector_spans_received_total", 0.0)

@@ -11,9 +11,10 @@ The arithmetic mirrors `genai_prices.calc_price` exactly (same leaf decompositio
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
@@ -30,6 +31,7 @@ from schemas.config import Config
 from schemas.errors import ConfigError
 
 NS_PER_DAY: Final = 86_400 * 10**9
+_US_PER_DAY: Final = 86_400 * 10**6
 LIST_CURRENCY: Final = "USD"  # genai-prices publishes every price in USD
 #: our canonical (semconv) provider names -> genai-prices provider ids
 PROVIDER_IDS: Final[Mapping[str, str]] = {
@@ -46,9 +48,9 @@ OVERRIDE_PRICE_KEYS: Final[Mapping[str, str]] = {
 }
 _UNITS_BY_PRICE_KEY: Final = {raw.get("price_key", key): (key, raw) for key, raw in unit_data.items()}
 _LOOKUP_CACHE_MAX: Final = 50_000
-#: the genai-prices usage keys a UsageEvent reports (see price.usage_counts)
-REPORTED_USAGE: Final = frozenset({"input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
-                                   "output_reasoning_tokens", "requests"})
+#: the genai-prices usage keys a UsageEvent reports, in the order price.price_usage counts them
+REPORTED_USAGE: Final = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
+                         "output_reasoning_tokens", "requests")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,20 +130,6 @@ class PriceSheet:
 
     meters: tuple[MeterPrice, ...]
     price_id: str
-
-    def leaves(self, usage: Mapping[str, int]) -> list[int]:
-        """Units billed at each meter's own rate: a meter's count minus what its more specific meters bill."""
-        out: list[int] = []
-        for meter in self.meters:
-            leaf = usage[meter.usage_key]
-            for inner in meter.includes:
-                leaf -= out[inner]
-            if leaf < 0:
-                inner_keys = ", ".join(self.meters[i].usage_key for i in meter.includes)
-                raise UnpricedError("invalid_usage", f"{inner_keys} exceed {meter.usage_key} "
-                                                     f"({usage[meter.usage_key]})")
-            out.append(leaf)
-        return out
 
 
 def compile_sheet(prices: Mapping[str, Decimal | TieredPrices], price_id: str) -> PriceSheet:
@@ -250,6 +238,19 @@ class ResolvedPrice:
     #: the override's model developer and family, if it names them
     developer: str | None = None
     family: str | None = None
+    #: per list meter, most specific first: (its position in REPORTED_USAGE, the positions of the meters
+    #: it includes, the meter, the contract meter or None when it is the list meter), worked out once here
+    #: so pricing a call walks one tuple
+    plan: tuple[tuple[int, tuple[int, ...], MeterPrice, MeterPrice | None], ...] = field(
+        init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # the contract sheet has the same meters in the same order (_with_meters)
+        contracted = self.list_sheet.meters if self.is_list else self.contract_sheet.meters
+        object.__setattr__(self, "plan", tuple(
+            (REPORTED_USAGE.index(meter.usage_key), meter.includes, meter,
+             None if contract is meter else contract)
+            for meter, contract in zip(self.list_sheet.meters, contracted, strict=True)))
 
 
 class PriceCatalog:
@@ -265,7 +266,8 @@ class PriceCatalog:
             data_snapshot.DataSnapshot(providers=list(data.providers), from_auto_update=False)
         self.data_name = f"genai-prices-{genai_prices.__version__}" if data is None else data.name
         self._sheets: dict[tuple[int, int, tuple[int, ...]], PriceSheet] = {}
-        self._lookups: dict[tuple[str | None, str, int, str | None], ResolvedPrice | UnpricedError] = {}
+        self._lookups: dict[tuple[str | None, str, int, str | None],
+                            ResolvedPrice | UnpricedError | _ByTimeOfDay] = {}
         # one object per distinct answer: day after day a model resolves to the same prices, and
         # downstream caches (FOCUS price points) key on the object
         self._interned: dict[ResolvedPrice, ResolvedPrice] = {}
@@ -287,38 +289,61 @@ class PriceCatalog:
         """The prices in force for `model` at the call's start. Raises UnpricedError if there are none."""
         key = (provider, model, start_unix_nano // NS_PER_DAY, service_tier)
         found = self._lookups.get(key)
+        if found.__class__ is ResolvedPrice:  # the hot path: a price already looked up that day
+            return found
+        return self._lookup(key, start_unix_nano)
+
+    def _lookup(self, key: tuple[str | None, str, int, str | None], start_unix_nano: int) -> ResolvedPrice:
+        provider, model, _, service_tier = key
+        found = self._lookups.get(key)
         if found is None:
-            found, cacheable = self._resolve(provider, model, start_unix_nano, service_tier)
-            if isinstance(found, ResolvedPrice):
-                if len(self._interned) >= _LOOKUP_CACHE_MAX:
-                    self._interned.clear()
-                found = self._interned.setdefault(found, found)
-            if cacheable:
-                if len(self._lookups) >= _LOOKUP_CACHE_MAX:
-                    self._lookups.clear()  # a flood of distinct model names must not grow memory
-                self._lookups[key] = found
+            answer, slot_ns = self._resolve(provider, model, start_unix_nano, service_tier)
+            found = _ByTimeOfDay(slot_ns, {}) if slot_ns < NS_PER_DAY else self._intern(answer)
+            if len(self._lookups) >= _LOOKUP_CACHE_MAX:
+                self._lookups.clear()  # a flood of distinct model names must not grow memory
+            self._lookups[key] = found
+        if isinstance(found, _ByTimeOfDay):
+            slot = start_unix_nano % NS_PER_DAY // found.slot_ns
+            by_slot = found.answers.get(slot)
+            if by_slot is None:
+                # resolved at the slot's start, so one answer holds for every instant in the slot
+                slot_start = start_unix_nano - start_unix_nano % found.slot_ns
+                by_slot = self._intern(self._resolve(provider, model, slot_start, service_tier)[0])
+                if len(found.answers) >= _LOOKUP_CACHE_MAX:
+                    found.answers.clear()
+                found.answers[slot] = by_slot
+            found = by_slot
         if isinstance(found, UnpricedError):
             raise found
         return found
 
+    def _intern(self, answer: ResolvedPrice | UnpricedError) -> ResolvedPrice | UnpricedError:
+        if isinstance(answer, UnpricedError):
+            return answer
+        if len(self._interned) >= _LOOKUP_CACHE_MAX:
+            self._interned.clear()
+        return self._interned.setdefault(answer, answer)
+
     def _resolve(self, provider: str | None, model: str, start_unix_nano: int,
-                 service_tier: str | None) -> tuple[ResolvedPrice | UnpricedError, bool]:
+                 service_tier: str | None) -> tuple[ResolvedPrice | UnpricedError, int]:
+        """The answer, and for how long it holds: a day, or a slot of the day when a price depends on the time
+        of day (no interval boundary falls within a slot)."""
         when = datetime.fromtimestamp(start_unix_nano / 1e9, UTC)
         try:
             gp_provider, info = self._find(provider, model)
         except UnpricedError as exc:
             override = self._override(provider, [model.lower()], when.date())
             if override is None:
-                return exc, True
+                return exc, NS_PER_DAY
             sheet = compile_sheet(override.prices, f"override:{override.model}@{override.valid_from or '-'}")
             return ResolvedPrice(provider_id=provider or "unknown", provider_name=provider or "unknown",
                                  publisher_name=provider or "unknown", model_id=model, list_sheet=sheet,
                                  contract_sheet=sheet, contract_currency=override.currency, is_list=False,
-                                 unlisted=True, developer=override.developer, family=override.family), True
+                                 unlisted=True, developer=override.developer, family=override.family), NS_PER_DAY
         context = _price_context(service_tier)
         # genai-prices applies request variants only to a provider's own models, not fallback ones
         own_model = any(info is m for m in gp_provider.models)
-        list_sheet, cacheable = self._list_sheet(info, when, context if own_model else None)
+        list_sheet, slot_ns = self._list_sheet(info, when, context if own_model else None)
         publisher = gp_provider.name if own_model else self._publisher(gp_provider, info)
         override = self._override(provider, [model.lower(), info.id.lower()], when.date())
         if override is None:
@@ -337,7 +362,7 @@ class PriceCatalog:
             list_sheet=list_sheet, contract_sheet=contract_sheet, contract_currency=currency,
             is_list=override is None, unlisted=False, developer=override.developer if override else None,
             family=override.family if override else None)
-        return resolved, cacheable
+        return resolved, slot_ns
 
     def _find(self, provider: str | None, model: str) -> tuple[Provider, ModelInfo]:
         provider_id = PROVIDER_IDS.get(provider, provider) if provider else None
@@ -369,23 +394,26 @@ class PriceCatalog:
         return None
 
     def _list_sheet(self, info: ModelInfo, when: datetime,
-                    context: Mapping[str, str] | None) -> tuple[PriceSheet, bool]:
-        """Mirror ModelInfo.get_prices: the last active conditional price, then matching variants."""
-        cacheable = True
+                    context: Mapping[str, str] | None) -> tuple[PriceSheet, int]:
+        """Mirror ModelInfo.get_prices: the last active conditional price, then matching variants. Also the
+        slot of the day (ns) within which the answer cannot change: a day, unless a price is by time of day."""
+        slot_us = _US_PER_DAY
         if isinstance(info.prices, ModelPrice):
             chosen, standard = 0, info.prices
         else:
             chosen, standard = 0, info.prices[0].prices
             for index in range(len(info.prices) - 1, -1, -1):
                 constraint = info.prices[index].constraint
-                cacheable &= not isinstance(constraint, TimeOfDateConstraint)  # a price by time of day
+                if isinstance(constraint, TimeOfDateConstraint):  # a price by time of day (off-peak)
+                    slot_us = _time_of_day_slot(slot_us, constraint)
                 if constraint is None or constraint.active(when):
                     chosen, standard = index, info.prices[index].prices
                     break
         variants: list[int] = []
         if context:
             for index, variant in enumerate(info.price_variants or ()):
-                cacheable &= not isinstance(variant.constraint, TimeOfDateConstraint)
+                if isinstance(variant.constraint, TimeOfDateConstraint):
+                    slot_us = _time_of_day_slot(slot_us, variant.constraint)
                 if variant.constraint is not None and not variant.constraint.active(when):
                     continue
                 if all(context.get(k) == v for k, v in variant.when.items()):
@@ -404,7 +432,26 @@ class PriceCatalog:
                 if not isinstance(info.prices, ModelPrice) else None
             price_id = f"{start or 'base'}" + "".join(f"+{_variant_name(info, i)}" for i in variants)
             sheet = self._sheets[sheet_key] = compile_sheet(prices, price_id)
-        return sheet, cacheable
+        return sheet, slot_us * 1_000
+
+
+@dataclass(slots=True)
+class _ByTimeOfDay:
+    """A day's answers for a model priced by time of day, one per slot of `slot_ns` (which divides the day)."""
+
+    slot_ns: int
+    answers: dict[int, ResolvedPrice | UnpricedError]
+
+
+def _time_of_day_slot(slot_us: int, constraint: TimeOfDateConstraint) -> int:
+    """The largest slot (µs) dividing both `slot_us` and the day with both interval ends on a slot boundary."""
+    return math.gcd(slot_us, _utc_micros(constraint.start_time), _utc_micros(constraint.end_time))
+
+
+def _utc_micros(moment: time) -> int:
+    offset = moment.utcoffset()
+    micros = ((moment.hour * 60 + moment.minute) * 60 + moment.second) * 10**6 + moment.microsecond
+    return (micros - (offset // offset.resolution if offset else 0)) % _US_PER_DAY
 
 
 def _variant_name(info: ModelInfo, index: int) -> str:

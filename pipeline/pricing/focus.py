@@ -17,6 +17,8 @@ from decimal import Context, Decimal
 from functools import lru_cache
 from typing import Any, Final
 
+import orjson
+
 from pipeline.pricing import PricedLine, PricedUsage
 from pipeline.pricing.model_billing import model_identity, parties_of
 from schemas.codec import rfc3339
@@ -103,6 +105,7 @@ class _PricePoint:
     contract_unit: Decimal
     pc_contract_unit: Decimal
     per: Decimal
+    row_id_end: bytes  # the end of a row: its x_RowId after the usage id ("/<meter>"), then the closing brace
     keep_alive: object  # holds what the cache key names by id(), so those ids are never reused
 
 
@@ -164,41 +167,47 @@ def _new_price_point(priced: PricedUsage, line: PricedLine, billing: Billing) ->
         "x_PriceTier": tier,
     }
     return _PricePoint(columns, encode_row(columns)[1:-1] + b",", list_unit, contract_unit, pc_contract_unit,
-                       Decimal(line.per), (price, billing))
+                       Decimal(line.per), orjson.dumps("/" + line.meter)[1:] + b"}", (price, billing))
 
 
 def _contract_cost(point: _PricePoint, pricing_quantity: Decimal) -> Decimal:
-    """BilledCost, ContractedCost and EffectiveCost of a row (no discounts or credits apply to a model call)."""
-    return money(_EXACT.multiply(point.contract_unit, pricing_quantity))
+    """BilledCost, ContractedCost and EffectiveCost of a row (no discounts or credits apply to a model call);
+    money() spelt out for the hot path."""
+    return _EXACT.multiply(point.contract_unit, pricing_quantity).quantize(MONEY_QUANTUM, context=_EXACT)
 
 
-def _quantity_columns(point: _PricePoint, line: PricedLine, usage_id: str) -> dict[str, Any]:
-    """The columns that change with every call: quantities, the three costs, the row id."""
-    pricing_quantity = _EXACT.divide(Decimal(line.quantity), point.per)
-    contract_cost = _contract_cost(point, pricing_quantity)
-    return {
-        "BilledCost": contract_cost,
-        "ConsumedQuantity": Decimal(line.quantity),
-        "ContractedCost": contract_cost,
-        "EffectiveCost": contract_cost,
-        "ListCost": money(_EXACT.multiply(point.list_unit, pricing_quantity)),
-        "PricingCurrencyEffectiveCost": money(_EXACT.multiply(point.pc_contract_unit, pricing_quantity)),
-        "PricingQuantity": pricing_quantity,
-        "x_RowId": f"{usage_id}/{line.meter}",
-    }
+#: the columns that change with every row, in the order (and with the Decimal text) encode_row gives them:
+#: BilledCost = ContractedCost = EffectiveCost, ConsumedQuantity, ListCost, PricingCurrencyEffectiveCost,
+#: PricingQuantity, then x_RowId (`<usage id>/<meter>`) whose value the caller appends
+_QUANTITIES: Final = ('"BilledCost":"%s","ConsumedQuantity":"%d","ContractedCost":"%s","EffectiveCost":"%s",'
+                      '"ListCost":"%s","PricingCurrencyEffectiveCost":"%s","PricingQuantity":"%s","x_RowId":"')
+
+
+def _plain(value: Decimal) -> str:
+    """format(value, "f"), as encode_row writes a Decimal: str() is that, 4x faster, unless it uses E-notation."""
+    text = str(value)
+    return format(value, "f") if "E" in text else text
 
 
 def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[bytes, Decimal]]:
     """The FOCUS rows of one priced call, one per meter it used, as `genai.cost.focus` values with their
-    BilledCost. A row's JSON object is spliced
-    from three encoded parts: the call's shared columns (encoded once per call), the price
-    point's (encoded once, cached) and the row's own quantities and costs."""
-    head = b"{" + _CONSTANT_FRAGMENTS[billing.focus_version] + encode_row(_call_columns(priced, billing))[1:-1] + b","
+    BilledCost. A row's JSON object is spliced from encoded parts: the constant columns, the call's columns
+    (a cached template around its times and ids), the price point's (encoded once, cached) and the row's own
+    quantities and costs, written as encode_row would."""
+    head = b"{" + _CONSTANT_FRAGMENTS[billing.focus_version] + _call_fragment(priced, billing) + b","
+    usage_id = orjson.dumps(priced.event.id)[1:-1]
     out = []
     for line in priced.lines:
         point = _price_point(priced, line, billing)
-        columns = _quantity_columns(point, line, priced.event.id)
-        out.append((head + point.fragment + encode_row(columns)[1:], columns["BilledCost"]))
+        pricing_quantity = _EXACT.divide(Decimal(line.quantity), point.per)
+        contract_cost = _contract_cost(point, pricing_quantity)
+        billed = _plain(contract_cost)
+        quantities = _QUANTITIES % (
+            billed, line.quantity, billed, billed,
+            _plain(_EXACT.multiply(point.list_unit, pricing_quantity).quantize(MONEY_QUANTUM, context=_EXACT)),
+            _plain(_EXACT.multiply(point.pc_contract_unit, pricing_quantity).quantize(MONEY_QUANTUM, context=_EXACT)),
+            _plain(pricing_quantity))
+        out.append((head + point.fragment + quantities.encode() + usage_id + point.row_id_end, contract_cost))
     return out
 
 
@@ -211,7 +220,7 @@ def billed_cost(priced: PricedUsage, billing: Billing) -> Decimal:
     return total
 
 
-#: the columns of a row that depend on its price point (_PricePoint) and on its quantities (_quantity_columns)
+#: the columns of a row that depend on its price point (_PricePoint) and on its quantities (_QUANTITIES)
 _POINT_COLUMNS: Final = frozenset({
     "ChargeDescription", "ConsumedUnit", "ContractedUnitPrice", "ListUnitPrice", "PricingCurrency",
     "PricingCurrencyContractedUnitPrice", "PricingCurrencyListUnitPrice", "PricingUnit", "SkuId", "SkuMeter",
@@ -243,6 +252,67 @@ _CONSTANT_FRAGMENTS: Final[dict[str, bytes]] = {
 _NOT_IN_VERSION: Final[dict[str, tuple[str, ...]]] = {
     version: tuple(sorted(_CALL_COLUMNS - {name for name, _ in columns}))
     for version, columns in COLUMNS_BY_VERSION.items()}
+
+
+#: the call columns that depend on the call's start second, and those that differ on every call
+_PER_SECOND: Final = ("BillingPeriodEnd", "BillingPeriodStart", "ChargePeriodEnd", "ChargePeriodStart")
+_PER_CALL: Final = ("x_UsageId", "x_TraceId", "x_SpanId")
+
+
+@dataclass(frozen=True, slots=True)
+class _CallTemplate:
+    """The encoded call columns of calls alike but for their start second and ids: the members before the
+    per-second columns, between them and the ids, and after the ids."""
+
+    before: bytes
+    between: bytes
+    after: bytes
+    keep_alive: object  # holds what the cache key names by id(), so those ids are never reused
+
+
+_CALL_TEMPLATES: dict[tuple[Any, ...], _CallTemplate] = {}
+_CALL_TEMPLATES_MAX: Final = 10_000  # under 1 KB each (with their key): about 10 MB at most
+
+
+def _call_fragment(priced: PricedUsage, billing: Billing) -> bytes:
+    """encode_row(_call_columns(priced, billing)) without its braces, from a cached template."""
+    event = priced.event
+    key = (id(priced.price), id(billing), priced.catalog_version, event.attribution_key,
+           tuple(event.attribution.items()), event.provider, event.response_model, event.request_model,
+           event.operation, event.service_tier, event.allocated, event.adjusted_count)
+    template = _CALL_TEMPLATES.get(key)
+    if template is None:
+        if len(_CALL_TEMPLATES) >= _CALL_TEMPLATES_MAX:
+            _CALL_TEMPLATES.clear()
+        template = _CALL_TEMPLATES[key] = _call_template(priced, billing)
+    return (template.before + _per_second_fragment(event.start_time_unix_nano // 10**9) + template.between
+            + b'"x_UsageId":' + orjson.dumps(event.id) + b',"x_TraceId":' + orjson.dumps(event.trace_id)
+            + b',"x_SpanId":' + orjson.dumps(event.span_id) + template.after)
+
+
+def _call_template(priced: PricedUsage, billing: Billing) -> _CallTemplate:
+    items = list(_call_columns(priced, billing).items())
+    names = [name for name, _ in items]
+    # _call_columns lists each group adjacent and in the order of _PER_SECOND and _PER_CALL
+    seconds, ids = names.index(_PER_SECOND[0]), names.index(_PER_CALL[0])
+    before, between = items[:seconds], items[seconds + len(_PER_SECOND):ids]
+    after = items[ids + len(_PER_CALL):]
+    return _CallTemplate(before=_members(before) + b"," if before else b"",
+                         between=b"," + _members(between) + b"," if between else b",",
+                         after=b"," + _members(after) if after else b"",
+                         keep_alive=(priced.price, billing))
+
+
+def _members(items: list[tuple[str, Any]]) -> bytes:
+    """JSON object members, as encode_row gives them, without the braces."""
+    return encode_row(dict(items))[1:-1]
+
+
+@lru_cache(maxsize=4096)  # calls cluster in time: most rows repeat a recent second
+def _per_second_fragment(start_s: int) -> bytes:
+    period_start, period_end = month_bounds(start_s)
+    return encode_row({"BillingPeriodEnd": period_end, "BillingPeriodStart": period_start,
+                       "ChargePeriodEnd": rfc3339(start_s + 1), "ChargePeriodStart": rfc3339(start_s)})[1:-1]
 
 
 def _call_columns(priced: PricedUsage, billing: Billing) -> dict[str, Any]:

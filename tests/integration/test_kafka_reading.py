@@ -15,7 +15,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.consumer import read_to_end, reader
-from pipeline.kafka.producer import BatchProducer
+from pipeline.kafka.producer import BatchProducer, partition_for
 from schemas.config import KafkaConfig
 from tests.conftest import new_topics
 
@@ -49,3 +49,36 @@ async def write_then_read(bootstrap: str, topic: str) -> list[int]:
 def test_read_to_end_sees_every_record_of_the_last_batch(broker: EmbeddedBroker) -> None:
     topics = new_topics(broker.bootstrap_servers, partitions=1)
     assert asyncio.run(write_then_read(broker.bootstrap_servers, topics.guardrail_state)) == list(range(9))
+
+
+async def placed_partitions(bootstrap: str, topics: dict[str, int], keys: list[bytes]
+                            ) -> dict[str, set[tuple[bytes, int]]]:
+    kafka = KafkaConfig(bootstrap_servers=bootstrap)
+    producer = BatchProducer.of(kafka, {})
+    await producer.start()
+    try:
+        for _ in range(2):  # the second time, from the producer's memory of where each key goes
+            for topic in topics:
+                await producer.send_all(topic, [(key, b"v") for key in keys])
+    finally:
+        await producer.stop()
+    consumer = reader(kafka)
+    await consumer.start()
+    placed: dict[str, set[tuple[bytes, int]]] = {topic: set() for topic in topics}
+
+    def keep(record: ConsumerRecord[bytes, bytes]) -> None:
+        placed[record.topic].add((record.key or b"", record.partition))
+
+    try:
+        await read_to_end(consumer, [TopicPartition(t, p) for t, n in topics.items() for p in range(n)], keep)
+    finally:
+        await consumer.stop()
+    return placed
+
+
+def test_keyed_records_land_where_a_keyed_send_puts_them_in_topics_of_any_size(broker: EmbeddedBroker) -> None:
+    keys = [f"team=t{i}|use_case=u{i % 3}".encode() for i in range(40)]
+    topics = {new_topics(broker.bootstrap_servers, partitions=n).usage: n for n in (3, 8)}
+    placed = asyncio.run(placed_partitions(broker.bootstrap_servers, topics, keys))
+    for topic, partitions in topics.items():
+        assert placed[topic] == {(key, partition_for(key, partitions)) for key in keys}

@@ -18,6 +18,7 @@ import pytest
 from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, overrides_from_config, price_usage
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing, encoded_focus_rows, month_bounds
+from schemas.codec import rfc3339
 from schemas.config import config_from_dict
 from schemas.errors import ConfigError
 from schemas.focus import COLUMN_NAMES, COLUMNS, decode_row, encode_row
@@ -175,3 +176,35 @@ def test_bad_overrides_name_the_entry() -> None:
     with pytest.raises(ConfigError, match=r"valid_until: 2026-01-01 is before valid_from"):
         catalog({"pricing": {"overrides": [{"model": "m", "input_per_mtok": 1, "valid_from": "2026-02-01",
                                             "valid_until": "2026-01-01"}]}})
+
+
+@pytest.mark.parametrize("version", ["1.4", "1.2"])
+def test_spliced_rows_are_the_json_of_their_columns_for_tiny_costs_and_odd_text(version: str) -> None:
+    # 1 token of gpt-4o-mini costs 0.00000015 USD: str() of that Decimal is E-notation, which the contract forbids
+    odd = UsageEvent(**{**event("gpt-4o-mini").to_dict(), "tokens": TokenCounts(input_uncached=1, output=1),
+                        "id": 'tr"ace\\-spän', "attribution": {"team": 'sé"arch\n'}})
+    rows = encoded_focus_rows(price_usage(odd, PriceCatalog()), Billing(focus_version=version))
+    for value, billed in rows:
+        columns = orjson.loads(value)
+        assert value == encode_row(columns)  # what encoding the columns in one go gives, byte for byte
+        row = decode_row(value)  # money and quantities as plain decimals, as the contract's patterns require
+        assert row["x_RowId"] == f'tr"ace\\-spän/{row["x_Meter"]}' and row["x_UsageId"] == 'tr"ace\\-spän'
+        assert row["Tags"] == {"team": 'sé"arch\n'} and Decimal(row["BilledCost"]) == billed
+    assert orjson.loads(rows[0][0])["ListCost"] == "0.000000150000000000"
+
+
+def test_calls_differing_in_one_call_column_each_get_their_own_columns() -> None:
+    base = event("gpt-4o-mini").to_dict() | {"tokens": TokenCounts(input_uncached=10, output=5)}
+    variants = [{}, {"operation": "text_completion"}, {"response_model": "gpt-4o-mini-2024-07-18"},
+                {"allocated": False}, {"service_tier": "flex"}, {"attribution": {"team": "ads"}},
+                {"attribution_key": "team=ads"}, {"start_time_unix_nano": base["start_time_unix_nano"] + 10**9},
+                {"id": "other-id", "trace_id": "other", "span_id": "id"}]
+    cat, billing = PriceCatalog(), Billing()  # the templates are cached per billing and price objects
+    for changed in variants * 2:  # the second time from the cached templates
+        call = UsageEvent(**base | changed)
+        [row, *_] = [decode_row(v) for v, _ in encoded_focus_rows(price_usage(call, cat), billing)]
+        assert (row["x_Operation"], row["x_Model"], row["x_Allocated"], row["x_ServiceTier"], row["Tags"],
+                row["x_AttributionKey"], row["x_UsageId"], row["x_SpanId"]) == (
+            call.operation, call.model, call.allocated, call.service_tier, dict(call.attribution),
+            call.attribution_key, call.id, call.span_id), changed
+        assert row["ChargePeriodStart"] == rfc3339(call.start_time_unix_nano // 10**9)

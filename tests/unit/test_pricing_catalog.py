@@ -136,3 +136,32 @@ def test_aliases_dated_ids_and_bedrock_region_prefixes_resolve() -> None:
                             ("anthropic", "claude-sonnet-4-5-20250929"), (None, "openai/gpt-4o")]:
         priced = price_usage(_event(provider, model, SHAPES["plain"], when), catalog)
         assert priced.list_cost > 0, (provider, model)
+
+
+def test_prices_by_time_of_day_are_looked_up_once_per_slot_and_exact_at_each_boundary(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = PriceCatalog()
+    resolved = []
+    resolve = catalog._resolve
+
+    def counting(*args: object) -> object:
+        resolved.append(args)
+        return resolve(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(catalog, "_resolve", counting)
+    tokens = SHAPES["cache_read"]
+    day = datetime(2026, 11, 20, tzinfo=UTC)
+    # deepseek-chat is off-peak from 16:30 to 00:30 UTC: within a half hour, every call has the same price
+    for second in range(0, 1_800, 7):
+        price_usage(_event("deepseek", "deepseek-chat", tokens, day + timedelta(hours=17, seconds=second)), catalog)
+    assert len(resolved) <= 2  # the day's first call, then its slot's; not one per call
+    # each side of every boundary, in one catalog: the nanosecond before and the boundary itself
+    for model in ("deepseek-chat", "deepseek-flash"):
+        for boundary in ("00:30", "01:00", "04:00", "06:00", "10:00", "16:30"):
+            at = datetime.combine(day.date(), time.fromisoformat(boundary), UTC)
+            for ns in (_ns(at) - 1, _ns(at)):
+                event = UsageEvent(**{**_event("deepseek", model, tokens, at).to_dict(), "tokens": tokens,
+                                      "start_time_unix_nano": ns})
+                expected = _reference(tokens, model, "deepseek", datetime.fromtimestamp(ns // 1_000 / 1e6, UTC),
+                                      None)
+                assert price_usage(event, catalog).list_cost == expected, (model, boundary, ns)

@@ -10,8 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli.runtime import FIRST_BACKOFF_S, MAX_BACKOFF_S, STABLE_AFTER_S, Child, exit_reason, next_backoff
+from pipeline.cli.runtime import (
+    _WORKER_FLOW,
+    FIRST_BACKOFF_S,
+    MAX_BACKOFF_S,
+    STABLE_AFTER_S,
+    Child,
+    _flow_status,
+    _scrape,
+    exit_reason,
+    next_backoff,
+)
 from pipeline.cli.startup import LOG_FILES_KEPT, configure_logging
+from tests.e2e.running import _free
+from tests.support import free_port
 
 
 def test_backoff_doubles_to_its_cap_and_starts_over_after_a_stable_run() -> None:
@@ -54,3 +66,31 @@ def test_role_logs_rotate(tmp_path: Path) -> None:
     files = sorted(p.name for p in log_file.parent.iterdir())
     assert files == ["worker-1.log", *[f"worker-1.log.{i}" for i in range(1, LOG_FILES_KEPT + 1)]]
     assert sum(p.stat().st_size for p in log_file.parent.iterdir()) <= 10_000 * (LOG_FILES_KEPT + 1) + 2_000
+
+
+def test_the_flow_line_asks_each_role_only_for_the_samples_it_shows() -> None:
+    from prometheus_client import REGISTRY  # noqa: PLC0415
+
+    from collector import metrics as collector_metrics  # noqa: PLC0415
+    from pipeline.observability import metrics  # noqa: PLC0415
+    from pipeline.observability.endpoint import serve_metrics  # noqa: PLC0415
+
+    base = free_port()
+    while not all(_free(base + i) for i in range(3)):  # collector, one worker, exporter: consecutive ports
+        base = free_port()
+    for i in range(3):
+        serve_metrics(base + i)  # this process's registry, on each role's port
+    collector_metrics.SPANS_RECEIVED.labels("grpc").inc(5)
+    metrics.USAGE_PRICED.inc(4)
+    metrics.EXPORTER_ROWS.inc(9)
+    metrics.TOKENS.labels("team-a", "rag", "prod", "app", "openai", "gpt-4o", "input_tokens").inc(100)
+    line = _flow_status(base, workers=1)
+
+    def total(name: str) -> float:  # other tests in this process count too
+        return sum(s.value for family in REGISTRY.collect() for s in family.samples if s.name == name)
+
+    assert f"{total('spendstream_collector_spans_received_total'):,.0f} spans received" in line
+    assert f"{total('spendstream_worker_usage_priced_total'):,.0f} priced" in line
+    assert f"{total('spendstream_exporter_rows_total'):,.0f} FOCUS rows in files" in line
+    # the worker renders the four counters the line shows, not its labelled series (tokens, cost, lag...)
+    assert set(_scrape(base + 1, _WORKER_FLOW)) <= set(_WORKER_FLOW)
