@@ -42,7 +42,7 @@ from pipeline.pricing import PriceCatalog
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing
 from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION
-from schemas.swap_lock import swapping_request_files
+from schemas.swap_lock import SWAP_LOCK, swapping_request_files
 from schemas.usage import TokenCounts, UsageEvent
 
 DAY_S = 86_400
@@ -378,6 +378,7 @@ def test_the_report_and_the_workers_history_never_read_across_a_swap(tmp_path: P
         pq.write_table(unpack(parse_rows(values[index * 30:(index + 1) * 30])), day / f"part-{index}.parquet")
     pq.write_table(unpack(parse_rows(values)), other / "part-merged.parquet")
     total = sum(Decimal(orjson.loads(v)["BilledCost"]) for v in values)
+    (tmp_path / SWAP_LOCK).touch()  # as the exporter does before its first file: else a reader may run unlocked
     try:
         exchange(other, day)
     except SwapUnsupported:
