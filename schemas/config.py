@@ -228,6 +228,9 @@ class GatewayConfig:
     unknown_keys: Literal["deny", "unallocated"] = "deny"
     #: the `key` names (as in `keys`) an `approved_only` breaker lets through
     approved_keys: tuple[str, ...] = ()
+    #: once the command follower died (new breakers no longer arrive): refuse every call (503), or decide from the
+    #: breakers last known
+    follower_lost: Literal["refuse", "last_known"] = "refuse"
 
     def validate(self, dimensions: Mapping[str, object]) -> list[str]:
         problems = [f"gateway.keys.{secret[:4]}…: unknown dimension {dim!r}"

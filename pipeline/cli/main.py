@@ -314,7 +314,9 @@ def _cmd_breaker(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise SpendstreamError(str(exc)) from None
     else:
-        commands = kill_switch.reset_commands(scope, args.reason, now)
+        # the breakers in force under another spelling of the scope are closed too
+        latest = asyncio.run(kill_switch.latest_commands(config.kafka))
+        commands = kill_switch.reset_commands(scope, args.reason, now, latest.values())
     asyncio.run(kill_switch.publish(config.kafka, commands))
     for command in commands:
         print(f"{command.breaker_id}: {command.state} ({command.action}) — {command.reason}")

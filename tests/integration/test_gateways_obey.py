@@ -25,12 +25,13 @@ import grpc
 import openai
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+from aiohttp.test_utils import RawTestServer, TestClient, TestServer
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3.external_auth_pb2_grpc import AuthorizationStub
 
 from pipeline.gateway import kill_switch
-from pipeline.gateway.authz import Authz, http_app
+from pipeline.gateway.authz import Authz, http_handler
 from pipeline.gateway.client import BreakerClient
 from pipeline.gateway.proxy import make_app
 from pipeline.kafka.broker import EmbeddedBroker
@@ -116,6 +117,7 @@ class Stack:
     grpc_port: int
     nginx_port: int
     gateway_port: int
+    upstream_port: int
 
 
 def _start(args: list[str], log: Path, marker: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -185,7 +187,7 @@ def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> I
                                  "--upstream", f"http://127.0.0.1:{server.server_address[1]}",
                                  "--upstream-key-env", "TEST_UPSTREAM_KEY"],
                                 tmp / "gateway.log", "gateway on", {"TEST_UPSTREAM_KEY": "sk-gateway-upstream"}))
-        yield Stack(kafka, upstream, ports[0], ports[1], ports[2], ports[3])
+        yield Stack(kafka, upstream, ports[0], ports[1], ports[2], ports[3], server.server_address[1])
     finally:
         for process in processes:
             process.terminate()
@@ -265,7 +267,7 @@ def test_a_block_refuses_the_team_whatever_its_calls_claim(stack: Stack) -> None
     with pytest.raises(openai.AuthenticationError):
         chat(stack.nginx_port, "sk-made-up-key", FAKE_IDENTITY)
     assert check(stack, "sk-made-up-key").denied_response.status.code == 401
-    reset(stack, "team=Search")  # the breaker it tripped: `manual|team=Search`
+    reset(stack, "team=search")  # whatever the spelling: trip and reset name one breaker
     until(lambda: chat(stack.nginx_port, "sk-search-0001").model == "gpt-4o")
     assert check(stack, "sk-search-0001").HasField("ok_response")
 
@@ -333,7 +335,8 @@ def test_health_fails_once_the_command_follower_died(stack: Stack) -> None:
         client = BreakerClient(stack.kafka)
         await client.start()
         authz = Authz(client, Config(kafka=stack.kafka))
-        async with TestClient(TestServer(http_app(authz))) as service, \
+        service: TestClient[web.BaseRequest, None] = TestClient(RawTestServer(http_handler(authz)))
+        async with service, \
                 TestClient(TestServer(make_app(authz, upstream="http://127.0.0.1:9", upstream_key=None))) as gateway:
             assert [(await c.get("/healthz")).status for c in (service, gateway)] == [200, 200]
             assert client._consumer is not None
@@ -345,6 +348,22 @@ def test_health_fails_once_the_command_follower_died(stack: Stack) -> None:
         await client.stop()
 
     asyncio.run(main())
+
+
+def test_nginx_refuses_when_authz_does_not_answer(stack: Stack, tmp_path: Path) -> None:
+    """Fail closed, as the snippet ships: an unverified caller never reaches the model."""
+    nginx, port, seen = shutil.which("nginx") or "/usr/sbin/nginx", free_port(), len(stack.upstream.seen)
+    conf = nginx_conf(tmp_path, listen=port, authz=free_port(), upstream=stack.upstream_port)
+    process = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf)], text=True)
+    try:
+        listening(port, process, tmp_path / "error.log")
+        with pytest.raises(openai.InternalServerError) as refused:
+            chat(port, "sk-ads-000001")
+        assert refused.value.status_code == 503 and "spendstream_unavailable" in str(refused.value)
+        assert len(stack.upstream.seen) == seen
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def test_the_envoy_snippet_points_at_the_check_service() -> None:

@@ -124,3 +124,17 @@ def test_the_board_says_when_a_breaker_lifts_by_itself() -> None:
     assert board.expires_s("manual|team=search") == NOW + 600
     assert board.expires_s("manual|team=ads") is None  # until reset
     assert board.expires_s("manual|team=nobody") is None
+
+
+def test_a_reset_lifts_a_trip_whatever_the_spelling_of_either() -> None:
+    board = BreakerBoard()
+    board.apply(tripped := trip("team=Search "))
+    assert tripped.breaker_id == "manual|team=search" and tripped.scope_attributes == {"team": "search"}
+    # stage 2 names its breakers by the calls' own spelling
+    board.apply(rate := msgspec.structs.replace(trip("team=search"), source="rate", breaker_id="rate|team=SEARCH",
+                                                scope="team=SEARCH"))
+    board.apply(other := trip("team=searchers", source="rate", breaker_id="rate|team=searchers"))
+    for command in reset_commands(Scope.parse("team=search"), "over", NOW + 1, [tripped, rate, other]):
+        board.apply(command)
+    assert board.decide(PROD_SEARCH, "m", NOW).verdict == "allow"
+    assert [c.breaker_id for c in board.in_force()] == ["rate|team=searchers"]
