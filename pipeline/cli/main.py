@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--http-port", type=int, help="OTLP/HTTP port (default 4318)")
     run.add_argument("--metrics-port", type=int, help="Prometheus port of the collector (default 9464); "
                      "workers use the following ports")
+    run.add_argument("--authz-port", type=int, default=9480, help="spendstream authz's HTTP port; Envoy's gRPC is "
+                     "the next one (default 9480)")
     run.add_argument("--partitions", type=int, help="partitions per topic (default kafka.partitions)")
 
     collector = sub.add_parser("collector", help="the OTLP receiver alone")
@@ -344,7 +346,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     config = _config(args)
     raise SystemExit(run_all(config, workers=args.workers, data_dir=Path(args.data_dir),
                              broker_port=None if args.kafka else args.broker_port,
-                             config_path=args.config, log_level=args.log_level))
+                             config_path=args.config, log_level=args.log_level, authz_port=args.authz_port))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
