@@ -10,11 +10,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
+from typing import Any
 
 from schemas.codec import parse_utc
 from schemas.config import Config, load_config
@@ -192,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_until_signal(coro_factory: object) -> None:
+def _serve_until_signal(coro_factory: object, *,
+                        run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -200,7 +202,7 @@ def _serve_until_signal(coro_factory: object) -> None:
             loop.add_signal_handler(sig, stop.set)
         await coro_factory(stop)  # type: ignore[operator]
 
-    asyncio.run(main())
+    run(main())
 
 
 def _cmd_collector(args: argparse.Namespace) -> None:
@@ -333,11 +335,14 @@ def _cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def _cmd_authz(args: argparse.Namespace) -> None:
+    import uvloop  # noqa: PLC0415
+
     from pipeline.gateway.authz import serve_authz  # noqa: PLC0415
 
     config = _config(args)
+    # uvloop: the event loop and socket writes are most of a decision's cost (py-spy, bench/authz.py)
     _serve_until_signal(lambda stop: serve_authz(config, host=args.host, http_port=args.port,
-                                                 grpc_port=args.grpc_port, stop=stop))
+                                                 grpc_port=args.grpc_port, stop=stop), run=uvloop.run)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
