@@ -123,8 +123,18 @@ class _Authorization:
     async def Check(self, request: Any, _: grpc.aio.ServicerContext[Any, Any]) -> Any:  # the proto names it
         # a request without attributes reads as empty: no key, so an unknown caller's answer
         http = request.attributes.request.http
-        # Envoy sends the names lower-case (HTTP/2) with repeats joined by `,`: the map is read as it is
-        return check_response(self._authz.check(http.headers, http.raw_body or http.body.encode(), "grpc"))
+        # Envoy sends the names lower-case (HTTP/2) with repeats joined by `,`: the map is read as it is; with
+        # `encode_raw_headers: true` it sends `header_map` instead, and `headers` is empty
+        headers = raw_headers(http.header_map) if http.HasField("header_map") else http.headers
+        return check_response(self._authz.check(headers, http.raw_body or http.body.encode(), "grpc"))
+
+
+def raw_headers(header_map: Any) -> dict[str, str]:
+    """Envoy's `header_map` (one entry a header line, values as bytes) as `headers` has them: repeats joined."""
+    values: dict[str, list[str]] = {}
+    for header in header_map.headers:
+        values.setdefault(header.key.lower(), []).append(header.raw_value.decode(errors="replace") or header.value)
+    return {name: ",".join(repeats) for name, repeats in values.items()}
 
 
 def check_response(result: Answer) -> Any:

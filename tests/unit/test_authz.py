@@ -71,6 +71,17 @@ def test_a_check_without_attributes_is_an_unknown_caller(request_: ext_authz.Che
     assert answer.denied_response.status.code == 401
 
 
+def test_envoy_raw_headers_are_read_and_repeats_refused() -> None:
+    """`encode_raw_headers: true`: the headers come in `header_map`, one entry a line."""
+    service = authz(follower_lost="last_known")
+    request = ext_authz.CheckRequest()
+    lines = request.attributes.request.http.header_map.headers
+    lines.add(key="authorization", raw_value=b"Bearer sk-search-0001")
+    assert asyncio.run(check(service, request)).HasField("ok_response")
+    lines.add(key="Authorization", raw_value=b"Bearer sk-ads-000001")
+    assert asyncio.run(check(service, request)).denied_response.status.code == 401
+
+
 def test_without_the_follower_every_call_is_refused_unless_told_otherwise() -> None:
     refusing = authz()
     assert asyncio.run(http(refusing, "Authorization: Bearer sk-search-0001")) == (503, "unavailable")
