@@ -235,6 +235,9 @@ class GatewayConfig:
     def validate(self, dimensions: Mapping[str, object]) -> list[str]:
         problems = [f"gateway.keys.{secret[:4]}…: unknown dimension {dim!r}"
                     for secret, identity in self.keys.items() for dim in identity if dim not in dimensions]
+        # a key is read as the one word after `Bearer`: one with a blank or a comma could never be presented
+        problems += [f"gateway.keys.{secret[:4]}…: a key has no blanks or commas" for secret in self.keys
+                     if "," in secret or any(c.isspace() for c in secret)]
         problems += [f"gateway.identity_headers: unknown dimension {dim!r}"
                      for dim in self.identity_headers if dim not in dimensions]
         named = {identity.get("key") for identity in self.keys.values()}

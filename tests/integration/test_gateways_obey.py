@@ -6,6 +6,7 @@ SSE streaming through the example gateway. One authz, one NGINX, one gateway for
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import shutil
@@ -258,6 +259,17 @@ def test_a_block_refuses_the_team_whatever_its_calls_claim(stack: Stack) -> None
     assert 590 <= int(blocked.response.headers["retry-after"]) <= 600
     assert blocked.response.headers["x-spendstream-reason"] == "runaway agent"
     assert chat(stack.nginx_port, "sk-ads-000001", {"x-team": "search"}).model == "gpt-4o"  # other teams go on
+    # other spellings of the path are refused or not served, never passed to the model unasked
+    seen = len(stack.upstream.seen)
+    for path in ("/V1/chat/completions", "//v1/chat/completions", "/v1/../v1/chat/completions",
+                 "/%76%31/chat/completions", "/v1/chat/completions?api_key=sk-ads-000001"):
+        connection = http.client.HTTPConnection("127.0.0.1", stack.nginx_port, timeout=10)
+        connection.request("POST", path, body=b'{"model": "gpt-4o"}', headers={
+            "Authorization": "Bearer sk-search-0001", "Content-Type": "application/json", "X-Forwarded-For": "10.0.0.1",
+            "X-Original-URI": "/healthz", "Host": "authz"})
+        assert connection.getresponse().status in (404, 429), path
+        connection.close()
+    assert len(stack.upstream.seen) == seen
     denied = check(stack, "sk-search-0001", **FAKE_IDENTITY)
     assert denied.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert denied.denied_response.status.code == 429

@@ -74,6 +74,8 @@ def test_gateway_config_is_checked() -> None:
     assert error.value.problems == ["gateway.keys.sk-s…: unknown dimension 'tema'",
                                     "gateway.identity_headers: unknown dimension 'teem'",
                                     "gateway.approved_keys: 'bot' is no key's `key` in gateway.keys"]
+    with pytest.raises(ConfigError, match="a key has no blanks or commas"):
+        config_from_dict({"gateway": {"keys": {"sk-search-1 ": {"team": "search"}}}})
     with pytest.raises(ConfigError, match="unknown_keys"):
         config_from_dict({"gateway": {"unknown_keys": "allow"}})
 
