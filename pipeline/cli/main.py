@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     trip = breaker_sub.add_parser("trip", help="open a manual breaker for a scope")
     _add_common(trip)
     trip.add_argument("--scope", required=True, help="global, or dimension=value[,dimension=value…], "
-                      "e.g. team=search or key=support-rag,env=prod")
+                      "e.g. team=search or key=support-rag,env=prod (values in any case: Search is search)")
     trip.add_argument("--action", required=True, choices=["block", "downgrade", "approved_only"])
     trip.add_argument("--reason", required=True, help="why: shown to operators and in gateway answers")
     trip.add_argument("--ttl", help="lift it by itself after this long: 30s, 15m, 1h (default: until reset)")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import msgspec
 import openai
 import pytest
 import yaml
@@ -40,7 +41,7 @@ from schemas.breaker import BreakerAction
 from schemas.config import Config, KafkaConfig
 from schemas.policy import Scope
 from tests.conftest import new_topics
-from tests.e2e.running import read_until
+from tests.e2e.running import read_until, spendstream
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration
@@ -119,6 +120,7 @@ class Stack:
     nginx_port: int
     gateway_port: int
     upstream_port: int
+    config: Path
 
 
 def _start(args: list[str], log: Path, marker: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -188,7 +190,7 @@ def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> I
                                  "--upstream", f"http://127.0.0.1:{server.server_address[1]}",
                                  "--upstream-key-env", "TEST_UPSTREAM_KEY"],
                                 tmp / "gateway.log", "gateway on", {"TEST_UPSTREAM_KEY": "sk-gateway-upstream"}))
-        yield Stack(kafka, upstream, ports[0], ports[1], ports[2], ports[3], server.server_address[1])
+        yield Stack(kafka, upstream, ports[0], ports[1], ports[2], ports[3], server.server_address[1], config)
     finally:
         for process in processes:
             process.terminate()
@@ -254,6 +256,11 @@ def refusal(port: int, key: str, error: type[openai.APIStatusError], **headers: 
 
 def test_a_block_refuses_the_team_whatever_its_calls_claim(stack: Stack) -> None:
     trip(stack, "team=Search ", "block", "runaway agent", ttl_s=600)  # case and blanks do not matter
+    # and the breaker stage 2 opened for the same runaway, named by the calls' own spelling
+    automatic = kill_switch.trip_command(Scope.parse("team=search"), "block", "runaway agent", ttl_s=600,
+                                         downgrade={}, now_s=time.time())
+    asyncio.run(kill_switch.publish(stack.kafka, [msgspec.structs.replace(
+        automatic, source="rate", breaker_id="rate|team=Search", scope="team=Search")]))
     blocked = refusal(stack.nginx_port, "sk-search-0001", openai.RateLimitError, **FAKE_IDENTITY)
     assert "runaway agent" in str(blocked)
     assert 590 <= int(blocked.response.headers["retry-after"]) <= 600
@@ -279,7 +286,10 @@ def test_a_block_refuses_the_team_whatever_its_calls_claim(stack: Stack) -> None
     with pytest.raises(openai.AuthenticationError):
         chat(stack.nginx_port, "sk-made-up-key", FAKE_IDENTITY)
     assert check(stack, "sk-made-up-key").denied_response.status.code == 401
-    reset(stack, "team=search")  # whatever the spelling: trip and reset name one breaker
+    # an operator's reset, as typed: it lifts the trip and stage 2's breaker of the calls' own spelling
+    done = spendstream("breaker", "reset", "--kafka", stack.kafka.bootstrap_servers, "--config", str(stack.config),
+                       "--scope", "team=SEARCH")
+    assert done.returncode == 0 and "rate|team=Search: closed" in done.stdout, done.stderr
     until(lambda: chat(stack.nginx_port, "sk-search-0001").model == "gpt-4o")
     assert check(stack, "sk-search-0001").HasField("ok_response")
 
