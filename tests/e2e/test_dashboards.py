@@ -111,6 +111,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
             _ask_authz(pipeline.authz_port)
             # screenshots get a longer run, so their lines have a shape
             demo(pipeline, 90 if SCREENSHOTS else 25, history_s=120)
+            _ask_authz(pipeline.authz_port)  # again: the decisions panel draws a rate
             time.sleep(6 * SCRAPE_S)  # the last figures scraped, and a few idle scrapes after them
             yield Observed(Prometheus(url), start, time.time())
         finally:
