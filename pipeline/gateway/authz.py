@@ -9,8 +9,9 @@
 
 `/healthz` (503 once the command follower died) and `/metrics` are on the HTTP port. The caller
 and the answer come from `identity.py`; the decision from the `BreakerClient`'s board. Once the
-follower died every call is refused with 503 (`gateway.follower_lost: refuse`, the default: a
-breaker tripped since would not be obeyed) or decided from the breakers last known (`last_known`).
+follower died the service exits (FollowerLost) for its supervisor to start it again; until then
+every call is refused with 503 (`gateway.follower_lost: refuse`, the default: a breaker tripped
+since would not be obeyed) or decided from the breakers last known (`last_known`).
 
 Every request pays for one decision and nothing else: aiohttp's low-level server (no router, no
 middleware, no access log), only the headers identity reads, and the allow answers prebuilt.
@@ -47,6 +48,7 @@ from pipeline.gateway.identity import (
 )
 from pipeline.observability.metrics import AUTHZ_DECISIONS
 from schemas.config import Config
+from schemas.errors import SpendstreamError
 
 #: the gRPC status of each HTTP status a refusal carries (Envoy logs it; the client sees the HTTP one)
 _GRPC_CODES: Final[Mapping[int, int]] = {
@@ -155,12 +157,24 @@ def _check_response(code: int, headers: tuple[tuple[str, str], ...], body: bytes
         status=HttpStatus(code=code), headers=options, body=body.decode()))
 
 
+class FollowerLost(SpendstreamError):
+    """The command follower died: authz exits, so that its supervisor starts it again on the state in force."""
+
+
 async def serve_authz(config: Config, *, host: str, http_port: int, grpc_port: int,
                       stop: asyncio.Event) -> None:
-    """Serve both protocols until `stop` is set."""
+    """Serve both protocols until `stop` is set; raises FollowerLost once the command follower died."""
     client = BreakerClient(config.kafka)
     await client.start()
-    authz = Authz(client, config)
+    try:
+        await serve(Authz(client, config), host=host, http_port=http_port, grpc_port=grpc_port, stop=stop)
+    finally:
+        await client.stop()
+
+
+async def serve(authz: Authz, *, host: str, http_port: int, grpc_port: int, stop: asyncio.Event) -> None:
+    """Serve both protocols with a started client until `stop` is set or its follower died (FollowerLost):
+    `spendstream run`, compose and Kubernetes restart a role that exits, not one that stays up blind."""
     runner = web.ServerRunner(web.Server(http_handler(authz), access_log=None))
     await runner.setup()
     server = grpc.aio.server()
@@ -171,9 +185,13 @@ async def serve_authz(config: Config, *, host: str, http_port: int, grpc_port: i
             raise OSError(f"cannot listen on {host}:{grpc_port} (change it with --grpc-port)")
         await server.start()
         print(f"authz on http://{host}:{http_port}/check and grpc {host}:{grpc_port} "
-              f"({len(client.board.in_force())} breakers in force)", flush=True)
-        await stop.wait()
+              f"({len(authz.client.board.in_force())} breakers in force)", flush=True)
+        stopped, lost = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(authz.client.lost())
+        await asyncio.wait((stopped, lost), return_when=asyncio.FIRST_COMPLETED)
+        for waiting in (stopped, lost):
+            waiting.cancel()
+        if not stop.is_set():
+            raise FollowerLost("authz: stopped following the breaker commands; exiting to be started again")
     finally:
         await server.stop(grace=1)
         await runner.cleanup()
-        await client.stop()

@@ -22,18 +22,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import msgspec
 import openai
 import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import RawTestServer, TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.service.auth.v3.external_auth_pb2_grpc import AuthorizationStub
 
 from pipeline.gateway import kill_switch
-from pipeline.gateway.authz import Authz, http_handler
+from pipeline.gateway.authz import Authz, FollowerLost, serve
 from pipeline.gateway.client import BreakerClient
 from pipeline.gateway.proxy import make_app
 from pipeline.kafka.broker import EmbeddedBroker
@@ -352,24 +352,37 @@ def test_health_and_metrics(stack: Stack) -> None:
         assert answer.status == 200
 
 
-def test_health_fails_once_the_command_follower_died(stack: Stack) -> None:
+def test_once_the_command_follower_died_health_fails_and_authz_exits(stack: Stack) -> None:
     async def main() -> None:
         client = BreakerClient(stack.kafka)
         await client.start()
-        authz = Authz(client, Config(kafka=stack.kafka))
-        service: TestClient[web.BaseRequest, None] = TestClient(RawTestServer(http_handler(authz)))
-        async with service, \
-                TestClient(TestServer(make_app(authz, upstream="http://127.0.0.1:9", upstream_key=None))) as gateway:
-            assert [(await c.get("/healthz")).status for c in (service, gateway)] == [200, 200]
+        authz, port, stop = Authz(client, Config(kafka=stack.kafka)), free_port(), asyncio.Event()
+        serving = asyncio.create_task(serve(authz, host="127.0.0.1", http_port=port, grpc_port=free_port(), stop=stop))
+        example = make_app(authz, upstream="http://127.0.0.1:9", upstream_key=None)
+        async with TestClient(TestServer(example)) as gateway, aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 30
+            while not await _healthy(session, f"http://127.0.0.1:{port}/healthz") and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert (await gateway.get("/healthz")).status == 200
             assert client._consumer is not None
             await client._consumer.stop()  # the follower's consumer fails under it, as when its broker is lost
-            deadline = time.monotonic() + 30
-            while client.following() and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            assert [(await c.get("/healthz")).status for c in (service, gateway)] == [503, 503]
+            with pytest.raises(FollowerLost):  # for its supervisor to start it again on the state in force
+                await asyncio.wait_for(serving, 30)
+            assert (await gateway.get("/healthz")).status == 503
+            # the example gateway, which stays up, refuses as authz's default says
+            assert (await gateway.post("/v1/chat/completions", headers={"authorization": "Bearer sk-ads-000001"},
+                                       json={"model": "gpt-4o"})).status == 503
         await client.stop()
 
     asyncio.run(main())
+
+
+async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url) as answer:
+            return answer.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
 
 
 def test_nginx_refuses_when_authz_does_not_answer(stack: Stack, tmp_path: Path) -> None:
