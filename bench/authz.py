@@ -1,7 +1,8 @@
 """Decision cost of `spendstream authz`: HTTP and Envoy gRPC under load, against the bare board, and how long
 a `breaker trip` takes to become a 429 at NGINX.
 
-    .venv/bin/python bench/authz.py [--seconds 5] [--concurrency 32] [--breakers 200] [--trips 5] [--compare DIR]
+    .venv/bin/python bench/authz.py [--seconds 5] [--concurrency 32] [--breakers 200] [--trips 5]
+                                    [--compare DIR] [--rounds 1]
 
 Starts an embedded broker, `spendstream authz` (its own process) and Debian's NGINX running
 deploy/nginx/spendstream.conf in front of a fake model server. `--breakers` manual breakers of
@@ -201,6 +202,7 @@ def main() -> None:
     parser.add_argument("--breakers", type=int, default=200)
     parser.add_argument("--trips", type=int, default=5)
     parser.add_argument("--compare", help="a checkout of another revision: its authz is measured too")
+    parser.add_argument("--rounds", type=int, default=1, help="measure each authz this many times, in turns")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -230,8 +232,9 @@ def main() -> None:
             print(f"{args.breakers} breakers in force, {args.concurrency} requests in flight, "
                   f"{args.seconds:g}s each")
             print(f"BreakerBoard.decide (bare, baseline): {bare:,.0f} decisions/s ({1e6 / bare:.1f} µs each)")
-            for label, (process, ports) in services.items():
-                measure(label, process, ports, bare, seconds=args.seconds, concurrency=args.concurrency)
+            for _ in range(args.rounds):  # in turns: the machine's load moves while they run
+                for label, (process, ports) in services.items():
+                    measure(label, process, ports, bare, seconds=args.seconds, concurrency=args.concurrency)
             trips, clis = zip(*(trip_to_429(broker.bootstrap_servers, config, nginx_port)
                                 for _ in range(args.trips)), strict=True)
             print(f"`breaker trip` to first 429 at NGINX ({args.trips} trips): median {statistics.median(trips):.2f}s, "
