@@ -2,6 +2,7 @@
 a `breaker trip` takes to become a 429 at NGINX.
 
     .venv/bin/python bench/authz.py [--seconds 5] [--concurrency 32] [--breakers 200] [--trips 5]
+                                    [--compare DIR] [--rounds 1]
 
 Starts an embedded broker, `spendstream authz` (its own process) and Debian's NGINX running
 deploy/nginx/spendstream.conf in front of a fake model server. `--breakers` manual breakers of
@@ -10,7 +11,11 @@ is worked out in full). Measures, in the same run:
 
 - the baseline: `BreakerBoard.decide` alone on the same breakers, decisions/s on one core;
 - HTTP `/check` and gRPC `Authorization/Check` with `--concurrency` requests in flight for
-  `--seconds` each: decisions/s, p50/p99 latency, and their ratio to the baseline;
+  `--seconds` each: decisions/s, p50/p99 latency, and their ratio to the baseline; and the CPU
+  time authz itself spent per decision (all its threads, from /proc): on a shared machine the
+  load generator in this process and the neighbours move the wall-clock figures, far less that;
+- with `--compare DIR` (another checkout, e.g. `git worktree add /tmp/base <rev>`), the same for
+  the authz of that checkout, against the same broker and breakers: before and after in one run;
 - trip to 429: from starting `spendstream breaker trip` (a new process, as an operator runs
   it) to the first 429 NGINX answers a caller polling it, `--trips` times (reset in between).
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
+import os
 import statistics
 import subprocess
 import sys
@@ -64,6 +70,24 @@ def breakers(count: int) -> list[BreakerCommand]:
     commands.append(kill_switch.trip_command(Scope.parse("team=bench"), "downgrade", "bench", ttl_s=None,
                                              downgrade={"gpt-4o": "gpt-4o-mini"}, now_s=now))
     return commands
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds a process has used, all its threads (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(label: str, authz: subprocess.Popen[str], ports: tuple[int, int], bare: float, *,
+            seconds: float, concurrency: int) -> None:
+    for name, run, port in (("HTTP /check", http_load, ports[0]), ("gRPC Check", grpc_load, ports[1])):
+        before = cpu_s(authz.pid)
+        rate, latencies = asyncio.run(run(port, seconds, concurrency))
+        cpu_us = (cpu_s(authz.pid) - before) / len(latencies) * 1e6
+        cuts = statistics.quantiles(latencies, n=100)
+        print(f"{label}{name}: {rate:,.0f} decisions/s, p50 {cuts[49] * 1e3:.2f} ms, p99 {cuts[98] * 1e3:.2f} ms "
+              f"({bare / rate:,.0f}x the bare board's cost); authz CPU {cpu_us:,.0f} µs per decision "
+              f"({cpu_us * bare / 1e6:,.1f}x the bare board's)")
 
 
 def bare_board(commands: list[BreakerCommand], seconds: float) -> float:
@@ -157,12 +181,28 @@ def trip_to_429(bootstrap: str, config: Path, nginx_port: int) -> tuple[float, f
     return took, cli
 
 
+Service = tuple[subprocess.Popen[str], tuple[int, int]]
+
+
+def start_authz(checkout: Path, bootstrap: str, config: Path, log: Path) -> Service:
+    """`spendstream authz` of a checkout (`python -m pipeline` imports from its working directory)."""
+    ports = free_port(), free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen([*SPENDSTREAM, "authz", "--kafka", bootstrap, "--config", str(config),
+                                    "--port", str(ports[0]), "--grpc-port", str(ports[1]), "--log-level", "warning"],
+                                   stdout=out, stderr=subprocess.STDOUT, text=True, cwd=checkout,
+                                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return process, ports
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--breakers", type=int, default=200)
     parser.add_argument("--trips", type=int, default=5)
+    parser.add_argument("--compare", help="a checkout of another revision: its authz is measured too")
+    parser.add_argument("--rounds", type=int, default=1, help="measure each authz this many times, in turns")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -176,30 +216,31 @@ def main() -> None:
         config.write_text(yaml.safe_dump({"kafka": {"topic_prefix": "bench."}, "gateway": {"keys": {KEY: IDENTITY}}}))
         server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream().handler())
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        http_port, grpc_port, nginx_port = free_port(), free_port(), free_port()
-        with (tmp / "authz.log").open("w") as out:
-            authz = subprocess.Popen([*SPENDSTREAM, "authz", "--kafka", broker.bootstrap_servers, "--config",
-                                      str(config), "--port", str(http_port), "--grpc-port", str(grpc_port),
-                                      "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, text=True)
+        checkouts = {"": Path(__file__).resolve().parent.parent}
+        if args.compare:
+            checkouts[f"[{args.compare}] "] = Path(args.compare).resolve()
+        services = {label: start_authz(checkout, broker.bootstrap_servers, config, tmp / f"authz{i}.log")
+                    for i, (label, checkout) in enumerate(checkouts.items())}
+        http_port = services[""][1][0]
+        nginx_port = free_port()
         conf = nginx_conf(tmp, listen=nginx_port, authz=http_port, upstream=server.server_address[1])
-        nginx = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(conf)])
+        nginx = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(conf)], text=True)
         try:
-            read_until(authz, tmp / "authz.log", "authz on", timeout_s=60)
+            for i, (process, _) in enumerate(services.values()):
+                read_until(process, tmp / f"authz{i}.log", "authz on", timeout_s=60)
             bare = bare_board(commands, args.seconds)
             print(f"{args.breakers} breakers in force, {args.concurrency} requests in flight, "
                   f"{args.seconds:g}s each")
             print(f"BreakerBoard.decide (bare, baseline): {bare:,.0f} decisions/s ({1e6 / bare:.1f} µs each)")
-            for name, run, port in (("HTTP /check", http_load, http_port), ("gRPC Check", grpc_load, grpc_port)):
-                rate, latencies = asyncio.run(run(port, args.seconds, args.concurrency))
-                cuts = statistics.quantiles(latencies, n=100)
-                print(f"{name}: {rate:,.0f} decisions/s, p50 {cuts[49] * 1e3:.2f} ms, p99 {cuts[98] * 1e3:.2f} ms; "
-                      f"{bare / rate:,.0f}x the bare board's cost")
+            for _ in range(args.rounds):  # in turns: the machine's load moves while they run
+                for label, (process, ports) in services.items():
+                    measure(label, process, ports, bare, seconds=args.seconds, concurrency=args.concurrency)
             trips, clis = zip(*(trip_to_429(broker.bootstrap_servers, config, nginx_port)
                                 for _ in range(args.trips)), strict=True)
             print(f"`breaker trip` to first 429 at NGINX ({args.trips} trips): median {statistics.median(trips):.2f}s, "
                   f"max {max(trips):.2f}s (the command itself, start to exit: median {statistics.median(clis):.2f}s)")
         finally:
-            for process in (nginx, authz):
+            for process in [nginx, *(p for p, _ in services.values())]:
                 process.terminate()
                 process.wait(10)
             server.shutdown()

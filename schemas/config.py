@@ -268,10 +268,16 @@ class GatewayConfig:
     unknown_keys: Literal["deny", "unallocated"] = "deny"
     #: the `key` names (as in `keys`) an `approved_only` breaker lets through
     approved_keys: tuple[str, ...] = ()
+    #: once the command follower died (new breakers no longer arrive): refuse every call (503), or decide from the
+    #: breakers last known
+    follower_lost: Literal["refuse", "last_known"] = "refuse"
 
     def validate(self, dimensions: Mapping[str, object]) -> list[str]:
         problems = [f"gateway.keys.{secret[:4]}…: unknown dimension {dim!r}"
                     for secret, identity in self.keys.items() for dim in identity if dim not in dimensions]
+        # a key is read as the one word after `Bearer`: one with a blank or a comma could never be presented
+        problems += [f"gateway.keys.{secret[:4]}…: a key has no blanks or commas" for secret in self.keys
+                     if "," in secret or any(c.isspace() for c in secret)]
         problems += [f"gateway.identity_headers: unknown dimension {dim!r}"
                      for dim in self.identity_headers if dim not in dimensions]
         named = {identity.get("key") for identity in self.keys.values()}

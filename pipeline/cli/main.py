@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--http-port", type=int, help="OTLP/HTTP port (default 4318)")
     run.add_argument("--metrics-port", type=int, help="Prometheus port of the collector (default 9464); "
                      "workers use the following ports")
+    run.add_argument("--authz-port", type=int, default=9480, help="spendstream authz's HTTP port; Envoy's gRPC is "
+                     "the next one (default 9480)")
     run.add_argument("--partitions", type=int, help="partitions per topic (default kafka.partitions)")
 
     collector = sub.add_parser("collector", help="the OTLP receiver alone")
@@ -191,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     trip = breaker_sub.add_parser("trip", help="open a manual breaker for a scope")
     _add_common(trip)
     trip.add_argument("--scope", required=True, help="global, or dimension=value[,dimension=value…], "
-                      "e.g. team=search or key=support-rag,env=prod")
+                      "e.g. team=search or key=support-rag,env=prod (values in any case: Search is search)")
     trip.add_argument("--action", required=True, choices=["block", "downgrade", "approved_only"])
     trip.add_argument("--reason", required=True, help="why: shown to operators and in gateway answers")
     trip.add_argument("--ttl", help="lift it by itself after this long: 30s, 15m, 1h (default: until reset)")
@@ -239,7 +241,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_until_signal(coro_factory: object) -> None:
+def _serve_until_signal(coro_factory: object, *,
+                        run: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -247,7 +250,7 @@ def _serve_until_signal(coro_factory: object) -> None:
             loop.add_signal_handler(sig, stop.set)
         await coro_factory(stop)  # type: ignore[operator]
 
-    asyncio.run(main())
+    run(main())
 
 
 def _cmd_collector(args: argparse.Namespace) -> None:
@@ -382,7 +385,9 @@ def _cmd_breaker(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise SpendstreamError(str(exc)) from None
     else:
-        commands = kill_switch.reset_commands(scope, args.reason, now)
+        # the breakers in force under another spelling of the scope are closed too
+        latest = asyncio.run(kill_switch.latest_commands(config.kafka))
+        commands = kill_switch.reset_commands(scope, args.reason, now, latest.values())
     asyncio.run(kill_switch.publish(config.kafka, commands))
     for command in commands:
         print(f"{command.breaker_id}: {command.state} ({command.action}) — {command.reason}")
@@ -397,11 +402,14 @@ def _cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def _cmd_authz(args: argparse.Namespace) -> None:
+    import uvloop  # noqa: PLC0415
+
     from pipeline.gateway.authz import serve_authz  # noqa: PLC0415
 
     config = _config(args)
+    # uvloop: the event loop and socket writes are most of a decision's cost (py-spy, bench/authz.py)
     _serve_until_signal(lambda stop: serve_authz(config, host=args.host, http_port=args.port,
-                                                 grpc_port=args.grpc_port, stop=stop))
+                                                 grpc_port=args.grpc_port, stop=stop), run=uvloop.run)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -413,7 +421,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     raise SystemExit(run_all(config, workers=args.workers, data_dir=Path(args.data_dir),
                              broker_port=None if args.kafka else args.broker_port,
                              config_path=str(path) if path else None, log_level=args.log_level,
-                             log_format=args.log_format))
+                             log_format=args.log_format, authz_port=args.authz_port))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

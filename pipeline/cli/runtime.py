@@ -1,9 +1,10 @@
 """`spendstream run`: the whole pipeline on one machine, each role in its own process, supervised.
 
-Start order is downstream first: broker, topics, workers, then the collector that feeds
-them. A role that dies is started again after a backoff (1 s, doubling to 30 s; back to 1 s
-once it has run a minute), with a line saying which role, why and where its log is: what the
-broker holds is read again from the committed offsets, so nothing the collector acknowledged
+Start order is downstream first: broker, topics, workers, `spendstream authz` (gateways ask
+it on --authz-port, Envoy on the next port), then the collector that feeds them. A role that
+dies is started again after a backoff (1 s, doubling to 30 s; back to 1 s once it has run a
+minute), with a line saying which role, why and where its log is: what the broker holds is
+read again from the committed offsets, so nothing the collector acknowledged
 is lost. The embedded broker is watched too: it keeps everything in memory, so when it dies
 the run says so at once, starts a new one on the same port, creates the topics, publishes the
 breakers in force again and restarts every role (calls acknowledged but not yet in the files
@@ -51,6 +52,8 @@ MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0
 #: the embedded broker dying this many times within STABLE_AFTER_S stops the run: something is wrong with it
 BROKER_DEATHS_TO_STOP = 3
+#: `spendstream authz`'s default HTTP port (`run --authz-port`); its Envoy gRPC port is the next one
+AUTHZ_PORT: Final = 9480
 
 
 def next_backoff(backoff_s: float, ran_for_s: float) -> float:
@@ -114,10 +117,11 @@ class Child:
                f"(see {self.log})")
 
 
-def _check_ports(config: Config, workers: int) -> None:
+def _check_ports(config: Config, workers: int, authz_port: int) -> None:
     """Fail before starting anything when a port is taken, naming the flag that changes it."""
     wanted = [(config.collector.grpc_port, "--grpc-port"), (config.collector.http_port, "--http-port")]
     wanted += [(config.metrics.port + i, "--metrics-port") for i in range(workers + 2)]
+    wanted += [(authz_port, "--authz-port"), (authz_port + 1, "--authz-port")]
     for port, flag in wanted:
         if port and not port_is_free("0.0.0.0", port):
             raise BrokerError(f"port {port} is taken; change it with {flag}")
@@ -185,7 +189,7 @@ def _wait_drained(roles: list[Child], config: Config) -> int:
 
 
 def _roles(config: Config, *, workers: int, data_dir: Path, config_path: str | None, log_level: str,
-           log_format: str) -> list[Child]:
+           log_format: str, authz_port: int) -> list[Child]:
     """The roles in start order (downstream first)."""
     logs = data_dir / "logs"
     common = ["--kafka", config.kafka.bootstrap_servers, "--log-level", log_level, "--log-format", log_format]
@@ -196,6 +200,8 @@ def _roles(config: Config, *, workers: int, data_dir: Path, config_path: str | N
                                        "--metrics-port", str(port + 1 + i)], logs) for i in range(workers)]
     roles.append(Child("exporter", ["exporter", *common, "--data-dir", str(data_dir),
                                     "--metrics-port", str(port + 1 + workers)], logs))
+    roles.append(Child("authz", ["authz", *common, "--port", str(authz_port), "--grpc-port", str(authz_port + 1)],
+                       logs))
     roles.append(Child("collector", ["collector", *common, "--host", config.collector.host,
                                      "--grpc-port", str(config.collector.grpc_port),
                                      "--http-port", str(config.collector.http_port), "--metrics-port", str(port)],
@@ -233,11 +239,11 @@ class _EmbeddedKafka:
 
 
 def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | None,
-            config_path: str | None, log_level: str, log_format: str) -> int:
+            config_path: str | None, log_level: str, log_format: str, authz_port: int = AUTHZ_PORT) -> int:
     """Run until Ctrl-C or SIGTERM; returns the exit code."""
     if workers < 1:
         raise BrokerError("--workers must be at least 1")
-    _check_ports(config, workers)
+    _check_ports(config, workers, authz_port)
     data_dir = data_dir.resolve()
     embedded = None
     if broker_port is not None:
@@ -245,7 +251,7 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
         config = replace(config, kafka=replace(config.kafka, bootstrap_servers=broker.bootstrap_servers))
         embedded = _EmbeddedKafka(config, broker, data_dir)
     roles = _roles(config, workers=workers, data_dir=data_dir, config_path=config_path, log_level=log_level,
-                   log_format=log_format)
+                   log_format=log_format, authz_port=authz_port)
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -262,7 +268,7 @@ def run_all(config: Config, *, workers: int, data_dir: Path, broker_port: int | 
         for role in roles:
             role.start()
         _print_endpoints(config, config.kafka.bootstrap_servers, embedded is not None, workers, data_dir,
-                         config_path=config_path)
+                         config_path=config_path, authz_port=authz_port)
         last_status, next_status = "", time.monotonic() + STATUS_EVERY_S
         while not stopping:
             now = time.monotonic()
@@ -361,7 +367,7 @@ def _flow_status(metrics_port: int, workers: int) -> str:
 
 
 def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: int, data_dir: Path, *,
-                     config_path: str | None) -> None:
+                     config_path: str | None, authz_port: int) -> None:
     m = config.metrics.port
     lines = [
         "spendstream is running",
@@ -371,6 +377,8 @@ def _print_endpoints(config: Config, bootstrap: str, embedded: bool, workers: in
         f"  Kafka        {bootstrap}{'   (embedded broker, in memory)' if embedded else ''}",
         f"  metrics      http://localhost:{m}/metrics (collector)"
         + "".join(f", :{m + 1 + i} (worker-{i + 1})" for i in range(workers)) + f", :{m + 1 + workers} (exporter)",
+        f"  authz        http://localhost:{authz_port}/check (NGINX, Traefik; /metrics, /healthz), "
+        f"gRPC localhost:{authz_port + 1} (Envoy)",
         f"  FOCUS files  {data_dir / 'focus'}   (spendstream report --data-dir {data_dir})",
         f"  data, logs   {data_dir}",
         f"  config       {config_path or 'built-in defaults'}   (each role's log says which settings came from "

@@ -107,6 +107,11 @@ class BreakerClient:
                 for record in records:
                     _apply(self._take, record)
 
+    async def lost(self) -> None:
+        """Returns once the follower stopped (died, or `stop`); at once before `start`."""
+        if self._follow is not None:
+            await asyncio.gather(asyncio.shield(self._follow), return_exceptions=True)
+
     def following(self) -> bool:
         """Still following new commands: False before `start` and once the follower died (its decisions go stale)."""
         return self._follow is not None and not self._follow.done()

@@ -1,7 +1,10 @@
 """The manual kill switch (`spendstream breaker trip|reset|list`): commands on the same topic gateways follow.
 
 A manual trip is its own breaker (`manual|<scope>`), so an automatic breaker closing never
-lifts it. `reset` closes the manual, rate and budget breakers of the scope at once, and tells
+lifts it. Scopes are canonical (values folded as the board matches them: `canonical`), so a
+trip of `team=Search ` and a reset of `team=search` name one breaker; a reset also closes the
+breakers in force whose scope differs only so (stage 2 names its breakers by the calls' own
+spelling, `rate|team=Search`). `reset` closes the manual, rate and budget breakers of the scope at once, and tells
 stage 2 with a reset record on `genai.spend` (keyed by the scope, so it lands on the partition
 that owns the scope, in order with its spend): stage 2 closes them in its state too, keeps the
 rate breaker closed for `breaker.cool_down` and the budget breakers for the rest of their period.
@@ -11,10 +14,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
-from pipeline.gateway.board import epoch_s
+from pipeline.gateway.board import epoch_s, fold
 from pipeline.gateway.client import read_commands
 from pipeline.kafka.consumer import reader
 from pipeline.kafka.producer import BatchProducer
@@ -51,19 +54,33 @@ def _command(scope: Scope, source: BreakerSource, state: BreakerState, action: B
                           trigger=dict(trigger or {"kind": "manual"}), schema_version=BREAKER_SCHEMA_VERSION)
 
 
+def canonical(scope: Scope) -> Scope:
+    """The scope as operators' breakers name it: its values folded, as the board matches them."""
+    return Scope.of({dim: fold(value) for dim, value in scope.items})
+
+
 def trip_command(scope: Scope, action: BreakerAction, reason: str, *, ttl_s: int | None,
                  downgrade: Mapping[str, str], now_s: float) -> BreakerCommand:
     if action == "downgrade" and not downgrade:
         raise ValueError("--action downgrade needs a model map: --downgrade FROM=TO, or `downgrade:` in the config")
-    return _command(scope, "manual", "open", action, reason=reason, now_s=now_s,
+    return _command(canonical(scope), "manual", "open", action, reason=reason, now_s=now_s,
                     downgrade=downgrade if action == "downgrade" else None,
                     expires_at=rfc3339(now_s + ttl_s) if ttl_s else None)
 
 
-def reset_commands(scope: Scope, reason: str, now_s: float) -> list[BreakerCommand]:
+def reset_commands(scope: Scope, reason: str, now_s: float,
+                   known: Iterable[BreakerCommand] = ()) -> list[BreakerCommand]:
     """Close every breaker of the scope: manual, rate, and the breaker of each budget period kind. The last one,
     `budget|<scope>` without a period, is what versions before per-budget breakers opened: closed too, so a
-    reset lifts it during an upgrade."""
+    reset lifts it during an upgrade. The same for every spelling of the scope among the `known` commands
+    (`latest_commands`) still open: the board obeys them all for the canonical scope."""
+    target = canonical(scope)
+    scopes = {target.key: target} | {c.scope: parsed for c in known
+                                     if c.state != "closed" and canonical(parsed := Scope.parse(c.scope)) == target}
+    return [command for spelling in scopes.values() for command in _closing(spelling, reason, now_s)]
+
+
+def _closing(scope: Scope, reason: str, now_s: float) -> list[BreakerCommand]:
     ids: list[tuple[BreakerSource, str]] = [(source, breaker_id(source, scope.key)) for source in SOURCES
                                             if source != "budget"]
     ids += [("budget", budget_breaker_id(scope.key, period)) for period in BUDGET_PERIODS]

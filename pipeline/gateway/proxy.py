@@ -23,7 +23,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 
 from pipeline.gateway.authz import Authz
 from pipeline.gateway.client import BreakerClient
-from pipeline.gateway.identity import MODEL_HEADER, model_of
+from pipeline.gateway.identity import MODEL_HEADER, joined, model_of
 from schemas.config import Config
 
 #: upstream answer headers passed on: the rest (lengths, encodings, connection) are aiohttp's to set
@@ -35,7 +35,7 @@ def make_app(authz: Authz, *, upstream: str, upstream_key: str | None) -> web.Ap
 
     async def forward(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        result = authz.check({k.lower(): v for k, v in request.headers.items()}, raw, "gateway")
+        result = authz.check(joined(request.headers, authz.header_names), raw, "gateway")
         if result.status != 200:
             return web.Response(status=result.status, headers=result.headers, body=result.body)
         headers = dict(result.headers)
@@ -56,9 +56,7 @@ def make_app(authz: Authz, *, upstream: str, upstream_key: str | None) -> web.Ap
             return response
 
     async def health(_: web.Request) -> web.Response:
-        following = authz.client.following()
-        return web.json_response({"following": following, "breakers_in_force": len(authz.client.board.in_force())},
-                                 status=200 if following else 503)
+        return authz.health()
 
     async def open_session(_: web.Application) -> None:
         session["upstream"] = ClientSession(timeout=ClientTimeout(total=300))

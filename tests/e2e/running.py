@@ -37,6 +37,7 @@ class RunningPipeline:
     grpc_port: int
     broker_port: int
     metrics_port: int  # the collector's; the worker's is +1, the exporter's +2
+    authz_port: int  # its /metrics too
 
     @property
     def bootstrap(self) -> str:
@@ -69,17 +70,20 @@ def read_until(process: subprocess.Popen[str], output: Path, marker: str, timeou
 def spendstream_run(data_dir: Path, output: Path, *extra: str) -> Iterator[RunningPipeline]:
     """`spendstream run` on free ports, up to its banner; stopped with Ctrl-C on exit, which must exit 0."""
     ports = {flag: free_port() for flag in ("--broker-port", "--grpc-port", "--http-port")}
-    metrics_port = free_port()
+    metrics_port, authz_port = free_port(), free_port()
     while not all(_free(metrics_port + i) for i in range(METRICS_PORTS)):
         metrics_port = free_port()
+    while not _free(authz_port + 1):  # authz: HTTP, then Envoy's gRPC
+        authz_port = free_port()
     with output.open("w") as out:
         run = subprocess.Popen(
-            [*SPENDSTREAM, "run", "--data-dir", str(data_dir), "--metrics-port", str(metrics_port), *extra,
+            [*SPENDSTREAM, "run", "--data-dir", str(data_dir), "--metrics-port", str(metrics_port),
+             "--authz-port", str(authz_port), *extra,
              *[x for flag, port in ports.items() for x in (flag, str(port))]],
             stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         banner = read_until(run, output, "try it:", timeout_s=60)
-        yield RunningPipeline(run, banner, ports["--grpc-port"], ports["--broker-port"], metrics_port)
+        yield RunningPipeline(run, banner, ports["--grpc-port"], ports["--broker-port"], metrics_port, authz_port)
         run.send_signal(signal.SIGINT)
         assert run.wait(timeout=120) == 0  # the drain may wait for a role restarted just before
     finally:

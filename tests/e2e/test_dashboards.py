@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,9 +46,9 @@ class Observed:
                 "team": ".*", "env": ".*", "scope": ".*", "currency": "EUR"}
 
 
-def _prometheus_config(path: Path, metrics_port: int) -> None:
+def _prometheus_config(path: Path, metrics_port: int, authz_port: int) -> None:
     # the job names the pipeline-health dashboard counts as "roles up" (as in deploy/prometheus.yml)
-    jobs = {"collector": metrics_port, "worker": metrics_port + 1, "exporter": metrics_port + 2}
+    jobs = {"collector": metrics_port, "worker": metrics_port + 1, "exporter": metrics_port + 2, "authz": authz_port}
     path.write_text(f"global: {{scrape_interval: {SCRAPE_S}s, evaluation_interval: {SCRAPE_S}s}}\n"
                     "scrape_configs:\n" + "".join(
                         f"  - job_name: spendstream-{role}\n    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n"
@@ -79,6 +80,14 @@ def _send_rejected_span(grpc_port: int) -> None:
     provider.shutdown()
 
 
+def _ask_authz(port: int) -> None:
+    """A gateway's question with a key the config does not know: an `unknown_key` answer for the decisions panel."""
+    ask = urllib.request.Request(f"http://127.0.0.1:{port}/check", headers={"authorization": "Bearer sk-not-a-key"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(ask, timeout=10)
+    assert refused.value.code == 401
+
+
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     binary = shutil.which("prometheus")
@@ -87,7 +96,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     tmp = tmp_path_factory.mktemp("dashboards")
     with spendstream_run(tmp / "data", tmp / "run.log", "--config", str(ROOT / "deploy" / "spendstream.yaml"),
                          "--partitions", "4") as pipeline:
-        _prometheus_config(tmp / "prometheus.yml", pipeline.metrics_port)
+        _prometheus_config(tmp / "prometheus.yml", pipeline.metrics_port, pipeline.authz_port)
         port = free_port()
         log = tmp / "prometheus.log"
         with log.open("wb") as out:
@@ -99,8 +108,10 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
             _wait_ready(url, process, log)
             start = time.time()
             _send_rejected_span(pipeline.grpc_port)
+            _ask_authz(pipeline.authz_port)
             # screenshots get a longer run, so their lines have a shape
             demo(pipeline, 90 if SCREENSHOTS else 25, history_s=120)
+            _ask_authz(pipeline.authz_port)  # again: the decisions panel draws a rate
             time.sleep(6 * SCRAPE_S)  # the last figures scraped, and a few idle scrapes after them
             yield Observed(Prometheus(url), start, time.time())
         finally:

@@ -6,6 +6,7 @@ SSE streaming through the example gateway. One authz, one NGINX, one gateway for
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import shutil
@@ -21,14 +22,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
+import msgspec
 import openai
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from pipeline.gateway import kill_switch
-from pipeline.gateway.authz import Authz, http_app
+from pipeline.gateway.authz import Authz, FollowerLost, serve
 from pipeline.gateway.client import BreakerClient
 from pipeline.gateway.ext_authz import check_stub
 from pipeline.gateway.ext_authz import ext_authz_pb2 as ext_authz
@@ -38,7 +41,7 @@ from schemas.breaker import BreakerAction
 from schemas.config import Config, KafkaConfig
 from schemas.policy import Scope
 from tests.conftest import new_topics
-from tests.e2e.running import read_until
+from tests.e2e.running import read_until, spendstream
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration
@@ -116,6 +119,8 @@ class Stack:
     grpc_port: int
     nginx_port: int
     gateway_port: int
+    upstream_port: int
+    config: Path
 
 
 def _start(args: list[str], log: Path, marker: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -185,7 +190,7 @@ def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> I
                                  "--upstream", f"http://127.0.0.1:{server.server_address[1]}",
                                  "--upstream-key-env", "TEST_UPSTREAM_KEY"],
                                 tmp / "gateway.log", "gateway on", {"TEST_UPSTREAM_KEY": "sk-gateway-upstream"}))
-        yield Stack(kafka, upstream, ports[0], ports[1], ports[2], ports[3])
+        yield Stack(kafka, upstream, ports[0], ports[1], ports[2], ports[3], server.server_address[1], config)
     finally:
         for process in processes:
             process.terminate()
@@ -251,11 +256,27 @@ def refusal(port: int, key: str, error: type[openai.APIStatusError], **headers: 
 
 def test_a_block_refuses_the_team_whatever_its_calls_claim(stack: Stack) -> None:
     trip(stack, "team=Search ", "block", "runaway agent", ttl_s=600)  # case and blanks do not matter
+    # and the breaker stage 2 opened for the same runaway, named by the calls' own spelling
+    automatic = kill_switch.trip_command(Scope.parse("team=search"), "block", "runaway agent", ttl_s=600,
+                                         downgrade={}, now_s=time.time())
+    asyncio.run(kill_switch.publish(stack.kafka, [msgspec.structs.replace(
+        automatic, source="rate", breaker_id="rate|team=Search", scope="team=Search")]))
     blocked = refusal(stack.nginx_port, "sk-search-0001", openai.RateLimitError, **FAKE_IDENTITY)
     assert "runaway agent" in str(blocked)
     assert 590 <= int(blocked.response.headers["retry-after"]) <= 600
     assert blocked.response.headers["x-spendstream-reason"] == "runaway agent"
     assert chat(stack.nginx_port, "sk-ads-000001", {"x-team": "search"}).model == "gpt-4o"  # other teams go on
+    # other spellings of the path are refused or not served, never passed to the model unasked
+    seen = len(stack.upstream.seen)
+    for path in ("/V1/chat/completions", "//v1/chat/completions", "/v1/../v1/chat/completions",
+                 "/%76%31/chat/completions", "/v1/chat/completions?api_key=sk-ads-000001"):
+        connection = http.client.HTTPConnection("127.0.0.1", stack.nginx_port, timeout=10)
+        connection.request("POST", path, body=b'{"model": "gpt-4o"}', headers={
+            "Authorization": "Bearer sk-search-0001", "Content-Type": "application/json", "X-Forwarded-For": "10.0.0.1",
+            "X-Original-URI": "/healthz", "Host": "authz"})
+        assert connection.getresponse().status in (404, 429), path
+        connection.close()
+    assert len(stack.upstream.seen) == seen
     denied = check(stack, "sk-search-0001", **FAKE_IDENTITY)
     assert denied.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert denied.denied_response.status.code == 429
@@ -265,7 +286,10 @@ def test_a_block_refuses_the_team_whatever_its_calls_claim(stack: Stack) -> None
     with pytest.raises(openai.AuthenticationError):
         chat(stack.nginx_port, "sk-made-up-key", FAKE_IDENTITY)
     assert check(stack, "sk-made-up-key").denied_response.status.code == 401
-    reset(stack, "team=Search")  # the breaker it tripped: `manual|team=Search`
+    # an operator's reset, as typed: it lifts the trip and stage 2's breaker of the calls' own spelling
+    done = spendstream("breaker", "reset", "--kafka", stack.kafka.bootstrap_servers, "--config", str(stack.config),
+                       "--scope", "team=SEARCH")
+    assert done.returncode == 0 and "rate|team=Search: closed" in done.stdout, done.stderr
     until(lambda: chat(stack.nginx_port, "sk-search-0001").model == "gpt-4o")
     assert check(stack, "sk-search-0001").HasField("ok_response")
 
@@ -328,23 +352,53 @@ def test_health_and_metrics(stack: Stack) -> None:
         assert answer.status == 200
 
 
-def test_health_fails_once_the_command_follower_died(stack: Stack) -> None:
+def test_once_the_command_follower_died_health_fails_and_authz_exits(stack: Stack) -> None:
     async def main() -> None:
         client = BreakerClient(stack.kafka)
         await client.start()
-        authz = Authz(client, Config(kafka=stack.kafka))
-        async with TestClient(TestServer(http_app(authz))) as service, \
-                TestClient(TestServer(make_app(authz, upstream="http://127.0.0.1:9", upstream_key=None))) as gateway:
-            assert [(await c.get("/healthz")).status for c in (service, gateway)] == [200, 200]
+        authz, port, stop = Authz(client, Config(kafka=stack.kafka)), free_port(), asyncio.Event()
+        serving = asyncio.create_task(serve(authz, host="127.0.0.1", http_port=port, grpc_port=free_port(), stop=stop))
+        example = make_app(authz, upstream="http://127.0.0.1:9", upstream_key=None)
+        async with TestClient(TestServer(example)) as gateway, aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 30
+            while not await _healthy(session, f"http://127.0.0.1:{port}/healthz") and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert (await gateway.get("/healthz")).status == 200
             assert client._consumer is not None
             await client._consumer.stop()  # the follower's consumer fails under it, as when its broker is lost
-            deadline = time.monotonic() + 30
-            while client.following() and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            assert [(await c.get("/healthz")).status for c in (service, gateway)] == [503, 503]
+            with pytest.raises(FollowerLost):  # for its supervisor to start it again on the state in force
+                await asyncio.wait_for(serving, 30)
+            assert (await gateway.get("/healthz")).status == 503
+            # the example gateway, which stays up, refuses as authz's default says
+            assert (await gateway.post("/v1/chat/completions", headers={"authorization": "Bearer sk-ads-000001"},
+                                       json={"model": "gpt-4o"})).status == 503
         await client.stop()
 
     asyncio.run(main())
+
+
+async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url) as answer:
+            return answer.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+def test_nginx_refuses_when_authz_does_not_answer(stack: Stack, tmp_path: Path) -> None:
+    """Fail closed, as the snippet ships: an unverified caller never reaches the model."""
+    nginx, port, seen = shutil.which("nginx") or "/usr/sbin/nginx", free_port(), len(stack.upstream.seen)
+    conf = nginx_conf(tmp_path, listen=port, authz=free_port(), upstream=stack.upstream_port)
+    process = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf)], text=True)
+    try:
+        listening(port, process, tmp_path / "error.log")
+        with pytest.raises(openai.InternalServerError) as refused:
+            chat(port, "sk-ads-000001")
+        assert refused.value.status_code == 503 and "spendstream_unavailable" in str(refused.value)
+        assert len(stack.upstream.seen) == seen
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def test_the_envoy_snippet_points_at_the_check_service() -> None:

@@ -138,3 +138,17 @@ def test_a_reload_keeps_the_environments_settings(tmp_path: Path) -> None:
     os.utime(path, ns=(1, 1))
     assert policy.check() is True and policy.policy.budgets[0].amount == 250
     assert policy.policy.breaker.cool_down_s == 60, "SPENDSTREAM_BREAKER_COOL_DOWN still wins over the file"
+
+
+def test_a_reset_lifts_a_trip_whatever_the_spelling_of_either() -> None:
+    board = BreakerBoard()
+    board.apply(tripped := trip("team=Search "))
+    assert tripped.breaker_id == "manual|team=search" and tripped.scope_attributes == {"team": "search"}
+    # stage 2 names its breakers by the calls' own spelling
+    board.apply(rate := msgspec.structs.replace(trip("team=search"), source="rate", breaker_id="rate|team=SEARCH",
+                                                scope="team=SEARCH"))
+    board.apply(other := trip("team=searchers", source="rate", breaker_id="rate|team=searchers"))
+    for command in reset_commands(Scope.parse("team=search"), "over", NOW + 1, [tripped, rate, other]):
+        board.apply(command)
+    assert board.decide(PROD_SEARCH, "m", NOW).verdict == "allow"
+    assert [c.breaker_id for c in board.in_force()] == ["rate|team=searchers"]

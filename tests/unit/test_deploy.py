@@ -160,6 +160,18 @@ def test_every_spendstream_role_is_scraped_on_its_metrics_port() -> None:
     assert "dns_sd_configs" in jobs["spendstream-worker"], "scaled workers are found by DNS, not listed"
 
 
+def test_compose_runs_authz_where_gateways_and_prometheus_find_it() -> None:
+    authz = compose()["services"]["authz"]
+    command = authz["command"]
+    assert command[0] == "authz" and command[command.index("--host") + 1] == "0.0.0.0"
+    port = command[command.index("--port") + 1]
+    assert {port, command[command.index("--grpc-port") + 1]} == set(authz["expose"])
+    assert f"localhost:{port}/healthz" in authz["healthcheck"]["test"][-1]
+    jobs = {job["job_name"]: job for job in yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+            ["scrape_configs"]}
+    assert jobs["spendstream-authz"]["static_configs"][0]["targets"] == [f"authz:{port}"]
+
+
 def test_collector_listens_beyond_loopback_where_otelcol_sends() -> None:
     """collector.host defaults to 127.0.0.1; in its container that would refuse otelcol's connections."""
     from schemas.config import load_config  # noqa: PLC0415

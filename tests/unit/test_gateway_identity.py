@@ -74,5 +74,24 @@ def test_gateway_config_is_checked() -> None:
     assert error.value.problems == ["gateway.keys.sk-s…: unknown dimension 'tema'",
                                     "gateway.identity_headers: unknown dimension 'teem'",
                                     "gateway.approved_keys: 'bot' is no key's `key` in gateway.keys"]
+    with pytest.raises(ConfigError, match="a key has no blanks or commas"):
+        config_from_dict({"gateway": {"keys": {"sk-search-1 ": {"team": "search"}}}})
     with pytest.raises(ConfigError, match="unknown_keys"):
         config_from_dict({"gateway": {"unknown_keys": "allow"}})
+
+
+@pytest.mark.parametrize("headers", [
+    {"authorization": "Bearer sk-search-1,Bearer sk-vip-0001"},  # two Authorization headers, joined
+    {"authorization": "Bearer sk-search-1, sk-vip-0001"},
+    {"authorization": "Bearer sk-search-1 sk-vip-0001"},
+    {"authorization": "Bearer sk-vip-0001", "x-auth-team": "search,ads"}])  # an identity header given twice
+def test_ambiguous_credentials_are_refused_even_where_unknown_callers_pass(headers: dict[str, str]) -> None:
+    lenient = GatewayConfig(keys=GATEWAY.keys, identity_headers=GATEWAY.identity_headers, unknown_keys="unallocated")
+    assert identify(headers, GATEWAY, REQUIRED) is None
+    assert identify(headers, lenient, REQUIRED) is None
+
+
+def test_the_bearer_scheme_in_any_case_and_blanks() -> None:
+    for value in ("Bearer sk-vip-0001", "BEARER\tsk-vip-0001", " bearer   sk-vip-0001\t"):
+        assert bearer({"authorization": value}) == "sk-vip-0001"
+    assert bearer({"authorization": "Bearer"}) is None and bearer({"authorization": "Bearersk-vip-0001"}) is None
