@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*pipeline/gateway/ext_authz/ext_authz.proto\x12\x18spendstream.ext_authz.v3\x1a\x17google/rpc/status.proto\"N\n\x0c\x43heckRequest\x12>\n\nattributes\x18\x01 \x01(\x0b\x32*.spendstream.ext_authz.v3.AttributeContext\"\x8a\x03\n\x10\x41ttributeContext\x12\x43\n\x07request\x18\x04 \x01(\x0b\x32\x32.spendstream.ext_authz.v3.AttributeContext.Request\x1aO\n\x07Request\x12\x44\n\x04http\x18\x02 \x01(\x0b\x32\x36.spendstream.ext_authz.v3.AttributeContext.HttpRequest\x1a\xdf\x01\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x02 \x01(\t\x12T\n\x07headers\x18\x03 \x03(\x0b\x32\x43.spendstream.ext_authz.v3.AttributeContext.HttpRequest.HeadersEntry\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x0b \x01(\t\x12\x10\n\x08raw_body\x18\x0c \x01(\x0c\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\rCheckResponse\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12G\n\x0f\x64\x65nied_response\x18\x02 \x01(\x0b\x32,.spendstream.ext_authz.v3.DeniedHttpResponseH\x00\x12?\n\x0bok_response\x18\x03 \x01(\x0b\x32(.spendstream.ext_authz.v3.OkHttpResponseH\x00\x42\x0f\n\rhttp_response\"\xb7\x01\n\x0eOkHttpResponse\x12<\n\x07headers\x18\x02 \x03(\x0b\x32+.spendstream.ext_authz.v3.HeaderValueOption\x12\x19\n\x11headers_to_remove\x18\x05 \x03(\t\x12L\n\x17response_headers_to_add\x18\x06 \x03(\x0b\x32+.spendstream.ext_authz.v3.HeaderValueOption\"\x96\x01\n\x12\x44\x65niedHttpResponse\x12\x34\n\x06status\x18\x01 \x01(\x0b\x32$.spendstream.ext_authz.v3.HttpStatus\x12<\n\x07headers\x18\x02 \x03(\x0b\x32+.spendstream.ext_authz.v3.HeaderValueOption\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\"\xa0\x02\n\x11HeaderValueOption\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32%.spendstream.ext_authz.v3.HeaderValue\x12U\n\rappend_action\x18\x03 \x01(\x0e\x32>.spendstream.ext_authz.v3.HeaderValueOption.HeaderAppendAction\"}\n\x12HeaderAppendAction\x12\x1b\n\x17\x41PPEND_IF_EXISTS_OR_ADD\x10\x00\x12\x11\n\rADD_IF_ABSENT\x10\x01\x12\x1e\n\x1aOVERWRITE_IF_EXISTS_OR_ADD\x10\x02\x12\x17\n\x13OVERWRITE_IF_EXISTS\x10\x03\"<\n\x0bHeaderValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x11\n\traw_value\x18\x03 \x01(\x0c\"@\n\nHttpStatus\x12\x32\n\x04\x63ode\x18\x01 \x01(\x0e\x32$.spendstream.ext_authz.v3.StatusCode*Y\n\nStatusCode\x12\t\n\x05\x45mpty\x10\x00\x12\x07\n\x02OK\x10\xc8\x01\x12\x11\n\x0cUnauthorized\x10\x91\x03\x12\x0e\n\tForbidden\x10\x93\x03\x12\x14\n\x0fTooManyRequests\x10\xad\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*pipeline/gateway/ext_authz/ext_authz.proto\x12\x18spendstream.ext_authz.v3\x1a\x17google/rpc/status.proto\"N\n\x0c\x43heckRequest\x12>\n\nattributes\x18\x01 \x01(\x0b\x32*.spendstream.ext_authz.v3.AttributeContext\"\xc3\x03\n\x10\x41ttributeContext\x12\x43\n\x07request\x18\x04 \x01(\x0b\x32\x32.spendstream.ext_authz.v3.AttributeContext.Request\x1aO\n\x07Request\x12\x44\n\x04http\x18\x02 \x01(\x0b\x32\x36.spendstream.ext_authz.v3.AttributeContext.HttpRequest\x1a\x98\x02\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x02 \x01(\t\x12T\n\x07headers\x18\x03 \x03(\x0b\x32\x43.spendstream.ext_authz.v3.AttributeContext.HttpRequest.HeadersEntry\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x0b \x01(\t\x12\x10\n\x08raw_body\x18\x0c \x01(\x0c\x12\x37\n\nheader_map\x18\r \x01(\x0b\x32#.spendstream.ext_authz.v3.HeaderMap\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xce\x01\n\rCheckResponse\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12G\n\x0f\x64\x65nied_response\x18\x02 \x01(\x0b\x32,.spendstream.ext_authz.v3.DeniedHttpResponseH\x00\x12?\n\x0bok_response\x18\x03 \x01(\x0b\x32(.spendstream.ext_authz.v3.OkHttpResponseH\x00\x42\x0f\n\rhttp_response\"\xb7\x01\n\x0eOkHttpResponse\x12<\n\x07headers\x18\x02 \x03(\x0b\x32+.spendstream.ext_authz.v3.HeaderValueOption\x12\x19\n\x11headers_to_remove\x18\x05 \x03(\t\x12L\n\x17response_headers_to_add\x18\x06 \x03(\x0b\x32+.spendstream.ext_authz.v3.HeaderValueOption\"\x96\x01\n\x12\x44\x65niedHttpResponse\x12\x34\n\x06status\x18\x01 \x01(\x0b\x32$.spendstream.ext_authz.v3.HttpStatus\x12<\n\x07headers\x18\x02 \x03(\x0b\x32+.spendstream.ext_authz.v3.HeaderValueOption\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\"\xa0\x02\n\x11HeaderValueOption\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32%.spendstream.ext_authz.v3.HeaderValue\x12U\n\rappend_action\x18\x03 \x01(\x0e\x32>.spendstream.ext_authz.v3.HeaderValueOption.HeaderAppendAction\"}\n\x12HeaderAppendAction\x12\x1b\n\x17\x41PPEND_IF_EXISTS_OR_ADD\x10\x00\x12\x11\n\rADD_IF_ABSENT\x10\x01\x12\x1e\n\x1aOVERWRITE_IF_EXISTS_OR_ADD\x10\x02\x12\x17\n\x13OVERWRITE_IF_EXISTS\x10\x03\"<\n\x0bHeaderValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x11\n\traw_value\x18\x03 \x01(\x0c\"C\n\tHeaderMap\x12\x36\n\x07headers\x18\x01 \x03(\x0b\x32%.spendstream.ext_authz.v3.HeaderValue\"@\n\nHttpStatus\x12\x32\n\x04\x63ode\x18\x01 \x01(\x0e\x32$.spendstream.ext_authz.v3.StatusCode*Y\n\nStatusCode\x12\t\n\x05\x45mpty\x10\x00\x12\x07\n\x02OK\x10\xc8\x01\x12\x11\n\x0cUnauthorized\x10\x91\x03\x12\x0e\n\tForbidden\x10\x93\x03\x12\x14\n\x0fTooManyRequests\x10\xad\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ATTRIBUTECONTEXT_HTTPREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_ATTRIBUTECONTEXT_HTTPREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_STATUSCODE']._serialized_start=1541
-  _globals['_STATUSCODE']._serialized_end=1630
+  _globals['_STATUSCODE']._serialized_start=1667
+  _globals['_STATUSCODE']._serialized_end=1756
   _globals['_CHECKREQUEST']._serialized_start=97
   _globals['_CHECKREQUEST']._serialized_end=175
   _globals['_ATTRIBUTECONTEXT']._serialized_start=178
-  _globals['_ATTRIBUTECONTEXT']._serialized_end=572
+  _globals['_ATTRIBUTECONTEXT']._serialized_end=629
   _globals['_ATTRIBUTECONTEXT_REQUEST']._serialized_start=267
   _globals['_ATTRIBUTECONTEXT_REQUEST']._serialized_end=346
   _globals['_ATTRIBUTECONTEXT_HTTPREQUEST']._serialized_start=349
-  _globals['_ATTRIBUTECONTEXT_HTTPREQUEST']._serialized_end=572
-  _globals['_ATTRIBUTECONTEXT_HTTPREQUEST_HEADERSENTRY']._serialized_start=526
-  _globals['_ATTRIBUTECONTEXT_HTTPREQUEST_HEADERSENTRY']._serialized_end=572
-  _globals['_CHECKRESPONSE']._serialized_start=575
-  _globals['_CHECKRESPONSE']._serialized_end=781
-  _globals['_OKHTTPRESPONSE']._serialized_start=784
-  _globals['_OKHTTPRESPONSE']._serialized_end=967
-  _globals['_DENIEDHTTPRESPONSE']._serialized_start=970
-  _globals['_DENIEDHTTPRESPONSE']._serialized_end=1120
-  _globals['_HEADERVALUEOPTION']._serialized_start=1123
-  _globals['_HEADERVALUEOPTION']._serialized_end=1411
-  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_start=1286
-  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_end=1411
-  _globals['_HEADERVALUE']._serialized_start=1413
-  _globals['_HEADERVALUE']._serialized_end=1473
-  _globals['_HTTPSTATUS']._serialized_start=1475
-  _globals['_HTTPSTATUS']._serialized_end=1539
+  _globals['_ATTRIBUTECONTEXT_HTTPREQUEST']._serialized_end=629
+  _globals['_ATTRIBUTECONTEXT_HTTPREQUEST_HEADERSENTRY']._serialized_start=583
+  _globals['_ATTRIBUTECONTEXT_HTTPREQUEST_HEADERSENTRY']._serialized_end=629
+  _globals['_CHECKRESPONSE']._serialized_start=632
+  _globals['_CHECKRESPONSE']._serialized_end=838
+  _globals['_OKHTTPRESPONSE']._serialized_start=841
+  _globals['_OKHTTPRESPONSE']._serialized_end=1024
+  _globals['_DENIEDHTTPRESPONSE']._serialized_start=1027
+  _globals['_DENIEDHTTPRESPONSE']._serialized_end=1177
+  _globals['_HEADERVALUEOPTION']._serialized_start=1180
+  _globals['_HEADERVALUEOPTION']._serialized_end=1468
+  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_start=1343
+  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_end=1468
+  _globals['_HEADERVALUE']._serialized_start=1470
+  _globals['_HEADERVALUE']._serialized_end=1530
+  _globals['_HEADERMAP']._serialized_start=1532
+  _globals['_HEADERMAP']._serialized_end=1599
+  _globals['_HTTPSTATUS']._serialized_start=1601
+  _globals['_HTTPSTATUS']._serialized_end=1665
 # @@protoc_insertion_point(module_scope)
