@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import tracemalloc
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.export import compaction, report
+from pipeline.export import compaction, files, report
 from pipeline.export.compaction import (
     STAGING_PREFIX,
     SwapUnsupported,
@@ -190,6 +191,41 @@ def test_a_write_that_fails_leaves_no_file_and_forgets_its_row_ids(tmp_path: Pat
             write_rows(root, [parse_rows(values)], ledger)
     assert not list(root.rglob("*.parquet*"))
     assert write_rows(root, [parse_rows(values)], ledger).rows == 60
+
+
+@pytest.mark.parametrize("hashing", ["real", "every_id_collides"])
+def test_a_row_repeated_in_one_flush_or_redelivered_is_written_once_and_colliding_ids_both(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hashing: str) -> None:
+    """The ledger holds hashes; a matching hash is confirmed exactly, against the files and the rows of the write in
+    progress (the same row in two tables of one flush: two partitions, or a redelivery read twice)."""
+    if hashing == "every_id_collides":
+        monkeypatch.setattr(files, "id_hash", lambda row_id: 7)
+    root = focus_dir(tmp_path)
+    values = focus_values(40)
+    ledger = RowLedger(root)
+    first = write_rows(root, [parse_rows(values[:80]), parse_rows(values[60:])], ledger)
+    assert (first.rows, first.duplicates) == (120, 20)
+    assert write_rows(root, [parse_rows(values)], ledger).duplicates == 120
+    assert write_rows(root, [parse_rows(values)], RowLedger(root)).duplicates == 120
+    more = focus_values(10, tag="b")
+    assert write_rows(root, [parse_rows(more), parse_rows(more)], ledger).rows == 30
+    rows, distinct, _, _ = read_files(root)
+    assert rows == distinct == 150
+
+
+def test_the_ledger_holds_about_8_bytes_a_row_id(tmp_path: Path) -> None:
+    """A day's ids read back from its files cost a 64-bit hash each, not a string in a set (~145 bytes an id)."""
+    root = focus_dir(tmp_path)
+    write_rows(root, [parse_rows(focus_values(4_000, step_s=20))], RowLedger(root))  # 12,000 rows, one day
+    ledger = RowLedger(root)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert write_rows(root, [parse_rows(focus_values(1, tag="late"))], ledger).rows == 3
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held / 12_000 < 16
 
 
 def small_files(root: Path, values: list[bytes], per_file: int) -> RowLedger:
