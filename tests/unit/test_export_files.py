@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import tracemalloc
@@ -36,6 +37,7 @@ from pipeline.export.files import (
     partition_dir,
     table_version,
     unpack,
+    write_rollup,
     write_rows,
 )
 from pipeline.guardrails import history
@@ -257,6 +259,30 @@ def test_compaction_merges_a_days_files_into_one_with_the_same_rows_in_order(tmp
     # the ledger, in memory or read back from the merged file, still knows every row
     assert write_rows(root, [parse_rows(values)], ledger).duplicates == 900
     assert write_rows(root, [parse_rows(values)], RowLedger(root)).duplicates == 900
+
+
+def test_a_day_of_5_s_flushes_compacts_to_one_file_and_its_rollup_is_rebuilt_from_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet day: a call every 6 minutes, each flushed alone (a 5 s flush holds one call), 240 files. Compaction
+    leaves one file with the same rows and BilledCost, and rebuilds the hourly rollup from it, also when the
+    rollup was left behind (a flush that died between its request file and its rollup)."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what this is about: 240 fsyncs take long
+    root = focus_dir(tmp_path)
+    small_files(root, focus_values(240, step_s=360), 3)
+    before = read_files(root)
+    assert before[:2] == (720, 720) and before[3] == 240
+    rollup = write_rollup(tmp_path, "hour", "2026-11", "2026-11-20")
+    small_files(root, focus_values(1, start_s=NOV_20 + 3_600, tag="b"), 3)  # its rollup not rebuilt: behind
+    [result] = compact(tmp_path, NOV_20 + 2 * DAY_S, 0, rollup="hour")
+    assert (result.files_before, result.files_after) == (241, 1)
+    rows, distinct, billed, files = read_files(root)
+    assert (rows, distinct, files) == (723, 723, 1)
+    assert billed == before[2] + sum(Decimal(orjson.loads(v)["BilledCost"])
+                                     for v in focus_values(1, start_s=NOV_20 + 3_600, tag="b"))
+    with duckdb.connect() as con:
+        hours, rolled = con.execute("SELECT count(DISTINCT ChargePeriodStart), sum(BilledCost) FROM read_parquet(?)",
+                                    [str(rollup)]).fetchone() or (0, 0)
+    assert rolled == billed and hours == 24
 
 
 def test_compacted_files_hold_at_most_compacted_rows_and_full_ones_stay(tmp_path: Path,
