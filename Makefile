@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python bench/pricing.py
 	$(BIN)/python bench/detect.py
 	$(BIN)/python bench/cardinality.py
+	$(BIN)/python bench/export.py
 
 clean:
 	rm -rf $(VENV) .venv-focus spendstream-data .pytest_cache .mypy_cache .ruff_cache
