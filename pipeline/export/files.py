@@ -154,18 +154,22 @@ def _parse_bulk(values: Sequence[bytes], version: str) -> tuple[pa.Table, list[i
     data = b"\n".join(values)
     if data.count(b"\n") != len(values) - 1 or not all(values):
         raise pa.ArrowInvalid("a value is empty or spans lines")
-    read = pa_json.read_json(
-        BytesIO(data), read_options=pa_json.ReadOptions(use_threads=False, block_size=len(data) + 1),
-        parse_options=pa_json.ParseOptions(explicit_schema=_READ_SCHEMAS[version], unexpected_field_behavior="ignore"))
+    try:  # the usual batch: no field but the FOCUS columns
+        read = _read_json(data, version, unexpected="error")
+        unknown_fields = False
+    except pa.ArrowInvalid:  # a field of a newer version, or a value that does not read at all
+        read = _read_json(data, version, unexpected="ignore")
+        unknown_fields = True
     if read.num_rows != len(values):
         raise pa.ArrowInvalid(f"{len(values)} values read as {read.num_rows} rows")
     text = pa.array(values, pa.binary()).cast(pa.string())  # raises for text that is not UTF-8
     objects, ok = _json_columns(text, version)
-    # JSON the readers take and the decoder does not: NaN or Infinity (in an ignored field too), nesting deeper
-    # than a row's; left to the decoder (a string holding "NaN" is kept by it)
-    brackets = pc.add(pc.count_substring(text, "{"), pc.count_substring(text, "["))
-    ok = pc.and_kleene(ok, pc.and_(pc.invert(pc.match_substring_regex(text, "NaN|Infinity")),
-                                   pc.less_equal(brackets, MAX_BRACKETS)))
+    if unknown_fields:  # what the readers take in a field they skip and the decoder does not: NaN or Infinity, nesting
+        # deeper than a row's; left to the decoder (a string holding "NaN" is kept by it). A scan of every byte: only
+        # for batches with such fields
+        brackets = pc.add(pc.count_substring(text, "{"), pc.count_substring(text, "["))
+        ok = pc.and_kleene(ok, pc.and_(pc.invert(pc.match_substring_regex(text, "NaN|Infinity")),
+                                       pc.less_equal(brackets, MAX_BRACKETS)))
     arrays: dict[str, pa.Array] = {}
     for name, kind in COLUMNS_BY_VERSION[version]:
         if kind == "json":
@@ -183,6 +187,15 @@ def _parse_bulk(values: Sequence[bytes], version: str) -> tuple[pa.Table, list[i
             column = pc.strptime(column, format="%Y-%m-%dT%H:%M:%SZ", unit="s")
         columns.append(column.cast(_ARROW_TYPES[kind]))  # exact: text -> decimal raises rather than rounds
     return _packed(columns, version), suspects
+
+
+def _read_json(data: bytes, version: str, unexpected: str) -> pa.Table:
+    """Newline-delimited values -> the columns of `version` Arrow reads, strictly typed; `unexpected`: what a field
+    of no such column does ("error" or "ignore")."""
+    return pa_json.read_json(
+        BytesIO(data), read_options=pa_json.ReadOptions(use_threads=False, block_size=len(data) + 1),
+        parse_options=pa_json.ParseOptions(explicit_schema=_READ_SCHEMAS[version],
+                                           unexpected_field_behavior=unexpected))
 
 
 def _valid(name: str, kind: str, column: pa.Array) -> pa.Array:
