@@ -3,8 +3,9 @@
 Both are measured in this run, against a baseline of the same run:
   throughput  `spendstream exporter` processes of two source trees (--base, default `main`, extracted with
               `git archive`; and this tree) each draining the same rows from its own topics on one embedded
-              broker, timed from its first written row to its last (start-up and group join left out);
-              rounds alternate base and head, so that the load of a shared machine hits both alike
+              broker, timed from its start to its last row written (start-up included, the same for both):
+              rows/s, and rows a CPU second of the exporter process (what a shared machine's load does not
+              skew); rounds alternate base and head, so that the load hits both alike
   dedupe      the row ids of --rows-per-day rows arriving flush by flush (--flush-s apart): as the exporter
               held them before (a set of id strings a day) and as it holds them now (`HashedIds`), tracemalloc
               after the day and at its peak; the exporter keeps LEDGER_DAYS days
@@ -61,7 +62,8 @@ def cpu_s(pid: int) -> float:
 
 def drain(tree: Path, broker: EmbeddedBroker, messages: list[tuple[bytes, bytes]], work: Path) -> tuple[float, float]:
     """(rows/s, rows a CPU second) of one `spendstream exporter` of `tree` draining `messages` from topics of its
-    own. The second does not depend on what else the machine runs."""
+    own, from its start (interpreter, imports and group join included: the same for both trees) to its last row
+    written. The second does not depend on what else the machine runs."""
     topics = TopicNames(f"bench{time.time_ns()}.")
     asyncio.run(ensure_topics(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, topic_prefix=topics.prefix,
                                           partitions=2), {}))
@@ -70,12 +72,12 @@ def drain(tree: Path, broker: EmbeddedBroker, messages: list[tuple[bytes, bytes]
     config.write_text(f"kafka:\n  topic_prefix: '{topics.prefix}'\n")
     port = free_port()
     log = (work / f"{topics.prefix}log").open("wb")
+    started = time.monotonic()
     exporter = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "exporter", "--kafka", broker.bootstrap_servers, "--config", str(config),
          "--data-dir", str(work / topics.prefix), "--metrics-port", str(port)],
         cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, stdout=log, stderr=subprocess.STDOUT)
     try:
-        first: tuple[float, float, float] | None = None
         written = 0.0
         deadline = time.monotonic() + 900
         while written < len(messages):
@@ -86,11 +88,7 @@ def drain(tree: Path, broker: EmbeddedBroker, messages: list[tuple[bytes, bytes]
                 written = metric(port, "spendstream_exporter_rows_total")
             except OSError:
                 continue
-            if written and first is None:
-                first = (time.monotonic(), written, cpu_s(exporter.pid))
-        assert first is not None
-        elapsed, cpu = time.monotonic() - first[0], cpu_s(exporter.pid) - first[2]
-        return (written - first[1]) / elapsed, (written - first[1]) / cpu
+        return written / (time.monotonic() - started), written / cpu_s(exporter.pid)
     finally:
         exporter.terminate()
         exporter.wait(timeout=60)
