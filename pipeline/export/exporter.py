@@ -4,15 +4,14 @@ At-least-once with dedupe: rows are buffered, written as whole files (atomically
 then are their offsets committed. A crash before the commit redelivers rows that are already
 in files; the RowLedger drops them by x_RowId, so every row is in the files exactly once.
 
-Memory is bounded by `exporter.max_buffered_rows`, the rows being written included: records are
-kept as they arrive and their values parsed and checked in bulk, in C++, into packed Arrow tables
-(`files.parse_rows_skipping`, ~620 bytes a FOCUS 1.4 row; no Python object a row). A full buffer is flushed and
+Memory is bounded by `exporter.max_buffered_rows`, the rows being written included: each
+message is validated on arrival, its raw value kept, and values are parsed in bulk into packed
+Arrow tables (`files.parse_rows`, ~620 bytes a FOCUS 1.4 row). A full buffer is flushed and
 nothing more is fetched until it is written. The blocking work (parsing, Parquet writes and fsyncs, the
 ledger's loads, DuckDB rollups, compaction) runs in a thread, one job at a time, so the event
 loop keeps heartbeating and fetching meanwhile; a job commits exactly the offsets of the rows it
-wrote. A message that is not a FOCUS row the files can hold (schemas.focus.decode_row decides the
-few the bulk checks leave out) is dead-lettered (`invalid_focus_row`) with the decoder's reason and
-skipped; its dead letter is published before the offsets are committed. The rows of a
+wrote. A message that is not a FOCUS row the files can hold is dead-lettered (`invalid_focus_row`)
+and skipped; its dead letter is published before the offsets are committed. The rows of a
 partition taken away by a rebalance are dropped from the buffer uncommitted: its new owner
 reads them again.
 """
@@ -23,7 +22,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -48,29 +47,28 @@ from pipeline.observability.rejections import Rejections
 from schemas.codec import Record
 from schemas.config import Config
 from schemas.errors import SchemaError
+from schemas.focus import decode_row
 from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
 EXPORTER_GROUP = "spendstream-exporter"
-#: records per fetch: each is kept as it is until parsed
+#: records per fetch: each is decoded (a ~7.6 KB dict, dropped at once) and its raw value kept until parsed
 FETCH_RECORDS: Final = 5_000
-#: records are parsed into a packed table once this many are waiting (~2.4 KB each until then)
+#: raw values are parsed into a packed table once this many are waiting (~2.4 KB each until then)
 PARSE_ROWS: Final = 8_192
 #: the first compaction pass runs this long after start (or after compact_every_s, if sooner)
 FIRST_COMPACTION_S: Final = 30.0
 #: a revoke waits this long at most for the write in progress, so that its offsets are committed before the
 #: partitions move (within the group's rebalance timeout)
 REVOKE_WAIT_S: Final = REBALANCE_TIMEOUT_MS / 2000
-#: a record that is not a FOCUS row the files can hold, and why
-_Refused = tuple[ConsumerRecord[bytes, bytes], SchemaError]
 
 
 @dataclass(slots=True)
 class _Flush:
-    """The rows one flush writes, per partition: records not yet parsed and packed tables; and the offset after
+    """The rows one flush writes, per partition: raw values not yet parsed and packed tables; and the offset after
     the last record read of each partition, committed once they are written."""
 
-    values: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    values: dict[TopicPartition, list[bytes]]
     tables: dict[TopicPartition, list[pa.Table]]
     offsets: dict[TopicPartition, int]
     #: the dead letters of the messages read with them, published before the commit
@@ -83,8 +81,8 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         self._data_dir = data_dir
         self._root = focus_dir(data_dir)
         self._ledger = RowLedger(self._root)
-        #: per partition: records not yet parsed, packed tables, the offset after the last record read
-        self._values: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+        #: per partition: raw values not yet parsed, packed tables, the offset after the last record read
+        self._values: dict[TopicPartition, list[bytes]] = {}
         self._tables: dict[TopicPartition, list[pa.Table]] = {}
         self._offsets: dict[TopicPartition, int] = {}
         self._buffered = 0  # rows in _values and _tables
@@ -161,36 +159,38 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
             await producer.stop()
 
     def _take(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Keep the records, parsed and checked in bulk later."""
+        """Validate each record; keep the raw values of the FOCUS rows (parsed in bulk later), dead-letter the rest."""
         if not self._offsets:
             self._first_buffered = time.monotonic()
-        self._values.setdefault(tp, []).extend(records)
-        self._buffered += len(records)
-        self._unparsed += len(records)
-        self.rows_read += len(records)
+        values = self._values.setdefault(tp, [])
+        before = len(values)
+        for record in records:
+            try:
+                decode_row(record.value or b"")
+            except SchemaError as exc:
+                self._rejections.add(record, "invalid_focus_row", exc)
+                continue
+            values.append(record.value or b"")
+        taken = len(values) - before
+        self._buffered += taken
+        self._unparsed += taken
+        self.rows_read += taken
         self._offsets[tp] = records[-1].offset + 1
         metrics.EXPORTER_BUFFERED.set(self.held_rows)
 
     async def _parse(self) -> None:
-        """Parse the records into packed tables, in a thread (the loop goes on; nothing is fetched meanwhile)."""
+        """Parse the raw values into packed tables, in a thread (the loop goes on; nothing is fetched meanwhile)."""
         values, self._values = self._values, {}
         self._unparsed = 0
         self._revoked.clear()
-        tables, rejected = await asyncio.to_thread(_parse_each, values)
+        tables = await asyncio.to_thread(self._parse_each, values)
         for tp, part in values.items():
             parsed = tables.get(tp, [])
-            if tp in self._revoked:  # the revoke could not subtract them; their next owner dead-letters its own
+            if tp in self._revoked:  # the revoke could not subtract them
                 self._buffered -= len(part)
                 continue
             self._buffered -= len(part) - sum(table.num_rows for table in parsed)
             self._tables.setdefault(tp, []).extend(parsed)
-        self._reject(record for record in rejected if TopicPartition(record[0].topic, record[0].partition)
-                     not in self._revoked)
-
-    def _reject(self, rejected: Iterable[_Refused]) -> None:
-        for record, exc in rejected:
-            self._rejections.add(record, "invalid_focus_row", exc)
-            self.rows_read -= 1
 
     def _due(self) -> bool:
         settings = self._config.exporter
@@ -220,16 +220,14 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         """Write the rows not yet in the files, rebuild the rollups of the days touched, publish the dead letters,
         then commit what was read: nothing is committed before it is in a file or on `genai.deadletter`."""
         if flush.offsets:
-            self._reject(await asyncio.to_thread(self._write, flush))
-            flush.letters += self._rejections.take()
+            await asyncio.to_thread(self._write, flush)
             await producer.send_all(TopicNames(self._config.kafka.topic_prefix).deadletter, flush.letters)
             await commit_processed(consumer, flush.offsets, "exporter", log)
 
-    def _write(self, flush: _Flush) -> list[_Refused]:
-        """The writer thread's part of a flush; the records of it that were refused."""
+    def _write(self, flush: _Flush) -> None:
+        """The writer thread's part of a flush."""
         tables = [table for tps in flush.tables.values() for table in tps]
-        parsed, rejected = _parse_each(flush.values)
-        tables += [table for tps in parsed.values() for table in tps]
+        tables += [table for tps in self._parse_each(flush.values).values() for table in tps]
         flush.values, flush.tables = {}, {}
         with writer_lock(self._data_dir):
             written = write_rows(self._root, tables, self._ledger)
@@ -245,7 +243,21 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         metrics.EXPORTER_DUPLICATES.inc(written.duplicates)
         metrics.EXPORTER_FILES.inc(written.files)
         log.info("exporter: %d rows in files, %d duplicates dropped", self.rows_written, self.duplicates)
-        return rejected
+
+    def _parse_each(self, values: dict[TopicPartition, list[bytes]]) -> dict[TopicPartition, list[pa.Table]]:
+        """Each partition's raw values as packed tables (one a FOCUS version). A value `_take` accepted that still
+        does not parse (the decoder and the files disagree: a bug) is skipped, logged and counted; its offset is
+        committed."""
+        tables = {}
+        for tp, part in values.items():
+            parsed, errors = parse_rows_skipping(part)
+            for error in errors:
+                metrics.MESSAGES_REJECTED.labels("exporter", "invalid_focus_row").inc()
+                log.error("exporter: a FOCUS row of %s[%d] the decoder accepted does not fit the files, skipped: %s",
+                          tp.topic, tp.partition, error)
+            if parsed:
+                tables[tp] = parsed
+        return tables
 
     async def _compact(self) -> None:
         """A compaction pass over the closed charge dates, in the writer thread."""
@@ -259,16 +271,3 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
             return
         self._next_compaction = time.monotonic() + every
         metrics.EXPORTER_COMPACTED_FILES.inc(sum(c.files_before - c.files_after for c in done))
-
-
-def _parse_each(values: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-                ) -> tuple[dict[TopicPartition, list[pa.Table]], list[_Refused]]:
-    """Each partition's records as packed tables (one or more a FOCUS version), and the records refused with why."""
-    tables = {}
-    rejected = []
-    for tp, records in values.items():
-        parsed, errors = parse_rows_skipping([record.value or b"" for record in records])
-        rejected += [(records[index], exc) for index, exc in errors]
-        if parsed:
-            tables[tp] = parsed
-    return tables, rejected

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any, Final
 
@@ -29,22 +28,10 @@ import duckdb
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.pricing.dedupe import HashedIds, id_hash
-from schemas.errors import SchemaError
-from schemas.focus import (
-    COLUMNS_BY_VERSION,
-    CONSTANTS,
-    CURRENCY_COLUMNS,
-    FOCUS_VERSION,
-    MONEY_SCALE,
-    NULL_NUMBERS,
-    REQUIRED_TEXT,
-    decode_row,
-    row_version,
-)
+from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION, MONEY_SCALE, row_version
 from schemas.swap_lock import SWAP_LOCK
 
 QUANTITY_SCALE: Final = 6
@@ -103,149 +90,56 @@ def rows_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
                                 schema=ARROW_SCHEMAS[version])
 
 
-#: how Arrow's JSON reader reads each kind: strictly typed (a number where text belongs, "5" for an integer or "yes"
-#: for a boolean is an error); money, quantities and times as text, checked against their patterns before a cast
-_READ_TYPES: Final[Mapping[str, pa.DataType]] = {
-    "money": pa.string(), "quantity": pa.string(), "int": pa.int64(), "string": pa.string(),
-    "datetime": pa.string(), "bool": pa.bool_()}
-#: FOCUS version -> the columns Arrow reads (the JSON object columns are read by DuckDB: Arrow cannot keep an
-#: object of any keys as text)
-_READ_SCHEMAS: Final[Mapping[str, pa.Schema]] = {
-    version: pa.schema([pa.field(name, _READ_TYPES[kind]) for name, kind in columns if kind != "json"])
+_PARSE_TYPES: Final[Mapping[str, str]] = {
+    "money": f"DECIMAL(38, {MONEY_SCALE})", "quantity": f"DECIMAL(38, {QUANTITY_SCALE})", "int": "BIGINT",
+    "string": "VARCHAR", "json": "JSON", "datetime": "VARCHAR", "bool": "BOOLEAN"}
+#: FOCUS version -> every column, typed as the files hold it (json_transform_strict: a missing column or a value
+#: that does not convert exactly is an error, never a null)
+_ROW_STRUCTURES: Final[Mapping[str, str]] = {
+    version: orjson.dumps({name: _PARSE_TYPES[kind] for name, kind in columns}).decode()
     for version, columns in COLUMNS_BY_VERSION.items()}
-_JSON_COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
-    version: tuple(name for name, kind in columns if kind == "json") for version, columns in COLUMNS_BY_VERSION.items()}
-#: the checks of schemas.focus's decoder that typed reading leaves (patterns, constants, non-empty text)
-_PATTERNS: Final[Mapping[str, str]] = {
-    "money": r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$", "quantity": r"^-?[0-9]{1,32}(\.[0-9]{1,6})?$",
-    "datetime": "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"}
-#: the JSON types a Tags-like object's values may have without a closer look (a positive or huge integer or a float
-#: is checked by the decoder: an integer must fit 64 bits)
-_PLAIN_JSON_VALUES: Final = "['VARCHAR', 'BOOLEAN', 'NULL', 'BIGINT']"
-#: a FOCUS row has about 10 objects; more brackets than this are left to the decoder (which limits nesting)
-MAX_BRACKETS: Final = 64
+_PARSERS: Final = threading.local()  # a DuckDB connection per thread (`_connection`)
 _PER_REQUEST: Final = frozenset({"x_RowId", "x_UsageId", "x_TraceId", "x_SpanId"})
 #: columns whose values repeat from row to row, dictionary-encoded while rows wait to be written: every text,
 #: JSON and time column but the per-request ids, and the unit prices
 PACKED_COLUMNS: Final = frozenset(
     name for name, kind in _KINDS.items()
     if name not in _PER_REQUEST and (kind in ("string", "json", "datetime") or "UnitPrice" in name))
-_DUCKDB: Final = threading.local()  # a connection per thread: connecting costs ~75 ms, more than most parses
 
 
 def parse_rows(values: Sequence[bytes], version: str = FOCUS_VERSION) -> pa.Table:
-    """`genai.cost.focus` values (JSON objects) of one FOCUS version -> one packed table, checked as
-    schemas.focus.decode_row checks a value. Raises SchemaError for the first value it refuses (`parse_rows_skipping`
-    leaves such values out instead)."""
-    tables, errors = parse_rows_skipping(values, version)
-    if errors:
-        raise errors[0][1]
-    return _concat_packed(tables, version)
-
-
-def _parse_bulk(values: Sequence[bytes], version: str) -> tuple[pa.Table, list[int]]:
-    """Values of one FOCUS version -> (a packed table of those that pass every check, the indices of the others),
-    parsed in bulk in C++ (Arrow's JSON reader and DuckDB, without the GIL), never a Python object a row: about 620
-    bytes a FOCUS 1.4 row, where it takes about 7.6 KB as a Python dict. Repeating columns are dictionary-encoded
-    (`PACKED_COLUMNS`); `unpack` gives the file schema back (the version is in the table's metadata). A value left
-    out may still be valid (the checks here are sufficient, not necessary: an integer tag is left to the decoder).
-    Raises pyarrow.ArrowInvalid or duckdb.Error when a value is not a JSON object on one line, lacks an object column,
-    or has a value of the wrong JSON type."""
-    data = b"\n".join(values)
-    if data.count(b"\n") != len(values) - 1 or not all(values):
-        raise pa.ArrowInvalid("a value is empty or spans lines")
-    try:  # the usual batch: no field but the FOCUS columns
-        read = _read_json(data, version, unexpected="error")
-        unknown_fields = False
-    except pa.ArrowInvalid:  # a field of a newer version, or a value that does not read at all
-        read = _read_json(data, version, unexpected="ignore")
-        unknown_fields = True
-    if read.num_rows != len(values):
-        raise pa.ArrowInvalid(f"{len(values)} values read as {read.num_rows} rows")
-    text = pa.array(values, pa.binary()).cast(pa.string())  # raises for text that is not UTF-8
-    objects, ok = _json_columns(text, version)
-    if unknown_fields:  # what the readers take in a field they skip and the decoder does not: NaN or Infinity, nesting
-        # deeper than a row's; left to the decoder (a string holding "NaN" is kept by it). A scan of every byte: only
-        # for batches with such fields
-        brackets = pc.add(pc.count_substring(text, "{"), pc.count_substring(text, "["))
-        ok = pc.and_kleene(ok, pc.and_(pc.invert(pc.match_substring_regex(text, "NaN|Infinity")),
-                                       pc.less_equal(brackets, MAX_BRACKETS)))
-    arrays: dict[str, pa.Array] = {}
+    """`genai.cost.focus` values (JSON objects) of one FOCUS version -> one packed table, parsed in bulk by DuckDB
+    (in C++, without the GIL): about 620 bytes a FOCUS 1.4 row, where it takes about 7.6 KB as a Python dict. Repeating
+    columns are dictionary-encoded (`PACKED_COLUMNS`); `unpack` gives the file schema back (the version is in the
+    table's metadata). Raises duckdb.Error or pyarrow.ArrowInvalid when a value lacks a column of `version` or one
+    does not convert exactly (money with more than 18 decimals, a malformed time, text that is not UTF-8).
+    """
+    source = pa.table({"v": pa.array(values, pa.binary()).cast(pa.string())})
+    con = _connection()
+    con.register("source", source)
+    try:
+        parsed = con.sql(f"SELECT unnest(json_transform_strict(v, '{_ROW_STRUCTURES[version]}')) "
+                         "FROM source").to_arrow_table()
+    finally:
+        con.unregister("source")
+    arrays = []
     for name, kind in COLUMNS_BY_VERSION[version]:
-        if kind == "json":
-            continue
-        column = read.column(name).combine_chunks()
-        ok = pc.and_kleene(ok, _valid(name, kind, column))
-        arrays[name] = column
-    ok = pc.fill_null(ok, False)
-    suspects = pc.indices_nonzero(pc.invert(ok)).to_pylist()
-    columns = []
-    for name, kind in COLUMNS_BY_VERSION[version]:
-        column = objects[name] if kind == "json" else arrays[name]
-        column = column.filter(ok)
+        column = parsed.column(name)
         if kind == "datetime":
             column = pc.strptime(column, format="%Y-%m-%dT%H:%M:%SZ", unit="s")
-        columns.append(column.cast(_ARROW_TYPES[kind]))  # exact: text -> decimal raises rather than rounds
-    return _packed(columns, version), suspects
+        column = column.cast(_ARROW_TYPES[kind])
+        arrays.append(pc.dictionary_encode(column) if name in PACKED_COLUMNS else _copied(column))
+    return pa.Table.from_arrays(arrays, names=[name for name, _ in COLUMNS_BY_VERSION[version]],
+                                metadata={"FocusVersion": version}).combine_chunks()
 
 
-def _read_json(data: bytes, version: str, unexpected: str) -> pa.Table:
-    """Newline-delimited values -> the columns of `version` Arrow reads, strictly typed; `unexpected`: what a field
-    of no such column does ("error" or "ignore")."""
-    return pa_json.read_json(
-        BytesIO(data), read_options=pa_json.ReadOptions(use_threads=False, block_size=len(data) + 1),
-        parse_options=pa_json.ParseOptions(explicit_schema=_READ_SCHEMAS[version],
-                                           unexpected_field_behavior=unexpected))
-
-
-def _valid(name: str, kind: str, column: pa.Array) -> pa.Array:
-    """Per row: whether `column`'s value passes the decoder's checks that typed reading leaves (null: it does not)."""
-    if name in CONSTANTS:
-        return pc.equal(column, pa.scalar(CONSTANTS[name], column.type))
-    if name in CURRENCY_COLUMNS:
-        return pc.match_substring_regex(column, "^[A-Z]{3}$")
-    if kind in _PATTERNS:
-        valid = pc.match_substring_regex(column, _PATTERNS[kind])
-        if kind == "datetime":  # a real date and time too
-            valid = pc.and_kleene(valid, pc.is_valid(pc.strptime(column, format="%Y-%m-%dT%H:%M:%SZ", unit="s",
-                                                                 error_is_null=True)))
-    elif kind == "string":
-        valid = pc.greater(pc.utf8_length(column), 0)
-    else:
-        valid = pc.is_valid(column)
-    return valid if name in REQUIRED_TEXT or (kind != "string" and name not in NULL_NUMBERS) else \
-        pc.or_kleene(pc.is_null(column), valid)
-
-
-def _json_columns(text: pa.Array, version: str) -> tuple[dict[str, pa.Array], pa.Array]:
-    """The JSON object columns of the values `text` as text (DuckDB), and per row whether each is null or an object
-    of plain values. Raises duckdb.Error when a value lacks one."""
-    names = _JSON_COLUMNS[version]
-    structure = orjson.dumps(dict.fromkeys(names, "JSON")).decode()
-    checks = " AND ".join(f'(r."{n}" IS NULL OR (json_type(r."{n}") = \'OBJECT\' AND '
-                          f'list_has_all({_PLAIN_JSON_VALUES}, json_type(r."{n}", \'$.*\'))))' for n in names)
-    connection = getattr(_DUCKDB, "connection", None)
+def _connection() -> duckdb.DuckDBPyConnection:
+    """This thread's DuckDB connection for parsing, kept: connecting costs ~75 ms, more than parsing a 5 s flush's
+    rows (a flush parses once a partition)."""
+    connection: duckdb.DuckDBPyConnection | None = getattr(_PARSERS, "connection", None)
     if connection is None:
-        connection = _DUCKDB.connection = duckdb.connect(config={"threads": 1})
-    source = pa.table({"v": text})
-    parsed = connection.sql(f"SELECT r.*, {checks} AS ok FROM (SELECT json_transform_strict(v, '{structure}') AS r "
-                            "FROM source)").to_arrow_table()
-    del source
-    return {n: _copied(parsed.column(n)).cast(pa.string()) for n in names}, _copied(parsed.column("ok"))
-
-
-def _packed(columns: Sequence[pa.Array], version: str) -> pa.Table:
-    names = [name for name, _ in COLUMNS_BY_VERSION[version]]
-    return pa.Table.from_arrays(
-        [pc.dictionary_encode(column) if name in PACKED_COLUMNS else column for name, column in zip(
-            names, columns, strict=True)], names=names, metadata={"FocusVersion": version}).combine_chunks()
-
-
-def _concat_packed(tables: Sequence[pa.Table], version: str) -> pa.Table:
-    """One packed table of packed tables of one version (their dictionaries unified)."""
-    if not tables:
-        return _packed([pa.array([], type=_ARROW_TYPES[kind]) for _, kind in COLUMNS_BY_VERSION[version]], version)
-    return pa.concat_tables(tables, promote_options="permissive").unify_dictionaries().combine_chunks()
+        connection = _PARSERS.connection = duckdb.connect(config={"threads": 1})
+    return connection
 
 
 def table_version(table: pa.Table) -> str:
@@ -264,55 +158,36 @@ def _copied(column: pa.ChunkedArray) -> pa.Array:
     return pa.concat_arrays([*column.chunks, pa.array([], column.type)])  # concatenating always copies
 
 
-def parse_rows_skipping(values: Sequence[bytes], version: str | None = None,
-                        ) -> tuple[list[pa.Table], list[tuple[int, SchemaError]]]:
-    """Values of any FOCUS version (or all of `version`) -> packed tables (one or more a version, none when no value
-    is left) and, for each value left out, its index and why (schemas.focus.decode_row's SchemaError). Values are
-    grouped by `row_version`'s guess and parsed in bulk; a value the bulk checks leave out, or that fails a bulk parse
-    (found by halving: one bad value among many costs a few parses), is decoded alone: refused, or built from its
-    decoded row (as the version the decoder found: the guess is wrong for a 1.4 row with a tag named
-    ProviderName)."""
-    by_version: dict[str, list[int]] = {}
-    for index, value in enumerate(values):
-        by_version.setdefault(version or row_version(value), []).append(index)
+def parse_rows_skipping(values: Sequence[bytes]) -> tuple[list[pa.Table], list[str]]:
+    """`parse_rows` of values of any FOCUS version, leaving out the values it cannot parse: a table per version
+    (none when no value is left) and why each value left out was. Values are grouped by `row_version`'s guess; a
+    value that fails is found by halving (one bad value among many costs a few parses) and tried as the other
+    version before it is left out (the guess is wrong for a 1.4 row with a tag named ProviderName)."""
+    by_version: dict[str, list[bytes]] = {}
+    for value in values:
+        by_version.setdefault(row_version(value), []).append(value)
     tables: list[pa.Table] = []
-    errors: list[tuple[int, SchemaError]] = []
-    for group_version, indices in by_version.items():
-        _parse_halving(values, indices, group_version, tables, errors)
+    errors: list[str] = []
+    for version, group in by_version.items():
+        _parse_halving(group, version, tables, errors)
     return tables, errors
 
 
-def _parse_halving(values: Sequence[bytes], indices: Sequence[int], version: str, tables: list[pa.Table],
-                   errors: list[tuple[int, SchemaError]]) -> None:
+def _parse_halving(values: Sequence[bytes], version: str, tables: list[pa.Table], errors: list[str]) -> None:
     try:
-        table, suspects = _parse_bulk([values[i] for i in indices], version)
-    except (duckdb.Error, pa.ArrowException):
-        if len(indices) == 1:
-            _decode_alone(values, indices[0], tables, errors)
+        tables.append(parse_rows(values, version))
+        return
+    except (duckdb.Error, pa.ArrowException) as exc:
+        if len(values) == 1:
+            other = next(v for v in COLUMNS_BY_VERSION if v != version)
+            try:
+                tables.append(parse_rows(values, other))
+            except (duckdb.Error, pa.ArrowException):
+                errors.append(str(exc)[:300])
             return
-        half = len(indices) // 2
-        _parse_halving(values, indices[:half], version, tables, errors)
-        _parse_halving(values, indices[half:], version, tables, errors)
-        return
-    if table.num_rows:
-        tables.append(table)
-    for suspect in suspects:
-        _decode_alone(values, indices[suspect], tables, errors)
-
-
-def _decode_alone(values: Sequence[bytes], index: int, tables: list[pa.Table],
-                  errors: list[tuple[int, SchemaError]]) -> None:
-    """One value the bulk path refused or left out, decided by the decoder."""
-    try:
-        row = decode_row(values[index])
-        table = rows_table([row])
-    except SchemaError as exc:
-        errors.append((index, exc))
-        return
-    except (pa.ArrowException, ValueError) as exc:  # the decoder and the files disagree: a bug, but not a stop
-        errors.append((index, SchemaError(f"FOCUS row: accepted by the decoder, refused by the files: {exc}")))
-        return
-    tables.append(_packed(table.columns, table_version(table)))
+    half = len(values) // 2
+    _parse_halving(values[:half], version, tables, errors)
+    _parse_halving(values[half:], version, tables, errors)
 
 
 def unpack(table: pa.Table) -> pa.Table:

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError
 
-from pipeline.export.files import parse_rows_skipping, rows_table, unpack
+from pipeline.export.files import rows_table
 from pipeline.gateway.kill_switch import trip_command
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.state import ScopeState
@@ -108,30 +108,6 @@ def test_the_largest_row_the_decoder_accepts_fits_the_files() -> None:
                 ChargePeriodStart="2026-02-28T23:59:59Z")
     table = rows_table([decode_row(orjson.dumps(data))])
     assert table.num_rows == 1
-
-
-@pytest.mark.parametrize(("name", "value"), focus_poison(VALID_ROW), ids=[n for n, _ in focus_poison(VALID_ROW)])
-def test_the_exporters_bulk_parse_refuses_each_poison_row_and_keeps_the_rows_around_it(name: str,
-                                                                                        value: bytes) -> None:
-    """The exporter checks rows in bulk (no Python object a row) and asks the decoder only about those its checks
-    leave out: every poison row is still refused, with the decoder's reason, and its batch still written."""
-    others = [VALID_ROW.replace(b'"x_RowId":"', f'"x_RowId":"{n}'.encode(), 1) for n in range(4)]
-    tables, errors = parse_rows_skipping([*others[:2], value, *others[2:]])
-    assert [index for index, _ in errors] == [2] and isinstance(errors[0][1], SchemaError)
-    with pytest.raises(SchemaError) as refused:
-        decode_row(value)
-    assert str(errors[0][1]) == str(refused.value)
-    assert sum(table.num_rows for table in tables) == 4
-
-
-def test_rows_the_bulk_checks_leave_to_the_decoder_are_written_as_it_reads_them() -> None:
-    """An integer or float tag, or a 1.4 row the version guess takes for 1.2, is decided by the decoder: kept."""
-    data = orjson.loads(VALID_ROW)
-    data["Tags"] = {**data["Tags"], "n": 2**63 - 1, "f": 0.5, "ProviderName": "x"}
-    tables, errors = parse_rows_skipping([VALID_ROW, orjson.dumps(data)])
-    assert errors == []
-    [row] = [r for table in tables for r in unpack(table).to_pylist() if "n" in orjson.loads(r["Tags"])]
-    assert orjson.loads(row["Tags"])["n"] == 2**63 - 1
 
 
 class _Consumer:
