@@ -331,10 +331,10 @@ class RowLedger:
     """Which row ids are already in the files, per charge date, loaded from the files on demand.
 
     Redelivered rows (the exporter or a worker restarted before committing, a partition that moved)
-    carry the same x_RowId and are dropped here. A day's ids are held as 64-bit hashes, about 8 bytes
-    an id (`HashedIds`, shared with the pricing stage's usage dedupe) where a set of the id strings
-    took about 145; a hash that matches is confirmed against the day's files and the ids before it in
-    the same call, so two ids that share a hash are both written. Only the last few days touched are
+    carry the same x_RowId and are dropped here. A day's ids are held as 64-bit hashes, 8-16 bytes an
+    id (`HashedIds`, shared with the pricing stage's usage dedupe) where a set of the id strings took
+    about 147; a hash that matches is confirmed against the day's files and the ids of the write in
+    progress, so two ids that share a hash are both written. Only the last few days touched are
     kept in memory; an older day is read back from its files when a late row for it arrives.
     Compaction keeps the rows of a day, so a day's ids are the same before and after it. Not
     thread-safe: one writer at a time, holding `writer_lock`.
