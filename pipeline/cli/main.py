@@ -286,7 +286,8 @@ def _cmd_compact(args: argparse.Namespace) -> None:
     from pipeline.export.compaction import compact  # noqa: PLC0415
 
     config = _config(args)
-    done = compact(Path(args.data_dir), math.inf if args.all else time.time(), config.collector.max_lateness_s)
+    done = compact(Path(args.data_dir), math.inf if args.all else time.time(), config.collector.max_lateness_s,
+                   config.exporter.rollup)
     for day in done:
         print(f"charge_date={day.day}: {day.files_before:,} files -> {day.files_after:,} ({day.rows:,} rows)")
     if not done:

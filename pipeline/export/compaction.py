@@ -39,7 +39,15 @@ from typing import Final
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.export.files import ARROW_SCHEMAS, focus_dir, fsync_dir, partition_dir, schema_version, writer_lock
+from pipeline.export.files import (
+    ARROW_SCHEMAS,
+    focus_dir,
+    fsync_dir,
+    partition_dir,
+    schema_version,
+    write_rollup,
+    writer_lock,
+)
 from schemas.errors import SpendstreamError
 from schemas.swap_lock import swapping_request_files
 
@@ -186,9 +194,11 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def compact(data_dir: Path, now_s: float, lateness_s: float) -> list[Compaction]:
+def compact(data_dir: Path, now_s: float, lateness_s: float, rollup: str = "request") -> list[Compaction]:
     """One pass over the closed charge dates of the request files under `data_dir`, holding `writer_lock`. A day
-    that fails is logged and left as it was; SwapUnsupported is raised (no day can be compacted here)."""
+    that fails is logged and left as it was; SwapUnsupported is raised (no day can be compacted here). With `rollup`
+    hour or day, each compacted day's rollup file is rebuilt from its compacted files: the last word on the day
+    (a flush that wrote its request file but died before its rollup left the rollup behind)."""
     root = focus_dir(data_dir)
     done = []
     with writer_lock(data_dir):
@@ -201,6 +211,8 @@ def compact(data_dir: Path, now_s: float, lateness_s: float) -> list[Compaction]
                 log.warning("compaction: charge date %s left as it was: %s", day, exc)
                 continue
             if result is not None:
+                if rollup != "request":
+                    write_rollup(data_dir, rollup, period, day)
                 done.append(result)
                 log.info("compaction: charge date %s: %d files -> %d (%d rows)", day, result.files_before,
                          result.files_after, result.rows)

@@ -264,7 +264,7 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         every = self._config.exporter.compact_every_s
         try:
             done = await asyncio.to_thread(compact, self._data_dir, time.time(),
-                                           self._config.collector.max_lateness_s)
+                                           self._config.collector.max_lateness_s, self._config.exporter.rollup)
         except SwapUnsupported as exc:
             log.warning("exporter: compaction is off: %s", exc)
             self._next_compaction = float("inf")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.pricing.dedupe import HashedIds, id_hash
 from schemas.focus import ADDED_COLUMNS, COLUMNS_BY_VERSION, FOCUS_VERSION, MONEY_SCALE, row_version
 from schemas.swap_lock import SWAP_LOCK
 
@@ -98,6 +100,7 @@ _ROW_STRUCTURES: Final[Mapping[str, str]] = {
     for version, columns in COLUMNS_BY_VERSION.items()}
 #: ... which an older worker's rows lack: read on their own, null when absent (a wrong value still fails, when cast)
 _ADDED_SELECT: Final = "".join(f", json_extract_string(v, '$.{name}') AS \"{name}\"" for name in sorted(ADDED_COLUMNS))
+_PARSERS: Final = threading.local()  # a DuckDB connection per thread (`_connection`)
 _PER_REQUEST: Final = frozenset({"x_RowId", "x_UsageId", "x_TraceId", "x_SpanId"})
 #: columns whose values repeat from row to row, dictionary-encoded while rows wait to be written: every text,
 #: JSON and time column but the per-request ids, and the unit prices
@@ -114,10 +117,13 @@ def parse_rows(values: Sequence[bytes], version: str = FOCUS_VERSION) -> pa.Tabl
     does not convert exactly (money with more than 18 decimals, a malformed time, text that is not UTF-8).
     """
     source = pa.table({"v": pa.array(values, pa.binary()).cast(pa.string())})
-    with duckdb.connect(config={"threads": 1}) as con:
-        con.register("source", source)
+    con = _connection()
+    con.register("source", source)
+    try:
         parsed = con.sql(f"SELECT unnest(json_transform_strict(v, '{_ROW_STRUCTURES[version]}')){_ADDED_SELECT} "
                          "FROM source").to_arrow_table()
+    finally:
+        con.unregister("source")
     arrays = []
     for name, kind in COLUMNS_BY_VERSION[version]:
         column = parsed.column(name)
@@ -127,6 +133,15 @@ def parse_rows(values: Sequence[bytes], version: str = FOCUS_VERSION) -> pa.Tabl
         arrays.append(pc.dictionary_encode(column) if name in PACKED_COLUMNS else _copied(column))
     return pa.Table.from_arrays(arrays, names=[name for name, _ in COLUMNS_BY_VERSION[version]],
                                 metadata={"FocusVersion": version}).combine_chunks()
+
+
+def _connection() -> duckdb.DuckDBPyConnection:
+    """This thread's DuckDB connection for parsing, kept: connecting costs ~75 ms, more than parsing a 5 s flush's
+    rows (a flush parses once a partition)."""
+    connection: duckdb.DuckDBPyConnection | None = getattr(_PARSERS, "connection", None)
+    if connection is None:
+        connection = _PARSERS.connection = duckdb.connect(config={"threads": 1})
+    return connection
 
 
 def table_version(table: pa.Table) -> str:
@@ -265,15 +280,14 @@ class Written:
 def write_rows(root: Path, tables: Sequence[pa.Table], ledger: RowLedger) -> Written:
     """Packed rows (`parse_rows`) -> one new request file per billing period x charge date x FOCUS version, without
     the rows the ledger says are already in the files. Streams table by table: memory beyond `tables` is one table
-    unpacked. If a file cannot be written, the ledger forgets its rows and the error is raised."""
+    unpacked. If a file cannot be written, the ledger forgets its day and the error is raised."""
     keyed = [(table, table_version(table), partition_keys(table)) for table in tables if table.num_rows]
     result = Written()
     for key, version in sorted({(k, v) for _, v, keys in keyed for k in keys.unique().to_pylist()}):
         period, day = key.split("/")
-        recorded: list[str] = []
 
-        def fresh_tables(period: str = period, day: str = day, key: str = key, version: str = version,
-                         recorded: list[str] = recorded) -> Iterator[pa.Table]:
+        def fresh_tables(period: str = period, day: str = day, key: str = key,
+                         version: str = version) -> Iterator[pa.Table]:
             for table, table_v, keys in keyed:
                 if table_v != version:
                     continue
@@ -281,18 +295,17 @@ def write_rows(root: Path, tables: Sequence[pa.Table], ledger: RowLedger) -> Wri
                 part = table if pc.all(mask).as_py() else table.filter(mask)
                 if not part.num_rows:
                     continue
-                ids = part.column("x_RowId").to_pylist()
-                keep = ledger.fresh(period, day, ids)
-                kept = [row_id for row_id, new in zip(ids, keep, strict=True) if new]
-                recorded.extend(kept)
-                result.duplicates += len(ids) - len(kept)
-                yield unpack(part if len(kept) == len(ids) else part.filter(pa.array(keep, pa.bool_())))
+                keep = ledger.fresh(period, day, part.column("x_RowId").combine_chunks())
+                kept = pc.sum(keep).as_py() or 0
+                result.duplicates += part.num_rows - kept
+                yield unpack(part if kept == part.num_rows else part.filter(keep))
 
         try:
             written = write_tables(root, period, day, fresh_tables(), ARROW_SCHEMAS[version])
         except BaseException:
-            ledger.forget(period, day, recorded)
+            ledger.forget(period, day)
             raise
+        ledger.written(period, day)
         if written:
             result.rows += written
             result.files += 1
@@ -319,47 +332,72 @@ def writer_lock(data_dir: Path) -> Iterator[None]:
 class RowLedger:
     """Which row ids are already in the files, per charge date, loaded from the files on demand.
 
-    Redelivered rows (the exporter or a worker restarted before committing) carry the same
-    x_RowId and are dropped here. Only the last few days touched are kept in memory; an older
-    day is read back from its files when a late row for it arrives. Compaction keeps the rows of a
-    day, so a day's ids are the same before and after it. Not thread-safe: one writer at a time.
+    Redelivered rows (the exporter or a worker restarted before committing, a partition that moved)
+    carry the same x_RowId and are dropped here. A day's ids are held as 64-bit hashes, 8-16 bytes an
+    id (`HashedIds`, shared with the pricing stage's usage dedupe) where a set of the id strings took
+    about 147; a hash that matches is confirmed against the day's files and the ids of the write in
+    progress, so two ids that share a hash are both written. Only the last few days touched are
+    kept in memory; an older day is read back from its files when a late row for it arrives.
+    Compaction keeps the rows of a day, so a day's ids are the same before and after it. Not
+    thread-safe: one writer at a time, holding `writer_lock`.
     """
 
     def __init__(self, root: Path, max_days: int = LEDGER_DAYS) -> None:
         self._root = root
         self._max_days = max_days
-        self._days: OrderedDict[tuple[str, str], set[str]] = OrderedDict()
+        self._days: OrderedDict[tuple[str, str], HashedIds] = OrderedDict()
+        #: per day: the ids `fresh` gave out since the day's last `written`, not in its files yet
+        self._pending: dict[tuple[str, str], list[pa.Array]] = {}
 
-    def _ids(self, period: str, day: str) -> set[str]:
+    def _files(self, period: str, day: str) -> list[Path]:
+        return sorted(partition_dir(self._root, period, day).glob("part-*.parquet"))
+
+    def _ids(self, period: str, day: str) -> HashedIds:
         key = (period, day)
         if key not in self._days:
-            files = sorted(partition_dir(self._root, period, day).glob("part-*.parquet"))
-            ids: set[str] = set()
-            for path in files:
-                ids.update(pq.read_table(path, columns=["x_RowId"]).column(0).to_pylist())
-            self._days[key] = ids
+            self._days[key] = HashedIds(id_hash(row_id) for path in self._files(period, day)
+                                        for row_id in pq.read_table(path, columns=["x_RowId"]).column(0).to_pylist())
             while len(self._days) > self._max_days:
                 self._days.popitem(last=False)
         self._days.move_to_end(key)
         return self._days[key]
 
-    def fresh(self, period: str, day: str, row_ids: Iterable[str]) -> list[bool]:
-        """For each id, whether it is not in the files yet (a repeat within `row_ids` is not); records the fresh
-        ones as written."""
+    def fresh(self, period: str, day: str, row_ids: pa.Array) -> pa.Array:
+        """For each id (a string array), whether it is not in the files yet (a repeat within `row_ids` is not); records
+        the fresh ones as being written, until `written` or `forget`."""
         ids = self._ids(period, day)
-        out = []
-        for row_id in row_ids:
-            new = row_id not in ids
-            if new:
-                ids.add(row_id)
-            out.append(new)
-        return out
+        strings = row_ids.to_pylist()
+        out = [ids.add(id_hash(row_id)) for row_id in strings]
+        matched = {strings[i] for i, new in enumerate(out) if not new}
+        if matched:  # a redelivery, or rarely another id with the same hash: which, exactly
+            known = self._known(period, day, matched)
+            for i, row_id in enumerate(strings):
+                if row_id in matched and row_id not in known:  # the first of it: new
+                    out[i] = True
+                    known.add(row_id)
+        ids.seal_if_due()
+        keep = pa.array(out, pa.bool_())
+        self._pending.setdefault((period, day), []).append(row_ids.filter(keep))
+        return keep
 
-    def forget(self, period: str, day: str, row_ids: Iterable[str]) -> None:
-        """Undo `fresh` for rows whose file was not written."""
-        ids = self._days.get((period, day))
-        if ids is not None:
-            ids.difference_update(row_ids)
+    def _known(self, period: str, day: str, row_ids: set[str]) -> set[str]:
+        """Which of `row_ids` the day's files hold or `fresh` gave out since the last `written`."""
+        wanted = pa.array(row_ids, pa.string())
+        columns = [pq.read_table(path, columns=["x_RowId"]).column(0) for path in self._files(period, day)]
+        found: set[str] = set()
+        for column in [*columns, *self._pending.get((period, day), [])]:
+            found.update(column.filter(pc.is_in(column, value_set=wanted)).to_pylist())
+        return found
+
+    def written(self, period: str, day: str) -> None:
+        """The ids `fresh` gave out for a day are in its files now."""
+        self._pending.pop((period, day), None)
+
+    def forget(self, period: str, day: str) -> None:
+        """Undo `fresh` for a day whose file was not written: its ids are read back from its files when next
+        needed."""
+        self._days.pop((period, day), None)
+        self._pending.pop((period, day), None)
 
 
 _VARYING: Final = frozenset({"x_Model", "x_RequestModel"})  # dated model ids of one SKU may differ

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
+from collections.abc import Iterable
+from heapq import merge
 from typing import Final
 
 MINUTE_S: Final = 60
@@ -31,21 +33,39 @@ def id_hash(usage_id: str) -> int:
     return hash(usage_id)
 
 
-class _Minute:
+class HashedIds:
+    """A set of 64-bit id hashes at about 8 bytes an id: sorted arrays searched by bisection, plus a set of the
+    hashes added since the last `seal`. Also the exporter's row ledger (pipeline/export/files.py)."""
+
     __slots__ = ("late", "sealed")
 
-    def __init__(self) -> None:
-        self.sealed = array("q")  # sorted
+    def __init__(self, sealed: Iterable[int] = ()) -> None:
+        self.sealed = array("q", sorted(sealed))
         self.late: set[int] = set()
 
     def __contains__(self, key: int) -> bool:
         i = bisect_left(self.sealed, key)
         return (i < len(self.sealed) and self.sealed[i] == key) or key in self.late
 
+    def add(self, key: int) -> bool:
+        """Add `key`; whether it was new."""
+        if key in self:
+            return False
+        self.late.add(key)
+        return True
+
     def seal(self) -> None:
+        """Merge the late hashes into the sorted array (they are never in it: `add` checks), streaming, so that the
+        only copy is the new array."""
         if self.late:
-            self.sealed = array("q", sorted({*self.sealed, *self.late}))
+            self.sealed = array("q", merge(self.sealed, sorted(self.late)))
             self.late = set()
+
+    def seal_if_due(self) -> None:
+        """`seal` once the late hashes are an eighth of the sealed ones: amortised O(log n) an id, and the late set
+        (~70 bytes a hash) stays a fraction of the whole."""
+        if len(self.late) * 8 > len(self.sealed):
+            self.seal()
 
     def __len__(self) -> int:
         return len(self.sealed) + len(self.late)
@@ -56,7 +76,7 @@ class SeenUsage:
 
     def __init__(self, horizon_s: int) -> None:
         self.horizon_s = horizon_s
-        self._minutes: dict[int, _Minute] = {}
+        self._minutes: dict[int, HashedIds] = {}
         self._watermark_s = 0
 
     def first_time(self, usage_id: str, start_s: int) -> bool:
@@ -67,12 +87,8 @@ class SeenUsage:
         minute_s = start_s - start_s % MINUTE_S
         minute = self._minutes.get(minute_s)
         if minute is None:
-            minute = self._minutes[minute_s] = _Minute()
-        key = id_hash(usage_id)
-        if key in minute:
-            return False
-        minute.late.add(key)
-        return True
+            minute = self._minutes[minute_s] = HashedIds()
+        return minute.add(id_hash(usage_id))
 
     def advance(self, watermark_s: int) -> None:
         """Move the watermark: forget minutes past the horizon, seal those too old to be filling."""
@@ -82,9 +98,8 @@ class SeenUsage:
             del self._minutes[minute_s]
         seal_before = self._watermark_s - SEAL_AFTER_S
         for minute_s, minute in self._minutes.items():
-            # a sealed minute re-sorts only once its late ids are an eighth of it: amortised O(log n) an id
-            if minute_s < seal_before and minute.late and len(minute.late) * 8 > len(minute.sealed):
-                minute.seal()
+            if minute_s < seal_before:
+                minute.seal_if_due()
 
     def __len__(self) -> int:
         return sum(len(m) for m in self._minutes.values())

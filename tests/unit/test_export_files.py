@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
+import tracemalloc
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.export import compaction, report
+from pipeline.export import compaction, files, report
 from pipeline.export.compaction import (
     STAGING_PREFIX,
     SwapUnsupported,
@@ -35,6 +37,7 @@ from pipeline.export.files import (
     partition_dir,
     table_version,
     unpack,
+    write_rollup,
     write_rows,
 )
 from pipeline.guardrails import history
@@ -192,6 +195,41 @@ def test_a_write_that_fails_leaves_no_file_and_forgets_its_row_ids(tmp_path: Pat
     assert write_rows(root, [parse_rows(values)], ledger).rows == 60
 
 
+@pytest.mark.parametrize("hashing", ["real", "every_id_collides"])
+def test_a_row_repeated_in_one_flush_or_redelivered_is_written_once_and_colliding_ids_both(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hashing: str) -> None:
+    """The ledger holds hashes; a matching hash is confirmed exactly, against the files and the rows of the write in
+    progress (the same row in two tables of one flush: two partitions, or a redelivery read twice)."""
+    if hashing == "every_id_collides":
+        monkeypatch.setattr(files, "id_hash", lambda row_id: 7)
+    root = focus_dir(tmp_path)
+    values = focus_values(40)
+    ledger = RowLedger(root)
+    first = write_rows(root, [parse_rows(values[:80]), parse_rows(values[60:])], ledger)
+    assert (first.rows, first.duplicates) == (120, 20)
+    assert write_rows(root, [parse_rows(values)], ledger).duplicates == 120
+    assert write_rows(root, [parse_rows(values)], RowLedger(root)).duplicates == 120
+    more = focus_values(10, tag="b")
+    assert write_rows(root, [parse_rows(more), parse_rows(more)], ledger).rows == 30
+    rows, distinct, _, _ = read_files(root)
+    assert rows == distinct == 150
+
+
+def test_the_ledger_holds_about_8_bytes_a_row_id(tmp_path: Path) -> None:
+    """A day's ids read back from its files cost a 64-bit hash each, not a string in a set (~145 bytes an id)."""
+    root = focus_dir(tmp_path)
+    write_rows(root, [parse_rows(focus_values(4_000, step_s=20))], RowLedger(root))  # 12,000 rows, one day
+    ledger = RowLedger(root)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert write_rows(root, [parse_rows(focus_values(1, tag="late"))], ledger).rows == 3
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held / 12_000 < 16
+
+
 def small_files(root: Path, values: list[bytes], per_file: int) -> RowLedger:
     """Write `values` as files of `per_file` rows, as many flushes would."""
     ledger = RowLedger(root)
@@ -221,6 +259,30 @@ def test_compaction_merges_a_days_files_into_one_with_the_same_rows_in_order(tmp
     # the ledger, in memory or read back from the merged file, still knows every row
     assert write_rows(root, [parse_rows(values)], ledger).duplicates == 900
     assert write_rows(root, [parse_rows(values)], RowLedger(root)).duplicates == 900
+
+
+def test_a_day_of_5_s_flushes_compacts_to_one_file_and_its_rollup_is_rebuilt_from_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet day: a call every 6 minutes, each flushed alone (a 5 s flush holds one call), 240 files. Compaction
+    leaves one file with the same rows and BilledCost, and rebuilds the hourly rollup from it, also when the
+    rollup was left behind (a flush that died between its request file and its rollup)."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # durability is not what this is about: 240 fsyncs take long
+    root = focus_dir(tmp_path)
+    small_files(root, focus_values(240, step_s=360), 3)
+    before = read_files(root)
+    assert before[:2] == (720, 720) and before[3] == 240
+    rollup = write_rollup(tmp_path, "hour", "2026-11", "2026-11-20")
+    small_files(root, focus_values(1, start_s=NOV_20 + 3_600, tag="b"), 3)  # its rollup not rebuilt: behind
+    [result] = compact(tmp_path, NOV_20 + 2 * DAY_S, 0, rollup="hour")
+    assert (result.files_before, result.files_after) == (241, 1)
+    rows, distinct, billed, files = read_files(root)
+    assert (rows, distinct, files) == (723, 723, 1)
+    assert billed == before[2] + sum(Decimal(orjson.loads(v)["BilledCost"])
+                                     for v in focus_values(1, start_s=NOV_20 + 3_600, tag="b"))
+    with duckdb.connect() as con:
+        hours, rolled = con.execute("SELECT count(DISTINCT ChargePeriodStart), sum(BilledCost) FROM read_parquet(?)",
+                                    [str(rollup)]).fetchone() or (0, 0)
+    assert rolled == billed and hours == 24
 
 
 def test_compacted_files_hold_at_most_compacted_rows_and_full_ones_stay(tmp_path: Path,
