@@ -83,9 +83,19 @@ def _send_rejected_span(grpc_port: int) -> None:
 def _ask_authz(port: int) -> None:
     """A gateway's question with a key the config does not know: an `unknown_key` answer for the decisions panel."""
     ask = urllib.request.Request(f"http://127.0.0.1:{port}/check", headers={"authorization": "Bearer sk-not-a-key"})
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(ask, timeout=10)
-    assert refused.value.code == 401
+    deadline = time.monotonic() + 60  # run's banner comes before authz has joined Kafka and listens
+    while True:
+        try:
+            urllib.request.urlopen(ask, timeout=10)
+        except urllib.error.HTTPError as refused:
+            assert refused.code == 401
+            return
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+        else:
+            pytest.fail("authz let an unknown key through")
 
 
 @pytest.fixture(scope="module")
