@@ -276,7 +276,10 @@ def _sampled(tokens: TokenCounts, count: Fraction) -> TokenCounts:
     out = TokenCounts(input_uncached=scaled(tokens.input_uncached, count), cache_read=scaled(tokens.cache_read, count),
                       cache_write=scaled(tokens.cache_write, count), output=scaled(tokens.output, count),
                       reasoning=scaled(tokens.reasoning, count))
-    if out.input_total + out.output > _MAX_COUNT:
+    # reasoning is part of output, but a span may claim more of it than output (pricing refuses that later): an
+    # estimate past what a count on the wire holds would make the whole usage batch undecodable, and the other
+    # calls in it would be lost
+    if max(out.input_total + out.output, out.reasoning) > _MAX_COUNT:
         raise InvalidSpan("invalid_token_count", f"sampled at 1/{float(count):g}, its tokens estimate more than "
                                                  f"{_MAX_COUNT} tokens")
     return out

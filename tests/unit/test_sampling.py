@@ -153,3 +153,14 @@ def test_spend_rebuilt_from_the_files_counts_a_sampled_call_as_the_calls_it_stan
     assert spend.requests == 1 + 8
     assert spend.cost == sum(b for b in out.billed if b is not None)
     assert spend.tokens == 9 * sum(int(Decimal(r["ConsumedQuantity"])) for r in rows if r["x_UsageId"] == measured.id)
+
+
+def test_a_sampled_estimate_past_a_wire_count_is_refused_not_sent_to_poison_its_batch() -> None:
+    # reasoning is not bounded by output at the edge: 10^9 reasoning tokens at 1/2^56 is 7 x 10^25 tokens, more
+    # than a token count holds; sent on, the batch would not decode and every call in it would be lost
+    span = make_span({**CALL, "gen_ai.usage.input_tokens": 0, "gen_ai.usage.output_tokens": 0,
+                      "gen_ai.usage.cache_read.input_tokens": 0, "gen_ai.usage.reasoning.output_tokens": 10**9})
+    span.trace_state = "ot=th:ffffffffffffff"
+    result = ingest_request(make_request([span]), Config(), None, NestedCallFilter())
+    assert result.events == []
+    assert [letter.reason for letter in result.dead_letters] == ["invalid_token_count"]
