@@ -208,10 +208,10 @@ async def restate(config: Config, data_dir: Path, since_ns: int, until_ns: int |
     catalog = PriceCatalog.from_config(config)
     until_s = until_ns // _NS if until_ns is not None else time.time_ns() // _NS + 1
     rows = await asyncio.to_thread(file_rows, data_dir, since_ns // _NS, until_s)
-    out = corrections(rows, catalog, Billing.from_config(config))
     names = TopicNames(config.kafka.topic_prefix)
     letters = await _dead_letters(config, names.deadletter)
     known = {row_id for marker in letters.restated for row_id in marker.row_ids}
+    out = corrections(rows, catalog, Billing.from_config(config), known)
     new = [fix for fix in out.corrected if fix.row_id not in known]  # a rerun before the exporter wrote them: known
     producer = BatchProducer.of(config.kafka, os.environ)
     await producer.start()
@@ -231,5 +231,6 @@ async def restate(config: Config, data_dir: Path, since_ns: int, until_ns: int |
 
 def describe_restatement(out: Restatement, currency: str) -> str:
     return (f"rows checked: {out.checked:,}; unchanged: {out.unchanged:,}; not priced by today's catalog (left as "
-            f"they are): {out.not_restated:,}\ncorrection rows: {len(out.rows):,}, net BilledCost "
+            f"they are): {out.not_restated:,}; waiting for the exporter to write an earlier restatement's "
+            f"corrections (run again once it has): {out.pending:,}\ncorrection rows: {len(out.rows):,}, net BilledCost "
             f"{plain_decimal(out.net_billed)} {currency}")

@@ -306,3 +306,21 @@ def test_correction_spend_travels_in_its_marker_and_is_added_once() -> None:
                 state.add(spend.entries, 0)
     # 0.004 from the first marker, once; 0.002 from the later one
     assert state.periods["2026-11"] == Decimal("0.006")
+
+
+def test_a_price_changed_again_before_the_exporter_wrote_the_first_corrections_does_not_correct_twice() -> None:
+    rows = file_rows([value for _, value in cost_records([call(1, "gpt-4o", "openai")], catalog(CONTRACT),
+                                                           Billing()).rows])
+    first = corrections(rows, catalog(CONTRACT, RENEGOTIATED), Billing())
+    marked = [fix.row_id for fix in first.corrected]  # its marker is on genai.deadletter, its rows not in the files
+    # the same price again completes the first run: the same rows, re-sent (the exporter keeps one)
+    assert corrections(rows, catalog(CONTRACT, RENEGOTIATED), Billing(), marked).rows == first.rows
+    # another price before the files hold them: netting against the files alone would add a second correction of
+    # the same original (3 - 1 then 5 - 1 USD per million, not 5 - 1); the row waits for the exporter instead
+    dearer = {**CONTRACT, "input_per_mtok": 5}
+    early = corrections(rows, catalog(CONTRACT, dearer), Billing(), marked)
+    assert early.rows == [] and early.pending == 1
+    # once written, the change nets against the original plus its correction: 1,000 tokens x (5 - 3) USD / 1e6
+    written = rows + file_rows([value for _, value in first.rows])
+    later = corrections(written, catalog(CONTRACT, dearer), Billing(), marked)
+    assert later.net_billed == Decimal("0.002") and later.pending == 0
