@@ -243,6 +243,9 @@ class ResolvedPrice:
     #: so pricing a call walks one tuple
     plan: tuple[tuple[int, tuple[int, ...], MeterPrice, MeterPrice | None], ...] = field(
         init=False, repr=False, compare=False)
+    #: the REPORTED_USAGE positions of the token totals (input, output) no meter bills, when the override is the
+    #: only price: tokens it does not price would be free (a list price follows genai-prices, which bills them so)
+    unbilled: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # the contract sheet has the same meters in the same order (_with_meters)
@@ -251,6 +254,10 @@ class ResolvedPrice:
             (REPORTED_USAGE.index(meter.usage_key), meter.includes, meter,
              None if contract is meter else contract)
             for meter, contract in zip(self.list_sheet.meters, contracted, strict=True)))
+        billed = {meter.usage_key for meter in self.list_sheet.meters}
+        object.__setattr__(self, "unbilled", tuple(
+            REPORTED_USAGE.index(total) for total in ("input_tokens", "output_tokens")
+            if self.unlisted and total not in billed))
 
 
 class PriceCatalog:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import NamedTuple
 
-from pipeline.pricing.catalog import MeterPrice, PriceCatalog, ResolvedPrice, UnpricedError
+from pipeline.pricing.catalog import REPORTED_USAGE, MeterPrice, PriceCatalog, ResolvedPrice, UnpricedError
 from schemas.usage import UsageEvent
 
 
@@ -52,6 +52,10 @@ def price_usage(event: UsageEvent, catalog: PriceCatalog) -> PricedUsage:
     # `input_tokens` includes cache reads and writes); requests: the calls they are for (a sampled call's
     # adjusted count)
     counts = (total_input, cache_read, cache_write, tokens.output, tokens.reasoning, event.requests)
+    for index in resolved.unbilled:
+        if counts[index]:
+            raise UnpricedError("unpriced_meter", f"the pricing.overrides entry for {resolved.model_id!r} has no "
+                                                  f"price for its {REPORTED_USAGE[index]} ({counts[index]})")
     leaves: list[int] = []  # per meter, the units billed at its own rate (genai-prices' leaf decomposition)
     lines = []
     for index, includes, meter, contract_meter in resolved.plan:

@@ -95,7 +95,7 @@ class DeadLetters:
 
 _USAGE: Final = msgspec.json.Decoder(UsageEvent)
 #: the pricing stage's reasons for a call it could not price (catalog.UnpricedError); a new price may fix them
-UNPRICED_REASONS: Final = frozenset({"unknown_model", "unknown_provider"})
+UNPRICED_REASONS: Final = frozenset({"unknown_model", "unknown_provider", "unpriced_meter"})
 
 
 def add_dead_letter(letters: DeadLetters, partition: int, offset: int, value: bytes) -> None:

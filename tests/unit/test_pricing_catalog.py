@@ -13,6 +13,8 @@ from genai_prices.types import ModelPrice, StartDateConstraint, TieredPrices, Ti
 
 from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
 from pipeline.pricing.catalog import PROVIDER_IDS
+from pipeline.pricing.reprice import UNPRICED_REASONS
+from schemas.config import config_from_dict
 from schemas.usage import TokenCounts, UsageEvent
 
 SHAPES = {
@@ -165,3 +167,21 @@ def test_prices_by_time_of_day_are_looked_up_once_per_slot_and_exact_at_each_bou
                 expected = _reference(tokens, model, "deepseek", datetime.fromtimestamp(ns // 1_000 / 1e6, UTC),
                                       None)
                 assert price_usage(event, catalog).list_cost == expected, (model, boundary, ns)
+
+
+def test_tokens_a_self_hosted_override_does_not_price_are_never_free() -> None:
+    # the override is the only price of an unlisted model: its output tokens would otherwise vanish from the rows
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    input_only = PriceCatalog.from_config(config_from_dict({"pricing": {"overrides": [
+        {"provider": "vllm", "model": "acme-70b", "input_per_mtok": 2}]}}))
+    with pytest.raises(UnpricedError) as err:
+        price_usage(_event("vllm", "acme-70b", SHAPES["reasoning"], when), input_only)
+    assert err.value.reason == "unpriced_meter" and "output_tokens" in str(err.value)
+    assert err.value.reason in UNPRICED_REASONS  # spendstream reprice prices it once the override is completed
+    # a call without output is fully priced; an explicit price of 0 is the operator's word
+    assert [line.meter for line in price_usage(_event("vllm", "acme-70b", TokenCounts(input_uncached=10), when),
+                                               input_only).lines] == ["input_tokens"]
+    free_output = PriceCatalog.from_config(config_from_dict({"pricing": {"overrides": [
+        {"provider": "vllm", "model": "acme-70b", "input_per_mtok": 2, "output_per_mtok": 0}]}}))
+    assert price_usage(_event("vllm", "acme-70b", SHAPES["reasoning"], when), free_output).list_cost == \
+        Decimal("0.006")  # 3,000 input tokens x 2 USD / 1e6
