@@ -34,7 +34,6 @@ _NS = 1_000_000_000
 #: an adjusted count on the wire and in FOCUS rows: 6 decimal places (FOCUS quantities have 6)
 _COUNT_QUANTUM: Final = Decimal("0.000001")
 _EXACT: Final = Context(prec=60)
-_MAX_COUNT: Final = 2**63 - 1  # what a token count on the wire holds
 
 
 class NestedCallFilter:
@@ -158,7 +157,7 @@ def prepare_request(
                         check_start_time(span.start_time_unix_nano, received_ns, limits)
                     count = _sampling_count(span.trace_state, result)
                     if count is not None:
-                        usage = dataclasses.replace(usage, tokens=_sampled(usage.tokens, count))
+                        usage = dataclasses.replace(usage, tokens=_sampled(usage.tokens, count, limits.max_token_count))
                 except InvalidSpan as exc:
                     who = who_pays(attrs, resource_values)
                     result.reject(f"span {span_id or '?'}: {exc.detail}", exc.reason)
@@ -265,23 +264,23 @@ def _sampling_count(trace_state: str, result: IngestResult) -> Fraction | None:
     return None if count == 1 else count  # th:0: kept with probability 1, a measured call
 
 
-def _sampled(tokens: TokenCounts, count: Fraction) -> TokenCounts:
+def _sampled(tokens: TokenCounts, count: Fraction, max_count: int) -> TokenCounts:
     """Token meters scaled to the estimate, once, by the exact rational count; priced downstream like any other.
 
     Every cost is then the exact price of whole tokens, as for a measured call, and FOCUS keeps
     ListCost = ListUnitPrice x PricingQuantity. Scaling the Decimal cost instead would need a non-terminating
-    division for counts that are not whole (p not a power of two). Raises InvalidSpan when the estimate
-    does not fit a token count.
+    division for counts that are not whole (p not a power of two). Raises InvalidSpan when a meter's estimate, or
+    the calls the span stands for, exceed `max_count` (collector.max_token_count), the edge limit of a measured count.
     """
     out = TokenCounts(input_uncached=scaled(tokens.input_uncached, count), cache_read=scaled(tokens.cache_read, count),
                       cache_write=scaled(tokens.cache_write, count), output=scaled(tokens.output, count),
                       reasoning=scaled(tokens.reasoning, count))
-    # reasoning is part of output, but a span may claim more of it than output (pricing refuses that later): an
-    # estimate past what a count on the wire holds would make the whole usage batch undecodable, and the other
-    # calls in it would be lost
-    if max(out.input_total + out.output, out.reasoning) > _MAX_COUNT:
-        raise InvalidSpan("invalid_token_count", f"sampled at 1/{float(count):g}, its tokens estimate more than "
-                                                 f"{_MAX_COUNT} tokens")
+    # a threshold may claim up to 2^56 calls: unbounded, one span's estimate (or two spans' sum in a spend entry
+    # or a budget bucket) would pass what a count on the wire holds, the message would not decode, and every other
+    # call in it would be lost to the files or the budgets
+    if max(out.input_uncached, out.cache_read, out.cache_write, out.output, out.reasoning, round(count)) > max_count:
+        raise InvalidSpan("invalid_token_count", f"sampled at 1/{float(count):g}, it estimates more than "
+                                                 f"collector.max_token_count ({max_count}) tokens or calls")
     return out
 
 

@@ -10,7 +10,7 @@ from fractions import Fraction
 import orjson
 import pytest
 
-from collector.ingest import NestedCallFilter, ingest_request
+from collector.ingest import IngestResult, NestedCallFilter, ingest_request
 from collector.sampling import InvalidTraceState, adjusted_count
 from pipeline.export.files import focus_dir, parse_rows, partition_of, unpack, write_partition
 from pipeline.guardrails.decide import Context, decide, retain_from
@@ -155,12 +155,31 @@ def test_spend_rebuilt_from_the_files_counts_a_sampled_call_as_the_calls_it_stan
     assert spend.tokens == 9 * sum(int(Decimal(r["ConsumedQuantity"])) for r in rows if r["x_UsageId"] == measured.id)
 
 
-def test_a_sampled_estimate_past_a_wire_count_is_refused_not_sent_to_poison_its_batch() -> None:
-    # reasoning is not bounded by output at the edge: 10^9 reasoning tokens at 1/2^56 is 7 x 10^25 tokens, more
-    # than a token count holds; sent on, the batch would not decode and every call in it would be lost
-    span = make_span({**CALL, "gen_ai.usage.input_tokens": 0, "gen_ai.usage.output_tokens": 0,
-                      "gen_ai.usage.cache_read.input_tokens": 0, "gen_ai.usage.reasoning.output_tokens": 10**9})
-    span.trace_state = "ot=th:ffffffffffffff"
-    result = ingest_request(make_request([span]), Config(), None, NestedCallFilter())
+
+def sampled_calls(spans: list[dict[str, object]], trace_state: str) -> IngestResult:
+    made = []
+    for attributes in spans:
+        span = make_span({**CALL, **attributes})
+        span.trace_state = trace_state
+        made.append(span)
+    return ingest_request(make_request(made), Config(), None, NestedCallFilter())
+
+
+@pytest.mark.parametrize("claimed", [
+    # 10^6 reasoning tokens (no output) at 1/2^56: 7 x 10^22 tokens, more than a token count on the wire holds
+    {"gen_ai.usage.input_tokens": 0, "gen_ai.usage.output_tokens": 0, "gen_ai.usage.cache_read.input_tokens": 0,
+     "gen_ai.usage.reasoning.output_tokens": 10**6},
+    # 64 input tokens at 1/2^56 each fit a count, but two such calls in one spend entry or budget bucket do not
+    {"gen_ai.usage.input_tokens": 64, "gen_ai.usage.output_tokens": 0, "gen_ai.usage.cache_read.input_tokens": 0},
+    # no tokens at all, yet 2^56 requests; 128 of them overflow a bucket's request count
+    {"gen_ai.usage.input_tokens": 0, "gen_ai.usage.output_tokens": 0, "gen_ai.usage.cache_read.input_tokens": 0},
+])
+def test_an_estimate_past_the_edge_limit_is_refused_not_sent_to_poison_its_message(claimed: dict[str, object]
+                                                                                  ) -> None:
+    # sent on, the usage batch or the spend message holding it would not decode: the honest calls of the same
+    # attribution key in it would be lost to the files or the budgets
+    result = sampled_calls([claimed, claimed], "ot=th:ffffffffffffff")
     assert result.events == []
-    assert [letter.reason for letter in result.dead_letters] == ["invalid_token_count"]
+    assert [letter.reason for letter in result.dead_letters] == ["invalid_token_count"] * 2
+    # within collector.max_token_count, as a measured count is: 1/8 of a call's tokens and calls is accepted
+    assert len(sampled_calls([claimed], "ot=th:e").events) == 1
