@@ -12,9 +12,12 @@ on `genai.spend`. Each must count once however often reprice runs or crashes:
   (reason `repriced`) naming the usage ids it prices, then places their spend at the marker's own
   (partition, offset), on partition numbers no usage topic has (MARKER_PARTITION_BASE + p). A
   marker is written once per usage id, after every earlier marker, so each repriced call has one
-  coordinate, and later ones are always higher. Every run publishes the outputs of every marked
-  call again: stage 2 skips what it added, and a run that crashed after its markers is completed
-  by the next one.
+  coordinate, and later ones are always higher. Every run publishes the spend of every marked
+  call again, and the rows of those the files do not hold yet: stage 2 skips what it added, the
+  exporter rows it wrote, and a run that crashed after its markers is completed by the next one.
+  Rows the files hold are not sent again: priced anew with an override edited since, a call can
+  have another set of meters (a cache-read price added), and a row id the first run did not have
+  would be added next to the first run's rows, counting those tokens twice.
   Republishing the usage event to `genai.usage` instead would not do: the pricing stage remembers
   usage ids only within `worker.dedupe_horizon_s` of event time (two hours), and repriced calls are
   usually older, so a second run would be priced and counted again.
@@ -22,7 +25,7 @@ on `genai.spend`. Each must count once however often reprice runs or crashes:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
@@ -190,11 +193,14 @@ class Outputs:
 
 
 def marked_outputs(marked: Sequence[tuple[Marker, UsageEvent]], catalog: PriceCatalog, billing: Billing,
-                   scopes: ScopeIndex, latest_ns: int) -> Outputs:
+                   scopes: ScopeIndex, latest_ns: int, *, written: Collection[str] = ()) -> Outputs:
     """FOCUS rows and spend of marked calls, in marker order: the same records however often they are made (same
-    row ids, same spend coordinates), so downstream keeps one of each. `latest_ns` caps end times (spend_records)."""
+    row ids, same spend coordinates), so downstream keeps one of each; no rows for the calls `written` (usage ids
+    the files hold). `latest_ns` caps end times (spend_records)."""
     ordered = sorted(marked, key=lambda pair: (pair[0].partition, pair[0].offset, pair[1].id))
     out = cost_records([event for _, event in ordered], catalog, billing)
+    if written:
+        out.rows = cost_records([event for _, event in ordered if event.id not in written], catalog, billing).rows
     calls = [PricedCall(event, MARKER_PARTITION_BASE + marker.partition, marker.offset, billed)
              for (marker, event), billed in zip(ordered, out.billed, strict=True) if billed is not None]
     billed = [(event, cost) for (_, event), cost in zip(ordered, out.billed, strict=True)]

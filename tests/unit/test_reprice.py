@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgspec
 import orjson
 import pytest
 
@@ -149,6 +150,24 @@ def test_repriced_spend_is_placed_at_the_marker_and_added_once_by_stage_2() -> N
     for _, value in again.spend:
         state.add(decode_spend(value).entries, 0)  # type: ignore[union-attr]
     assert state.periods["2026-11"] == Decimal("0.015")
+
+
+def test_rows_the_files_hold_are_not_sent_again_when_an_edited_override_splits_them_differently() -> None:
+    # repriced with input and output prices; the override later gains a cache-read price: priced anew, the call
+    # has a cache_read_tokens row the first run did not have, which the exporter would add next to the first
+    # run's input row (that already holds the cache reads): 400 tokens counted twice
+    cached = msgspec.structs.replace(call(1), tokens=TokenCounts(input_uncached=600, cache_read=400, output=500))
+    marker, scopes = Marker(4, 10, (cached.id,)), ScopeIndex(config_from_dict(CONFIG).policy)
+    first = marked_outputs([(marker, cached)], catalog(SELF_HOSTED), Billing(), scopes, LATEST_NS)
+    edited = catalog({**SELF_HOSTED, "cache_read_per_mtok": 1})
+    assert {decode_row(v)["x_RowId"] for _, v in marked_outputs([(marker, cached)], edited, Billing(), scopes,
+                                                                 LATEST_NS).rows} \
+        - {decode_row(v)["x_RowId"] for _, v in first.rows} == {f"{cached.id}/cache_read_tokens"}
+    again = marked_outputs([(marker, cached)], edited, Billing(), scopes, LATEST_NS, written={cached.id})
+    assert again.rows == []
+    # the spend is sent again, at the marker's coordinates: stage 2 keeps one
+    assert {(e.partition, e.offset) for _, v in again.spend for e in decode_spend(v).entries  # type: ignore[union-attr]
+            } == {(MARKER_PARTITION_BASE + 4, 10)}
 
 
 def test_a_marked_call_no_price_covers_any_more_is_not_published() -> None:
