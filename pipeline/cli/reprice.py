@@ -109,8 +109,8 @@ async def _until_read_back(config: Config, topic: str, written: Callable[[DeadLe
 
 async def reprice(config: Config, data_dir: Path, since_ns: int, until_ns: int | None) -> RepriceResult:
     """Price the unpriced calls that started in [since_ns, until_ns) and now have a price, and publish their rows and
-    spend, with those of every call an earlier run priced (downstream keeps one of each; rows the files hold are not
-    sent again). Re-sending all of them,
+    spend, with those of every call an earlier run priced that the files do not hold yet (downstream keeps one of
+    each). Re-sending all of them,
     whatever the range, is what makes a run that crashed, or ran at the same time, harmless: a run that places
     spend at a marker's offset also places, in the same messages, the spend of every earlier marker, so stage 2
     never sees a later marker's spend before an earlier one's."""
@@ -139,8 +139,9 @@ async def reprice(config: Config, data_dir: Path, since_ns: int, until_ns: int |
             min((event.start_time_unix_nano for _, event in marked), default=since_ns) // _NS)
         outputs = marked_outputs(marked, catalog, billing, ScopeIndex(config.policy),
                                  time.time_ns() + config.collector.max_skew_s * 10**9, written=written)
-        await asyncio.gather(producer.send_all(names.cost_focus, outputs.rows),
-                             producer.send_all(names.spend, outputs.spend))
+        # the spend before the rows: once the files hold a call, no later run sends its spend (reprice.py)
+        await producer.send_all(names.spend, outputs.spend)
+        await producer.send_all(names.cost_focus, outputs.rows)
     finally:
         await producer.stop()
     new = set(choice.to_mark)

@@ -12,12 +12,14 @@ on `genai.spend`. Each must count once however often reprice runs or crashes:
   (reason `repriced`) naming the usage ids it prices, then places their spend at the marker's own
   (partition, offset), on partition numbers no usage topic has (MARKER_PARTITION_BASE + p). A
   marker is written once per usage id, after every earlier marker, so each repriced call has one
-  coordinate, and later ones are always higher. Every run publishes the spend of every marked
-  call again, and the rows of those the files do not hold yet: stage 2 skips what it added, the
-  exporter rows it wrote, and a run that crashed after its markers is completed by the next one.
-  Rows the files hold are not sent again: priced anew with an override edited since, a call can
-  have another set of meters (a cache-read price added), and a row id the first run did not have
-  would be added next to the first run's rows, counting those tokens twice.
+  coordinate, and later ones are always higher. Every run publishes the spend, then the rows, of
+  every marked call the files do not hold yet: stage 2 skips what it added, the exporter rows it
+  wrote, and a run that crashed after its markers is completed by the next one. A call the files
+  hold is not sent again: its spend was sent before its rows, so stage 2 has it in order (ahead of
+  any later marker's); a scope rebuilt from the files (a budget added by a reload) has it in its
+  totals but no offsets, and would add it again; and priced anew with an override edited since,
+  the call can have another set of meters (a cache-read price added), whose new row id would be
+  added next to the first run's rows, counting those tokens twice.
   Republishing the usage event to `genai.usage` instead would not do: the pricing stage remembers
   usage ids only within `worker.dedupe_horizon_s` of event time (two hours), and repriced calls are
   usually older, so a second run would be priced and counted again.
@@ -195,13 +197,14 @@ class Outputs:
 def marked_outputs(marked: Sequence[tuple[Marker, UsageEvent]], catalog: PriceCatalog, billing: Billing,
                    scopes: ScopeIndex, latest_ns: int, *, written: Collection[str] = ()) -> Outputs:
     """FOCUS rows and spend of marked calls, in marker order: the same records however often they are made (same
-    row ids, same spend coordinates), so downstream keeps one of each; no rows for the calls `written` (usage ids
-    the files hold). `latest_ns` caps end times (spend_records)."""
+    row ids, same spend coordinates), so downstream keeps one of each; none for the calls `written` (usage ids the
+    files hold), whose `billed` is still given. `latest_ns` caps end times (spend_records)."""
     ordered = sorted(marked, key=lambda pair: (pair[0].partition, pair[0].offset, pair[1].id))
     out = cost_records([event for _, event in ordered], catalog, billing)
-    if written:
-        out.rows = cost_records([event for _, event in ordered if event.id not in written], catalog, billing).rows
+    rows = out.rows if not written else \
+        cost_records([event for _, event in ordered if event.id not in written], catalog, billing).rows
     calls = [PricedCall(event, MARKER_PARTITION_BASE + marker.partition, marker.offset, billed)
-             for (marker, event), billed in zip(ordered, out.billed, strict=True) if billed is not None]
+             for (marker, event), billed in zip(ordered, out.billed, strict=True)
+             if billed is not None and event.id not in written]
     billed = [(event, cost) for (_, event), cost in zip(ordered, out.billed, strict=True)]
-    return Outputs(out.rows, spend_records(calls, scopes, latest_ns), billed)
+    return Outputs(rows, spend_records(calls, scopes, latest_ns), billed)
