@@ -21,7 +21,7 @@ import duckdb
 import orjson
 from aiokafka import ConsumerRecord, TopicPartition
 
-from pipeline.guardrails.history import recorded_usage_ids
+from pipeline.guardrails.history import recorded_row_ids, recorded_usage_ids
 from pipeline.guardrails.spend import ScopeIndex
 from pipeline.guardrails.state import day_of
 from pipeline.kafka.consumer import read_to_end, reader
@@ -226,8 +226,13 @@ async def restate(config: Config, data_dir: Path, since_ns: int, until_ns: int |
             ids = {fix.row_id for fix in new}
             letters = await _until_read_back(config, names.deadletter, lambda read: ids <= {
                 row_id for marker in read.restated for row_id in marker.row_ids})
-        # the spend before the rows: once the files hold the rows, a rerun finds nothing to correct
-        await producer.send_all(names.spend, restated_spend(letters.restated))
+        # the spend before the rows: once the files hold the rows, a rerun finds nothing to correct, nor sends
+        # their spend again
+        marked = [row_id for marker in letters.restated for row_id in marker.row_ids]
+        since_s = min((bucket for marker in letters.restated for entries in marker.spend.values()
+                       for bucket, _, _ in entries), default=since_ns // _NS)
+        written = await asyncio.to_thread(recorded_row_ids, data_dir, marked, since_s)
+        await producer.send_all(names.spend, restated_spend(letters.restated, written))
         await producer.send_all(names.cost_focus, out.rows)
     finally:
         await producer.stop()

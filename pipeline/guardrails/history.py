@@ -75,14 +75,23 @@ def recorded_usage(data_dir: Path, since_s: int) -> list[tuple[str, str, int]]:
 
 def recorded_usage_ids(data_dir: Path, usage_ids: Iterable[str], since_s: int) -> set[str]:
     """Which of `usage_ids` (calls charged from `since_s` on) have rows in the files."""
-    wanted = sorted(set(usage_ids))
+    return _recorded(data_dir, "x_UsageId", usage_ids, since_s)
+
+
+def recorded_row_ids(data_dir: Path, row_ids: Iterable[str], since_s: int) -> set[str]:
+    """Which of `row_ids` (rows charged from `since_s` on) are in the files."""
+    return _recorded(data_dir, "x_RowId", row_ids, since_s)
+
+
+def _recorded(data_dir: Path, column: str, ids: Iterable[str], since_s: int) -> set[str]:
+    wanted = sorted(set(ids))
     if not wanted:
         return set()
-    rows = _query(data_dir, """
-        SELECT DISTINCT "x_UsageId" FROM {source}
+    rows = _query(data_dir, f"""
+        SELECT DISTINCT "{column}" FROM {{source}}
         WHERE "ChargePeriodStart" >= to_timestamp(?) AND charge_date >= CAST(? AS DATE)
-          AND list_contains(?, "x_UsageId")""", since_s, wanted)
-    return {str(usage_id) for (usage_id,) in rows}
+          AND list_contains(?, "{column}")""", since_s, wanted)
+    return {str(found) for (found,) in rows}
 
 
 @dataclass(slots=True)

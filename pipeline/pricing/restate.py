@@ -15,8 +15,9 @@ nothing is emitted. A later change of price gives a new digest, so a new correct
 Budgets count corrections once too. Their spend cannot be derived again once the files hold them (they then
 net to nothing), so a marker on `genai.deadletter` (reason `restated`) carries it: the correction row ids and
 their spend per scope and bucket, written before any of it is published. Every run sends the spend of every
-such marker, placed at the marker's (partition, offset) on usage partition RESTATE_PARTITION_BASE + p (stage 2
-adds each once), and only then the rows: a run that stopped anywhere is completed by the next one.
+such marker none of whose rows the files hold yet, placed at the marker's (partition, offset) on usage partition
+RESTATE_PARTITION_BASE + p (stage 2 adds each once), and only then the rows: a run that stopped anywhere is
+completed by the next one.
 """
 
 from __future__ import annotations
@@ -204,11 +205,16 @@ def restate_marker_records(corrected: Sequence[Corrected], scopes: ScopeIndex) -
     return out
 
 
-def restated_spend(markers: Sequence[RestateMarker]) -> list[Record]:
-    """The spend of every restatement marker, one `genai.spend` message per scope holding the entries of all of
-    them: stage 2 adds those above what it added, so a later marker's entry never arrives before an earlier one's."""
+def restated_spend(markers: Sequence[RestateMarker], written: Collection[str] = ()) -> list[Record]:
+    """The spend of every restatement marker none of whose rows are `written` (row ids the files hold), one
+    `genai.spend` message per scope holding the entries of all of them: stage 2 adds those above what it added, so
+    a later marker's entry never arrives before an earlier one's. A marker with a row in the files is not sent
+    again: its spend was sent before its rows, so stage 2 has it in order, and a scope rebuilt from the files (a
+    budget added by a reload) counts the row from there, without the marker's offset, and would add it again."""
     entries: dict[str, list[SpendEntry]] = {}
     for marker in sorted(markers, key=lambda m: (m.partition, m.offset)):
+        if any(row_id in written for row_id in marker.row_ids):
+            continue
         for scope, spend in marker.spend.items():
             entries.setdefault(scope, []).extend(
                 SpendEntry(RESTATE_PARTITION_BASE + marker.partition, marker.offset, bucket, cost, 0, 0, unallocated)

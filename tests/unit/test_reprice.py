@@ -328,6 +328,13 @@ def test_correction_spend_travels_in_its_marker_and_is_added_once() -> None:
                 state.add(spend.entries, 0)
     # 0.004 from the first marker, once; 0.002 from the later one
     assert state.periods["2026-11"] == Decimal("0.006")
+    # once the files hold a marker's rows, its spend is not sent again: a scope rebuilt from the files (a budget
+    # added by a reload) has the corrections in its totals but not the marker's offset, and would add them twice
+    written = {fix.row_id for fix in out.corrected}
+    assert restated_spend(letters.restated, written) == []
+    # a marker with one row in the files is not sent; one with none is
+    partly = restated_spend(letters.restated, written - {out.corrected[0].row_id})
+    assert {e.offset for _, v in partly for e in decode_spend(v).entries} == {41}  # type: ignore[union-attr]
 
 
 def test_a_price_changed_again_before_the_exporter_wrote_the_first_corrections_does_not_correct_twice() -> None:
