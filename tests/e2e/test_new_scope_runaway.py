@@ -22,22 +22,23 @@ from tests.support import read_topic
 
 pytestmark = pytest.mark.e2e
 #: every call costs 1 USD per 1,000 input tokens; the pipeline watches teams (the default shapes).
-#: Velocity is shortened from the defaults (window 5m, rate_window 1m, min_history 1m) so that the test waits 36 s,
-#: not 65 s, with the same meaning. Once min_history (30 s) of watching is known, a scope with no call before its
-#: rate window is new (baseline 0: the newcomer); a scope with calls there has no baseline (nothing spikes) until
-#: min_history of its spend lies before the rate window, and then its own rate (the steady team). The steady team
-#: calls from the start, so it is never taken for new as long as its first call comes within min_history -
-#: rate_window - one bucket (15 s) of the watching; min_history 15 s with the 1m rate window left no such room.
+#: Velocity is shortened from the defaults (window 5m, rate_window 1m, min_history 1m) so that the test waits 34 s,
+#: not 65 s, for the same two phases. From min_history (30 s) after a partition began watching, a scope with no
+#: call there before its rate window is new: baseline 0, the newcomer is stopped by that rule alone until
+#: about min_history + rate_window (45-50 s) after the watching began, when its baseline would come from its (empty)
+#: history instead. A scope with calls before its rate window has no baseline (nothing spikes) until min_history of
+#: its spend lies before the rate window, then its own rate: the steady team, which calls from the start, is never
+#: taken for new as long as its first call comes within min_history - rate_window (10 s) of the watching.
 CONFIG = """
 pricing:
   overrides:
     - {provider: openai, model: gpt-4o, input_per_mtok: 1000, output_per_mtok: 0}
-velocity: {window: 1m, rate_window: 10s, min_history: 30s}
+velocity: {window: 1m, rate_window: 20s, min_history: 30s}
 """
 YEAR_2200_NS = 7_258_118_400 * 10**9
-#: min_history and a margin: the partitions start watching with stage 1's first tick, which can come a few seconds
-#: after the banner (the consumer group joins)
-WATCHING_S = 36
+#: min_history and a margin: a partition starts watching at stage 1's first tick, a few seconds before or after
+#: the banner (the consumer group joins); the burst must come before min_history + rate_window
+WATCHING_S = 34
 
 
 def tracer_for(run: RunningPipeline, team: str, *, batch: bool = True) -> tuple[TracerProvider, object]:
