@@ -192,10 +192,16 @@ def read_deadletters(bootstrap: str, topic: str, *, min_messages: int = 0) -> li
     return [orjson.loads(r.value) for r in read_topic(bootstrap, topic, min_messages=min_messages)]
 
 
+def metrics_text(port: int) -> str:
+    """A local Prometheus endpoint's exposition text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text: bytes = response.read()
+    return text.decode()
+
+
 def usage_counted(port: int) -> float:
     """Usage events a worker's pricing stage handled: priced, or unpriced and dead-lettered."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = metrics_text(port)
     return sum(float(m.group(1)) for m in re.finditer(
         r"^spendstream_worker_usage_(?:priced|unpriced)_total(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.MULTILINE))
 
@@ -203,7 +209,5 @@ def usage_counted(port: int) -> float:
 def metric(port: int, name: str) -> float:
     """The value of a sample on a local Prometheus endpoint (0 when absent); `name` with its labels as exported,
     e.g. `spendstream_messages_rejected_total{reason="invalid_usage_message",stage="pricing"}` (labels sorted)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", metrics_text(port), re.MULTILINE)
     return float(match.group(1)) if match else 0.0

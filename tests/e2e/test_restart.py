@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.cli.breaker_keeper import snapshot_path
 from tests.e2e.running import RunningPipeline, spendstream, spendstream_run
 
 pytestmark = pytest.mark.e2e
@@ -75,7 +76,11 @@ def test_a_clean_restart_keeps_the_month_and_the_kill_switch(tmp_path: Path) -> 
         tripped = spendstream("breaker", "trip", "--kafka", run.bootstrap, "--scope", "team=ads", "--action", "block",
                               "--reason", "incident 42", "--ttl", "7d")
         assert tripped.returncode == 0, tripped.stderr
-        time.sleep(2)  # the runtime keeps the breakers in force in the data dir
+        kept = snapshot_path(data)  # the runtime keeps the breakers in force in the data dir
+        deadline = time.monotonic() + 30
+        while not (kept.exists() and "manual|team=ads" in kept.read_text()):
+            assert time.monotonic() < deadline, "the tripped breaker never reached the data dir"
+            time.sleep(0.1)
     # the context manager stopped it with Ctrl-C and checked it exited 0
     with spendstream_run(data, tmp_path / "second.log", "--config", str(config)) as run:
         after = wait_for_budgets(run, before)

@@ -17,13 +17,15 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline.guardrails.stage import GUARDRAILS_GROUP
 from pipeline.kafka.broker import EmbeddedBroker
+from pipeline.pricing.stage import PRICING_GROUP
 from schemas.alert import decode_alert
 from schemas.topics import TopicNames
 from schemas.usage import TokenCounts, UsageEvent, encode_usage_batch
 from tests.conftest import new_topics
 from tests.integration.roles import produce_slowly, role
-from tests.support import free_port, metric, read_topic
+from tests.support import free_port, metric, metrics_text, read_topic
 
 pytestmark = pytest.mark.integration
 MESSAGES = 600
@@ -100,6 +102,22 @@ def wait_for_totals(bootstrap: str, topics: TopicNames, timeout_s: float = 120) 
     raise AssertionError(f"budget totals never reached {want}: {totals}")
 
 
+def wait_in_groups(ports: list[int], timeout_s: float = 60) -> None:
+    """Until every worker owns partitions in both its consumer groups (pricing, guardrails): each shows the
+    consumer lag of its partitions, which it only has once assigned."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            texts = [metrics_text(port) for port in ports]
+        except OSError:  # a metrics endpoint not up yet
+            texts = []
+        if texts and all(f'spendstream_consumer_lag{{group="{group}"' in text for text in texts
+                         for group in (PRICING_GROUP, GUARDRAILS_GROUP)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"workers on ports {ports} never all owned partitions of both groups")
+
+
 def stop(*processes: subprocess.Popen[bytes]) -> None:
     for process in processes:
         if process.poll() is None:
@@ -151,7 +169,7 @@ def run_group(broker: EmbeddedBroker, tmp: Path, *, workers: int, kill_one: bool
     config = write_config(tmp, topics)
     ports = [free_port() for _ in range(workers)]
     group = [role("worker", broker, config, tmp, port, instance=str(i)) for i, port in enumerate(ports)]
-    time.sleep(8)  # both in the group before the stream starts, so each owns partitions
+    wait_in_groups(ports)  # both in the group before the stream starts, so each owns partitions
     feeder = threading.Thread(target=produce_slowly,
                               args=(broker.bootstrap_servers, topics.usage, usage_messages(), 10.0))
     try:
