@@ -26,11 +26,12 @@ from tests.support import free_port, metric
 pytestmark = pytest.mark.integration
 CALLS = 100_000  # 3 rows a call
 MAX_BUFFERED_ROWS = 100_000  # the default
-#: the interpreter and its libraries (~100 MiB), DuckDB's parser (~60), a full buffer (100,000 x ~620 B), the
-#: row ids of 300k rows (~40), and the allocators' slack; measured 439-506 MiB on 2 shared cores, and 510-664 MiB
-#: since rows carry x_SampleAdjustedCount (read apart for rows of older workers) and the parser's DuckDB connection
-#: is kept per thread (5 runs; not yet pinned down which costs what)
-PEAK_RSS_MIB = 768
+#: the interpreter and its libraries (~110 MiB), DuckDB's parser (~60), a full buffer (100,000 x ~620 B), the
+#: row ids of 300k rows, and the allocators' slack; measured 461-522 MiB on 2 shared cores (484-520 before rows
+#: carried x_SampleAdjustedCount). It was 648-662 while every parse read that column apart (a second JSON parse a
+#: row: ~100 MiB of DuckDB's memory) and parses took turns between the default executor's threads, each keeping a
+#: DuckDB connection (~50 MiB)
+PEAK_RSS_MIB = 640
 
 
 @pytest.fixture(scope="module")

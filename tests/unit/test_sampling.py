@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 
 import orjson
 import pytest
@@ -56,7 +57,7 @@ def test_a_malformed_threshold_is_refused(trace_state: str) -> None:
         adjusted_count(trace_state)
 
 
-def ingest(trace_state: str):
+def ingest(trace_state: str) -> IngestResult:
     span = make_span(CALL)
     span.trace_state = trace_state
     return ingest_request(make_request([span]), Config(), None, NestedCallFilter())
@@ -142,7 +143,19 @@ def test_the_files_hold_the_adjusted_count_and_take_rows_of_older_workers_withou
     assert table.num_rows == len(values) + 1
 
 
-def test_spend_rebuilt_from_the_files_counts_a_sampled_call_as_the_calls_it_stands_for(tmp_path) -> None:
+def test_an_older_workers_row_with_a_tag_named_like_the_added_column_is_still_read() -> None:
+    """Its value holds the column's key, in Tags: the one-parse read fails on it, and the batch is read apart."""
+    [measured] = ingest("").events
+    values = [value for _, value in cost_records([measured], PriceCatalog(), Billing()).rows]
+    old = orjson.loads(values[0])
+    del old["x_SampleAdjustedCount"]
+    old["Tags"] = {**old["Tags"], "x_SampleAdjustedCount": "5"}
+    table = unpack(parse_rows([orjson.dumps(old), *values[1:]]))
+    assert table.column("x_SampleAdjustedCount").to_pylist() == [None] * len(values)
+    assert table.column("Tags").to_pylist()[0] == orjson.dumps(old["Tags"]).decode()
+
+
+def test_spend_rebuilt_from_the_files_counts_a_sampled_call_as_the_calls_it_stands_for(tmp_path: Path) -> None:
     [measured] = ingest("").events
     [sampled] = ingest("ot=th:e").events
     out = cost_records([measured, sampled], PriceCatalog(), Billing())
