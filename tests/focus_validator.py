@@ -18,6 +18,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv-focus"
 PACKAGES = ["focus-validator==2.2.1", "pyarrow<22"]
@@ -54,14 +56,25 @@ def find_python312() -> str | None:
     return None
 
 
-def validator() -> Path | None:
-    """The focus-validator executable, installed on first use; None when no Python >= 3.12 exists."""
+#: set to 1 to let the conformance tests skip on a machine without Python >= 3.12 (e.g. plain Debian 12); unset,
+#: a missing interpreter fails them: the FOCUS check must never stop running unnoticed
+ALLOW_NO_VALIDATOR_ENV = "SPENDSTREAM_TEST_ALLOW_NO_FOCUS_VALIDATOR"
+
+
+def validator() -> Path:
+    """The focus-validator executable, installed on first use. Without a Python >= 3.12 the test fails, or skips
+    when $SPENDSTREAM_TEST_ALLOW_NO_FOCUS_VALIDATOR=1 says that is accepted (focus-validator 2.2.1 does not run on
+    3.11: it uses 3.12 f-string syntax)."""
     exe = VENV / "bin" / "focus-validator"
     if (VENV / ".installed").exists() and exe.exists():
         return exe
     python = find_python312()
     if python is None:
-        return None
+        missing = "NO PYTHON >= 3.12 ON THIS MACHINE: the FOCUS conformance check (focus-validator) cannot run"
+        if os.environ.get(ALLOW_NO_VALIDATOR_ENV) == "1":
+            pytest.skip(missing)
+        pytest.fail(f"{missing}; install one (pyenv, or python3.12 from your distribution), or set "
+                    f"{ALLOW_NO_VALIDATOR_ENV}=1 to skip it knowingly")
     subprocess.run([python, "-m", "venv", "--clear", str(VENV)], check=True)
     subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", *PACKAGES], check=True)
     (VENV / ".installed").touch()
