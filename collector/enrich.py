@@ -21,6 +21,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
 from pipeline.pricing.focus import Billing, billed_cost
+from schemas.content import CONTENT_KEYS, CONTENT_PREFIXES, is_content
 from schemas.usage import UsageEvent
 
 #: the cost of the call in `COST_CURRENCY` (double: what tracing backends sum and chart; the exact decimal is
@@ -35,19 +36,8 @@ ATTRIBUTION_PREFIX: Final = "spendstream.attribution."
 #: a sampled call (tracestate ot=th:...): the calls its cost stands for
 ADJUSTED_COUNT: Final = "spendstream.sampling.adjusted_count"
 
-#: prompt and completion content, on spans and span events, by every generation and library dialect
-#: (reference/genai-semconv.md): exact keys, and key prefixes (indexed or nested forms)
-CONTENT_KEYS: Final = frozenset({
-    "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions", "gen_ai.tool.definitions",
-    "gen_ai.tool.call.arguments", "gen_ai.tool.call.result", "gen_ai.content", "gen_ai.event.content",
-    "input.value", "output.value", "ai.prompt", "ai.response.text", "ai.response.object", "ai.response.toolCalls",
-    "langfuse.observation.input", "langfuse.observation.output", "traceloop.entity.input",
-    "traceloop.entity.output",
-})
 #: on span events named gen_ai.* (gen_ai.user.message, gen_ai.choice, ...) these plain keys are content too
 EVENT_CONTENT_KEYS: Final = frozenset({"content", "message", "messages", "body", "tool_calls", "arguments"})
-CONTENT_PREFIXES: Final = ("gen_ai.prompt", "gen_ai.completion", "llm.prompts", "llm.input_messages",
-                           "llm.output_messages", "ai.prompt.", "gen_ai.input.messages.", "gen_ai.output.messages.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +63,6 @@ def span_costs(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Bil
         costs[(bytes.fromhex(event.trace_id), bytes.fromhex(event.span_id))] = SpanCost(
             billed_cost(priced, billing), billing.currency, event.attribution, event.adjusted_count)
     return costs
-
-
-def is_content(key: str) -> bool:
-    return key in CONTENT_KEYS or key.startswith(CONTENT_PREFIXES)
 
 
 def _is_event_content(key: str) -> bool:

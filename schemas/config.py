@@ -22,6 +22,7 @@ from typing import Any, Final, Literal, cast
 import jsonschema
 import yaml
 
+from schemas.content import is_content
 from schemas.errors import ConfigError
 from schemas.policy import Policy, policy_from_sections
 
@@ -39,12 +40,6 @@ DEFAULT_DIMENSIONS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     }
 )
 UNALLOCATED: Final = "unallocated"
-#: Attributes that carry prompt or completion text: never a source of attribution values.
-CONTENT_ATTRIBUTE_PREFIXES: Final = (
-    "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions", "gen_ai.tool.definitions",
-    "gen_ai.prompt", "gen_ai.completion", "llm.input_messages", "llm.output_messages", "llm.prompts",
-    "input.value", "output.value",
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -250,7 +245,7 @@ class AttributionConfig:
             "never leave the collector"
             for dim, names in self.dimensions.items()
             for name in names
-            if name.startswith(CONTENT_ATTRIBUTE_PREFIXES)
+            if is_content(name)  # never a source of attribution values
         ]
         return problems
 

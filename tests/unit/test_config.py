@@ -47,6 +47,8 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     ("billing_currency: EUR\n", "fx: billing_currency is EUR but fx has no USD rate"),
     ("attribution:\n  required: [team, squad]\n", "attribution.required (line 2): unknown dimension 'squad'"),
     ("attribution:\n  dimensions:\n    team: [gen_ai.input.messages]\n", "content attribute"),
+    # the same definition of content the forwarding strips (schemas/content.py), not a shorter list of its own
+    ("attribution:\n  dimensions:\n    team: [traceloop.entity.input]\n", "content attribute"),
     ("key: [unclosed\n", "not valid YAML"),
     ("budgets:\n  - scope: {squad: x}\n    amount: 5\n", "budgets[0].scope (line 2): unknown dimension 'squad'"),
     ("budgets:\n  - scope: {team: x}\n    amount: 0\n", "budgets[0].amount (line 3): must be above 0"),
