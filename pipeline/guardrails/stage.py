@@ -201,7 +201,8 @@ class GuardrailStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokaf
             self._retired.clear()
             self._partitions.update(kept)
             missing = [tp for tp in assigned if tp.partition not in self._partitions]
-            if missing and self._consumer is not None:  # nothing of them is fetched before their state is back
+            if missing:  # nothing of them is fetched before their state is back
+                assert self._consumer is not None, "the listener is subscribed by run(), after the consumer is set"
                 self._consumer.pause(*missing)
                 self._unrestored.update(tp.partition for tp in missing)
             metrics.SCOPES.set(sum(len(p.scopes) for p in self._partitions.values()))
