@@ -100,11 +100,17 @@ def build_payloads(spans: int, first: int) -> list[bytes]:
     return out
 
 
-def focus_rows(payloads: list[bytes]) -> int:
-    """The FOCUS rows the pipeline makes of these payloads, by its own ingest and pricing code."""
+def focus_rows(payloads: list[bytes]) -> tuple[int, int]:
+    """(rows, bytes of their `genai.cost.focus` values) the pipeline makes of these payloads, by its own ingest and
+    pricing code."""
     catalog, billing, config, nested = PriceCatalog(), Billing(), Config(), NestedCallFilter()
-    return sum(len(cost_records(ingest_request(ExportTraceServiceRequest.FromString(p), config, None, nested).events,
-                                catalog, billing).rows) for p in payloads)
+    rows = size = 0
+    for payload in payloads:
+        records = cost_records(ingest_request(ExportTraceServiceRequest.FromString(payload), config, None, nested
+                                              ).events, catalog, billing).rows
+        rows += len(records)
+        size += sum(len(value) for _, value in records)
+    return rows, size
 
 
 def baseline_rate(payloads: list[bytes], seconds: float) -> float:
@@ -151,6 +157,9 @@ class Pipeline:
             metrics_port = free_port()
         self.ports = {"collector": metrics_port, "exporter": metrics_port + workers + 1,
                       **{f"worker-{n + 1}" if n else "worker": metrics_port + n + 1 for n in range(workers)}}
+        authz_port = free_port()
+        while not _free(authz_port + 1):  # Envoy's gRPC port is the next one
+            authz_port = free_port()
         self.data_dir = tmp / "data"
         self.log = tmp / "run.log"
         with self.log.open("w") as out:
@@ -158,7 +167,8 @@ class Pipeline:
                 [sys.executable, "-m", "pipeline", "run", "--config", str(tmp / "spendstream.yaml"), "--data-dir",
                  str(self.data_dir), "--workers", str(workers), "--grpc-port", str(self.grpc_port), "--http-port",
                  str(free_port()), "--broker-port", str(self.broker_port), "--metrics-port", str(metrics_port),
-                 "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, text=True)
+                 "--authz-port", str(authz_port), "--log-level", "warning"],
+                stdout=out, stderr=subprocess.STDOUT, text=True)
 
     def joined(self) -> bool:
         """Every role's consumers hold their partitions: each group's lag gauges cover every partition."""
@@ -334,6 +344,20 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def floor(cpu: dict[str, float], client_cpu: float, spans: int, rows: int, size: int) -> None:
+    """What 20,000 spans/s on these 2 cores would leave the pricing stage and the files, from this run's CPU costs:
+    the clients and the ingest edge (collector, broker) take their share first, whatever the workers do."""
+    target, cores = 20_000, 2
+    ingest = client_cpu + cpu.get("collector", 0.0) + cpu.get("broker", 0.0)
+    rest = sum(s for role, s in cpu.items() if role.startswith(("worker", "exporter")))
+    left_us = max(0.0, cores - ingest / spans * target) / target * 1e6
+    print(f"  floor: at {target:,} spans/s the clients ({client_cpu / spans * 1e6:,.0f} ms per 1,000 spans), collector "
+          f"and broker alone take {ingest / spans * target:.2f} of {cores} cores, leaving {left_us:,.0f} µs of CPU per "
+          f"span for pricing, {rows / spans:.1f} FOCUS rows of {size / rows:,.0f} bytes of JSON each "
+          f"({size / spans * target / 1e6:,.0f} MB/s to encode, compress, send, parse and write) and the files; "
+          f"the workers and exporter used {rest / spans * 1e6:,.0f} µs per span here")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spans", type=int, default=60_000, help="spans in the measured load (default 60,000)")
@@ -346,7 +370,7 @@ def main() -> None:
     print(f"{os.cpu_count()} cores; building {args.spans:,} distinct spans in {SPANS_PER_REQUEST}-span requests",
           flush=True)
     warmup, payloads = build_payloads(warmup_spans, 0), build_payloads(args.spans, warmup_spans)
-    warmup_rows, load_rows = focus_rows(warmup), focus_rows(payloads)
+    (warmup_rows, _), (load_rows, load_bytes) = focus_rows(warmup), focus_rows(payloads)
     base_before = baseline_rate(payloads, 3.0)
     print(f"  baseline: bare decode-and-walk {base_before:,.0f} spans/s on one core", flush=True)
 
@@ -370,6 +394,7 @@ def main() -> None:
             profiles = Profiles(args.profile, pids)
             load = Load(endpoint, payloads)
             cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+            client_before = time.process_time()
             load.start()
             while True:
                 time.sleep(1.0)
@@ -388,6 +413,7 @@ def main() -> None:
             calls = warmup_spans + args.spans
             wait_for("every call in the files", lambda: rows_in_files(pipeline.data_dir)[1] >= calls)
             cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in pids.items()}
+            client_cpu = time.process_time() - client_before  # the 4 senders, the probes and this loop
             # the last rows landed when the newest file was written (the polling above is coarser); a probe sent
             # just before the load's last rows may land in one flush more (exporter.flush_seconds)
             ended = max(f.stat().st_mtime for f in pipeline.data_dir.glob(REQUEST_FILES)) - load.wall_started
@@ -421,6 +447,7 @@ def main() -> None:
     print(f"  all roles: {total_cpu / args.spans * 1e6:,.0f} ms per 1,000 spans, so 2 cores of their own would "
           f"carry at most {2 * args.spans / total_cpu:,.0f} spans/s (the busiest role alone: "
           f"{args.spans / max(cpu.values()):,.0f} spans/s on one core)")
+    floor(cpu, client_cpu, args.spans, load_rows, load_bytes)
     RESULTS.mkdir(exist_ok=True)
     chart = RESULTS / "e2e.svg"
     chart.write_text(bar_chart(f"spans/s, spendstream run --workers {args.workers}, 2-core machine", {
