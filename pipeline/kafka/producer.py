@@ -37,7 +37,7 @@ _PLACED_MAX: Final = 100_000
 
 
 class BatchProducer:
-    def __init__(self, connection: Mapping[str, Any], *, compression: str = "lz4",
+    def __init__(self, connection: Mapping[str, Any], *, compression: str = KafkaConfig().compression,
                  request_timeout_s: float = 40.0) -> None:
         """`connection` holds aiokafka's connection options (`KafkaConfig.client_options()`)."""
         self._options = dict(connection, acks="all", compression_type=None if compression == "none" else compression,
