@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from pipeline.observability.cardinality import METRIC_DIMENSIONS
 from pipeline.pricing.catalog import PriceCatalog, UnpricedError
-from pipeline.pricing.focus import Billing, encoded_focus_rows, line_costs
+from pipeline.pricing.focus import Billing, focus_values, line_costs
 from pipeline.pricing.price import PricedUsage, price_usage
 from schemas.codec import Record
 from schemas.config import UNALLOCATED
@@ -30,8 +30,10 @@ class MeterTotal:
 @dataclass(slots=True)
 class CostOutput:
     rows: list[Record] = field(default_factory=list)
-    #: the priced calls, in input order: what their rows are made of (focus_records)
+    #: the priced calls, in input order, and the BilledCost of each of their lines: what their rows are made of
+    #: (focus_records)
     priced: list[PricedUsage] = field(default_factory=list)
+    line_costs: list[list[Decimal]] = field(default_factory=list)
     dead_letters: list[Record] = field(default_factory=list)
     priced_events: int = 0
     #: per input event, in order: its billed cost (the sum of its rows' BilledCost), None if unpriced
@@ -48,6 +50,7 @@ class CostOutput:
         """Append the output of the events priced after these."""
         self.rows += other.rows
         self.priced += other.priced
+        self.line_costs += other.line_costs
         self.dead_letters += other.dead_letters
         self.priced_events += other.priced_events
         self.billed += other.billed
@@ -79,7 +82,7 @@ def unpriced_letter(event: UsageEvent, exc: UnpricedError) -> DeadLetter:
 def cost_records(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Billing) -> CostOutput:
     """Price each event; a priced event gives one FOCUS row per meter, keyed by its attribution key."""
     out = price_calls(events, catalog, billing)
-    out.rows = focus_records(out.priced, billing)
+    out.rows = focus_records(out.priced, out.line_costs, billing)
     return out
 
 
@@ -104,8 +107,10 @@ def price_calls(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Bi
             dims = dims_of[event.attribution_key] = tuple(attribution.get(d) or UNALLOCATED for d in METRIC_DIMENSIONS)
         labels = (*dims, priced.price.provider_id, priced.price.model_id)
         out.requests[labels] += 1
+        costs = line_costs(priced, billing)
+        out.line_costs.append(costs)
         total = Decimal(0)
-        for line, billed in zip(priced.lines, line_costs(priced, billing), strict=True):
+        for line, billed in zip(priced.lines, costs, strict=True):
             meter = out.by_meter[(*labels, line.meter)]
             meter.cost += billed
             meter.tokens += line.quantity
@@ -114,7 +119,9 @@ def price_calls(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Bi
     return out
 
 
-def focus_records(priced: Sequence[PricedUsage], billing: Billing) -> list[Record]:
-    """The FOCUS rows of priced calls, one per meter, keyed by the call's attribution key."""
+def focus_records(priced: Sequence[PricedUsage], line_costs: Sequence[Sequence[Decimal]], billing: Billing
+                  ) -> list[Record]:
+    """The FOCUS rows of priced calls (with their lines' BilledCost), one per meter, keyed by the call's
+    attribution key."""
     return [(call.event.attribution_key.encode(), value)
-            for call in priced for value, _ in encoded_focus_rows(call, billing)]
+            for call, costs in zip(priced, line_costs, strict=True) for value in focus_values(call, billing, costs)]

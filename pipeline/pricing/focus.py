@@ -12,6 +12,7 @@ to MONEY_SCALE places, so ListCost is ListUnitPrice x PricingQuantity and sums o
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Context, Decimal
@@ -192,23 +193,29 @@ def _plain(value: Decimal) -> str:
 
 def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[bytes, Decimal]]:
     """The FOCUS rows of one priced call, one per meter it used, as `genai.cost.focus` values with their
-    BilledCost. A row's JSON object is spliced from encoded parts: the constant columns, the call's columns
-    (a cached template around its times and ids), the price point's (encoded once, cached) and the row's own
-    quantities and costs, written as encode_row would."""
+    BilledCost."""
+    costs = line_costs(priced, billing)
+    return list(zip(focus_values(priced, billing, costs), costs, strict=True))
+
+
+def focus_values(priced: PricedUsage, billing: Billing, costs: Sequence[Decimal]) -> list[bytes]:
+    """The FOCUS rows of one priced call as `genai.cost.focus` values, given each line's BilledCost (line_costs).
+    A row's JSON object is spliced from encoded parts: the constant columns, the call's columns (cached runs
+    around its times and ids), the price point's (encoded once, cached) and the row's own quantities and costs,
+    written as encode_row would."""
     head = b"{" + _CONSTANT_FRAGMENTS[billing.focus_version] + _call_fragment(priced, billing) + b","
     usage_id = orjson.dumps(priced.event.id)[1:-1]
     out = []
-    for line in priced.lines:
+    for line, contract_cost in zip(priced.lines, costs, strict=True):
         point = _price_point(priced, line, billing)
         pricing_quantity = _EXACT.divide(Decimal(line.quantity), point.per)
-        contract_cost = _contract_cost(point, pricing_quantity)
         billed = _plain(contract_cost)
         quantities = _QUANTITIES % (
             billed, line.quantity, billed, billed,
             _plain(_EXACT.multiply(point.list_unit, pricing_quantity).quantize(MONEY_QUANTUM, context=_EXACT)),
             _plain(_EXACT.multiply(point.pc_contract_unit, pricing_quantity).quantize(MONEY_QUANTUM, context=_EXACT)),
             _plain(pricing_quantity))
-        out.append((head + point.fragment + quantities.encode() + usage_id + point.row_id_end, contract_cost))
+        out.append(b"".join((head, point.fragment, quantities.encode(), usage_id, point.row_id_end)))
     return out
 
 

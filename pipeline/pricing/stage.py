@@ -26,6 +26,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import NamedTuple
 
@@ -111,7 +112,9 @@ class PricedBatch:
     """A fetched batch, priced, its spend acknowledged: its rows are still to be published."""
 
     calls: list[PricedCall]
-    priced: list[PricedUsage]  # what each call's rows are made of, aligned with `calls`
+    #: what each call's rows are made of, aligned with `calls`
+    priced: list[PricedUsage]
+    line_costs: list[list[Decimal]]
     offsets: dict[TopicPartition, int]  # to commit once the rows are acknowledged
 
 
@@ -242,7 +245,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
             with metrics.PUBLISH_SECONDS.labels("pricing").time():
                 for start in range(0, len(batch.calls), ROWS_CHUNK_CALLS):
                     end = start + ROWS_CHUNK_CALLS
-                    records = self._rows(batch.calls[start:end], batch.priced[start:end])
+                    records = self._rows(batch.calls[start:end], batch.priced[start:end], batch.line_costs[start:end])
                     deliveries += await producer.enqueue_all(self._names.cost_focus, records)
                     rows += len(records)
                     await asyncio.sleep(0)  # the spend of the next batches, and stage 2, run in between
@@ -255,18 +258,19 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                                               if tp.partition in self._seen}, "pricing", log)
             await backlog.done(batch)
 
-    def _rows(self, calls: list[PricedCall], priced: list[PricedUsage]) -> list[Record]:
+    def _rows(self, calls: list[PricedCall], priced: list[PricedUsage], line_costs: list[list[Decimal]]
+              ) -> list[Record]:
         """The FOCUS rows of priced calls. Should making them raise, they are made call by call, and a call that
         raises has its message rejected (its spend is counted: it was priced)."""
         try:
-            return focus_records(priced, self._billing)
+            return focus_records(priced, line_costs, self._billing)
         except Exception:  # isolated below, call by call
             log.warning("pricing: the rows of a batch failed; making them call by call", exc_info=True)
         out: list[Record] = []
         rejected: set[tuple[int, int]] = set()
-        for call, one in zip(calls, priced, strict=True):
+        for call, one, costs in zip(calls, priced, line_costs, strict=True):
             try:
-                out += focus_records([one], self._billing)
+                out += focus_records([one], [costs], self._billing)
             except Exception as exc:  # this call's rows only: dead-lettered, the stage goes on
                 if (call.partition, call.offset) not in rejected:
                     rejected.add((call.partition, call.offset))
@@ -376,7 +380,8 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         for reason, count in out.unpriced.items():
             metrics.USAGE_UNPRICED.labels(reason).inc(count)
         self._counters.count(out)
-        return PricedBatch(calls, out.priced, {tp: records[-1].offset + 1 for tp, records in batches.items()})
+        return PricedBatch(calls, out.priced, out.line_costs,
+                           {tp: records[-1].offset + 1 for tp, records in batches.items()})
 
     def _cost(self, fresh: list[Located], batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
               ) -> tuple[list[Located], CostOutput]:

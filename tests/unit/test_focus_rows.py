@@ -231,5 +231,5 @@ def test_rows_made_after_pricing_are_the_rows_of_cost_records() -> None:
     priced = price_calls(calls, PriceCatalog(), Billing())
     assert not priced.rows and len(priced.priced) == 2
     whole = cost_records(calls, PriceCatalog(), Billing())
-    assert focus_records(priced.priced, Billing()) == whole.rows and priced.billed == whole.billed
+    assert focus_records(priced.priced, priced.line_costs, Billing()) == whole.rows and priced.billed == whole.billed
     assert priced.by_meter == whole.by_meter and priced.dead_letters == whole.dead_letters
