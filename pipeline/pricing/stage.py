@@ -56,16 +56,18 @@ from schemas.usage import UsageEvent, decode_usage_batch
 
 log = logging.getLogger(__name__)
 PRICING_GROUP = "spendstream-pricing"
-BATCH_MAX_MESSAGES = 2_000
+#: a usage message holds the calls of one attribution key in one request (~7 in the e2e bench): a batch is priced
+#: in one go, which stage 2 (same loop) waits for, so it stays small (~0.1 s)
+BATCH_MAX_MESSAGES = 500
 PROGRESS_EVERY_S = 10.0
 TICK_EVERY_S = 1.0
 #: with no calls for this long, ticks follow the wall clock (a quiet pipeline still cools breakers down)
 IDLE_AFTER_S = 5.0
 #: the calls priced (their spend sent) whose rows may wait to be published: how far the spend runs ahead of
-#: the rows under load (~2 KB a call held; a batch larger than this still goes, alone)
-ROWS_BACKLOG_CALLS = 50_000
-#: the calls whose rows are made and handed to the producer before the loop runs other work (~10 ms of CPU)
-ROWS_CHUNK_CALLS = 1_000
+#: the rows under load (~2.7 KB a call held, ~160 MB in all; a batch larger than this still goes, alone)
+ROWS_BACKLOG_CALLS = 60_000
+#: the calls whose rows are made and handed to the producer before the loop lets the spend path run (~10 ms)
+ROWS_CHUNK_CALLS = 250
 _NS = 1_000_000_000
 
 
