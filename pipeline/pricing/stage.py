@@ -13,9 +13,9 @@ to a model nobody prices raises an `unpriced_model` alert.
 
 Breakers must not wait for FOCUS rows, which are ~3/4 of the stage's CPU: a fetched batch is priced and its
 spend, dead letters and alerts sent (and acknowledged) at once, by a producer of their own, then the batch
-waits in a bounded backlog for its rows, which another task makes and sends in chunks that let the loop run
-the spend of later batches (and stage 2) in between. A batch's offsets are committed, in fetch order, once
-its rows are acknowledged too.
+waits in a bounded backlog for its rows, which another task makes and sends in chunks, each only while no
+batch is being priced: under a burst the spend runs ahead until the backlog is full. A batch's offsets are
+committed, in fetch order, once its rows are acknowledged too.
 """
 
 from __future__ import annotations
@@ -122,15 +122,26 @@ class PricedBatch:
 
 class RowsBacklog:
     """The priced batches waiting for their rows, in fetch order, holding at most `max_calls` calls (a batch
-    larger than that is let in alone)."""
+    larger than that is let in alone). Rows give way to the spend: they wait while a batch is being priced."""
 
     def __init__(self, max_calls: int) -> None:
         self._max_calls = max_calls
         self._batches: deque[PricedBatch] = deque()
         self._calls = 0  # of the batches queued or being published
         self._changed = asyncio.Condition()
+        self._not_pricing = asyncio.Event()
+        self._not_pricing.set()
+
+    def pricing(self) -> None:
+        """A fetched batch is being priced: rows wait until it is put here."""
+        self._not_pricing.clear()
+
+    async def rows_turn(self) -> None:
+        """Return when no batch is being priced (at once, without yielding to the loop, if none is)."""
+        await self._not_pricing.wait()
 
     async def put(self, batch: PricedBatch) -> None:
+        self._not_pricing.set()  # also while it waits for room: the rows make it
         async with self._changed:
             await self._changed.wait_for(lambda: not self._calls or self._calls + len(batch.calls) <= self._max_calls)
             self._batches.append(batch)
@@ -223,6 +234,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
             batches = await consumer.getmany(timeout_ms=500, max_records=BATCH_MAX_MESSAGES)
             await observed.after_fetch(batches)
             if batches:
+                backlog.pricing()
                 await self._restore_seen({tp.partition: records[0].offset for tp, records in batches.items()
                                           if tp.partition not in self._seen})
                 # a rebalance during the restore may have taken partitions away: their records are not ours
@@ -246,11 +258,12 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
             rows = 0
             with metrics.PUBLISH_SECONDS.labels("pricing").time():
                 for start in range(0, len(batch.calls), ROWS_CHUNK_CALLS):
+                    await asyncio.sleep(0)  # the spend of the next batches, and stage 2, go first
+                    await backlog.rows_turn()
                     end = start + ROWS_CHUNK_CALLS
                     records = self._rows(batch.calls[start:end], batch.priced[start:end], batch.line_costs[start:end])
                     deliveries += await producer.enqueue_all(self._names.cost_focus, records)
                     rows += len(records)
-                    await asyncio.sleep(0)  # the spend of the next batches, and stage 2, run in between
                 # acknowledged by the broker before the offsets are committed: at-least-once
                 await acknowledged(deliveries)
                 await producer.send_all(self._names.deadletter, self._row_rejections.take())
