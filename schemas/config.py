@@ -48,7 +48,9 @@ class KafkaConfig:
     topic_prefix: str = ""
     partitions: int = 8
     replication_factor: int = 1
-    compression: Literal["lz4", "gzip", "zstd", "snappy", "none"] = "lz4"
+    #: zstd: 2x smaller than lz4 and cheaper to compress (aiokafka runs lz4 at level 9); it needs Kafka >= 2.1,
+    #: the oldest broker Kafka 4.0's clients still talk to (KIP-896)
+    compression: Literal["lz4", "gzip", "zstd", "snappy", "none"] = "zstd"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

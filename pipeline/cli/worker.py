@@ -12,6 +12,7 @@ error, so a supervisor sees it, rather than leaving half a worker running.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from pathlib import Path
@@ -26,6 +27,11 @@ from schemas.config import Config
 from schemas.config_env import env_overrides
 
 POLICY_CHECK_EVERY_S = 2.0
+#: CPython's cyclic GC at its default thresholds (700, 10, 10) rescans the price catalog and the calls the
+#: pricing stage holds (its rows backlog) over and over while it decodes and prices a batch: decoding a call took
+#: ~9 us instead of ~2 us, pricing a batch 40% more CPU. The stages make few reference cycles, so collections can
+#: be rarer, and what lives from the start (the catalog) is frozen out of them.
+GC_THRESHOLDS = (50_000, 20, 10)
 
 
 async def _watch_policy(policy: PolicyFile) -> None:
@@ -40,6 +46,9 @@ async def run_worker(config: Config, config_path: Path | None, data_dir: Path | 
     catalog = PriceCatalog.from_config(config)
     policy = PolicyFile(config_path, config.policy, env_overrides(os.environ))
     CATALOG_INFO.labels(catalog.version).set(1)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policy.request_reload)
     tasks = [asyncio.create_task(PricingStage(config, catalog, Billing.from_config(config), policy, data_dir).run()),
              asyncio.create_task(GuardrailStage(config, policy, data_dir).run()),

@@ -37,7 +37,7 @@ _PLACED_MAX: Final = 100_000
 
 
 class BatchProducer:
-    def __init__(self, connection: Mapping[str, Any], *, compression: str = "lz4",
+    def __init__(self, connection: Mapping[str, Any], *, compression: str = KafkaConfig().compression,
                  request_timeout_s: float = 40.0) -> None:
         """`connection` holds aiokafka's connection options (`KafkaConfig.client_options()`)."""
         self._options = dict(connection, acks="all", compression_type=None if compression == "none" else compression,
@@ -87,8 +87,13 @@ class BatchProducer:
 
     async def send_all(self, topic: str, records: Sequence[Record]) -> None:
         """Return once the broker acknowledged every record (raises aiokafka's KafkaError otherwise)."""
+        await acknowledged(await self.enqueue_all(topic, records))
+
+    async def enqueue_all(self, topic: str, records: Sequence[Record]) -> list[Delivery]:
+        """Hand the records to the producer, placed by key, and return their deliveries (see `acknowledged`):
+        a caller making many records sends each part as it is made, and waits once."""
         if not records:
-            return
+            return []
         partitions = await self.partitions_of(topic)
         placed = self._placed.setdefault(topic, {})
         out: list[PlacedRecord] = []
@@ -99,7 +104,7 @@ class BatchProducer:
                     placed.clear()  # a flood of distinct keys must not grow memory
                 partition = placed[key] = self._partitioner(key, partitions, partitions)
             out.append((partition, (key, value)))
-        await self.send_to(topic, out)
+        return await self.enqueue_to(topic, out)
 
     async def send_everywhere(self, topic: str, value: bytes) -> None:
         """The same value to every partition of `topic` (e.g. a clock tick), acknowledged."""
@@ -107,8 +112,10 @@ class BatchProducer:
 
     async def send_to(self, topic: str, records: Sequence[PlacedRecord]) -> None:
         """Records to the partitions given with them, acknowledged before return."""
-        if not records:
-            return
+        await acknowledged(await self.enqueue_to(topic, records))
+
+    async def enqueue_to(self, topic: str, records: Sequence[PlacedRecord]) -> list[Delivery]:
+        """Records to the partitions given with them, handed to the producer; returns their deliveries."""
         by_partition: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
         for partition, record in records:
             by_partition[partition].append(record)
@@ -121,13 +128,22 @@ class BatchProducer:
                     batch = self._producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None)
             futures.append(await self._producer.send_batch(batch, topic, partition=partition))
-        try:
-            await asyncio.gather(*futures)
-        except BaseException:
-            # a caller's deadline gave up on them: their outcome is no longer anyone's business
-            for future in futures:
-                future.add_done_callback(_consume_outcome)
-            raise
+        return futures
+
+
+#: a batch handed to the producer: done when the broker acknowledged it
+Delivery = asyncio.Future[object]
+
+
+async def acknowledged(deliveries: Sequence[Delivery]) -> None:
+    """Return once the broker acknowledged every delivery (raises aiokafka's KafkaError otherwise)."""
+    try:
+        await asyncio.gather(*deliveries)
+    except BaseException:
+        # a caller's deadline gave up on them: their outcome is no longer anyone's business
+        for future in deliveries:
+            future.add_done_callback(_consume_outcome)
+        raise
 
 
 def _consume_outcome(future: asyncio.Future[object]) -> None:

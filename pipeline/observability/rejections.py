@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-
-from aiokafka import ConsumerRecord
+from typing import Protocol
 
 from pipeline.observability.metrics import MESSAGES_REJECTED
 from schemas.codec import Record
@@ -19,6 +18,19 @@ from schemas.errors import SchemaError
 
 #: the reason for a message whose processing raised (rather than one that did not decode or validate)
 PROCESSING_FAILED = "processing_failed"
+
+
+class Consumed(Protocol):
+    """Where a consumed message came from: a ConsumerRecord is one."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
 
 
 class Rejections:
@@ -32,7 +44,7 @@ class Rejections:
         self._first_detail = ""
         self.total = 0
 
-    def add(self, record: ConsumerRecord[bytes, bytes], reason: str, exc: Exception, *,
+    def add(self, record: Consumed, reason: str, exc: Exception, *,
             attribution_key: str = "") -> None:
         """Reject one message: `exc` is a SchemaError (it did not decode or validate) or what processing it raised
         (`PROCESSING_FAILED`: logged with its traceback, as an internal error)."""

@@ -1,4 +1,8 @@
-"""Stage 1's pure core: usage events -> FOCUS row records and dead letters for what cannot be priced."""
+"""Stage 1's pure core: usage events -> FOCUS row records and dead letters for what cannot be priced.
+
+In two steps, so the stage can send a batch's spend before its rows: `price_calls` (what each call bills, the
+dead letters and the metric totals), then `focus_records` (the rows of the priced calls, ~3/4 of the CPU).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from decimal import Decimal
 
 from pipeline.observability.cardinality import METRIC_DIMENSIONS
 from pipeline.pricing.catalog import PriceCatalog, UnpricedError
-from pipeline.pricing.focus import Billing, encoded_focus_rows
-from pipeline.pricing.price import price_usage
+from pipeline.pricing.focus import Billing, focus_values, line_costs
+from pipeline.pricing.price import PricedUsage, price_usage
 from schemas.codec import Record
 from schemas.config import UNALLOCATED
 from schemas.deadletter import DeadLetter
@@ -26,6 +30,10 @@ class MeterTotal:
 @dataclass(slots=True)
 class CostOutput:
     rows: list[Record] = field(default_factory=list)
+    #: the priced calls, in input order, and the BilledCost of each of their lines: what their rows are made of
+    #: (focus_records)
+    priced: list[PricedUsage] = field(default_factory=list)
+    line_costs: list[list[Decimal]] = field(default_factory=list)
     dead_letters: list[Record] = field(default_factory=list)
     priced_events: int = 0
     #: per input event, in order: its billed cost (the sum of its rows' BilledCost), None if unpriced
@@ -41,6 +49,8 @@ class CostOutput:
     def extend(self, other: CostOutput) -> None:
         """Append the output of the events priced after these."""
         self.rows += other.rows
+        self.priced += other.priced
+        self.line_costs += other.line_costs
         self.dead_letters += other.dead_letters
         self.priced_events += other.priced_events
         self.billed += other.billed
@@ -71,31 +81,47 @@ def unpriced_letter(event: UsageEvent, exc: UnpricedError) -> DeadLetter:
 
 def cost_records(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Billing) -> CostOutput:
     """Price each event; a priced event gives one FOCUS row per meter, keyed by its attribution key."""
+    out = price_calls(events, catalog, billing)
+    out.rows = focus_records(out.priced, out.line_costs, billing)
+    return out
+
+
+def price_calls(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Billing) -> CostOutput:
+    """cost_records without the rows: `priced` holds what they are made of."""
     out = CostOutput()
     dims_of: dict[str, tuple[str, ...]] = {}  # attribution key -> metric label values; most calls repeat one
     for event in events:
-        key = event.attribution_key.encode()
         try:
             priced = price_usage(event, catalog)
         except UnpricedError as exc:
             out.unpriced[exc.reason] += 1
             out.unpriced_models.setdefault((event.provider, event.model), exc)
-            out.dead_letters.append((key, unpriced_letter(event, exc).encode()))
+            out.dead_letters.append((event.attribution_key.encode(), unpriced_letter(event, exc).encode()))
             out.billed.append(None)
             continue
         out.priced_events += 1
+        out.priced.append(priced)
         dims = dims_of.get(event.attribution_key)
         if dims is None:
             attribution = event.attribution
             dims = dims_of[event.attribution_key] = tuple(attribution.get(d) or UNALLOCATED for d in METRIC_DIMENSIONS)
         labels = (*dims, priced.price.provider_id, priced.price.model_id)
         out.requests[labels] += 1
+        costs = line_costs(priced, billing)
+        out.line_costs.append(costs)
         total = Decimal(0)
-        for line, (value, billed) in zip(priced.lines, encoded_focus_rows(priced, billing), strict=True):
-            out.rows.append((key, value))
+        for line, billed in zip(priced.lines, costs, strict=True):
             meter = out.by_meter[(*labels, line.meter)]
             meter.cost += billed
             meter.tokens += line.quantity
             total += billed
         out.billed.append(total)
     return out
+
+
+def focus_records(priced: Sequence[PricedUsage], line_costs: Sequence[Sequence[Decimal]], billing: Billing
+                  ) -> list[Record]:
+    """The FOCUS rows of priced calls (with their lines' BilledCost), one per meter, keyed by the call's
+    attribution key."""
+    return [(call.event.attribution_key.encode(), value)
+            for call, costs in zip(priced, line_costs, strict=True) for value in focus_values(call, billing, costs)]

@@ -11,6 +11,8 @@ to MONEY_SCALE places, so ListCost is ListUnitPrice x PricingQuantity and sums o
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Context, Decimal
@@ -191,33 +193,44 @@ def _plain(value: Decimal) -> str:
 
 def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[bytes, Decimal]]:
     """The FOCUS rows of one priced call, one per meter it used, as `genai.cost.focus` values with their
-    BilledCost. A row's JSON object is spliced from encoded parts: the constant columns, the call's columns
-    (a cached template around its times and ids), the price point's (encoded once, cached) and the row's own
-    quantities and costs, written as encode_row would."""
+    BilledCost."""
+    costs = line_costs(priced, billing)
+    return list(zip(focus_values(priced, billing, costs), costs, strict=True))
+
+
+def focus_values(priced: PricedUsage, billing: Billing, costs: Sequence[Decimal]) -> list[bytes]:
+    """The FOCUS rows of one priced call as `genai.cost.focus` values, given each line's BilledCost (line_costs).
+    A row's JSON object is spliced from encoded parts: the constant columns, the call's columns (cached runs
+    around its times and ids), the price point's (encoded once, cached) and the row's own quantities and costs,
+    written as encode_row would."""
     head = b"{" + _CONSTANT_FRAGMENTS[billing.focus_version] + _call_fragment(priced, billing) + b","
     usage_id = orjson.dumps(priced.event.id)[1:-1]
     out = []
-    for line in priced.lines:
+    for line, contract_cost in zip(priced.lines, costs, strict=True):
         point = _price_point(priced, line, billing)
         pricing_quantity = _EXACT.divide(Decimal(line.quantity), point.per)
-        contract_cost = _contract_cost(point, pricing_quantity)
         billed = _plain(contract_cost)
         quantities = _QUANTITIES % (
             billed, line.quantity, billed, billed,
             _plain(_EXACT.multiply(point.list_unit, pricing_quantity).quantize(MONEY_QUANTUM, context=_EXACT)),
             _plain(_EXACT.multiply(point.pc_contract_unit, pricing_quantity).quantize(MONEY_QUANTUM, context=_EXACT)),
             _plain(pricing_quantity))
-        out.append((head + point.fragment + quantities.encode() + usage_id + point.row_id_end, contract_cost))
+        out.append(b"".join((head, point.fragment, quantities.encode(), usage_id, point.row_id_end)))
+    return out
+
+
+def line_costs(priced: PricedUsage, billing: Billing) -> list[Decimal]:
+    """The BilledCost of each FOCUS row of one priced call (one per line), without the rows."""
+    out = []
+    for line in priced.lines:
+        point = _price_point(priced, line, billing)
+        out.append(_contract_cost(point, _EXACT.divide(Decimal(line.quantity), point.per)))
     return out
 
 
 def billed_cost(priced: PricedUsage, billing: Billing) -> Decimal:
     """What the FOCUS rows of one priced call bill in total (the sum of their BilledCost), without the rows."""
-    total = Decimal(0)
-    for line in priced.lines:
-        point = _price_point(priced, line, billing)
-        total += _contract_cost(point, _EXACT.divide(Decimal(line.quantity), point.per))
-    return total
+    return sum(line_costs(priced, billing), Decimal(0))
 
 
 #: the columns of a row that depend on its price point (_PricePoint) and on its quantities (_QUANTITIES)
@@ -254,58 +267,73 @@ _NOT_IN_VERSION: Final[dict[str, tuple[str, ...]]] = {
     for version, columns in COLUMNS_BY_VERSION.items()}
 
 
-#: the call columns that depend on the call's start second, and those that differ on every call
+#: the call columns that depend on the call's start second, those that differ on every call, and those that depend
+#: only on its attribution; the other call columns depend on its price, model and billing (its "kind")
 _PER_SECOND: Final = ("BillingPeriodEnd", "BillingPeriodStart", "ChargePeriodEnd", "ChargePeriodStart")
 _PER_CALL: Final = ("x_UsageId", "x_TraceId", "x_SpanId")
+_BY_ATTRIBUTION: Final = frozenset({"SubAccountId", "SubAccountName", "SubAccountType", "Tags", "x_AttributionKey",
+                                    *ATTRIBUTION_COLUMNS.values()})
+#: the runs of call columns in the order _call_columns lists them (in either version), by what they depend on
+_LAYOUT: Final = ("kind", "second", "kind", "attribution", "call", "kind", "attribution", "kind", "attribution")
+
+
+def _role(column: str) -> str:
+    return ("second" if column in _PER_SECOND else "call" if column in _PER_CALL
+            else "attribution" if column in _BY_ATTRIBUTION else "kind")
 
 
 @dataclass(frozen=True, slots=True)
-class _CallTemplate:
-    """The encoded call columns of calls alike but for their start second and ids: the members before the
-    per-second columns, between them and the ids, and after the ids."""
+class _Runs:
+    """The encoded members of each run of call columns of one role (_LAYOUT), shared by the calls alike in what
+    that role depends on. Calls differ widely in attribution x kind (the e2e bench has over 12,000 pairs), so each
+    is cached apart: a cache of pairs missed on most calls."""
 
-    before: bytes
-    between: bytes
-    after: bytes
+    members: tuple[bytes, ...]
     keep_alive: object  # holds what the cache key names by id(), so those ids are never reused
 
 
-_CALL_TEMPLATES: dict[tuple[Any, ...], _CallTemplate] = {}
-_CALL_TEMPLATES_MAX: Final = 10_000  # under 1 KB each (with their key): about 10 MB at most
+_KINDS: dict[tuple[Any, ...], _Runs] = {}
+_ATTRIBUTIONS: dict[tuple[Any, ...], _Runs] = {}
+_RUNS_MAX: Final = 10_000  # per cache; under 1 KB each (with their key): about 20 MB at most
 
 
 def _call_fragment(priced: PricedUsage, billing: Billing) -> bytes:
-    """encode_row(_call_columns(priced, billing)) without its braces, from a cached template."""
+    """encode_row(_call_columns(priced, billing)) without its braces, from cached runs of encoded columns."""
     event = priced.event
-    key = (id(priced.price), id(billing), priced.catalog_version, event.attribution_key,
-           tuple(event.attribution.items()), event.provider, event.response_model, event.request_model,
-           event.operation, event.service_tier, event.allocated, event.adjusted_count)
-    template = _CALL_TEMPLATES.get(key)
-    if template is None:
-        if len(_CALL_TEMPLATES) >= _CALL_TEMPLATES_MAX:
-            _CALL_TEMPLATES.clear()
-        template = _CALL_TEMPLATES[key] = _call_template(priced, billing)
-    return (template.before + _per_second_fragment(event.start_time_unix_nano // 10**9) + template.between
-            + b'"x_UsageId":' + orjson.dumps(event.id) + b',"x_TraceId":' + orjson.dumps(event.trace_id)
-            + b',"x_SpanId":' + orjson.dumps(event.span_id) + template.after)
+    kind_key = (id(priced.price), id(billing), priced.catalog_version, event.provider, event.response_model,
+                event.request_model, event.operation, event.service_tier, event.allocated, event.adjusted_count)
+    kind = _KINDS.get(kind_key)
+    if kind is None:
+        kind = _cached(_KINDS, kind_key, _Runs(_runs_of(priced, billing, "kind"), (priced.price, billing)))
+    attribution_key = (id(billing), event.attribution_key, *event.attribution.items())
+    attribution = _ATTRIBUTIONS.get(attribution_key)
+    if attribution is None:
+        attribution = _cached(_ATTRIBUTIONS, attribution_key,
+                              _Runs(_runs_of(priced, billing, "attribution"), billing))
+    k0, k1, k2, k3 = kind.members
+    a0, a1, a2 = attribution.members
+    ids = (b'"x_UsageId":' + orjson.dumps(event.id) + b',"x_TraceId":' + orjson.dumps(event.trace_id)
+           + b',"x_SpanId":' + orjson.dumps(event.span_id))
+    return b",".join((k0, _per_second_fragment(event.start_time_unix_nano // 10**9), k1, a0, ids, k2, a1, k3, a2))
 
 
-def _call_template(priced: PricedUsage, billing: Billing) -> _CallTemplate:
-    items = list(_call_columns(priced, billing).items())
-    names = [name for name, _ in items]
-    # _call_columns lists each group adjacent and in the order of _PER_SECOND and _PER_CALL
-    seconds, ids = names.index(_PER_SECOND[0]), names.index(_PER_CALL[0])
-    before, between = items[:seconds], items[seconds + len(_PER_SECOND):ids]
-    after = items[ids + len(_PER_CALL):]
-    return _CallTemplate(before=_members(before) + b"," if before else b"",
-                         between=b"," + _members(between) + b"," if between else b",",
-                         after=b"," + _members(after) if after else b"",
-                         keep_alive=(priced.price, billing))
+def _cached(cache: dict[tuple[Any, ...], _Runs], key: tuple[Any, ...], runs: _Runs) -> _Runs:
+    if len(cache) >= _RUNS_MAX:
+        cache.clear()  # a flood of distinct calls must not grow memory
+    cache[key] = runs
+    return runs
 
 
-def _members(items: list[tuple[str, Any]]) -> bytes:
-    """JSON object members, as encode_row gives them, without the braces."""
-    return encode_row(dict(items))[1:-1]
+def _runs_of(priced: PricedUsage, billing: Billing, role: str) -> tuple[bytes, ...]:
+    """The encoded members of each run of `role` columns of the call's columns."""
+    layout, members = [], []
+    for run_role, items in itertools.groupby(_call_columns(priced, billing).items(), key=lambda item: _role(item[0])):
+        layout.append(run_role)
+        if run_role == role:
+            members.append(encode_row(dict(items))[1:-1])
+    if tuple(layout) != _LAYOUT:
+        raise AssertionError(f"_call_columns lists its columns as {layout}, not as _LAYOUT")
+    return tuple(members)
 
 
 @lru_cache(maxsize=4096)  # calls cluster in time: most rows repeat a recent second

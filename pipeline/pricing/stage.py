@@ -10,6 +10,12 @@ The same batch feeds stage 2: its spend per scope goes to `genai.spend` (with th
 it came from, so stage 2 adds it once), and about once a second an event-time tick goes to every
 `genai.spend` partition, so breakers can cool down while their scope is quiet. The first call
 to a model nobody prices raises an `unpriced_model` alert.
+
+Breakers must not wait for FOCUS rows, which are ~3/4 of the stage's CPU: a fetched batch is priced and its
+spend, dead letters and alerts sent (and acknowledged) at once, by a producer of their own, then the batch
+waits in a bounded backlog for its rows, which another task makes and sends in chunks, each only while no
+batch is being priced: under a burst the spend runs ahead until the backlog is full. A batch's offsets are
+committed, in fetch order, once its rows are acknowledged too.
 """
 
 from __future__ import annotations
@@ -18,21 +24,25 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
+from typing import NamedTuple
 
-from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from pipeline.guardrails.decide import unpriced_alert
 from pipeline.guardrails.history import recorded_usage
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.spend import PricedCall, ScopeIndex, spend_records
 from pipeline.kafka.consumer import commit_processed, group_consumer, read_range, reader
-from pipeline.kafka.producer import BatchProducer, partition_for
+from pipeline.kafka.producer import BatchProducer, Delivery, acknowledged, partition_for
 from pipeline.observability import metrics
 from pipeline.observability.consumers import ConsumerMetrics
 from pipeline.observability.rejections import PROCESSING_FAILED, Rejections
-from pipeline.pricing import PriceCatalog, UnpricedError
-from pipeline.pricing.cost_records import CostOutput, cost_records
+from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError
+from pipeline.pricing.cost_records import CostOutput, focus_records, price_calls
 from pipeline.pricing.counters import UsageCounters
 from pipeline.pricing.dedupe import SeenUsage
 from pipeline.pricing.focus import Billing
@@ -46,11 +56,18 @@ from schemas.usage import UsageEvent, decode_usage_batch
 
 log = logging.getLogger(__name__)
 PRICING_GROUP = "spendstream-pricing"
-BATCH_MAX_MESSAGES = 2_000
+#: a usage message holds the calls of one attribution key in one request (~7 in the e2e bench): a batch is priced
+#: in one go, which stage 2 (same loop) waits for, so it stays small (~0.1 s)
+BATCH_MAX_MESSAGES = 500
 PROGRESS_EVERY_S = 10.0
 TICK_EVERY_S = 1.0
 #: with no calls for this long, ticks follow the wall clock (a quiet pipeline still cools breakers down)
 IDLE_AFTER_S = 5.0
+#: the calls priced (their spend sent) whose rows may wait to be published: how far the spend runs ahead of
+#: the rows under load (~2.7 KB a call held, ~160 MB in all; a batch larger than this still goes, alone)
+ROWS_BACKLOG_CALLS = 60_000
+#: the calls whose rows are made and handed to the producer before the loop lets the spend path run (~10 ms)
+ROWS_CHUNK_CALLS = 250
 _NS = 1_000_000_000
 
 
@@ -92,6 +109,66 @@ class EventClock:
         return self.watermark_ns
 
 
+@dataclass(frozen=True, slots=True)
+class PricedBatch:
+    """A fetched batch, priced, its spend acknowledged: its rows are still to be published."""
+
+    calls: list[PricedCall]
+    #: what each call's rows are made of, aligned with `calls`
+    priced: list[PricedUsage]
+    line_costs: list[list[Decimal]]
+    offsets: dict[TopicPartition, int]  # to commit once the rows are acknowledged
+
+
+class RowsBacklog:
+    """The priced batches waiting for their rows, in fetch order, holding at most `max_calls` calls (a batch
+    larger than that is let in alone). Rows give way to the spend: they wait while a batch is being priced."""
+
+    def __init__(self, max_calls: int) -> None:
+        self._max_calls = max_calls
+        self._batches: deque[PricedBatch] = deque()
+        self._calls = 0  # of the batches queued or being published
+        self._changed = asyncio.Condition()
+        self._not_pricing = asyncio.Event()
+        self._not_pricing.set()
+
+    def pricing(self) -> None:
+        """A fetched batch is being priced: rows wait until it is put here."""
+        self._not_pricing.clear()
+
+    async def rows_turn(self) -> None:
+        """Return when no batch is being priced (at once, without yielding to the loop, if none is)."""
+        await self._not_pricing.wait()
+
+    async def put(self, batch: PricedBatch) -> None:
+        self._not_pricing.set()  # also while it waits for room: the rows make it
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._calls or self._calls + len(batch.calls) <= self._max_calls)
+            self._batches.append(batch)
+            self._calls += len(batch.calls)
+            self._changed.notify_all()
+
+    async def get(self) -> PricedBatch:
+        """The oldest batch; it counts against the bound until `done` is called with it."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._batches))
+            return self._batches.popleft()
+
+    async def done(self, batch: PricedBatch) -> None:
+        async with self._changed:
+            self._calls -= len(batch.calls)
+            self._changed.notify_all()
+
+
+class _Consumed(NamedTuple):
+    """The usage message a call came from, for its dead letter (the collector keys it by attribution key)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+
+
 class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type hints
     def __init__(self, config: Config, catalog: PriceCatalog, billing: Billing, policy: PolicyFile,
                  data_dir: Path | None = None) -> None:
@@ -110,6 +187,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         self._partitions = 0  # of genai.usage
         self._revocations = 0
         self._rejections = Rejections("pricing", log)
+        self._row_rejections = Rejections("pricing", log)  # published with the rows, before their commit
         self.priced = self.unpriced = self.duplicates = 0
 
     # a partition this worker gives up may be priced elsewhere meanwhile: its ids are rebuilt if it comes back
@@ -125,36 +203,96 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         """Price until cancelled."""
         consumer = group_consumer(self._config.kafka, PRICING_GROUP, max_poll_records=BATCH_MAX_MESSAGES)
         consumer.subscribe([self._names.usage], listener=self)
-        producer = BatchProducer.of(self._config.kafka, os.environ)
+        # the spend has a connection of its own: one produce request is in flight per connection, and it must not
+        # queue behind megabytes of rows
+        producer, rows_producer = (BatchProducer.of(self._config.kafka, os.environ) for _ in range(2))
+        backlog = RowsBacklog(ROWS_BACKLOG_CALLS)
         await producer.start()
+        await rows_producer.start()
         await consumer.start()
         self._partitions = len(await producer.partitions_of(self._names.usage))
-        observed = ConsumerMetrics(consumer, PRICING_GROUP, "pricing")
-        reported, at = 0, time.monotonic()
+        tasks = [asyncio.create_task(self._price_batches(consumer, producer, backlog)),
+                 asyncio.create_task(self._publish_rows(consumer, rows_producer, backlog))]
         try:
-            while True:
-                batches = await consumer.getmany(timeout_ms=500, max_records=BATCH_MAX_MESSAGES)
-                await observed.after_fetch(batches)
-                if batches:
-                    await self._restore_seen({tp.partition: records[0].offset for tp, records in batches.items()
-                                              if tp.partition not in self._seen})
-                    # a rebalance during the restore may have taken partitions away: their records are not ours
-                    batches = {tp: records for tp, records in batches.items() if tp.partition in self._seen}
-                    await self._price(batches, producer)
-                    # a rebalance during the publish may have taken partitions away: their new owner commits them
-                    await commit_processed(consumer, {tp: records[-1].offset + 1 for tp, records in batches.items()
-                                                      if tp.partition in self._seen}, "pricing", log)
-                tick = self._clock.tick_due(time.time_ns())
-                if tick is not None:
-                    await producer.send_everywhere(self._names.spend, encode_tick(tick))
-                if time.monotonic() - at >= PROGRESS_EVERY_S and self.priced != reported:
-                    log.info("pricing: %d usage events priced, %d unpriced (dead-lettered), %d messages rejected, "
-                             "%d duplicates skipped", self.priced, self.unpriced, self._rejections.total,
-                             self.duplicates)
-                    reported, at = self.priced, time.monotonic()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:  # both loop until cancelled: one that ended raised
+                task.result()
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await consumer.stop()
             await producer.stop()
+            await rows_producer.stop()
+
+    async def _price_batches(self, consumer: AIOKafkaConsumer, producer: BatchProducer,
+                             backlog: RowsBacklog) -> None:
+        """Fetch, price, send the spend, and leave the rows to _publish_rows."""
+        observed = ConsumerMetrics(consumer, PRICING_GROUP, "pricing")
+        reported, at = 0, time.monotonic()
+        while True:
+            batches = await consumer.getmany(timeout_ms=500, max_records=BATCH_MAX_MESSAGES)
+            await observed.after_fetch(batches)
+            if batches:
+                backlog.pricing()
+                await self._restore_seen({tp.partition: records[0].offset for tp, records in batches.items()
+                                          if tp.partition not in self._seen})
+                # a rebalance during the restore may have taken partitions away: their records are not ours
+                batches = {tp: records for tp, records in batches.items() if tp.partition in self._seen}
+                await backlog.put(await self._price(batches, producer))
+            tick = self._clock.tick_due(time.time_ns())
+            if tick is not None:
+                await producer.send_everywhere(self._names.spend, encode_tick(tick))
+            if time.monotonic() - at >= PROGRESS_EVERY_S and self.priced != reported:
+                log.info("pricing: %d usage events priced, %d unpriced (dead-lettered), %d messages rejected, "
+                         "%d duplicates skipped", self.priced, self.unpriced,
+                         self._rejections.total + self._row_rejections.total,
+                         self.duplicates)
+                reported, at = self.priced, time.monotonic()
+
+    async def _publish_rows(self, consumer: AIOKafkaConsumer, producer: BatchProducer, backlog: RowsBacklog) -> None:
+        """The rows of each priced batch, in fetch order; then its offsets are committed."""
+        while True:
+            batch = await backlog.get()
+            deliveries: list[Delivery] = []
+            rows = 0
+            with metrics.PUBLISH_SECONDS.labels("pricing").time():
+                for start in range(0, len(batch.calls), ROWS_CHUNK_CALLS):
+                    await asyncio.sleep(0)  # the spend of the next batches, and stage 2, go first
+                    await backlog.rows_turn()
+                    end = start + ROWS_CHUNK_CALLS
+                    records = self._rows(batch.calls[start:end], batch.priced[start:end], batch.line_costs[start:end])
+                    deliveries += await producer.enqueue_all(self._names.cost_focus, records)
+                    rows += len(records)
+                # acknowledged by the broker before the offsets are committed: at-least-once
+                await acknowledged(deliveries)
+                await producer.send_all(self._names.deadletter, self._row_rejections.take())
+            metrics.FOCUS_ROWS.inc(rows)
+            # a rebalance meanwhile may have taken partitions away: their new owner commits them
+            await commit_processed(consumer, {tp: offset for tp, offset in batch.offsets.items()
+                                              if tp.partition in self._seen}, "pricing", log)
+            await backlog.done(batch)
+
+    def _rows(self, calls: list[PricedCall], priced: list[PricedUsage], line_costs: list[list[Decimal]]
+              ) -> list[Record]:
+        """The FOCUS rows of priced calls. Should making them raise, they are made call by call, and a call that
+        raises has its message rejected (its spend is counted: it was priced)."""
+        try:
+            return focus_records(priced, line_costs, self._billing)
+        except Exception:  # isolated below, call by call
+            log.warning("pricing: the rows of a batch failed; making them call by call", exc_info=True)
+        out: list[Record] = []
+        rejected: set[tuple[int, int]] = set()
+        for call, one, costs in zip(calls, priced, line_costs, strict=True):
+            try:
+                out += focus_records([one], [costs], self._billing)
+            except Exception as exc:  # this call's rows only: dead-lettered, the stage goes on
+                if (call.partition, call.offset) not in rejected:
+                    rejected.add((call.partition, call.offset))
+                    key = call.event.attribution_key
+                    self._row_rejections.add(_Consumed(self._names.usage, call.partition, call.offset, key.encode()),
+                                         PROCESSING_FAILED, exc, attribution_key=key)
+        return out
 
     async def _restore_seen(self, first_offsets: dict[int, int]) -> None:
         """Rebuild the ids of partitions just taken over from what they hold before the first offset fetched:
@@ -217,7 +355,9 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         return fresh, letters
 
     async def _price(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-                     producer: BatchProducer) -> None:
+                     producer: BatchProducer) -> PricedBatch:
+        """Price a fetched batch and send (acknowledged) its spend, dead letters and alerts; returns its rows'
+        makings."""
         decoded: list[Located] = []
         for records in batches.values():
             for record in records:
@@ -244,21 +384,19 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
             for seen in self._seen.values():
                 seen.advance(self._clock.watermark_ns // _NS)
         spend = spend_records(calls, self._scopes, wall_ns + self._config.collector.max_skew_s * _NS)
-        # acknowledged by the broker before the offsets are committed: at-least-once
-        with metrics.PUBLISH_SECONDS.labels("pricing").time():
-            await asyncio.gather(producer.send_all(self._names.cost_focus, out.rows),
-                                 producer.send_all(self._names.deadletter,
-                                                   self._rejections.take() + future + out.dead_letters),
-                                 producer.send_all(self._names.spend, spend),
-                                 producer.send_all(self._names.alerts, self._unpriced_alerts(out.unpriced_models)))
+        await asyncio.gather(producer.send_all(self._names.spend, spend),
+                             producer.send_all(self._names.deadletter,
+                                               self._rejections.take() + future + out.dead_letters),
+                             producer.send_all(self._names.alerts, self._unpriced_alerts(out.unpriced_models)))
         metrics.SPEND_MESSAGES.inc(len(spend))
         self.priced += out.priced_events
         self.unpriced += sum(out.unpriced.values()) + len(future)
         metrics.USAGE_PRICED.inc(out.priced_events)
-        metrics.FOCUS_ROWS.inc(len(out.rows))
         for reason, count in out.unpriced.items():
             metrics.USAGE_UNPRICED.labels(reason).inc(count)
         self._counters.count(out)
+        return PricedBatch(calls, out.priced, out.line_costs,
+                           {tp: records[-1].offset + 1 for tp, records in batches.items()})
 
     def _cost(self, fresh: list[Located], batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
               ) -> tuple[list[Located], CostOutput]:
@@ -266,7 +404,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         core raise, the batch is priced again message by message and the messages that raise are rejected: one
         call the core cannot handle must not stop the stage."""
         try:
-            return fresh, cost_records([event for event, _, _ in fresh], self._catalog, self._billing)
+            return fresh, price_calls([event for event, _, _ in fresh], self._catalog, self._billing)
         except Exception:  # isolated below, message by message
             log.warning("pricing: a batch failed to price; pricing it message by message", exc_info=True)
         by_message: dict[tuple[int, int], list[Located]] = {}
@@ -277,7 +415,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         out = CostOutput()
         for where, calls in by_message.items():
             try:
-                part = cost_records([event for event, _, _ in calls], self._catalog, self._billing)
+                part = price_calls([event for event, _, _ in calls], self._catalog, self._billing)
             except Exception as exc:  # this message's calls only: dead-lettered, the stage goes on
                 self._rejections.add(records[where], PROCESSING_FAILED, exc,
                                      attribution_key=calls[0][0].attribution_key)

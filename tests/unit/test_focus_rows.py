@@ -12,11 +12,12 @@ from importlib import resources
 from typing import Any
 
 import jsonschema
+import msgspec
 import orjson
 import pytest
 
-from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, overrides_from_config, price_usage
-from pipeline.pricing.cost_records import cost_records
+from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, focus, overrides_from_config, price_usage
+from pipeline.pricing.cost_records import cost_records, focus_records, price_calls
 from pipeline.pricing.focus import Billing, encoded_focus_rows, month_bounds
 from schemas.codec import rfc3339
 from schemas.config import config_from_dict
@@ -208,3 +209,27 @@ def test_calls_differing_in_one_call_column_each_get_their_own_columns() -> None
             call.operation, call.model, call.allocated, call.service_tier, dict(call.attribution),
             call.attribution_key, call.id, call.span_id), changed
         assert row["ChargePeriodStart"] == rfc3339(call.start_time_unix_nano // 10**9)
+
+
+@pytest.mark.parametrize("version", ["1.4", "1.2"])
+def test_call_columns_are_cached_per_attribution_and_per_model_not_per_pair(version: str) -> None:
+    # the e2e bench's calls make over 12,000 (attribution, model) pairs: a cache of pairs missed on most calls
+    calls = [msgspec.structs.replace(event(model, provider), id=f"call-{n}-{model}",
+                                     attribution={"team": f"t{n}", "app": f"a{n % 3}"}, attribution_key=f"team=t{n}")
+             for n in range(30) for provider, model in (("openai", "gpt-4o"), ("openai", "gpt-4o-mini"),
+                                                        ("anthropic", "claude-sonnet-4-5"))]
+    focus._KINDS.clear()
+    focus._ATTRIBUTIONS.clear()
+    rows = cost_records(calls, PriceCatalog(), Billing(focus_version=version)).rows
+    assert (len(focus._KINDS), len(focus._ATTRIBUTIONS)) == (3, 30)
+    for _, value in rows:
+        assert value == encode_row(orjson.loads(value))
+
+
+def test_rows_made_after_pricing_are_the_rows_of_cost_records() -> None:
+    calls = [event(), event("gpt-nope"), event("gpt-4o-mini")]
+    priced = price_calls(calls, PriceCatalog(), Billing())
+    assert not priced.rows and len(priced.priced) == 2
+    whole = cost_records(calls, PriceCatalog(), Billing())
+    assert focus_records(priced.priced, priced.line_costs, Billing()) == whole.rows and priced.billed == whole.billed
+    assert priced.by_meter == whole.by_meter and priced.dead_letters == whole.dead_letters

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -17,9 +17,10 @@ from aiokafka.errors import IllegalStateError
 from pipeline.export.files import rows_table
 from pipeline.gateway.kill_switch import trip_command
 from pipeline.guardrails.policy_file import PolicyFile
+from pipeline.guardrails.spend import PricedCall
 from pipeline.guardrails.state import ScopeState
 from pipeline.kafka.consumer import commit_processed
-from pipeline.pricing import PriceCatalog, price_usage
+from pipeline.pricing import PriceCatalog, PricedUsage, cost_records, price_usage
 from pipeline.pricing.catalog import ResolvedPrice
 from pipeline.pricing.focus import Billing, encoded_focus_rows
 from pipeline.pricing.stage import PricingStage
@@ -161,3 +162,28 @@ def test_a_message_the_pricing_core_cannot_price_is_rejected_and_the_rest_is_pri
         "schema_version": 1, "reason": "processing_failed", "stage": "pricing", "detail": "…",
         "attribution_key": good.attribution_key, "usage_id": None,
         "fields": {"topic": "genai.usage", "partition": 0, "offset": 11, "key": "team=search"}}
+
+
+def test_a_call_whose_rows_cannot_be_made_is_rejected_and_the_rest_get_their_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # rows are made after the batch's spend went out (stage.py): one call the mapping cannot handle must not stop
+    # the stage either; its message is dead-lettered, the other calls of the chunk get their rows
+    config = Config()
+    stage = PricingStage(config, PriceCatalog(), Billing(), PolicyFile(None, config.policy))
+    good, bad = usage_event(1), usage_event(2, model="gpt-4o-mini")
+    out = stage._cost([(good, 0, 10), (bad, 0, 11)], {})[1]
+    calls = [PricedCall(good, 0, 10, Decimal(1)), PricedCall(bad, 0, 11, Decimal(1))]
+    values = cost_records.focus_values
+
+    def breaks(priced: PricedUsage, billing: Billing, costs: Sequence[Decimal]) -> list[bytes]:
+        if priced.event.id == bad.id:
+            raise ZeroDivisionError("a row the mapping cannot make")
+        return values(priced, billing, costs)
+
+    monkeypatch.setattr(cost_records, "focus_values", breaks)
+    rows = stage._rows(calls, out.priced, out.line_costs)
+    assert {orjson.loads(value)["x_UsageId"] for _, value in rows} == {good.id}
+    [(_, letter)] = stage._row_rejections.take()
+    assert orjson.loads(letter)["reason"] == "processing_failed"
+    assert orjson.loads(letter)["fields"] == {"topic": "genai.usage", "partition": 0, "offset": 11,
+                                              "key": good.attribution_key}
