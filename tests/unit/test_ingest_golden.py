@@ -130,7 +130,8 @@ def _nested() -> list[Span]:
 def _undecodable() -> bytes:
     """One call whose attribute is not UTF-8 (the decoder salvages and rejects it), beside a good one."""
     request = make_request([span({**CALL, "bad": "BAD_UTF8"}), span(CALL)], {"team.name": "t"})
-    return request.SerializeToString().replace(b"BAD_UTF8", b"\xff\xfeD_UTF8")
+    payload: bytes = request.SerializeToString()
+    return payload.replace(b"BAD_UTF8", b"\xff\xfeD_UTF8")
 
 
 def corpus() -> Iterator[tuple[str, ExportTraceServiceRequest, Config, str | None, bytes]]:
