@@ -13,6 +13,7 @@ for an intended change of behaviour, and review the diff:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping
@@ -27,6 +28,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from collector.attribution import token_identities
 from collector.decode import decode_protobuf
 from collector.ingest import NestedCallFilter, ingest_request
+from collector.normalize import READ_KEYS, InvalidSpan, normalize_span
 from schemas.config import AttributionConfig, Config
 from schemas.usage import encode_usage_batch
 from tests.dialects import DIALECTS
@@ -178,6 +180,38 @@ def test_the_collector_output_for_the_corpus_is_unchanged() -> None:
     assert list(actual) == list(expected)
     for name, result in actual.items():
         assert result == expected[name], name
+
+
+class ReadAttrs(Mapping[str, AnyValue]):
+    """A span's attributes that remember every key looked up."""
+
+    def __init__(self, attrs: Mapping[str, AnyValue], read: set[str]) -> None:
+        self._attrs, self._read = attrs, read
+
+    def __getitem__(self, key: str) -> AnyValue:
+        self._read.add(key)
+        return self._attrs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        raise AssertionError("normalize_span looks attributes up by name; it must not depend on the others")
+
+    def __len__(self) -> int:
+        return len(self._attrs)
+
+
+def test_every_attribute_normalisation_reads_is_one_the_collector_converts() -> None:
+    read: set[str] = set()
+    for _, request, _, _, _ in corpus():
+        for rs in request.resource_spans:
+            resource = {kv.key: kv.value for kv in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    attrs = ReadAttrs({kv.key: kv.value for kv in s.attributes}, read)
+                    with contextlib.suppress(InvalidSpan):  # what it read before refusing counts too
+                        normalize_span(s, attrs, ReadAttrs(resource, read), ss.scope.name, max_tokens=10**9,
+                                       max_chars=256)
+    assert "gen_ai.usage.input_tokens" in read
+    assert read <= READ_KEYS, sorted(read - READ_KEYS)
 
 
 if __name__ == "__main__":
