@@ -148,6 +148,15 @@ class TestAttribution:
         assert event.attribution_key == "team=search|use_case=rag|env=prod|app=support-bot|key="
         assert event.allocated
 
+    def test_each_dimension_takes_its_first_configured_name_with_a_value(self) -> None:
+        dimensions = {"team": ("a", "b"), "use_case": ("b",), "env": ("c", "d"), "app": ("e",)}
+        config = replace(CONFIG, attribution=AttributionConfig(dimensions=dimensions, required=(),
+                                                               key_dimensions=("team", "use_case", "env", "app")))
+        attrs = {**DIALECTS[0].attrs, "d": "prod", "c": "", "b": "shared", "a": "", "e": 7}
+        [event] = ingest([make_span(attrs)], config=config, resource={}).events
+        assert list(event.attribution.items()) == [("team", "shared"), ("use_case", "shared"), ("env", "prod"),
+                                                   ("app", "7")]
+
     def test_missing_required_dimension_goes_to_unallocated(self) -> None:
         [event] = ingest([make_span(DIALECTS[0].attrs)], resource={"service.name": "x"}).events
         assert event.attribution["team"] == "unallocated"
