@@ -82,35 +82,18 @@ def attribution_key(values: Mapping[str, str], key_dimensions: tuple[str, ...]) 
     return "|".join([f"{dim}={values.get(dim, '')}" for dim in key_dimensions])
 
 
-class DimensionReader:
-    """Reads the attribution dimensions an attribute map names: for each dimension, the first of its configured
-    names with a non-empty scalar value, cut to `max_chars`.
-
-    Made once per request and used for every span: a span has few of the configured names, so only the ones it
-    has are looked at (in the configured order), not every name of every dimension.
-    """
-
-    def __init__(self, config: AttributionConfig, max_chars: int) -> None:
-        order = [(dim, name) for dim, names in config.dimensions.items() for name in names]
-        self._names = frozenset(name for _, name in order)
-        #: name -> (its place in the configured order, dimension); one name may feed several dimensions
-        self._places: dict[str, list[tuple[int, str]]] = {}
-        for place, (dim, name) in enumerate(order):
-            self._places.setdefault(name, []).append((place, dim))
-        self._max_chars = max_chars
-
-    def read(self, attrs: Attrs) -> dict[str, str]:
-        """Dimension -> value, in the configured order of the dimensions."""
-        values: dict[str, str] = {}
-        named = attrs.keys() & self._names
-        if not named:
-            return values
-        for _, dim, name in sorted([(place, dim, n) for n in named for place, dim in self._places[n]]):
-            if dim not in values:
-                text = any_value_str(attrs[name])
+def dimension_values(attrs: Attrs, config: AttributionConfig, max_chars: int) -> dict[str, str]:
+    """The dimensions one attribute map names (first configured name wins). Called once per resource."""
+    values: dict[str, str] = {}
+    for dim, names in config.dimensions.items():
+        for name in names:
+            hit = attrs.get(name)
+            if hit is not None:
+                text = any_value_str(hit)
                 if text:
-                    values[dim] = text[:self._max_chars]
-        return values
+                    values[dim] = text[:max_chars]
+                    break
+    return values
 
 
 class ResourceAttribution:
@@ -122,19 +105,19 @@ class ResourceAttribution:
     is settled once (its Attribution, `values` included, is shared by those calls: read it, never change it).
     """
 
-    def __init__(self, resource: Attrs, reader: DimensionReader, config: AttributionConfig,
-                 identity: TokenIdentity | None, *, user_key: bytes | None = None) -> None:
-        """`resource`: the resource's attributes; `user_key` the HMAC key for user ids."""
-        self._resource_values = reader.read(resource)
-        self._reader = reader
+    def __init__(self, resource_values: Mapping[str, str], config: AttributionConfig,
+                 identity: TokenIdentity | None, max_chars: int, *, user_key: bytes | None = None) -> None:
+        """`resource_values` is `dimension_values()` of the resource; `user_key` the HMAC key for user ids."""
+        self._resource_values = resource_values
         self._config = config
         self._identity = identity
+        self._max_chars = max_chars
         self._user_key = user_key
         self._settled: dict[tuple[tuple[str, str], ...], Attribution] = {}
 
     def of(self, span_attrs: Attrs) -> Attribution:
         """The attribution of the call a span with these attributes made."""
-        claims = self._reader.read(span_attrs)
+        claims = dimension_values(span_attrs, self._config, self._max_chars)
         seen = tuple(claims.items())
         who = self._settled.get(seen)
         if who is None:

@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector.attribution import Attribution, DimensionReader, ResourceAttribution, TokenIdentity
+from collector.attribution import Attribution, ResourceAttribution, TokenIdentity, dimension_values
 from collector.decode import RejectedSpan
 from collector.normalize import READ_KEYS, InvalidSpan, SpanUsage, normalize_span
 from collector.sampling import InvalidTraceState, adjusted_count, scaled
@@ -137,10 +137,10 @@ def prepare_request(
     result = IngestResult()
     limits = config.collector
     wanted = read_keys(config.attribution)
-    dimensions = DimensionReader(config.attribution, limits.max_value_chars)
 
     def attribution_of(resource: dict[str, AnyValue]) -> ResourceAttribution:
-        return ResourceAttribution(resource, dimensions, config.attribution, identity, user_key=user_key)
+        return ResourceAttribution(dimension_values(resource, config.attribution, limits.max_value_chars),
+                                   config.attribution, identity, limits.max_value_chars, user_key=user_key)
 
     candidates: list[tuple[UsageEvent, str | None]] = []
     for resource_spans in request.resource_spans:
