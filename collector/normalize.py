@@ -166,8 +166,6 @@ def any_value_str(value: AnyValue) -> str | None:
 
 
 def _first_str(attrs: Attrs, names: tuple[str, ...], max_chars: int) -> str | None:
-    if attrs.keys().isdisjoint(names):
-        return None  # the common case for most names (a span reports few of them): one test in C
     for name in names:
         value = attrs.get(name)
         if value is not None:
@@ -302,8 +300,6 @@ def _litellm_model(attrs: Attrs, raw_provider: str | None, max_chars: int) -> st
 
 
 def _count(attrs: Attrs, names: tuple[str, ...]) -> int | None:
-    if attrs.keys().isdisjoint(names):
-        return None  # as in _first_str
     for name in names:
         value = attrs.get(name)
         if value is not None:
