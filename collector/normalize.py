@@ -133,9 +133,10 @@ class InvalidSpan(PermanentError):
         super().__init__(f"{reason}: {detail}")
 
 
-class SpanUsage(msgspec.Struct, frozen=True, kw_only=True):
+class SpanUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What one usage span says about its model call, before attribution. (A Struct, not a dataclass: made
-    for every call, and a frozen dataclass's __init__ costs a Python call per field.)"""
+    for every call, and a frozen dataclass's __init__ costs a Python call per field; untracked by the cycle
+    collector, as UsageEvent is.)"""
 
     operation: str
     provider: str | None

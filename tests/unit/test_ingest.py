@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import replace
 from typing import ClassVar
@@ -77,6 +78,12 @@ def test_sibling_calls_in_one_trace_all_count() -> None:
     agent = make_span({"gen_ai.operation.name": "invoke_agent"}, trace_id=trace)
     calls = [make_span(attrs, trace_id=trace, parent=agent.span_id) for _ in range(3)]
     assert len(ingest([agent, *calls]).events) == 3
+
+
+def test_usage_events_are_left_out_of_the_cycle_collectors_work() -> None:
+    """The collector makes thousands a second: tracked, they made it collect the whole heap ever more often."""
+    [event] = ingest([make_span(DIALECTS[0].attrs)]).events
+    assert not gc.is_tracked(event) and not gc.is_tracked(event.tokens)
 
 
 def test_event_id_is_trace_and_span_id() -> None:
