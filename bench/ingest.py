@@ -9,8 +9,9 @@ Both are measured in this run on this machine, on the same 512-span OTLP payload
              sent to a downstream OTLP/gRPC receiver (a bare counting server in this process); the two
              collectors take turns on one broker, so the machine's load falls on both alike
   forward core  what processor mode adds per request, no I/O: price the calls, enrich, serialise
-Prints the ratios (forwarding / not forwarding is the cost of processor mode) and writes a bar chart to
-bench/results/ingest.svg.
+Prints the ratios (forwarding / not forwarding is the cost of processor mode), each collector process's CPU time
+per 1,000 spans it received (what it costs however much of a shared machine it got: compare changes by this),
+and writes a bar chart to bench/results/ingest.svg.
 
     .venv/bin/python bench/ingest.py [--seconds 10] [--concurrency 4]
 """
@@ -39,6 +40,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chart import bar_chart
+from bench.roles import cpu_seconds
 from collector.enrich import enrich_request, span_costs
 from collector.ingest import NestedCallFilter, ingest_request
 from pipeline.kafka.broker import EmbeddedBroker
@@ -189,10 +191,16 @@ def forward_counts(metrics_port: int) -> tuple[float, float, float]:
             metric(metrics_port, "spendstream_collector_forward_spans_sent_total"), dropped)
 
 
+def received(metrics_port: int) -> float:
+    """Spans a collector received over OTLP/gRPC so far (clients' warm-up requests included)."""
+    return metric(metrics_port, 'spendstream_collector_spans_received_total{transport="grpc"}')
+
+
 def end_to_end(payload: bytes, seconds: float, concurrency: int, rounds: int = 4) -> tuple[float, float]:
     """Spans/s of a plain collector and of one that forwards every span (to a counting receiver), both on one
     broker. They take turns, `rounds` times, so that a change in the machine's load (other processes) falls on
-    both alike; after each forwarding turn its queue is left to drain, so none of its work overlaps the other's."""
+    both alike; after each forwarding turn its queue is left to drain, so none of its work overlaps the other's.
+    Also prints each collector's CPU time per 1,000 spans over its turns (the drain included)."""
     broker = EmbeddedBroker(free_port())
     broker.start()
     asyncio.run(ensure_topics(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, partitions=4), {}))
@@ -203,26 +211,31 @@ def end_to_end(payload: bytes, seconds: float, concurrency: int, rounds: int = 4
         f.write(payload)
     collectors: list[subprocess.Popen[bytes]] = []
     totals = {False: [0.0, 0.0, 0], True: [0.0, 0.0, 0]}  # forwarding? -> spans, seconds, errors
+    cpu = {False: [0.0, 0.0], True: [0.0, 0.0]}  # forwarding? -> CPU seconds, spans received in its turns
     try:
-        plain, plain_port, _ = start_collector(broker.bootstrap_servers, [])
+        plain, plain_port, plain_metrics = start_collector(broker.bootstrap_servers, [])
         collectors.append(plain)
         forwarding, forward_port, metrics_port = start_collector(broker.bootstrap_servers,
                                                                  ["--config", str(config_file)])
         collectors.append(forwarding)
         for _ in range(rounds):
-            for forward, port in ((False, plain_port), (True, forward_port)):
+            for forward, port, process, scrape in ((False, plain_port, plain, plain_metrics),
+                                                    (True, forward_port, forwarding, metrics_port)):
+                cpu_before, received_before = cpu_seconds(process.pid), received(scrape)
                 stats = load(port, f.name, max(seconds / rounds, 2.0), concurrency)
                 total = totals[forward]
                 total[0] += stats["spans"]
                 total[1] += stats["seconds"]
                 total[2] += int(stats["errors"])
-            deadline = time.monotonic() + 60  # until every span received is forwarded or dropped
-            while time.monotonic() < deadline:
-                received, forwarded, dropped = forward_counts(metrics_port)
-                if forwarded + dropped >= received:
-                    break
-                time.sleep(0.2)
-        received, forwarded, dropped = forward_counts(metrics_port)
+                deadline = time.monotonic() + 60  # until every span received is forwarded or dropped
+                while forward and time.monotonic() < deadline:
+                    spans_in, forwarded, dropped = forward_counts(metrics_port)
+                    if forwarded + dropped >= spans_in:
+                        break
+                    time.sleep(0.2)
+                cpu[forward][0] += cpu_seconds(process.pid) - cpu_before
+                cpu[forward][1] += received(scrape) - received_before
+        spans_in, forwarded, dropped = forward_counts(metrics_port)
     finally:
         for process in collectors:
             process.terminate()
@@ -237,8 +250,11 @@ def end_to_end(payload: bytes, seconds: float, concurrency: int, rounds: int = 4
         label = "end-to-end + forwarding" if forward else "end-to-end (gRPC → Kafka, acked)"
         print(f"  {label:<32} {rate:>10,.0f} spans/s  ({errors} errors, concurrency {concurrency}, "
               f"{rounds} turns)", flush=True)
-    print(f"  {'':<32} forwarded {forwarded:,.0f} of the {received:,.0f} spans received (warm-ups included), "
+    print(f"  {'':<32} forwarded {forwarded:,.0f} of the {spans_in:,.0f} spans received (warm-ups included), "
           f"dropped {dropped:,.0f}", flush=True)
+    for forward, (seconds_used, spans) in cpu.items():
+        label = "collector CPU, forwarding" if forward else "collector CPU"
+        print(f"  {label:<32} {seconds_used / spans * 1e6:>10.1f} ms per 1,000 spans received", flush=True)
     return rates[0], rates[1]
 
 
