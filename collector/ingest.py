@@ -79,7 +79,7 @@ class IngestResult:
         return "; ".join(self.messages) + (f"; and {more} more" if more > 0 else "")
 
 
-def read_keys(attribution: AttributionConfig) -> frozenset[str]:
+def _read_keys(attribution: AttributionConfig) -> frozenset[str]:
     """The attributes the collector reads: normalisation's and the attribution dimensions' names."""
     return READ_KEYS.union(*attribution.dimensions.values())
 
@@ -136,7 +136,7 @@ def prepare_request(
     """
     result = IngestResult()
     limits = config.collector
-    wanted = read_keys(config.attribution)
+    wanted = _read_keys(config.attribution)
 
     def attribution_of(resource: dict[str, AnyValue]) -> ResourceAttribution:
         return ResourceAttribution(dimension_values(resource, config.attribution, limits.max_value_chars),
