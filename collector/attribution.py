@@ -87,7 +87,7 @@ def attribution_key(values: Mapping[str, str], key_dimensions: tuple[str, ...]) 
 
 
 def dimension_values(attrs: Attrs, config: AttributionConfig, max_chars: int) -> dict[str, str]:
-    """The dimensions one attribute map names (first configured name wins). Called once per resource."""
+    """The dimensions one attribute map names (first configured name wins): a resource's, or a span's claims."""
     values: dict[str, str] = {}
     for dim, names in config.dimensions.items():
         for name in names:
