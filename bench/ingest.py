@@ -9,10 +9,13 @@ Both are measured in this run on this machine, on the same 512-span OTLP payload
              sent to a downstream OTLP/gRPC receiver (a bare counting server in this process); the two
              collectors take turns on one broker, so the machine's load falls on both alike
   forward core  what processor mode adds per request, no I/O: price the calls, enrich, serialise
-Prints the ratios (forwarding / not forwarding is the cost of processor mode) and writes a bar chart to
-bench/results/ingest.svg.
+Prints the ratios (forwarding / not forwarding is the cost of processor mode), each collector process's CPU time
+per 1,000 spans it received (what it costs however much of a shared machine it got: compare changes by this),
+and writes a bar chart to bench/results/ingest.svg. With `--compare CHECKOUT`, the collector of another checkout
+of the project (e.g. `git worktree add /tmp/main main`) takes turns with these on the same broker, and the ratio
+of their CPU per span is printed: a before/after that the machine's changing load does not skew.
 
-    .venv/bin/python bench/ingest.py [--seconds 10] [--concurrency 4]
+    .venv/bin/python bench/ingest.py [--seconds 10] [--concurrency 4] [--compare CHECKOUT]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -39,6 +43,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chart import bar_chart
+from bench.roles import cpu_seconds
 from collector.enrich import enrich_request, span_costs
 from collector.ingest import NestedCallFilter, ingest_request
 from pipeline.kafka.broker import EmbeddedBroker
@@ -83,9 +88,11 @@ def build_payload(*, content: bool = False) -> bytes:
                 "gen_ai.completion.0.role": "assistant", "gen_ai.completion.0.content": COMPLETION}
                if content else {}),
         }))
-    return make_request(spans, {"service.name": "support-bot", "team.name": "customer-support",
-                                "deployment.environment.name": "prod", "telemetry.sdk.language": "python",
-                                "telemetry.sdk.name": "opentelemetry", "host.name": "pod-1"}).SerializeToString()
+    request = make_request(spans, {"service.name": "support-bot", "team.name": "customer-support",
+                                   "deployment.environment.name": "prod", "telemetry.sdk.language": "python",
+                                   "telemetry.sdk.name": "opentelemetry", "host.name": "pod-1"})
+    payload: bytes = request.SerializeToString()
+    return payload
 
 
 def timed(fn: object, seconds: float, label: str) -> float:
@@ -163,13 +170,16 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float 
     raise RuntimeError(f"the collector did not listen on {port} within {timeout_s:g} s")
 
 
-def start_collector(bootstrap: str, config_args: list[str]) -> tuple[subprocess.Popen[bytes], int, int]:
-    """A `spendstream collector` process: (process, its gRPC port, its metrics port), once it listens."""
+def start_collector(bootstrap: str, config_args: list[str], checkout: Path | None = None
+                    ) -> tuple[subprocess.Popen[bytes], int, int]:
+    """A `spendstream collector` process, of this code or of another `checkout` (its root): (process, its gRPC
+    port, its metrics port), once it listens."""
     grpc_port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "collector", "--kafka", bootstrap, "--grpc-port", str(grpc_port),
          "--http-port", str(free_port()), "--metrics-port", str(metrics_port), "--log-level", "warning",
-         *config_args], env={**os.environ, "SPENDSTREAM_USER_ID_KEY": BENCH_USER_KEY.decode()})
+         *config_args], cwd=checkout or Path(__file__).resolve().parent.parent,
+        env={**os.environ, "SPENDSTREAM_USER_ID_KEY": BENCH_USER_KEY.decode()})
     wait_for_port(grpc_port, process)
     return process, grpc_port, metrics_port
 
@@ -185,14 +195,56 @@ def forward_counts(metrics_port: int) -> tuple[float, float, float]:
     """A forwarding collector's spans received, forwarded and dropped so far."""
     dropped = sum(metric(metrics_port, f'spendstream_collector_forward_spans_dropped_total{{reason="{r}"}}')
                   for r in ("queue_full", "retries_exhausted", "refused", "failed", "shutdown"))
-    return (metric(metrics_port, 'spendstream_collector_spans_received_total{transport="grpc"}'),
-            metric(metrics_port, "spendstream_collector_forward_spans_sent_total"), dropped)
+    return (received(metrics_port), metric(metrics_port, "spendstream_collector_forward_spans_sent_total"), dropped)
 
 
-def end_to_end(payload: bytes, seconds: float, concurrency: int, rounds: int = 4) -> tuple[float, float]:
+def received(metrics_port: int) -> float:
+    """Spans a collector received over OTLP/gRPC so far (clients' warm-up requests included)."""
+    return metric(metrics_port, 'spendstream_collector_spans_received_total{transport="grpc"}')
+
+
+@dataclass
+class Turns:
+    """One collector process of the end-to-end run and what its turns added up to."""
+
+    label: str
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    forwarding: bool
+    spans: float = 0.0  # sent and answered, as the clients count them
+    seconds: float = 0.0
+    errors: int = 0
+    cpu_seconds: float = 0.0
+    received: float = 0.0  # as the collector counts them (warm-ups included): what its CPU time is divided by
+
+    def take(self, payload_file: str, seconds: float, concurrency: int) -> None:
+        """Load it for `seconds`; a forwarding collector's queue is then left to drain, within its turn."""
+        cpu_before, received_before = cpu_seconds(self.process.pid), received(self.metrics_port)
+        stats = load(self.port, payload_file, seconds, concurrency)
+        self.spans += stats["spans"]
+        self.seconds += stats["seconds"]
+        self.errors += int(stats["errors"])
+        deadline = time.monotonic() + 60  # until every span received is forwarded or dropped
+        while self.forwarding and time.monotonic() < deadline:
+            spans_in, forwarded, dropped = forward_counts(self.metrics_port)
+            if forwarded + dropped >= spans_in:
+                break
+            time.sleep(0.2)
+        self.cpu_seconds += cpu_seconds(self.process.pid) - cpu_before
+        self.received += received(self.metrics_port) - received_before
+
+    @property
+    def cpu_ms_per_1000(self) -> float:
+        return self.cpu_seconds / self.received * 1e6
+
+
+def end_to_end(payload: bytes, seconds: float, concurrency: int, rounds: int = 4,
+               compare: Path | None = None) -> tuple[float, float]:
     """Spans/s of a plain collector and of one that forwards every span (to a counting receiver), both on one
-    broker. They take turns, `rounds` times, so that a change in the machine's load (other processes) falls on
-    both alike; after each forwarding turn its queue is left to drain, so none of its work overlaps the other's."""
+    broker; with `compare`, also a plain collector of that checkout. They take turns, `rounds` times, so that a
+    change in the machine's load (other processes) falls on all alike; after each forwarding turn its queue is
+    left to drain, so none of its work overlaps the others'. Also prints each one's CPU time per 1,000 spans."""
     broker = EmbeddedBroker(free_port())
     broker.start()
     asyncio.run(ensure_topics(KafkaConfig(bootstrap_servers=broker.bootstrap_servers, partitions=4), {}))
@@ -201,48 +253,42 @@ def end_to_end(payload: bytes, seconds: float, concurrency: int, rounds: int = 4
     config_file.write_text(f"collector:\n  forward: {{endpoint: '127.0.0.1:{receiver.port}'}}\n")
     with tempfile.NamedTemporaryFile(suffix=".pb", delete=False) as f:
         f.write(payload)
-    collectors: list[subprocess.Popen[bytes]] = []
-    totals = {False: [0.0, 0.0, 0], True: [0.0, 0.0, 0]}  # forwarding? -> spans, seconds, errors
+    collectors: list[Turns] = []
     try:
-        plain, plain_port, _ = start_collector(broker.bootstrap_servers, [])
-        collectors.append(plain)
-        forwarding, forward_port, metrics_port = start_collector(broker.bootstrap_servers,
-                                                                 ["--config", str(config_file)])
-        collectors.append(forwarding)
+        collectors.append(Turns("end-to-end (gRPC → Kafka, acked)",
+                                *start_collector(broker.bootstrap_servers, []), forwarding=False))
+        collectors.append(Turns("end-to-end + forwarding",
+                                *start_collector(broker.bootstrap_servers, ["--config", str(config_file)]),
+                                forwarding=True))
+        if compare is not None:
+            collectors.append(Turns(f"end-to-end, {compare.name}",
+                                    *start_collector(broker.bootstrap_servers, [], compare), forwarding=False))
         for _ in range(rounds):
-            for forward, port in ((False, plain_port), (True, forward_port)):
-                stats = load(port, f.name, max(seconds / rounds, 2.0), concurrency)
-                total = totals[forward]
-                total[0] += stats["spans"]
-                total[1] += stats["seconds"]
-                total[2] += int(stats["errors"])
-            deadline = time.monotonic() + 60  # until every span received is forwarded or dropped
-            while time.monotonic() < deadline:
-                received, forwarded, dropped = forward_counts(metrics_port)
-                if forwarded + dropped >= received:
-                    break
-                time.sleep(0.2)
-        received, forwarded, dropped = forward_counts(metrics_port)
+            for turns in collectors:
+                turns.take(f.name, max(seconds / rounds, 2.0), concurrency)
+        spans_in, forwarded, dropped = forward_counts(collectors[1].metrics_port)
     finally:
-        for process in collectors:
-            process.terminate()
-            process.wait(timeout=20)
+        for turns in collectors:
+            turns.process.terminate()
+            turns.process.wait(timeout=20)
         broker.stop()
         receiver.server.stop(grace=None)
         os.unlink(f.name)
-    rates = []
-    for forward, (spans, elapsed, errors) in totals.items():
-        rate = spans / elapsed
-        rates.append(rate)
-        label = "end-to-end + forwarding" if forward else "end-to-end (gRPC → Kafka, acked)"
-        print(f"  {label:<32} {rate:>10,.0f} spans/s  ({errors} errors, concurrency {concurrency}, "
-              f"{rounds} turns)", flush=True)
-    print(f"  {'':<32} forwarded {forwarded:,.0f} of the {received:,.0f} spans received (warm-ups included), "
+    for turns in collectors:
+        print(f"  {turns.label:<32} {turns.spans / turns.seconds:>10,.0f} spans/s  ({turns.errors} errors, "
+              f"concurrency {concurrency}, {rounds} turns), CPU {turns.cpu_ms_per_1000:.1f} ms per 1,000 spans",
+              flush=True)
+    print(f"  {'':<32} forwarded {forwarded:,.0f} of the {spans_in:,.0f} spans received (warm-ups included), "
           f"dropped {dropped:,.0f}", flush=True)
-    return rates[0], rates[1]
+    if compare is not None:
+        print(f"  collector CPU per span, this / {compare.name}: "
+              f"{collectors[0].cpu_ms_per_1000 / collectors[2].cpu_ms_per_1000:.2f}", flush=True)
+    plain, forwarding = collectors[0], collectors[1]
+    return plain.spans / plain.seconds, forwarding.spans / forwarding.seconds
 
 
-def measure(payload: bytes, label: str, seconds: float, concurrency: int) -> dict[str, float]:
+def measure(payload: bytes, label: str, seconds: float, concurrency: int,
+            compare: Path | None = None) -> dict[str, float]:
     print(f"{label}: {SPANS_PER_REQUEST} spans, {len(payload):,} bytes", flush=True)
     config = Config()
     catalog, billing = PriceCatalog.from_config(config), Billing.from_config(config)
@@ -255,7 +301,8 @@ def measure(payload: bytes, label: str, seconds: float, concurrency: int) -> dic
         "forward core (no I/O)": timed(lambda: forward_core(payload, events, catalog, billing), seconds / 2,
                                        "forward core (price+enrich)"),
     }
-    rates["end to end to Kafka"], rates["end to end, forwarding"] = end_to_end(payload, seconds, concurrency)
+    rates["end to end to Kafka"], rates["end to end, forwarding"] = end_to_end(payload, seconds, concurrency,
+                                                                                compare=compare)
     base = rates["bare decode + walk (baseline)"]
     print(f"  ratio core / baseline:        {rates['collector core (no I/O)'] / base:.2f}")
     print(f"  ratio end-to-end / baseline:  {rates['end to end to Kafka'] / base:.2f}   (DESIGN target: >= 0.5)")
@@ -268,10 +315,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                        help="also run the collector of this checkout (e.g. a worktree of main), taking turns")
     args = parser.parse_args()
     print(f"{os.cpu_count()} cores; each figure is measured in this run", flush=True)
-    rates = measure(build_payload(), "metadata only", args.seconds, args.concurrency)
-    rates |= measure(build_payload(content=True), "with prompt text", args.seconds, args.concurrency)
+    rates = measure(build_payload(), "metadata only", args.seconds, args.concurrency, args.compare)
+    rates |= measure(build_payload(content=True), "with prompt text", args.seconds, args.concurrency, args.compare)
     RESULTS.mkdir(exist_ok=True)
     chart = RESULTS / "ingest.svg"
     chart.write_text(bar_chart("OTLP ingest, 512-span requests (spans/s)", rates))

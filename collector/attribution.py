@@ -15,12 +15,16 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
 from collector.normalize import Attrs, any_value_str
 from schemas.config import UNALLOCATED, AttributionConfig
 
 
-@dataclass(frozen=True, slots=True)
-class Attribution:
+class Attribution(msgspec.Struct, frozen=True, gc=False):
+    """Who pays for a call. (A Struct: with many distinct users one is made for nearly every call, and a frozen
+    dataclass's __init__ costs a Python call per field; it holds only text, so it can be in no cycle.)"""
+
     values: Mapping[str, str]
     key: str
     missing: tuple[str, ...]
@@ -79,11 +83,11 @@ def hash_user_id(user_id: str, key: bytes) -> str:
 
 def attribution_key(values: Mapping[str, str], key_dimensions: tuple[str, ...]) -> str:
     """The Kafka key of a call: `team=a|use_case=b|...`, so one scope stays on one partition."""
-    return "|".join(f"{dim}={values.get(dim, '')}" for dim in key_dimensions)
+    return "|".join([f"{dim}={values.get(dim, '')}" for dim in key_dimensions])
 
 
 def dimension_values(attrs: Attrs, config: AttributionConfig, max_chars: int) -> dict[str, str]:
-    """The dimensions one attribute map names (first configured name wins). Called once per resource."""
+    """The dimensions one attribute map names (first configured name wins): a resource's, or a span's claims."""
     values: dict[str, str] = {}
     for dim, names in config.dimensions.items():
         for name in names:
@@ -96,45 +100,62 @@ def dimension_values(attrs: Attrs, config: AttributionConfig, max_chars: int) ->
     return values
 
 
-def attribute(
-    span_attrs: Attrs,
-    resource_values: Mapping[str, str],
-    config: AttributionConfig,
-    identity: TokenIdentity | None,
-    max_chars: int,
-    *,
-    user_key: bytes | None = None,
-) -> Attribution:
-    """Attribute one call. Span attributes win over the resource's; the token's identity wins over both.
+class ResourceAttribution:
+    """Attributes the calls of one resource. Span attributes win over the resource's; the token's identity wins
+    over both.
 
-    `resource_values` is `dimension_values()` of the span's resource. A claim of a value
-    another token binds, on a dimension this token does not bind, is dropped (as if the span
-    had not named it) and counted in `spoofed`. With `config.hash_user_ids`, the user id is
-    replaced by its HMAC under `user_key`, or dropped when there is no key.
+    The resource, the request's ingest token and the config are fixed, so a call's attribution depends only on
+    the dimensions its span claims; the spans of one request mostly claim the same few, and each distinct claim
+    is settled once (its Attribution, `values` included, is shared by those calls: read it, never change it).
     """
-    values = {**resource_values, **dimension_values(span_attrs, config, max_chars)}
-    spoofed: list[str] = []
-    if identity is not None:
-        for dim, bound in identity.bound.items():
-            claimed = values.get(dim)
-            if claimed is not None and claimed != bound:
-                spoofed.append(dim)
-            values[dim] = bound
-        for dim, taken in identity.foreign.items():
-            if values.get(dim) in taken:
-                spoofed.append(dim)
-                del values[dim]
-    if config.hash_user_ids and "user" in values:
-        if user_key:
-            values["user"] = hash_user_id(values["user"], user_key)
-        else:
-            del values["user"]
-    missing = tuple(dim for dim in config.required if dim not in values)
-    for dim in missing:
-        values[dim] = UNALLOCATED
-    return Attribution(
-        values=values,
-        key=attribution_key(values, config.key_dimensions),
-        missing=missing,
-        spoofed=tuple(spoofed),
-    )
+
+    def __init__(self, resource_values: Mapping[str, str], config: AttributionConfig,
+                 identity: TokenIdentity | None, max_chars: int, *, user_key: bytes | None = None) -> None:
+        """`resource_values` is `dimension_values()` of the resource; `user_key` the HMAC key for user ids."""
+        self._resource_values = resource_values
+        self._config = config
+        self._identity = identity
+        self._max_chars = max_chars
+        self._user_key = user_key
+        self._settled: dict[tuple[tuple[str, str], ...], Attribution] = {}
+
+    def of(self, span_attrs: Attrs) -> Attribution:
+        """The attribution of the call a span with these attributes made."""
+        claims = dimension_values(span_attrs, self._config, self._max_chars)
+        seen = tuple(claims.items())
+        who = self._settled.get(seen)
+        if who is None:
+            who = self._settled[seen] = self._settle(claims)
+        return who
+
+    def _settle(self, claims: dict[str, str]) -> Attribution:
+        """A claim of a value another token binds, on a dimension this token does not bind, is dropped (as if
+        the span had not named it) and counted in `spoofed`. With `config.hash_user_ids`, the user id is
+        replaced by its HMAC under `user_key`, or dropped when there is no key."""
+        config, identity = self._config, self._identity
+        values = {**self._resource_values, **claims}
+        spoofed: list[str] = []
+        if identity is not None:
+            for dim, bound in identity.bound.items():
+                claimed = values.get(dim)
+                if claimed is not None and claimed != bound:
+                    spoofed.append(dim)
+                values[dim] = bound
+            for dim, taken in identity.foreign.items():
+                if values.get(dim) in taken:
+                    spoofed.append(dim)
+                    del values[dim]
+        if config.hash_user_ids and "user" in values:
+            if self._user_key:
+                values["user"] = hash_user_id(values["user"], self._user_key)
+            else:
+                del values["user"]
+        missing = tuple([dim for dim in config.required if dim not in values])
+        for dim in missing:
+            values[dim] = UNALLOCATED
+        return Attribution(
+            values=values,
+            key=attribution_key(values, config.key_dimensions),
+            missing=missing,
+            spoofed=tuple(spoofed),
+        )

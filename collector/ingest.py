@@ -7,7 +7,6 @@ the innermost span wins, as the reference recipe says.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,11 +19,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector.attribution import Attribution, TokenIdentity, attribute, dimension_values
+from collector.attribution import Attribution, ResourceAttribution, TokenIdentity, dimension_values
 from collector.decode import RejectedSpan
-from collector.normalize import InvalidSpan, SpanUsage, normalize_span
+from collector.normalize import READ_KEYS, InvalidSpan, SpanUsage, normalize_span
 from collector.sampling import InvalidTraceState, adjusted_count, scaled
-from schemas.config import CollectorConfig, Config
+from schemas.config import AttributionConfig, CollectorConfig, Config
 from schemas.deadletter import DeadLetter
 from schemas.usage import TokenCounts, UsageEvent
 
@@ -80,8 +79,16 @@ class IngestResult:
         return "; ".join(self.messages) + (f"; and {more} more" if more > 0 else "")
 
 
-def _attrs(kvs: object) -> dict[str, AnyValue]:
-    return {kv.key: kv.value for kv in kvs}  # type: ignore[attr-defined]  # repeated KeyValue
+def _read_keys(attribution: AttributionConfig) -> frozenset[str]:
+    """The attributes the collector reads: normalisation's and the attribution dimensions' names."""
+    return READ_KEYS.union(*attribution.dimensions.values())
+
+
+def _attrs(kvs: object, wanted: frozenset[str]) -> dict[str, AnyValue]:
+    """The `wanted` attributes by key. Each value read from protobuf costs a Python object, and a span
+    typically carries more attributes than the collector reads (ids, request parameters, prompts), so the
+    others are never converted."""
+    return {key: kv.value for kv in kvs if (key := kv.key) in wanted}  # type: ignore[attr-defined]  # repeated KeyValue
 
 
 @dataclass(slots=True)
@@ -129,19 +136,20 @@ def prepare_request(
     """
     result = IngestResult()
     limits = config.collector
+    wanted = _read_keys(config.attribution)
 
-    def who_pays(attrs: dict[str, AnyValue], resource_values: dict[str, str]) -> Attribution:
-        return attribute(attrs, resource_values, config.attribution, identity, limits.max_value_chars,
-                         user_key=user_key)
+    def attribution_of(resource: dict[str, AnyValue]) -> ResourceAttribution:
+        return ResourceAttribution(dimension_values(resource, config.attribution, limits.max_value_chars),
+                                   config.attribution, identity, limits.max_value_chars, user_key=user_key)
 
     candidates: list[tuple[UsageEvent, str | None]] = []
     for resource_spans in request.resource_spans:
-        resource = _attrs(resource_spans.resource.attributes)
-        resource_values = dimension_values(resource, config.attribution, limits.max_value_chars)
+        resource = _attrs(resource_spans.resource.attributes, wanted)
+        who_pays = attribution_of(resource)
         for scope_spans in resource_spans.scope_spans:
             scope_name = scope_spans.scope.name
             for span in scope_spans.spans:
-                attrs = _attrs(span.attributes)
+                attrs = _attrs(span.attributes, wanted)
                 trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
                 try:
                     usage = normalize_span(
@@ -157,9 +165,10 @@ def prepare_request(
                         check_start_time(span.start_time_unix_nano, received_ns, limits)
                     count = _sampling_count(span.trace_state, result)
                     if count is not None:
-                        usage = dataclasses.replace(usage, tokens=_sampled(usage.tokens, count, limits.max_token_count))
+                        usage = msgspec.structs.replace(usage, tokens=_sampled(usage.tokens, count,
+                                                                               limits.max_token_count))
                 except InvalidSpan as exc:
-                    who = who_pays(attrs, resource_values)
+                    who = who_pays.of(attrs)
                     result.reject(f"span {span_id or '?'}: {exc.detail}", exc.reason)
                     result.dead_letters.append(DeadLetter(
                         reason=exc.reason, detail=exc.detail, stage="collector", attribution_key=who.key,
@@ -167,7 +176,7 @@ def prepare_request(
                         fields={"attribution": dict(who.values), "scope": scope_name[:limits.max_value_chars]},
                     ))
                     continue
-                who = who_pays(attrs, resource_values)
+                who = who_pays.of(attrs)
                 if who.missing and config.attribution.on_missing == "reject":
                     result.reject(f"span {span_id}: missing attribution {', '.join(who.missing)}",
                                   "missing_attribution")
@@ -184,9 +193,10 @@ def prepare_request(
                 if count is not None:
                     result.outcomes["sampled"] += 1
                 parent = span.parent_span_id.hex() or None
-                candidates.append((_event(span, parent, usage, who, count), parent))
+                event = _event(span, usage, who, ids=(trace_id, span_id), parent=parent, count=count)
+                candidates.append((event, parent))
     for item in rejected:
-        _reject_undecodable(item, result, config, who_pays)
+        _reject_undecodable(item, result, config, wanted, attribution_of)
     return PreparedRequest(result, candidates)
 
 
@@ -205,12 +215,12 @@ def finish_request(prepared: PreparedRequest, nested: NestedCallFilter) -> Inges
     return result
 
 
-def _reject_undecodable(item: RejectedSpan, result: IngestResult, config: Config,
-                        who_pays: Callable[[dict[str, AnyValue], dict[str, str]], Attribution]) -> None:
+def _reject_undecodable(item: RejectedSpan, result: IngestResult, config: Config, wanted: frozenset[str],
+                        attribution_of: Callable[[dict[str, AnyValue]], ResourceAttribution]) -> None:
     """Refuse a span the decoder could not read whole; dead-letter it if what is left is a model call."""
     limits = config.collector
     span = item.span
-    attrs, resource = _attrs(span.attributes), _attrs(item.resource.attributes)
+    attrs, resource = _attrs(span.attributes, wanted), _attrs(item.resource.attributes, wanted)
     trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
     result.reject(f"span {span_id or '?'}: {item.detail}", item.reason)
     try:
@@ -223,7 +233,7 @@ def _reject_undecodable(item: RejectedSpan, result: IngestResult, config: Config
         is_call = usage is not None
     if not is_call:
         return
-    who = who_pays(attrs, dimension_values(resource, config.attribution, limits.max_value_chars))
+    who = attribution_of(resource).of(attrs)
     fields = (_event_fields(usage, dict(who.values)) if usage is not None else {"attribution": dict(who.values)})
     result.dead_letters.append(DeadLetter(
         reason=item.reason, detail=item.detail, stage="collector", attribution_key=who.key,
@@ -289,12 +299,14 @@ def _count_text(count: Fraction) -> str:
     return format(exact.quantize(_COUNT_QUANTUM, context=_EXACT).normalize(), "f")
 
 
-def _event(span: Span, parent: str | None, usage: SpanUsage, who: Attribution,
-           count: Fraction | None = None) -> UsageEvent:
-    """The usage event of a call; `count`: the calls a sampled span stands for (its tokens already scaled)."""
+def _event(span: Span, usage: SpanUsage, who: Attribution, *, ids: tuple[str, str], parent: str | None,
+           count: Fraction | None) -> UsageEvent:
+    """The usage event of a call; `ids`: its trace and span id in hex, `count`: the calls a sampled span stands
+    for (its tokens already scaled)."""
+    trace_id, span_id = ids
     extra = {"reported_cost_usd": usage.reported_cost_usd} if usage.reported_cost_usd else {}
-    extra |= {f"tokens.{meter}": str(count) for meter, count in usage.modality_tokens.items()}
-    trace_id, span_id = span.trace_id.hex(), span.span_id.hex()
+    if usage.modality_tokens:
+        extra |= {f"tokens.{meter}": str(count) for meter, count in usage.modality_tokens.items()}
     return UsageEvent(
         id=f"{trace_id}-{span_id}",
         trace_id=trace_id,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
+import msgspec
 import orjson
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
@@ -97,11 +97,31 @@ _MODALITY_TOKENS: Final[Mapping[str, str]] = {
     "llm.token_count.prompt_details.audio": "input.audio",
     "llm.token_count.completion_details.audio": "output.audio",
 }
+_MODALITY_NAMES: Final = frozenset(_MODALITY_TOKENS)
 _SERVICE_TIER: Final = ("openai.response.service_tier", "openai.request.service_tier",
                         "gen_ai.openai.response.service_tier", "gen_ai.openai.request.service_tier")
 _REPORTED_COST: Final = ("gen_ai.usage.cost", "llm.cost.total", "gen_ai.cost.total_cost")
 _LANGFUSE_USAGE: Final = "langfuse.observation.usage_details"
 _LITELLM_USAGE: Final = "metadata.usage_object"
+_LITELLM_MODEL: Final = "litellm.provider.model"
+_OPERATION: Final = "gen_ai.operation.name"
+_REQUEST_TYPE: Final = "llm.request.type"  # OpenLLMetry's and LiteLLM's operation
+_OPENINFERENCE_KIND: Final = "openinference.span.kind"
+_SDK_NAME: Final = "telemetry.sdk.name"
+_VERCEL_MODEL: Final = "ai.model.id"
+_VERCEL_PROVIDER: Final = ("ai.model.provider", "gen_ai.system")
+_LEGACY_MARKERS: Final = ("llm.request.type", "llm.usage.total_tokens", "gen_ai.usage.cache_read_input_tokens")
+_SERVER_ADDRESS: Final = ("server.address",)
+_PROVIDER: Final = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
+_ERROR_TYPE: Final = "error.type"
+#: Every span attribute normalize_span reads: the collector converts only these (and the attribution
+#: dimensions) of a span's attributes, as converting every protobuf value of every span is its biggest cost.
+READ_KEYS: Final = frozenset({
+    *_TOKEN_TOTALS, *_CACHE_READ, *_CACHE_WRITE, *_REASONING, *_RESPONSE_MODEL, *_REQUEST_MODEL,
+    *_MODALITY_TOKENS, *_SERVICE_TIER, *_REPORTED_COST, _LANGFUSE_USAGE, _LITELLM_USAGE, _LITELLM_MARKER,
+    _LITELLM_MODEL, _OPERATION, _REQUEST_TYPE, _OPENINFERENCE_KIND, _SDK_NAME, _VERCEL_MODEL, *_VERCEL_PROVIDER,
+    *_LEGACY_MARKERS, *_SERVER_ADDRESS, *_PROVIDER, _ERROR_TYPE,
+})
 
 
 class InvalidSpan(PermanentError):
@@ -113,9 +133,10 @@ class InvalidSpan(PermanentError):
         super().__init__(f"{reason}: {detail}")
 
 
-@dataclass(frozen=True, slots=True)
-class SpanUsage:
-    """What one usage span says about its model call, before attribution."""
+class SpanUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What one usage span says about its model call, before attribution. (A Struct, not a dataclass: made
+    for every call, and a frozen dataclass's __init__ costs a Python call per field; untracked by the cycle
+    collector, as UsageEvent is.)"""
 
     operation: str
     provider: str | None
@@ -171,13 +192,13 @@ def _to_int(name: str, value: AnyValue) -> int:
 
 def _operation(attrs: Attrs) -> str | None:
     """The canonical billable operation, "" for a known non-billable span, None if it names none."""
-    for name in ("gen_ai.operation.name", "llm.request.type"):
+    for name in (_OPERATION, _REQUEST_TYPE):
         value = attrs.get(name)
         if value is not None:
-            names = _LITELLM_CALL_TYPES if name == "llm.request.type" and _LITELLM_MARKER in attrs \
+            names = _LITELLM_CALL_TYPES if name == _REQUEST_TYPE and _LITELLM_MARKER in attrs \
                 else BILLABLE_OPERATIONS
             return names.get(value.string_value.lower(), "")
-    kind = attrs.get("openinference.span.kind")
+    kind = attrs.get(_OPENINFERENCE_KIND)
     if kind is not None:
         return _OPENINFERENCE_KINDS.get(kind.string_value.upper(), "")
     if _LANGFUSE_USAGE in attrs:
@@ -188,18 +209,17 @@ def _operation(attrs: Attrs) -> str | None:
 def _dialect(attrs: Attrs, resource: Attrs, scope_name: str) -> str:
     if _LITELLM_MARKER in attrs:
         return "litellm"
-    if "openinference.span.kind" in attrs or "llm.token_count.prompt" in attrs:
+    if _OPENINFERENCE_KIND in attrs or "llm.token_count.prompt" in attrs:
         return "openinference"
     if _LANGFUSE_USAGE in attrs:
         return "langfuse"
-    sdk = attrs.get("telemetry.sdk.name") or resource.get("telemetry.sdk.name")
+    sdk = attrs.get(_SDK_NAME) or resource.get(_SDK_NAME)
     if scope_name.startswith("openlit") or (sdk is not None and sdk.string_value == "openlit"):
         return "openlit"
-    if scope_name == "ai" or "ai.model.id" in attrs:
+    if scope_name == "ai" or _VERCEL_MODEL in attrs:
         return "vercel_ai"
     if "gen_ai.usage.prompt_tokens" in attrs:
-        legacy_markers = ("llm.request.type", "llm.usage.total_tokens", "gen_ai.usage.cache_read_input_tokens")
-        if any(m in attrs for m in legacy_markers) or "traceloop" in scope_name:
+        if any(m in attrs for m in _LEGACY_MARKERS) or "traceloop" in scope_name:
             return "openllmetry_legacy"
         return "semconv_deprecated"
     return "semconv"
@@ -274,7 +294,7 @@ def _litellm_details(attrs: Attrs) -> dict[str, int]:
 def _litellm_model(attrs: Attrs, raw_provider: str | None, max_chars: int) -> str | None:
     """The model LiteLLM called (`openai/gpt-4o` -> `gpt-4o`), not the name the client asked for: that is a
     LiteLLM model group, an alias of the operator's choosing."""
-    model = _first_str(attrs, ("litellm.provider.model",), max_chars)
+    model = _first_str(attrs, (_LITELLM_MODEL,), max_chars)
     if model and raw_provider and model.startswith(raw_provider + "/"):
         return model[len(raw_provider) + 1:]
     return model
@@ -323,7 +343,9 @@ def _tokens(attrs: Attrs, dialect: str, provider: str | None, max_tokens: int) -
 
 
 def _modality_tokens(attrs: Attrs, max_tokens: int) -> dict[str, int]:
-    counts = {}
+    counts: dict[str, int] = {}
+    if attrs.keys().isdisjoint(_MODALITY_NAMES):
+        return counts  # most spans break nothing down: one set test instead of a lookup per name
     for name, meter in _MODALITY_TOKENS.items():
         value = attrs.get(name)
         if value is not None:
@@ -335,7 +357,7 @@ def _modality_tokens(attrs: Attrs, max_tokens: int) -> dict[str, int]:
 
 
 def _vercel_provider(attrs: Attrs) -> str | None:
-    value = attrs.get("ai.model.provider") or attrs.get("gen_ai.system")  # e.g. "openai.chat"
+    value = attrs.get(_VERCEL_PROVIDER[0]) or attrs.get(_VERCEL_PROVIDER[1])  # e.g. "openai.chat"
     return value.string_value.split(".", 1)[0] if value is not None else None
 
 
@@ -354,9 +376,8 @@ def normalize_span(
     if operation is None and not any(name in attrs for name in _TOKEN_TOTALS):
         return None  # neither names an operation nor reports tokens: not a model call
     dialect = _dialect(attrs, resource, scope_name)
-    server_address = _first_str(attrs, ("server.address",), max_chars)
-    raw_provider = _first_str(attrs, ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system"),
-                              max_chars)
+    server_address = _first_str(attrs, _SERVER_ADDRESS, max_chars)
+    raw_provider = _first_str(attrs, _PROVIDER, max_chars)
     if dialect == "vercel_ai":  # its gen_ai.system is e.g. "openai.chat"; ai.model.provider is the same
         raw_provider = _vercel_provider(attrs) or raw_provider
     provider = normalize_provider(raw_provider, server_address)
@@ -381,7 +402,7 @@ def normalize_span(
         dialect=dialect,
         service_tier=_first_str(attrs, _SERVICE_TIER, max_chars),
         server_address=server_address,
-        error="error.type" in attrs or span.status.code == Status.STATUS_CODE_ERROR,
+        error=_ERROR_TYPE in attrs or span.status.code == Status.STATUS_CODE_ERROR,
         reported_cost_usd=_first_str(attrs, _REPORTED_COST, 64),
         modality_tokens=_modality_tokens(attrs, max_tokens),
     )

@@ -6,6 +6,10 @@ The types are msgspec Structs: decoding validates every field against `usage_bat
 (types, ranges, id patterns), except that unknown fields are ignored and `operation` and
 `dialect` take any text, so a newer collector's additions do not stop an older worker, and integers must
 fit a signed 64-bit field (a start time past 2^63 ns, year 2262, is not a time the pipeline prices).
+
+Events and their token counts are not tracked by the cycle collector (`gc=False`): they hold only text, numbers
+and mappings of text, so they can be in no reference cycle, and the collector and the workers make and hold
+thousands of them a second, each of which would otherwise push the collections of the whole heap nearer.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ USAGE_SCHEMA_VERSION: Final = 1
 UsageId = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class TokenCounts(msgspec.Struct, frozen=True, kw_only=True):
+class TokenCounts(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Tokens by price meter. `input_uncached` excludes cache reads and writes.
 
     `reasoning` is informational: it is already part of `output` (semconv and OpenAI).
@@ -40,7 +44,7 @@ class TokenCounts(msgspec.Struct, frozen=True, kw_only=True):
         return self.input_uncached + self.cache_read + self.cache_write
 
 
-class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
+class UsageEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One model call. `id` is `<trace_id>-<span_id>` (hex), so retries keep their id."""
 
     id: UsageId

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import replace
 from typing import ClassVar
@@ -79,6 +80,12 @@ def test_sibling_calls_in_one_trace_all_count() -> None:
     assert len(ingest([agent, *calls]).events) == 3
 
 
+def test_usage_events_are_left_out_of_the_cycle_collectors_work() -> None:
+    """The collector makes thousands a second: tracked, they made it collect the whole heap ever more often."""
+    [event] = ingest([make_span(DIALECTS[0].attrs)]).events
+    assert not gc.is_tracked(event) and not gc.is_tracked(event.tokens)
+
+
 def test_event_id_is_trace_and_span_id() -> None:
     span = make_span(DIALECTS[0].attrs)
     [event] = ingest([span]).events
@@ -147,6 +154,15 @@ class TestAttribution:
         assert event.attribution["app"] == "support-bot"
         assert event.attribution_key == "team=search|use_case=rag|env=prod|app=support-bot|key="
         assert event.allocated
+
+    def test_each_dimension_takes_its_first_configured_name_with_a_value(self) -> None:
+        dimensions = {"team": ("a", "b"), "use_case": ("b",), "env": ("c", "d"), "app": ("e",)}
+        config = replace(CONFIG, attribution=AttributionConfig(dimensions=dimensions, required=(),
+                                                               key_dimensions=("team", "use_case", "env", "app")))
+        attrs = {**DIALECTS[0].attrs, "d": "prod", "c": "", "b": "shared", "a": "", "e": 7}
+        [event] = ingest([make_span(attrs)], config=config, resource={}).events
+        assert list(event.attribution.items()) == [("team", "shared"), ("use_case", "shared"), ("env", "prod"),
+                                                   ("app", "7")]
 
     def test_missing_required_dimension_goes_to_unallocated(self) -> None:
         [event] = ingest([make_span(DIALECTS[0].attrs)], resource={"service.name": "x"}).events
