@@ -31,7 +31,7 @@ from schemas.config import CollectorConfig, Config, KafkaConfig
 from schemas.usage import UsageEvent, decode_usage_batch
 
 
-class _OwnPorts:
+class OwnPorts:
     """This test process's share of the ports below the kernel's ephemeral range, handed out in turn from a random
     start (apart from other test runs on the machine).
 
@@ -69,7 +69,7 @@ def _bindable(port: int) -> bool:
     return True
 
 
-_own_ports = _OwnPorts()
+_own_ports = OwnPorts()
 
 
 def free_port(count: int = 1) -> int:
