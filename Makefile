@@ -34,8 +34,11 @@ nginx:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nginx >/dev/null; }
 
+# whole test files on pytest-xdist workers, the slowest kinds first (tests/conftest.py) so that the quick unit files
+# fill in at the end. More workers than cores: most tests wait on processes, windows and timeouts
+TEST_WORKERS ?= 3
 test: lint prometheus nginx
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the failover tests alone: two workers, one killed mid-stream (also part of `make test`)
 test-failover: install

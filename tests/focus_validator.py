@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import exclusive
+
 REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv-focus"
 PACKAGES = ["focus-validator==2.2.1", "pyarrow<22"]
@@ -66,8 +68,13 @@ def validator() -> Path:
     when $SPENDSTREAM_TEST_ALLOW_NO_FOCUS_VALIDATOR=1 says that is accepted (focus-validator 2.2.1 does not run on
     3.11: it uses 3.12 f-string syntax)."""
     exe = VENV / "bin" / "focus-validator"
-    if (VENV / ".installed").exists() and exe.exists():
-        return exe
+    with exclusive(REPO / ".pytest_cache" / "focus-validator.lock"):
+        if not ((VENV / ".installed").exists() and exe.exists()):
+            install()
+    return exe
+
+
+def install() -> None:
     python = find_python312()
     if python is None:
         missing = "NO PYTHON >= 3.12 ON THIS MACHINE: the FOCUS conformance check (focus-validator) cannot run"
@@ -78,7 +85,6 @@ def validator() -> Path:
     subprocess.run([python, "-m", "venv", "--clear", str(VENV)], check=True)
     subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", *PACKAGES], check=True)
     (VENV / ".installed").touch()
-    return exe
 
 
 def validate(exe: Path, data_file: Path, workdir: Path, version: str = "1.2") -> ValidationResult:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import os
 import re
 import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,10 +31,61 @@ from schemas.config import CollectorConfig, Config, KafkaConfig
 from schemas.usage import UsageEvent, decode_usage_batch
 
 
-def free_port() -> int:
+class OwnPorts:
+    """This test process's share of the ports below the kernel's ephemeral range, handed out in turn from a random
+    start (apart from other test runs on the machine).
+
+    A port the kernel picks (bind to port 0) can be picked again, by another pytest-xdist worker or for an outgoing
+    connection, before the test's server binds it; ports below the ephemeral range are never picked for outgoing
+    connections, and each worker has a slice of its own.
+    """
+
+    LOWEST = 10_000  # above the well-known ports of services a developer's machine may run
+
+    def __init__(self) -> None:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+        size = (first_ephemeral - self.LOWEST) // workers
+        self._ports = range(self.LOWEST + worker * size, self.LOWEST + (worker + 1) * size)
+        self._next = self._ports.start + int.from_bytes(os.urandom(4), "big") % size
+
+    def take(self, count: int) -> int:
+        for _ in self._ports:
+            first = self._next if self._next + count <= self._ports.stop else self._ports.start
+            self._next = first + count
+            if all(_bindable(port) for port in range(first, first + count)):
+                return first
+        raise RuntimeError(f"no {count} free ports in a row in {self._ports}")
+
+
+def _bindable(port: int) -> bool:
+    """Nothing listens on `port` on any address, and no connection of it lingers (bound without SO_REUSEADDR)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+_own_ports = OwnPorts()
+
+
+def free_port(count: int = 1) -> int:
+    """The first of `count` ports in a row that nothing listens on and that no other worker of this test run, no
+    later call and no outgoing connection is handed."""
+    return _own_ports.take(count)
+
+
+@contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Held by one process at a time: pytest-xdist workers that would each install or download the same thing into
+    the work tree on first use take turns, and the later ones find it done."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def any_value(value: Any) -> AnyValue:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,15 +43,6 @@ class RunningPipeline:
         return f"127.0.0.1:{self.broker_port}"
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 def read_until(process: subprocess.Popen[str], output: Path, marker: str, timeout_s: float) -> str:
     seen = ""
     deadline = time.monotonic() + timeout_s
@@ -70,11 +60,7 @@ def read_until(process: subprocess.Popen[str], output: Path, marker: str, timeou
 def spendstream_run(data_dir: Path, output: Path, *extra: str) -> Iterator[RunningPipeline]:
     """`spendstream run` on free ports, up to its banner; stopped with Ctrl-C on exit, which must exit 0."""
     ports = {flag: free_port() for flag in ("--broker-port", "--grpc-port", "--http-port")}
-    metrics_port, authz_port = free_port(), free_port()
-    while not all(_free(metrics_port + i) for i in range(METRICS_PORTS)):
-        metrics_port = free_port()
-    while not _free(authz_port + 1):  # authz: HTTP, then Envoy's gRPC
-        authz_port = free_port()
+    metrics_port, authz_port = free_port(METRICS_PORTS), free_port(2)  # authz: HTTP, then Envoy's gRPC
     with output.open("w") as out:
         run = subprocess.Popen(
             [*SPENDSTREAM, "run", "--data-dir", str(data_dir), "--metrics-port", str(metrics_port),

