@@ -1,6 +1,6 @@
 """End to end: priced spans/s from OTLP/gRPC until every FOCUS row is in the Parquet files.
 
-    .venv/bin/python bench/e2e.py [--spans 60000] [--workers 1] [--flush-seconds 1] [--compression lz4]
+    .venv/bin/python bench/e2e.py [--spans 60000] [--workers 1] [--flush-seconds 1] [--compression zstd]
                                   [--profile DIR]
 
 Starts `spendstream run` (embedded broker, collector, `--workers` workers, exporter) in a temp data
@@ -363,7 +363,8 @@ def main() -> None:
     parser.add_argument("--spans", type=int, default=60_000, help="spans in the measured load (default 60,000)")
     parser.add_argument("--workers", type=int, default=1, help="pipeline workers (default 1)")
     parser.add_argument("--flush-seconds", type=float, default=1.0, help="exporter.flush_seconds (default 1)")
-    parser.add_argument("--compression", default="lz4", help="kafka.compression (default lz4, the config's)")
+    parser.add_argument("--compression", default=Config().kafka.compression,
+                        help=f"kafka.compression (default {Config().kafka.compression}, the config's)")
     parser.add_argument("--profile", type=Path, help="sample every role with py-spy; raw stacks go here")
     args = parser.parse_args()
     warmup_spans = 2 * SPANS_PER_REQUEST
