@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import genai_prices
 import orjson
@@ -51,6 +51,10 @@ _LOOKUP_CACHE_MAX: Final = 50_000
 #: the genai-prices usage keys a UsageEvent reports, in the order price.price_usage counts them
 REPORTED_USAGE: Final = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
                          "output_reasoning_tokens", "requests")
+#: what a meter can bill, in the order price.price_usage counts them: a reported total (a REPORTED_USAGE
+#: position) less the totals of the meters it includes, genai-prices' leaf decomposition (input less cache
+#: reads, say). The meters of REPORTED_USAGE nest one level deep at most, so those are the only ones.
+LEAF_COUNTS: Final = ((0,), (1,), (2,), (3,), (4,), (5,), (0, 1), (0, 2), (0, 1, 2), (3, 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +117,6 @@ class MeterPrice:
     tiers: tuple[tuple[int, Decimal], ...]
     #: positions (in the sheet) of the priced meters this one includes, e.g. cache reads within input
     includes: tuple[int, ...]
-    #: base / per, the price of one unit: exact (Decimal division by a power of ten), so
-    #: `unit_base * count` equals genai-prices' `base * count / per` with one operation instead of two
-    unit_base: Decimal
 
     def price_for(self, total_input_tokens: int) -> tuple[Decimal, int | None]:
         for threshold, price in self.tiers:
@@ -155,7 +156,7 @@ def compile_sheet(prices: Mapping[str, Decimal | TieredPrices], price_id: str) -
             base = price.base
         else:
             tiers, base = (), price
-        meters.append(MeterPrice(usage_key, price_key, per, base, tiers, includes, base / per))
+        meters.append(MeterPrice(usage_key, price_key, per, base, tiers, includes))
     return PriceSheet(tuple(meters), price_id)
 
 
@@ -238,11 +239,11 @@ class ResolvedPrice:
     #: the override's model developer and family, if it names them
     developer: str | None = None
     family: str | None = None
-    #: per list meter, most specific first: (its position in REPORTED_USAGE, the positions of the meters
-    #: it includes, the meter, the contract meter or None when it is the list meter), worked out once here
-    #: so pricing a call walks one tuple
-    plan: tuple[tuple[int, tuple[int, ...], MeterPrice, MeterPrice | None], ...] = field(
-        init=False, repr=False, compare=False)
+    #: the meters to price a call with, most specific first, at the rates for input up to the lowest tier
+    #: threshold: worked out once here so that pricing a call walks one tuple
+    steps: tuple[MeterStep, ...] = field(init=False, repr=False, compare=False)
+    #: (threshold, steps), highest threshold first: the steps for input above a long-context tier threshold
+    tiered_steps: tuple[tuple[int, tuple[MeterStep, ...]], ...] = field(init=False, repr=False, compare=False)
     #: the REPORTED_USAGE positions of the token totals (input, output) no meter bills, when the override is the
     #: only price: tokens it does not price would be free (a list price follows genai-prices, which bills them so)
     unbilled: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -250,14 +251,53 @@ class ResolvedPrice:
     def __post_init__(self) -> None:
         # the contract sheet has the same meters in the same order (_with_meters)
         contracted = self.list_sheet.meters if self.is_list else self.contract_sheet.meters
-        object.__setattr__(self, "plan", tuple(
-            (REPORTED_USAGE.index(meter.usage_key), meter.includes, meter,
-             None if contract is meter else contract)
-            for meter, contract in zip(self.list_sheet.meters, contracted, strict=True)))
+        pairs = tuple(zip(self.list_sheet.meters, contracted, strict=True))
+        thresholds = sorted({t for pair in pairs for meter in pair for t, _ in meter.tiers}, reverse=True)
+        # a tier applies above its threshold, so the rates at threshold + 1 hold up to the next threshold
+        meters = self.list_sheet.meters
+
+        def steps(total_input_tokens: int) -> tuple[MeterStep, ...]:
+            return tuple(meter_step(meter, contract, total_input_tokens, tuple(meters[i] for i in meter.includes))
+                         for meter, contract in pairs)
+
+        object.__setattr__(self, "steps", steps(0))
+        object.__setattr__(self, "tiered_steps", tuple((t, steps(t + 1)) for t in thresholds))
         billed = {meter.usage_key for meter in self.list_sheet.meters}
         object.__setattr__(self, "unbilled", tuple(
             REPORTED_USAGE.index(total) for total in ("input_tokens", "output_tokens")
             if self.unlisted and total not in billed))
+
+
+class MeterStep(NamedTuple):
+    """One meter of a call's price, at the rates for one range of input tokens: what price.price_usage needs,
+    unpacked once per call."""
+
+    leaf_count: int  # the position in LEAF_COUNTS of the units it bills
+    usage_key: str
+    per: int
+    list_price: Decimal  # per `per` units
+    contract_price: Decimal
+    #: the prices of one unit: exact (a Decimal division by a power of ten), so `list_unit * units` equals
+    #: genai-prices' `list_price * units / per` with one operation instead of two
+    list_unit: Decimal
+    contract_unit: Decimal | None  # None: the contracted price is the list price
+    tier: int | None  # the threshold of the list tier in force, if any
+
+
+def meter_step(meter: MeterPrice, contract: MeterPrice | None, total_input_tokens: int,
+               included: tuple[MeterPrice, ...] = ()) -> MeterStep:
+    """`meter`, which includes the meters `included`, at list and `contract` (None or `meter`: the list price)
+    prices, for a call with `total_input_tokens` of input."""
+    list_price, tier = meter.price_for(total_input_tokens)
+    if contract is None or contract is meter:
+        contract_price, contract_unit = list_price, None
+    else:
+        contract_price = contract.price_for(total_input_tokens)[0]
+        contract_unit = contract_price / meter.per
+    count = LEAF_COUNTS.index((REPORTED_USAGE.index(meter.usage_key),
+                               *sorted(REPORTED_USAGE.index(inner.usage_key) for inner in included)))
+    return MeterStep(count, meter.usage_key, meter.per, list_price, contract_price, list_price / meter.per,
+                     contract_unit, tier)
 
 
 class PriceCatalog:

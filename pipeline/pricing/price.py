@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import NamedTuple
 
-from pipeline.pricing.catalog import REPORTED_USAGE, MeterPrice, PriceCatalog, ResolvedPrice, UnpricedError
+import msgspec
+
+from pipeline.pricing.catalog import (
+    LEAF_COUNTS,
+    REPORTED_USAGE,
+    MeterPrice,
+    PriceCatalog,
+    ResolvedPrice,
+    UnpricedError,
+    meter_step,
+)
 from schemas.usage import UsageEvent
 
 
-class PricedLine(NamedTuple):
-    """One meter of one call. Prices are per `per` units; costs are exact Decimals."""
+class PricedLine(msgspec.Struct, frozen=True, gc=False):
+    """One meter of one call. Prices are per `per` units; costs are exact Decimals.
+
+    msgspec Structs: made in C, as fast as a plain tuple, where a NamedTuple or dataclass runs Python code per
+    instance (gc=False: they hold only text, numbers and other pricing values, never a cycle)."""
 
     meter: str  # genai-prices usage key, e.g. "cache_read_tokens"
     quantity: int
@@ -23,8 +34,7 @@ class PricedLine(NamedTuple):
     tier: int | None  # the input-token threshold whose rate applies, if any
 
 
-@dataclass(slots=True)  # not frozen: frozen dataclasses pay object.__setattr__ per field, per call
-class PricedUsage:
+class PricedUsage(msgspec.Struct, frozen=True, gc=False):
     event: UsageEvent
     price: ResolvedPrice
     lines: tuple[PricedLine, ...]
@@ -46,52 +56,46 @@ def price_usage(event: UsageEvent, catalog: PriceCatalog) -> PricedUsage:
         raise UnpricedError("missing_model", "the call names no model")
     resolved = catalog.resolve(event.provider, model, event.start_time_unix_nano, event.service_tier)
     tokens = event.tokens
-    cache_read, cache_write = tokens.cache_read, tokens.cache_write
+    cache_read, cache_write, output, reasoning = tokens.cache_read, tokens.cache_write, tokens.output, \
+        tokens.reasoning
     total_input = tokens.input_uncached + cache_read + cache_write
-    # our token meters as the genai-prices usage keys of catalog.REPORTED_USAGE, in its order (genai-prices'
-    # `input_tokens` includes cache reads and writes); requests: the calls they are for (a sampled call's
-    # adjusted count)
-    counts = (total_input, cache_read, cache_write, tokens.output, tokens.reasoning, event.requests)
+    # what each meter can bill, as catalog.LEAF_COUNTS lists them: first the genai-prices usage keys of
+    # REPORTED_USAGE (genai-prices' `input_tokens` includes cache reads and writes; requests: the calls they
+    # are for, a sampled call's adjusted count), then those totals less the meters they include
+    counts = (total_input, cache_read, cache_write, output, reasoning, event.requests, total_input - cache_read,
+              total_input - cache_write, tokens.input_uncached, output - reasoning)
     for index in resolved.unbilled:
         if counts[index]:
             raise UnpricedError("unpriced_meter", f"the pricing.overrides entry for {resolved.model_id!r} has no "
                                                   f"price for its {REPORTED_USAGE[index]} ({counts[index]})")
-    leaves: list[int] = []  # per meter, the units billed at its own rate (genai-prices' leaf decomposition)
+    steps = resolved.steps
+    for threshold, above in resolved.tiered_steps:
+        if total_input > threshold:
+            steps = above
+            break
     lines = []
-    for index, includes, meter, contract_meter in resolved.plan:
-        leaf = counts[index]
-        for inner in includes:
-            leaf -= leaves[inner]
-        leaves.append(leaf)
-        if not leaf:
-            continue
-        if leaf < 0:
-            raise _exceeded(resolved, meter, counts[index])
-        lines.append(priced_line(meter, contract_meter, leaf, total_input))
+    for count, meter, per, list_price, contract_price, list_unit, contract_unit, tier in steps:
+        leaf = counts[count]
+        if leaf > 0:
+            list_cost = list_unit * leaf
+            lines.append(PricedLine(meter, leaf, per, list_price, contract_price, list_cost,
+                                    list_cost if contract_unit is None else contract_unit * leaf, tier))
+        elif leaf:
+            raise _exceeded(meter, count, counts)
     return PricedUsage(event, resolved, tuple(lines), catalog.version)
-
-
-_new_tuple = tuple.__new__
 
 
 def priced_line(meter: MeterPrice, contract_meter: MeterPrice | None, leaf: int, total_input: int) -> PricedLine:
     """`leaf` units of one meter, at list (`meter`) and contracted (`contract_meter`; None or `meter`: the list
-    price) prices; `total_input` (the call's input tokens) picks a long-context tier."""
-    if meter.tiers:
-        list_price, tier = meter.price_for(total_input)
-        list_cost = list_price * leaf / meter.per  # genai-prices' own formula, so results are equal
-    else:
-        list_price, tier, list_cost = meter.base, None, meter.unit_base * leaf
-    if contract_meter is None or contract_meter is meter:
-        contract_price, contract_cost = list_price, list_cost
-    else:
-        contract_price = contract_meter.price_for(total_input)[0] if contract_meter.tiers else contract_meter.base
-        contract_cost = contract_price * leaf / meter.per
-    # tuple.__new__ skips NamedTuple's Python-level __new__, a third of the per-meter cost
-    return _new_tuple(PricedLine, (meter.usage_key, leaf, meter.per, list_price, contract_price, list_cost,
-                                   contract_cost, tier))
+    price) prices; `total_input` (the call's input tokens) picks a long-context tier. (price_usage spells this
+    out in its loop: a call here per meter would cost it a tenth of its time.)"""
+    step = meter_step(meter, contract_meter, total_input)
+    list_cost = step.list_unit * leaf
+    return PricedLine(meter.usage_key, leaf, meter.per, step.list_price, step.contract_price, list_cost,
+                      list_cost if step.contract_unit is None else step.contract_unit * leaf, step.tier)
 
 
-def _exceeded(resolved: ResolvedPrice, meter: MeterPrice, count: int) -> UnpricedError:
-    inner_keys = ", ".join(resolved.list_sheet.meters[i].usage_key for i in meter.includes)
-    return UnpricedError("invalid_usage", f"{inner_keys} exceed {meter.usage_key} ({count})")
+def _exceeded(meter: str, count: int, counts: tuple[int, ...]) -> UnpricedError:
+    total, *included = LEAF_COUNTS[count]
+    inner_keys = ", ".join(REPORTED_USAGE[i] for i in included)
+    return UnpricedError("invalid_usage", f"{inner_keys} exceed {meter} ({counts[total]})")
