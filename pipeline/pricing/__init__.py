@@ -8,7 +8,8 @@ and its counters (`counters`). May import `guardrails` (stage 2's input and the 
 """
 
 from pipeline.pricing.catalog import PriceCatalog, PriceOverride, UnpricedError, overrides_from_config
-from pipeline.pricing.price import PricedLine, PricedUsage, price_usage
+from pipeline.pricing.meter_plan import PricedLine
+from pipeline.pricing.price import PricedUsage, price_usage, price_usages
 
 __all__ = ["PriceCatalog", "PriceOverride", "PricedLine", "PricedUsage", "UnpricedError", "overrides_from_config",
-           "price_usage"]
+           "price_usage", "price_usages"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import genai_prices
 import orjson
@@ -27,6 +27,8 @@ from genai_prices.data_units import unit_data
 from genai_prices.types import ModelInfo, ModelPrice, Provider, Tier, TieredPrices, TimeOfDateConstraint
 from genai_prices.types import _providers_from_raw as providers_from_raw  # UpdatePrices.fetch's reader; not public
 
+from pipeline.pricing.meter_plan import REPORTED_USAGE, MeterStep, PriceLines, compile_plan
+from pipeline.pricing.meter_plan import UnpricedError as UnpricedError  # noqa: PLC0414 (re-exported, for mypy)
 from schemas.config import Config
 from schemas.errors import ConfigError
 
@@ -48,13 +50,6 @@ OVERRIDE_PRICE_KEYS: Final[Mapping[str, str]] = {
 }
 _UNITS_BY_PRICE_KEY: Final = {raw.get("price_key", key): (key, raw) for key, raw in unit_data.items()}
 _LOOKUP_CACHE_MAX: Final = 50_000
-#: the genai-prices usage keys a UsageEvent reports, in the order price.price_usage counts them
-REPORTED_USAGE: Final = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
-                         "output_reasoning_tokens", "requests")
-#: what a meter can bill, in the order price.price_usage counts them: a reported total (a REPORTED_USAGE
-#: position) less the totals of the meters it includes, genai-prices' leaf decomposition (input less cache
-#: reads, say). The meters of REPORTED_USAGE nest one level deep at most, so those are the only ones.
-LEAF_COUNTS: Final = ((0,), (1,), (2,), (3,), (4,), (5,), (0, 1), (0, 2), (0, 1, 2), (3, 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +90,6 @@ def _first_error(exc: Exception) -> str:
         first = exc.errors()[0]
         return f"at {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
     return str(exc)[:200]
-
-
-class UnpricedError(Exception):
-    """A call the catalog cannot price. `reason` is a stable code for the dead-letter record."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,49 +226,29 @@ class ResolvedPrice:
     #: the override's model developer and family, if it names them
     developer: str | None = None
     family: str | None = None
-    #: the meters to price a call with, most specific first, at the rates for input up to the lowest tier
-    #: threshold: worked out once here so that pricing a call walks one tuple
-    steps: tuple[MeterStep, ...] = field(init=False, repr=False, compare=False)
-    #: (threshold, steps), highest threshold first: the steps for input above a long-context tier threshold
-    tiered_steps: tuple[tuple[int, tuple[MeterStep, ...]], ...] = field(init=False, repr=False, compare=False)
-    #: the REPORTED_USAGE positions of the token totals (input, output) no meter bills, when the override is the
-    #: only price: tokens it does not price would be free (a list price follows genai-prices, which bills them so)
-    unbilled: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    #: prices a call's token counts: the meters, rates and tiers below, compiled once (meter_plan)
+    price_lines: PriceLines = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # the contract sheet has the same meters in the same order (_with_meters)
         contracted = self.list_sheet.meters if self.is_list else self.contract_sheet.meters
         pairs = tuple(zip(self.list_sheet.meters, contracted, strict=True))
-        thresholds = sorted({t for pair in pairs for meter in pair for t, _ in meter.tiers}, reverse=True)
-        # a tier applies above its threshold, so the rates at threshold + 1 hold up to the next threshold
         meters = self.list_sheet.meters
 
-        def steps(total_input_tokens: int) -> tuple[MeterStep, ...]:
-            return tuple(meter_step(meter, contract, total_input_tokens, tuple(meters[i] for i in meter.includes))
-                         for meter, contract in pairs)
+        def steps(total_input_tokens: int) -> list[MeterStep]:
+            return [meter_step(meter, contract, total_input_tokens, tuple(meters[i] for i in meter.includes))
+                    for meter, contract in pairs]
 
-        object.__setattr__(self, "steps", steps(0))
-        object.__setattr__(self, "tiered_steps", tuple((t, steps(t + 1)) for t in thresholds))
-        billed = {meter.usage_key for meter in self.list_sheet.meters}
-        object.__setattr__(self, "unbilled", tuple(
-            REPORTED_USAGE.index(total) for total in ("input_tokens", "output_tokens")
-            if self.unlisted and total not in billed))
-
-
-class MeterStep(NamedTuple):
-    """One meter of a call's price, at the rates for one range of input tokens: what price.price_usage needs,
-    unpacked once per call."""
-
-    leaf_count: int  # the position in LEAF_COUNTS of the units it bills
-    usage_key: str
-    per: int
-    list_price: Decimal  # per `per` units
-    contract_price: Decimal
-    #: the prices of one unit: exact (a Decimal division by a power of ten), so `list_unit * units` equals
-    #: genai-prices' `list_price * units / per` with one operation instead of two
-    list_unit: Decimal
-    contract_unit: Decimal | None  # None: the contracted price is the list price
-    tier: int | None  # the threshold of the list tier in force, if any
+        # a tier applies above its threshold, so the rates at threshold + 1 hold up to the next threshold
+        thresholds = sorted({t for pair in pairs for meter in pair for t, _ in meter.tiers}, reverse=True)
+        brackets: list[tuple[int | None, list[MeterStep]]] = [(t, steps(t + 1)) for t in thresholds]
+        brackets.append((None, steps(0)))
+        # the token totals (input, output) no meter bills, when the override is the only price: tokens it does
+        # not price would be free (a list price follows genai-prices, which bills them so)
+        billed = {meter.usage_key for meter in meters}
+        unbilled = [REPORTED_USAGE.index(total) for total in ("input_tokens", "output_tokens")
+                    if self.unlisted and total not in billed]
+        object.__setattr__(self, "price_lines", compile_plan(self.model_id, brackets, unbilled))
 
 
 def meter_step(meter: MeterPrice, contract: MeterPrice | None, total_input_tokens: int,
@@ -294,9 +261,9 @@ def meter_step(meter: MeterPrice, contract: MeterPrice | None, total_input_token
     else:
         contract_price = contract.price_for(total_input_tokens)[0]
         contract_unit = contract_price / meter.per
-    count = LEAF_COUNTS.index((REPORTED_USAGE.index(meter.usage_key),
-                               *sorted(REPORTED_USAGE.index(inner.usage_key) for inner in included)))
-    return MeterStep(count, meter.usage_key, meter.per, list_price, contract_price, list_price / meter.per,
+    units = (REPORTED_USAGE.index(meter.usage_key), *sorted(REPORTED_USAGE.index(inner.usage_key)
+                                                            for inner in included))
+    return MeterStep(units, meter.usage_key, meter.per, list_price, contract_price, list_price / meter.per,
                      contract_unit, tier)
 
 
