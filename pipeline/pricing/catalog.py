@@ -484,7 +484,8 @@ def _with_meters(prices: dict[str, Decimal | TieredPrices],
 
     An override may price a meter the public list does not (cache writes, say); the list then bills
     those units within a broader meter (input), so giving them that meter's price changes no total
-    and lets list and contract rows line up meter by meter.
+    and lets list and contract rows line up meter by meter. A meter no list meter bills (a model listed
+    without token prices) lists at 0, as genai-prices prices those units.
     """
     out = dict(prices)
     for key in keys:
@@ -493,8 +494,7 @@ def _with_meters(prices: dict[str, Decimal | TieredPrices],
         dims = _UNITS_BY_PRICE_KEY[key][1].get("dimensions", {}).items()
         ancestors = [(len(_UNITS_BY_PRICE_KEY[k][1].get("dimensions", {})), k) for k in prices
                      if _UNITS_BY_PRICE_KEY[k][1].get("dimensions", {}).items() <= dims]
-        if ancestors:
-            out[key] = prices[max(ancestors)[1]]
+        out[key] = prices[max(ancestors)[1]] if ancestors else Decimal(0)
     return out
 
 

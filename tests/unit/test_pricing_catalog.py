@@ -148,6 +148,17 @@ def test_contracted_prices_cost_their_price_times_units_exactly() -> None:
     assert not failures, "\n".join(failures[:20])
 
 
+def test_an_override_of_a_model_listed_without_token_prices_lines_up_with_a_list_price_of_0() -> None:
+    # GitHub Copilot lists gpt-4o with no prices (a subscription): the override is the contract, the list 0
+    catalog = PriceCatalog.from_config(config_from_dict({"pricing": {"overrides": [
+        {"provider": "github-copilot", "model": "gpt-4o", "input_per_mtok": 2, "output_per_mtok": 8}]}}))
+    priced = price_usage(_event("github-copilot", "gpt-4o", SHAPES["plain"], datetime(2026, 6, 1, tzinfo=UTC)),
+                         catalog)
+    assert priced.price.provider_id == "github-copilot"
+    assert [(line.meter, line.list_cost, line.contract_cost) for line in priced.lines] == [
+        ("input_tokens", 0, Decimal("0.002468")), ("output_tokens", 0, Decimal("0.004536"))]
+
+
 def test_unknown_model_is_never_priced_at_zero() -> None:
     catalog = PriceCatalog()
     with pytest.raises(UnpricedError) as err:
