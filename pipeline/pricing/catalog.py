@@ -226,10 +226,11 @@ class ResolvedPrice:
     #: the override's model developer and family, if it names them
     developer: str | None = None
     family: str | None = None
-    #: prices a call's token counts: the meters, rates and tiers below, compiled once (meter_plan)
+    #: prices a call's token counts by the sheets above (meter_plan), compiled by the catalog once per distinct
+    #: answer (compile_price_lines): day after day a model resolves to an equal answer, not compiled again
     price_lines: PriceLines = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def compile_price_lines(self) -> None:
         # the contract sheet has the same meters in the same order (_with_meters)
         contracted = self.list_sheet.meters if self.is_list else self.contract_sheet.meters
         pairs = tuple(zip(self.list_sheet.meters, contracted, strict=True))
@@ -336,7 +337,10 @@ class PriceCatalog:
             return answer
         if len(self._interned) >= _LOOKUP_CACHE_MAX:
             self._interned.clear()
-        return self._interned.setdefault(answer, answer)
+        interned = self._interned.setdefault(answer, answer)
+        if interned is answer:
+            answer.compile_price_lines()
+        return interned
 
     def _resolve(self, provider: str | None, model: str, start_unix_nano: int,
                  service_tier: str | None) -> tuple[ResolvedPrice | UnpricedError, int]:
