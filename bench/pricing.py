@@ -76,7 +76,8 @@ def interleaved_rates(workloads: dict[str, tuple[Callable[[Sequence[Any]], objec
         for label, (work, events) in workloads.items():
             began = time.thread_time()
             while (used := time.thread_time() - began) < slice_s:
-                chunk = events[done[label] % len(events):][:500]
+                start = done[label] % len(events)
+                chunk = events[start:start + 500]  # not events[start:][:500]: a copy of the rest of the list
                 work(chunk)
                 done[label] += len(chunk)
             spent[label] += used
