@@ -12,11 +12,16 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import builtins
+import re
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Final, NamedTuple, cast
+from types import CodeType, FunctionType
+from typing import Any, Final, NamedTuple, cast
 
 import msgspec
+
+from schemas.usage import UsageEvent
 
 #: the genai-prices usage keys a UsageEvent reports, as the generated functions take them
 REPORTED_USAGE: Final = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
@@ -62,9 +67,9 @@ class MeterStep(NamedTuple):
     tier: int | None  # the threshold of the list tier in force, if any
 
 
-#: (uncached input, cache reads, cache writes, output, reasoning, requests) -> the call's lines. Raises
-#: UnpricedError: `invalid_usage` (units a meter includes exceed its total), `unpriced_meter` (see compile_plan).
-PriceLines = Callable[[int, int, int, int, int, int], tuple[PricedLine, ...]]
+#: a call -> its lines (from its token counts and requests). Raises UnpricedError: `invalid_usage` (units a
+#: meter includes exceed its total), `unpriced_meter` (see compile_plan).
+PriceLines = Callable[[UsageEvent], tuple[PricedLine, ...]]
 
 
 class UnpricedError(Exception):
@@ -86,7 +91,7 @@ def compile_plan(model_id: str, brackets: Sequence[tuple[int | None, Sequence[Me
         constants.append(value)
         return f"c{len(constants) - 1}"
 
-    body = ["ti = iu + cr + cw"]
+    body = []
     for index in unbilled:
         units = _UNITS_SOURCE[(index,)]
         body += [f"if {units}:", f"    raise unbilled(c0, {index}, {units})"]
@@ -99,20 +104,29 @@ def compile_plan(model_id: str, brackets: Sequence[tuple[int | None, Sequence[Me
         indent = "    " if len(brackets) > 1 else ""
         body += [indent + line for step in steps for line in _step_source(step, constant)] or [indent + "pass"]
     body.append("return tuple(lines)")
-    source = "\n".join([f"def make({', '.join(f'c{i}' for i in range(len(constants)))}):",
-                        "    def price_lines(iu, cr, cw, out, rs, rq):",
-                        *("        " + line for line in body),
-                        "    return price_lines"])
-    make = _FACTORIES.get(source)
-    if make is None:
-        namespace = {"Line": PricedLine, "exceeded": _exceeded, "unbilled": _unbilled}
+    # read only the counts the plan uses (most bill no reasoning or requests), those it derives from last
+    used = set(re.findall(r"\b[a-z]+\b", "\n".join(body)))
+    counts = [f"{name} = {value}" for name, value in _COUNTS.items()
+              if name in used or (name in _INPUT and "ti" in used)]
+    source = "\n".join(["def price_lines(event):", "    tokens = event.tokens",
+                        *("    " + line for line in counts + body)])
+    code = _CODE.get(source)
+    if code is None:
+        namespace: dict[str, Any] = {}
         exec(compile(source, "<meter plan>", "exec"), namespace)  # our own source: no data is ever written in it
-        make = _FACTORIES[source] = cast(Callable[..., PriceLines], namespace["make"])
-    return make(*constants)
+        code = _CODE[source] = namespace["price_lines"].__code__
+    # the prices are the function's globals, not closure cells (a call copies every cell into its frame);
+    # and each price its own copy of the code: CPython specialises a code object's global reads for one dict
+    names = {f"c{i}": value for i, value in enumerate(constants)}
+    return cast(PriceLines, FunctionType(code.replace(), {**_GLOBALS, **names}, "price_lines"))
 
 
-#: generated source -> its compiled factory: one per plan shape, a few dozen for the whole catalog
-_FACTORIES: dict[str, Callable[..., PriceLines]] = {}
+#: the counts a plan's source reads, as it computes them from a UsageEvent; `ti` from the three of _INPUT
+_COUNTS: Final = {"iu": "tokens.input_uncached", "cr": "tokens.cache_read", "cw": "tokens.cache_write",
+                  "ti": "iu + cr + cw", "out": "tokens.output", "rs": "tokens.reasoning", "rq": "event.requests"}
+_INPUT: Final = frozenset({"iu", "cr", "cw"})
+#: generated source -> its code: one per plan shape, a few dozen for the whole catalog
+_CODE: dict[str, CodeType] = {}
 
 
 def _step_source(step: MeterStep, constant: Callable[[object], str]) -> list[str]:
@@ -136,3 +150,7 @@ def _exceeded(meter: str, units: tuple[int, ...], total: int) -> UnpricedError:
 def _unbilled(model_id: str, index: int, count: int) -> UnpricedError:
     return UnpricedError("unpriced_meter", f"the pricing.overrides entry for {model_id!r} has no price for its "
                                            f"{REPORTED_USAGE[index]} ({count})")
+
+
+_GLOBALS: Final[Mapping[str, object]] = {"__builtins__": builtins, "Line": PricedLine, "exceeded": _exceeded,
+                                         "unbilled": _unbilled}

@@ -40,12 +40,7 @@ def price_usages(events: Iterable[UsageEvent], catalog: PriceCatalog) -> list[Pr
             if not model:
                 raise UnpricedError("missing_model", "the call names no model")
             resolved = resolve(event.provider, model, event.start_time_unix_nano, event.service_tier)
-            tokens = event.tokens
-            # genai-prices' usage keys (catalog.REPORTED_USAGE); requests: the calls the event is for (a sampled
-            # call's adjusted count; UsageEvent.requests, spelt out for the unsampled call)
-            out.append(PricedUsage(event, resolved, resolved.price_lines(
-                tokens.input_uncached, tokens.cache_read, tokens.cache_write, tokens.output, tokens.reasoning,
-                1 if event.adjusted_count is None else event.requests), version))
+            out.append(PricedUsage(event, resolved, resolved.price_lines(event), version))
         except UnpricedError as exc:
             out.append(exc)
     return out
