@@ -130,15 +130,18 @@ _CODE: dict[str, CodeType] = {}
 
 
 def _step_source(step: MeterStep, constant: Callable[[object], str]) -> list[str]:
+    units = _UNITS_SOURCE[step.units]
+    # a count the meter bills whole is read as it is; a difference is worked out once
+    leaf, assign = (units, []) if units.isidentifier() else ("leaf", [f"leaf = {units}"])
     key = constant(step.usage_key)
     unit = constant(step.list_unit)
-    contract_cost = "cost" if step.contract_unit is None else f"{constant(step.contract_unit)} * leaf"
-    return [f"leaf = {_UNITS_SOURCE[step.units]}",
-            "if leaf > 0:",
-            f"    cost = {unit} * leaf",
-            f"    lines.append(Line({key}, leaf, {constant(step.per)}, {constant(step.list_price)}, "
+    contract_cost = "cost" if step.contract_unit is None else f"{constant(step.contract_unit)} * {leaf}"
+    return [*assign,
+            f"if {leaf} > 0:",
+            f"    cost = {unit} * {leaf}",
+            f"    lines.append(Line({key}, {leaf}, {constant(step.per)}, {constant(step.list_price)}, "
             f"{constant(step.contract_price)}, cost, {contract_cost}, {constant(step.tier)}))",
-            "elif leaf:",
+            f"elif {leaf}:",
             f"    raise exceeded({key}, {constant(step.units)}, {_UNITS_SOURCE[step.units[:1]]})"]
 
 
