@@ -281,8 +281,10 @@ class PriceCatalog:
             data_snapshot.DataSnapshot(providers=list(data.providers), from_auto_update=False)
         self.data_name = f"genai-prices-{genai_prices.__version__}" if data is None else data.name
         self._sheets: dict[tuple[int, int, tuple[int, ...]], PriceSheet] = {}
-        self._lookups: dict[tuple[str | None, str, int, str | None],
-                            ResolvedPrice | UnpricedError | _ByTimeOfDay] = {}
+        #: (provider, model, UTC day, service tier) -> what resolve answered, kept by resolve; also read by
+        #: price.price_usages, which spells out resolve's hot path (a ResolvedPrice found there) per call
+        self.looked_up: dict[tuple[str | None, str, int, str | None],
+                             ResolvedPrice | UnpricedError | _ByTimeOfDay] = {}
         # one object per distinct answer: day after day a model resolves to the same prices, and
         # downstream caches (FOCUS price points) key on the object
         self._interned: dict[ResolvedPrice, ResolvedPrice] = {}
@@ -303,20 +305,20 @@ class PriceCatalog:
                 service_tier: str | None = None) -> ResolvedPrice:
         """The prices in force for `model` at the call's start. Raises UnpricedError if there are none."""
         key = (provider, model, start_unix_nano // NS_PER_DAY, service_tier)
-        found = self._lookups.get(key)
+        found = self.looked_up.get(key)
         if found.__class__ is ResolvedPrice:  # the hot path: a price already looked up that day
             return found
         return self._lookup(key, start_unix_nano)
 
     def _lookup(self, key: tuple[str | None, str, int, str | None], start_unix_nano: int) -> ResolvedPrice:
         provider, model, _, service_tier = key
-        found = self._lookups.get(key)
+        found = self.looked_up.get(key)
         if found is None:
             answer, slot_ns = self._resolve(provider, model, start_unix_nano, service_tier)
             found = _ByTimeOfDay(slot_ns, {}) if slot_ns < NS_PER_DAY else self._intern(answer)
-            if len(self._lookups) >= _LOOKUP_CACHE_MAX:
-                self._lookups.clear()  # a flood of distinct model names must not grow memory
-            self._lookups[key] = found
+            if len(self.looked_up) >= _LOOKUP_CACHE_MAX:
+                self.looked_up.clear()  # a flood of distinct model names must not grow memory
+            self.looked_up[key] = found
         if isinstance(found, _ByTimeOfDay):
             slot = start_unix_nano % NS_PER_DAY // found.slot_ns
             by_slot = found.answers.get(slot)

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import msgspec
 
-from pipeline.pricing.catalog import MeterPrice, PriceCatalog, ResolvedPrice, UnpricedError, meter_step
+from pipeline.pricing.catalog import NS_PER_DAY, MeterPrice, PriceCatalog, ResolvedPrice, UnpricedError, meter_step
 from pipeline.pricing.meter_plan import PricedLine
 from schemas.usage import UsageEvent
 
@@ -33,13 +33,17 @@ def price_usages(events: Iterable[UsageEvent], catalog: PriceCatalog) -> list[Pr
     """Price each call at the prices in force at its start: its PricedUsage, or why it has none (never a price
     of 0). The batch form of price_usage, for callers that price many calls: a tenth faster per call."""
     out: list[PricedUsage | UnpricedError] = []
-    resolve, version = catalog.resolve, catalog.version
+    resolve, version, looked_up = catalog.resolve, catalog.version, catalog.looked_up.get
     for event in events:
         try:
             model = event.response_model or event.request_model
             if not model:
                 raise UnpricedError("missing_model", "the call names no model")
-            resolved = resolve(event.provider, model, event.start_time_unix_nano, event.service_tier)
+            # PriceCatalog.resolve's hot path, spelt out: a call to it costs a twentieth of pricing a call
+            resolved = looked_up((event.provider, model, event.start_time_unix_nano // NS_PER_DAY,
+                                  event.service_tier))
+            if resolved.__class__ is not ResolvedPrice:
+                resolved = resolve(event.provider, model, event.start_time_unix_nano, event.service_tier)
             out.append(PricedUsage(event, resolved, resolved.price_lines(event), version))
         except UnpricedError as exc:
             out.append(exc)
