@@ -1,6 +1,8 @@
 """Stage 1: exact token prices and everything made from them.
 
-The pure core: the compiled genai-prices catalog (`catalog`), `price_usage` (`price`), the FOCUS
+The pure core: the compiled genai-prices catalog (`catalog`), each of its prices compiled into the
+function that prices a call's counts (`meter_plan`), `price_usage` and its batch form `price_usages`
+(`price`), the FOCUS
 mapping (`focus`), a batch's rows, dead letters and metric totals (`cost_records`) and
 `spendstream price`'s explanation (`explain`). The shell: the consumer that feeds it (`stage`)
 and its counters (`counters`). May import `guardrails` (stage 2's input and the unpriced alert),
