@@ -7,7 +7,15 @@ from decimal import Decimal
 
 import msgspec
 
-from pipeline.pricing.catalog import NS_PER_DAY, MeterPrice, PriceCatalog, ResolvedPrice, UnpricedError, meter_step
+from pipeline.pricing.catalog import (
+    NS_PER_S,
+    S_PER_DAY,
+    MeterPrice,
+    PriceCatalog,
+    ResolvedPrice,
+    UnpricedError,
+    meter_step,
+)
 from pipeline.pricing.meter_plan import PricedLine
 from schemas.usage import UsageEvent
 
@@ -40,7 +48,7 @@ def price_usages(events: Iterable[UsageEvent], catalog: PriceCatalog) -> list[Pr
             if not model:
                 raise UnpricedError("missing_model", "the call names no model")
             # PriceCatalog.resolve's hot path, spelt out: a call to it costs a twentieth of pricing a call
-            resolved = looked_up((event.provider, model, event.start_time_unix_nano // NS_PER_DAY,
+            resolved = looked_up((event.provider, model, event.start_time_unix_nano // NS_PER_S // S_PER_DAY,
                                   event.service_tier))
             if resolved.__class__ is not ResolvedPrice:
                 resolved = resolve(event.provider, model, event.start_time_unix_nano, event.service_tier)
