@@ -235,6 +235,7 @@ class ResolvedPrice:
     price_lines: PriceLines = field(init=False, repr=False, compare=False)
 
     def compile_price_lines(self) -> None:
+        """Set `price_lines` (the catalog calls it once, when it interns a new answer)."""
         # the contract sheet has the same meters in the same order (_with_meters)
         contracted = self.list_sheet.meters if self.is_list else self.contract_sheet.meters
         pairs = tuple(zip(self.list_sheet.meters, contracted, strict=True))

@@ -4,8 +4,9 @@ A price (catalog.ResolvedPrice) says, for each range of input tokens (long-conte
 which of a call's units at which rates. Walking that structure for every call cost more than the arithmetic,
 so each price is compiled once into a Python function that does only the arithmetic: the units each meter
 bills, one Decimal product per cost, one PricedLine per meter used. The function's source is generated from
-the plan's shape (which units each meter bills, whether a contracted price differs, the tier thresholds); the
-prices themselves are bound as closure constants, never written into the source, and a shape is compiled once.
+the plan's shape (which units each meter bills, whether a contracted price differs, the tier thresholds) and
+compiled once per shape; the prices themselves are the globals of each price's copy of that code, never written
+into the source.
 
 Pure: no I/O.
 """
@@ -27,9 +28,9 @@ from schemas.usage import UsageEvent
 REPORTED_USAGE: Final = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
                          "output_reasoning_tokens", "requests")
 #: what a meter bills, as (its REPORTED_USAGE total, the totals of the meters it includes): the total less those
-#: (genai-prices' leaf decomposition), as source over the function's arguments (`ti`: input with cache reads and
-#: writes, as genai-prices' `input_tokens` counts them; `iu`: uncached input). The meters of REPORTED_USAGE nest
-#: one level deep at most, so these are all there are.
+#: (genai-prices' leaf decomposition), as source over the counts the function reads (_COUNTS; `ti`: input with
+#: cache reads and writes, as genai-prices' `input_tokens` counts them; `iu`: uncached input). The meters of
+#: REPORTED_USAGE nest one level deep at most, so these are all there are.
 _UNITS_SOURCE: Final[Mapping[tuple[int, ...], str]] = {
     (0,): "ti", (1,): "cr", (2,): "cw", (3,): "out", (4,): "rs", (5,): "rq",
     (0, 1): "iu + cw", (0, 2): "iu + cr", (0, 1, 2): "iu", (3, 4): "out - rs",
