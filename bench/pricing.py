@@ -3,7 +3,7 @@
 Both run in this process on the same 20,000 events (a realistic mix: 12 models of 6 providers,
 cache reads and writes, reasoning, long-context tiers, service tiers, dates across a year):
   baseline   genai_prices.calc_price(Usage(...), model, provider_id=..., timestamp, price_context)
-  pricing    spendstream's price_usage (compiled catalog): every meter's list and contracted cost
+  pricing    spendstream's price_usages (compiled meter plans): every meter's list and contracted cost
   + FOCUS    price_usage + the FOCUS 1.2 rows of each call, encoded as `genai.cost.focus` values
   decode +   the same from `genai.usage` message values (one call each): decode_usage_batch, then + FOCUS
 Each runs for --seconds of this thread's CPU time, in interleaved rounds so that a shared machine's load
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from genai_prices import Usage, calc_price
 
 from bench.chart import bar_chart
-from pipeline.pricing import PriceCatalog, price_usage
+from pipeline.pricing import PriceCatalog, price_usage, price_usages
 from pipeline.pricing.catalog import PROVIDER_IDS
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing
@@ -76,7 +76,8 @@ def interleaved_rates(workloads: dict[str, tuple[Callable[[Sequence[Any]], objec
         for label, (work, events) in workloads.items():
             began = time.thread_time()
             while (used := time.thread_time() - began) < slice_s:
-                chunk = events[done[label] % len(events):][:500]
+                start = done[label] % len(events)
+                chunk = events[start:start + 500]  # not events[start:][:500]: a copy of the rest of the list
                 work(chunk)
                 done[label] += len(chunk)
             spent[label] += used
@@ -105,8 +106,7 @@ def main() -> None:
                        price_context=context)
 
     def pricing(chunk: Sequence[UsageEvent]) -> None:
-        for e in chunk:
-            price_usage(e, catalog)
+        price_usages(chunk, catalog)  # the batch form cost_records uses: no Python call per event
 
     def with_focus(chunk: Sequence[UsageEvent]) -> None:
         cost_records(chunk, catalog, billing)

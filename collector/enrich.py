@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
+from pipeline.pricing import PriceCatalog, UnpricedError, price_usages
 from pipeline.pricing.focus import Billing, billed_cost
 from schemas.content import CONTENT_KEYS, CONTENT_PREFIXES, is_content
 from schemas.usage import UsageEvent
@@ -55,10 +55,8 @@ def span_costs(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Bil
     """The cost of each call the workers will price, as they will (the same pure core: the FOCUS rows'
     BilledCost sum). A call without a price gets none: the workers dead-letter it, and 0 would be a lie."""
     costs = {}
-    for event in events:
-        try:
-            priced = price_usage(event, catalog)
-        except UnpricedError:
+    for event, priced in zip(events, price_usages(events, catalog), strict=True):
+        if isinstance(priced, UnpricedError):
             continue
         costs[(bytes.fromhex(event.trace_id), bytes.fromhex(event.span_id))] = SpanCost(
             billed_cost(priced, billing), billing.currency, event.attribution, event.adjusted_count)

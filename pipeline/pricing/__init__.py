@@ -1,6 +1,8 @@
 """Stage 1: exact token prices and everything made from them.
 
-The pure core: the compiled genai-prices catalog (`catalog`), `price_usage` (`price`), the FOCUS
+The pure core: the compiled genai-prices catalog (`catalog`), each of its prices compiled into the
+function that prices a call's counts (`meter_plan`), `price_usage` and its batch form `price_usages`
+(`price`), the FOCUS
 mapping (`focus`), a batch's rows, dead letters and metric totals (`cost_records`) and
 `spendstream price`'s explanation (`explain`). The shell: the consumer that feeds it (`stage`)
 and its counters (`counters`). May import `guardrails` (stage 2's input and the unpriced alert),
@@ -8,7 +10,8 @@ and its counters (`counters`). May import `guardrails` (stage 2's input and the 
 """
 
 from pipeline.pricing.catalog import PriceCatalog, PriceOverride, UnpricedError, overrides_from_config
-from pipeline.pricing.price import PricedLine, PricedUsage, price_usage
+from pipeline.pricing.meter_plan import PricedLine
+from pipeline.pricing.price import PricedUsage, price_usage, price_usages
 
 __all__ = ["PriceCatalog", "PriceOverride", "PricedLine", "PricedUsage", "UnpricedError", "overrides_from_config",
-           "price_usage"]
+           "price_usage", "price_usages"]

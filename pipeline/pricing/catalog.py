@@ -27,10 +27,16 @@ from genai_prices.data_units import unit_data
 from genai_prices.types import ModelInfo, ModelPrice, Provider, Tier, TieredPrices, TimeOfDateConstraint
 from genai_prices.types import _providers_from_raw as providers_from_raw  # UpdatePrices.fetch's reader; not public
 
+from pipeline.pricing.meter_plan import REPORTED_USAGE, MeterStep, PriceLines, compile_plan
+from pipeline.pricing.meter_plan import UnpricedError as UnpricedError  # noqa: PLC0414 (re-exported, for mypy)
 from schemas.config import Config
 from schemas.errors import ConfigError
 
 NS_PER_DAY: Final = 86_400 * 10**9
+#: a UTC day is `start_unix_nano // NS_PER_S // S_PER_DAY`: two divisions by one-digit (30-bit) ints are
+#: cheaper than one by NS_PER_DAY, which takes two digits (CPython's long division)
+NS_PER_S: Final = 10**9
+S_PER_DAY: Final = 86_400
 _US_PER_DAY: Final = 86_400 * 10**6
 LIST_CURRENCY: Final = "USD"  # genai-prices publishes every price in USD
 #: our canonical (semconv) provider names -> genai-prices provider ids
@@ -48,9 +54,6 @@ OVERRIDE_PRICE_KEYS: Final[Mapping[str, str]] = {
 }
 _UNITS_BY_PRICE_KEY: Final = {raw.get("price_key", key): (key, raw) for key, raw in unit_data.items()}
 _LOOKUP_CACHE_MAX: Final = 50_000
-#: the genai-prices usage keys a UsageEvent reports, in the order price.price_usage counts them
-REPORTED_USAGE: Final = ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens",
-                         "output_reasoning_tokens", "requests")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +96,6 @@ def _first_error(exc: Exception) -> str:
     return str(exc)[:200]
 
 
-class UnpricedError(Exception):
-    """A call the catalog cannot price. `reason` is a stable code for the dead-letter record."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
 @dataclass(frozen=True, slots=True)
 class MeterPrice:
     """The price of one usage meter, per `per` units (genai-prices' unit)."""
@@ -113,9 +108,6 @@ class MeterPrice:
     tiers: tuple[tuple[int, Decimal], ...]
     #: positions (in the sheet) of the priced meters this one includes, e.g. cache reads within input
     includes: tuple[int, ...]
-    #: base / per, the price of one unit: exact (Decimal division by a power of ten), so
-    #: `unit_base * count` equals genai-prices' `base * count / per` with one operation instead of two
-    unit_base: Decimal
 
     def price_for(self, total_input_tokens: int) -> tuple[Decimal, int | None]:
         for threshold, price in self.tiers:
@@ -155,7 +147,7 @@ def compile_sheet(prices: Mapping[str, Decimal | TieredPrices], price_id: str) -
             base = price.base
         else:
             tiers, base = (), price
-        meters.append(MeterPrice(usage_key, price_key, per, base, tiers, includes, base / per))
+        meters.append(MeterPrice(usage_key, price_key, per, base, tiers, includes))
     return PriceSheet(tuple(meters), price_id)
 
 
@@ -238,26 +230,47 @@ class ResolvedPrice:
     #: the override's model developer and family, if it names them
     developer: str | None = None
     family: str | None = None
-    #: per list meter, most specific first: (its position in REPORTED_USAGE, the positions of the meters
-    #: it includes, the meter, the contract meter or None when it is the list meter), worked out once here
-    #: so pricing a call walks one tuple
-    plan: tuple[tuple[int, tuple[int, ...], MeterPrice, MeterPrice | None], ...] = field(
-        init=False, repr=False, compare=False)
-    #: the REPORTED_USAGE positions of the token totals (input, output) no meter bills, when the override is the
-    #: only price: tokens it does not price would be free (a list price follows genai-prices, which bills them so)
-    unbilled: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    #: prices a call's token counts by the sheets above (meter_plan), compiled by the catalog once per distinct
+    #: answer (compile_price_lines): day after day a model resolves to an equal answer, not compiled again
+    price_lines: PriceLines = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def compile_price_lines(self) -> None:
+        """Set `price_lines` (the catalog calls it once, when it interns a new answer)."""
         # the contract sheet has the same meters in the same order (_with_meters)
         contracted = self.list_sheet.meters if self.is_list else self.contract_sheet.meters
-        object.__setattr__(self, "plan", tuple(
-            (REPORTED_USAGE.index(meter.usage_key), meter.includes, meter,
-             None if contract is meter else contract)
-            for meter, contract in zip(self.list_sheet.meters, contracted, strict=True)))
-        billed = {meter.usage_key for meter in self.list_sheet.meters}
-        object.__setattr__(self, "unbilled", tuple(
-            REPORTED_USAGE.index(total) for total in ("input_tokens", "output_tokens")
-            if self.unlisted and total not in billed))
+        pairs = tuple(zip(self.list_sheet.meters, contracted, strict=True))
+        meters = self.list_sheet.meters
+
+        def steps(total_input_tokens: int) -> list[MeterStep]:
+            return [meter_step(meter, contract, total_input_tokens, tuple(meters[i] for i in meter.includes))
+                    for meter, contract in pairs]
+
+        # a tier applies above its threshold, so the rates at threshold + 1 hold up to the next threshold
+        thresholds = sorted({t for pair in pairs for meter in pair for t, _ in meter.tiers}, reverse=True)
+        brackets: list[tuple[int | None, list[MeterStep]]] = [(t, steps(t + 1)) for t in thresholds]
+        brackets.append((None, steps(0)))
+        # the token totals (input, output) no meter bills, when the override is the only price: tokens it does
+        # not price would be free (a list price follows genai-prices, which bills them so)
+        billed = {meter.usage_key for meter in meters}
+        unbilled = [REPORTED_USAGE.index(total) for total in ("input_tokens", "output_tokens")
+                    if self.unlisted and total not in billed]
+        object.__setattr__(self, "price_lines", compile_plan(self.model_id, brackets, unbilled))
+
+
+def meter_step(meter: MeterPrice, contract: MeterPrice | None, total_input_tokens: int,
+               included: tuple[MeterPrice, ...] = ()) -> MeterStep:
+    """`meter`, which includes the meters `included`, at list and `contract` (None or `meter`: the list price)
+    prices, for a call with `total_input_tokens` of input."""
+    list_price, tier = meter.price_for(total_input_tokens)
+    if contract is None or contract is meter:
+        contract_price, contract_unit = list_price, None
+    else:
+        contract_price = contract.price_for(total_input_tokens)[0]
+        contract_unit = contract_price / meter.per
+    units = (REPORTED_USAGE.index(meter.usage_key), *sorted(REPORTED_USAGE.index(inner.usage_key)
+                                                            for inner in included))
+    return MeterStep(units, meter.usage_key, meter.per, list_price, contract_price, list_price / meter.per,
+                     contract_unit, tier)
 
 
 class PriceCatalog:
@@ -273,8 +286,10 @@ class PriceCatalog:
             data_snapshot.DataSnapshot(providers=list(data.providers), from_auto_update=False)
         self.data_name = f"genai-prices-{genai_prices.__version__}" if data is None else data.name
         self._sheets: dict[tuple[int, int, tuple[int, ...]], PriceSheet] = {}
-        self._lookups: dict[tuple[str | None, str, int, str | None],
-                            ResolvedPrice | UnpricedError | _ByTimeOfDay] = {}
+        #: (provider, model, UTC day, service tier) -> what resolve answered, kept by resolve; also read by
+        #: price.price_usages, which spells out resolve's hot path (a ResolvedPrice found there) per call
+        self.looked_up: dict[tuple[str | None, str, int, str | None],
+                             ResolvedPrice | UnpricedError | _ByTimeOfDay] = {}
         # one object per distinct answer: day after day a model resolves to the same prices, and
         # downstream caches (FOCUS price points) key on the object
         self._interned: dict[ResolvedPrice, ResolvedPrice] = {}
@@ -294,21 +309,21 @@ class PriceCatalog:
     def resolve(self, provider: str | None, model: str, start_unix_nano: int,
                 service_tier: str | None = None) -> ResolvedPrice:
         """The prices in force for `model` at the call's start. Raises UnpricedError if there are none."""
-        key = (provider, model, start_unix_nano // NS_PER_DAY, service_tier)
-        found = self._lookups.get(key)
+        key = (provider, model, start_unix_nano // NS_PER_S // S_PER_DAY, service_tier)
+        found = self.looked_up.get(key)
         if found.__class__ is ResolvedPrice:  # the hot path: a price already looked up that day
             return found
         return self._lookup(key, start_unix_nano)
 
     def _lookup(self, key: tuple[str | None, str, int, str | None], start_unix_nano: int) -> ResolvedPrice:
         provider, model, _, service_tier = key
-        found = self._lookups.get(key)
+        found = self.looked_up.get(key)
         if found is None:
             answer, slot_ns = self._resolve(provider, model, start_unix_nano, service_tier)
             found = _ByTimeOfDay(slot_ns, {}) if slot_ns < NS_PER_DAY else self._intern(answer)
-            if len(self._lookups) >= _LOOKUP_CACHE_MAX:
-                self._lookups.clear()  # a flood of distinct model names must not grow memory
-            self._lookups[key] = found
+            if len(self.looked_up) >= _LOOKUP_CACHE_MAX:
+                self.looked_up.clear()  # a flood of distinct model names must not grow memory
+            self.looked_up[key] = found
         if isinstance(found, _ByTimeOfDay):
             slot = start_unix_nano % NS_PER_DAY // found.slot_ns
             by_slot = found.answers.get(slot)
@@ -329,7 +344,10 @@ class PriceCatalog:
             return answer
         if len(self._interned) >= _LOOKUP_CACHE_MAX:
             self._interned.clear()
-        return self._interned.setdefault(answer, answer)
+        interned = self._interned.setdefault(answer, answer)
+        if interned is answer:
+            answer.compile_price_lines()
+        return interned
 
     def _resolve(self, provider: str | None, model: str, start_unix_nano: int,
                  service_tier: str | None) -> tuple[ResolvedPrice | UnpricedError, int]:
@@ -477,7 +495,8 @@ def _with_meters(prices: dict[str, Decimal | TieredPrices],
 
     An override may price a meter the public list does not (cache writes, say); the list then bills
     those units within a broader meter (input), so giving them that meter's price changes no total
-    and lets list and contract rows line up meter by meter.
+    and lets list and contract rows line up meter by meter. A meter no list meter bills (a model listed
+    without token prices) lists at 0, as genai-prices prices those units.
     """
     out = dict(prices)
     for key in keys:
@@ -486,8 +505,7 @@ def _with_meters(prices: dict[str, Decimal | TieredPrices],
         dims = _UNITS_BY_PRICE_KEY[key][1].get("dimensions", {}).items()
         ancestors = [(len(_UNITS_BY_PRICE_KEY[k][1].get("dimensions", {})), k) for k in prices
                      if _UNITS_BY_PRICE_KEY[k][1].get("dimensions", {}).items() <= dims]
-        if ancestors:
-            out[key] = prices[max(ancestors)[1]]
+        out[key] = prices[max(ancestors)[1]] if ancestors else Decimal(0)
     return out
 
 

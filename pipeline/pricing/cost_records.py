@@ -14,7 +14,7 @@ from decimal import Decimal
 from pipeline.observability.cardinality import METRIC_DIMENSIONS
 from pipeline.pricing.catalog import PriceCatalog, UnpricedError
 from pipeline.pricing.focus import Billing, focus_values, line_costs
-from pipeline.pricing.price import PricedUsage, price_usage
+from pipeline.pricing.price import PricedUsage, price_usages
 from schemas.codec import Record
 from schemas.config import UNALLOCATED
 from schemas.deadletter import DeadLetter
@@ -90,13 +90,11 @@ def price_calls(events: Sequence[UsageEvent], catalog: PriceCatalog, billing: Bi
     """cost_records without the rows: `priced` holds what they are made of."""
     out = CostOutput()
     dims_of: dict[str, tuple[str, ...]] = {}  # attribution key -> metric label values; most calls repeat one
-    for event in events:
-        try:
-            priced = price_usage(event, catalog)
-        except UnpricedError as exc:
-            out.unpriced[exc.reason] += 1
-            out.unpriced_models.setdefault((event.provider, event.model), exc)
-            out.dead_letters.append((event.attribution_key.encode(), unpriced_letter(event, exc).encode()))
+    for event, priced in zip(events, price_usages(events, catalog), strict=True):
+        if isinstance(priced, UnpricedError):
+            out.unpriced[priced.reason] += 1
+            out.unpriced_models.setdefault((event.provider, event.model), priced)
+            out.dead_letters.append((event.attribution_key.encode(), unpriced_letter(event, priced).encode()))
             out.billed.append(None)
             continue
         out.priced_events += 1

@@ -11,7 +11,7 @@ from genai_prices import Usage, calc_price
 from genai_prices.data import providers
 from genai_prices.types import ModelPrice, StartDateConstraint, TieredPrices, TimeOfDateConstraint
 
-from pipeline.pricing import PriceCatalog, UnpricedError, price_usage
+from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, price_usage
 from pipeline.pricing.catalog import PROVIDER_IDS
 from pipeline.pricing.reprice import UNPRICED_REASONS
 from schemas.config import config_from_dict
@@ -105,9 +105,12 @@ def test_every_model_and_usage_shape_equals_calc_price() -> None:
                     expected = None  # a few model ids are not matched by their own rules; nor by ours
             event = _event(reverse_ids.get(provider_id, provider_id), model_id, tokens, when, tier)
             try:
-                got: Decimal | None = price_usage(event, catalog).list_cost
+                priced = price_usage(event, catalog)
             except UnpricedError:
                 got = None
+            else:
+                got = priced.list_cost
+                failures += _line_errors(priced)
             checked += 1
             if got != expected:
                 mismatches += 1
@@ -115,6 +118,45 @@ def test_every_model_and_usage_shape_equals_calc_price() -> None:
                                 f"{got} != {expected}")
     assert checked > 20_000
     assert not failures, f"{mismatches} of {checked} differ:\n" + "\n".join(failures[:20])
+
+
+def _line_errors(priced: PricedUsage) -> list[str]:
+    """The lines whose costs are not genai-prices' formula, price x units / per, at list and contracted prices."""
+    return [f"{priced.price.model_id} {line}" for line in priced.lines
+            if (line.list_cost, line.contract_cost) != (line.list_price * line.quantity / line.per,
+                                                        line.contract_price * line.quantity / line.per)]
+
+
+def test_contracted_prices_cost_their_price_times_units_exactly() -> None:
+    # an fx rate with many digits, a contracted price the list lacks (cache writes of gpt-4o), tiered prices
+    # in another currency (gemini-2.5-pro) and a self-hosted model: every line's costs are exact
+    catalog = PriceCatalog.from_config(config_from_dict({"billing_currency": "EUR", "fx": {"USD": 0.9234567891234567},
+                                                         "pricing": {"overrides": [
+        {"model": "gpt-4o", "input_per_mtok": 2.1, "cache_write_per_mtok": 3.3},
+        {"model": "claude-sonnet-4-5", "output_per_mtok": 13, "currency": "EUR"},
+        {"model": "gemini-2.5-pro", "input_per_mtok": 1.1234567890123, "currency": "EUR"},
+        {"provider": "vllm", "model": "acme-70b", "input_per_mtok": 0.5, "output_per_mtok": 0.75}]}}))
+    when = datetime(2026, 6, 1, tzinfo=UTC)
+    failures, contracted = [], 0
+    for provider, model in [("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"), ("gcp.gemini", "gemini-2.5-pro"),
+                            ("vllm", "acme-70b")]:
+        for tokens in SHAPES.values():
+            priced = price_usage(_event(provider, model, tokens, when), catalog)
+            failures += _line_errors(priced)
+            contracted += sum(line.contract_price != line.list_price for line in priced.lines)
+    assert contracted > 20
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_an_override_of_a_model_listed_without_token_prices_lines_up_with_a_list_price_of_0() -> None:
+    # GitHub Copilot lists gpt-4o with no prices (a subscription): the override is the contract, the list 0
+    catalog = PriceCatalog.from_config(config_from_dict({"pricing": {"overrides": [
+        {"provider": "github-copilot", "model": "gpt-4o", "input_per_mtok": 2, "output_per_mtok": 8}]}}))
+    priced = price_usage(_event("github-copilot", "gpt-4o", SHAPES["plain"], datetime(2026, 6, 1, tzinfo=UTC)),
+                         catalog)
+    assert priced.price.provider_id == "github-copilot"
+    assert [(line.meter, line.list_cost, line.contract_cost) for line in priced.lines] == [
+        ("input_tokens", 0, Decimal("0.002468")), ("output_tokens", 0, Decimal("0.004536"))]
 
 
 def test_unknown_model_is_never_priced_at_zero() -> None:
