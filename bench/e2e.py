@@ -138,28 +138,16 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 class Pipeline:
     """`spendstream run` and the metrics endpoints of its roles."""
 
     def __init__(self, tmp: Path, workers: int, flush_seconds: float, compression: str) -> None:
         (tmp / "spendstream.yaml").write_text(config(flush_seconds, compression))
-        self.grpc_port, self.broker_port, metrics_port = free_port(), free_port(), free_port()
-        while not all(_free(metrics_port + n) for n in range(workers + 2)):  # the roles take consecutive ports
-            metrics_port = free_port()
+        self.grpc_port, self.broker_port = free_port(), free_port()
+        metrics_port = free_port(workers + 2)  # the roles take consecutive ports
         self.ports = {"collector": metrics_port, "exporter": metrics_port + workers + 1,
                       **{f"worker-{n + 1}" if n else "worker": metrics_port + n + 1 for n in range(workers)}}
-        authz_port = free_port()
-        while not _free(authz_port + 1):  # Envoy's gRPC port is the next one
-            authz_port = free_port()
+        authz_port = free_port(2)  # Envoy's gRPC port is the next one
         self.data_dir = tmp / "data"
         self.log = tmp / "run.log"
         with self.log.open("w") as out:
