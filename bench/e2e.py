@@ -44,6 +44,7 @@ import duckdb
 import grpc
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -61,7 +62,7 @@ from pipeline.pricing import PriceCatalog
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing
 from schemas.config import Config
-from schemas.focus import REQUEST_FILES, request_files_glob
+from schemas.focus import REQUEST_FILES, decode_row, request_files_glob
 from tests.e2e.running import read_until
 from tests.support import free_port, make_request, make_span
 
@@ -74,6 +75,7 @@ MODELS = (("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude
 TEAMS = 8
 PROBE_KEYS = 500
 PARTITIONS = 8  # kafka.partitions, the default
+_CODECS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}  # Kafka's record batch attribute codes
 GROUPS_PER_ROLE = {"worker": ("spendstream-pricing", "spendstream-guardrails"), "exporter": ("spendstream-exporter",)}
 
 
@@ -99,17 +101,32 @@ def build_payloads(spans: int, first: int) -> list[bytes]:
     return out
 
 
-def focus_rows(payloads: list[bytes]) -> tuple[int, int]:
-    """(rows, bytes of their `genai.cost.focus` values) the pipeline makes of these payloads, by its own ingest and
-    pricing code."""
+def focus_rows(payloads: list[bytes]) -> list[bytes]:
+    """The `genai.cost.focus` values the pipeline makes of these payloads, by its own ingest and pricing code."""
     catalog, billing, config, nested = PriceCatalog(), Billing(), Config(), NestedCallFilter()
-    rows = size = 0
-    for payload in payloads:
-        records = cost_records(ingest_request(ExportTraceServiceRequest.FromString(payload), config, None, nested
-                                              ).events, catalog, billing).rows
-        rows += len(records)
-        size += sum(len(value) for _, value in records)
-    return rows, size
+    return [value for payload in payloads for _, value in cost_records(ingest_request(
+        ExportTraceServiceRequest.FromString(payload), config, None, nested).events, catalog, billing).rows]
+
+
+def row_format_cost(values: list[bytes], codec: str) -> float:
+    """CPU seconds a row that any reader of the public topic pays, at the least, for its format alone: putting the
+    value in a record batch and compressing it (aiokafka's C record builder, in batches of 1 MiB, larger than the
+    producer's: a lower bound), reading it back out, and decoding it as the typed FOCUS row the files can hold.
+    No pricing, no row encoding, no Kafka round trip, no Parquet: what the JSON row costs by itself."""
+    began = time.process_time()
+    batches, builder = [], None
+    for offset, value in enumerate(values):
+        if builder is None:
+            builder = DefaultRecordBatchBuilder(2, _CODECS[codec], 0, -1, -1, -1, 1 << 20)
+        if builder.append(offset, timestamp=None, key=b"team=team-0", value=value, headers=[]) is None:
+            batches.append(bytes(builder.build()))
+            builder = None
+    if builder is not None:
+        batches.append(bytes(builder.build()))
+    for batch in batches:
+        for record in DefaultRecordBatch(batch):
+            decode_row(record.value)
+    return (time.process_time() - began) / len(values)
 
 
 def baseline_rate(payloads: list[bytes], seconds: float) -> float:
@@ -331,9 +348,10 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def floor(cpu: dict[str, float], client_cpu: float, spans: int, rows: int, size: int) -> None:
+def floor(cpu: dict[str, float], client_cpu: float, spans: int, *, rows: int, size: int, row_cost: float) -> None:
     """What 20,000 spans/s on these 2 cores would leave the pricing stage and the files, from this run's CPU costs:
-    the clients and the ingest edge (collector, broker) take their share first, whatever the workers do."""
+    the clients and the ingest edge (collector, broker) take their share first, whatever the workers do; and what
+    the public row format alone (`row_format_cost`) takes of what is left."""
     target, cores = 20_000, 2
     ingest = client_cpu + cpu.get("collector", 0.0) + cpu.get("broker", 0.0)
     rest = sum(s for role, s in cpu.items() if role.startswith(("worker", "exporter")))
@@ -343,6 +361,10 @@ def floor(cpu: dict[str, float], client_cpu: float, spans: int, rows: int, size:
           f"span for pricing, {rows / spans:.1f} FOCUS rows of {size / rows:,.0f} bytes of JSON each "
           f"({size / spans * target / 1e6:,.0f} MB/s to encode, compress, send, parse and write) and the files; "
           f"the workers and exporter used {rest / spans * 1e6:,.0f} µs per span here")
+    format_us = row_cost * rows / spans * 1e6
+    print(f"  of those {left_us:,.0f} µs, the row format alone (batching, compressing, reading back and decoding "
+          f"{rows / spans:.1f} JSON rows, nothing else) takes {format_us:,.0f} µs: {format_us / left_us:.0%}"
+          if left_us else "  nothing is left for the workers and exporter")
 
 
 def main() -> None:
@@ -358,7 +380,10 @@ def main() -> None:
     print(f"{os.cpu_count()} cores; building {args.spans:,} distinct spans in {SPANS_PER_REQUEST}-span requests",
           flush=True)
     warmup, payloads = build_payloads(warmup_spans, 0), build_payloads(args.spans, warmup_spans)
-    (warmup_rows, _), (load_rows, load_bytes) = focus_rows(warmup), focus_rows(payloads)
+    warmup_rows, load_values = len(focus_rows(warmup)), focus_rows(payloads)
+    load_rows, load_bytes = len(load_values), sum(map(len, load_values))
+    row_cost = row_format_cost(load_values[:30_000], args.compression)
+    del load_values
     base_before = baseline_rate(payloads, 3.0)
     print(f"  baseline: bare decode-and-walk {base_before:,.0f} spans/s on one core", flush=True)
 
@@ -435,7 +460,7 @@ def main() -> None:
     print(f"  all roles: {total_cpu / args.spans * 1e6:,.0f} ms per 1,000 spans, so 2 cores of their own would "
           f"carry at most {2 * args.spans / total_cpu:,.0f} spans/s (the busiest role alone: "
           f"{args.spans / max(cpu.values()):,.0f} spans/s on one core)")
-    floor(cpu, client_cpu, args.spans, load_rows, load_bytes)
+    floor(cpu, client_cpu, args.spans, rows=load_rows, size=load_bytes, row_cost=row_cost)
     RESULTS.mkdir(exist_ok=True)
     chart = RESULTS / "e2e.svg"
     chart.write_text(bar_chart(f"spans/s, spendstream run --workers {args.workers}, 2-core machine", {
