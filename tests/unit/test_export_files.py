@@ -32,8 +32,7 @@ from pipeline.export.files import (
     ARROW_SCHEMAS,
     RowLedger,
     focus_dir,
-    parse_rows,
-    parse_rows_skipping,
+    pack_values,
     partition_dir,
     table_version,
     unpack,
@@ -44,7 +43,8 @@ from pipeline.guardrails import history
 from pipeline.pricing import PriceCatalog
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing
-from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION
+from schemas.errors import SchemaError
+from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION, decode_row
 from schemas.swap_lock import SWAP_LOCK, swapping_request_files
 from schemas.usage import TokenCounts, UsageEvent
 
@@ -86,46 +86,55 @@ def expected_table(values: list[bytes], version: str = FOCUS_VERSION) -> pa.Tabl
     return pa.Table.from_pylist(rows, schema=ARROW_SCHEMAS[version])
 
 
+def packed(values: list[bytes]) -> pa.Table:
+    """The one packed table of FOCUS rows of one version, all valid."""
+    tables, refused = pack_values(values)
+    assert refused == []
+    [table] = tables
+    return table
+
+
 def test_packed_rows_hold_exactly_the_values_of_the_messages() -> None:
     values = focus_values(40)
-    packed = parse_rows(values)
-    assert unpack(packed).equals(expected_table(values))
-    assert unpack(packed).schema.metadata == ARROW_SCHEMA.metadata
-    assert pa.types.is_dictionary(packed.schema.field("Tags").type)
-    assert packed.schema.field("x_RowId").type == pa.string()  # unique per row: not worth a dictionary
+    table = packed(values)
+    assert unpack(table).equals(expected_table(values))
+    assert unpack(table).schema.metadata == ARROW_SCHEMA.metadata
+    assert pa.types.is_dictionary(table.schema.field("Tags").type)
+    assert table.schema.field("x_RowId").type == pa.string()  # unique per row: not worth a dictionary
 
 
 def test_the_largest_values_a_row_may_carry_are_held_exactly() -> None:
     """What the exporter's decoder lets through (38 digits of money and quantity, int64, any JSON scalar in Tags),
-    the bulk parse holds exactly. Tags stays the same JSON object; DuckDB may spell a number differently
-    (1e308, where orjson writes 1e+308)."""
+    the files hold exactly."""
     row = orjson.loads(focus_values(1)[0])
     row.update(BilledCost="-" + "9" * 20 + "." + "9" * 18, PricingQuantity="9" * 32 + ".999999",
                x_RequestCount=2**63 - 1, Tags={"n": 2**63 - 1, "f": 1e308, "b": True, "none": None, "s": "é"},
                ChargePeriodStart="2026-02-28T23:59:59Z")
     value = orjson.dumps(row)
-    held, expected = unpack(parse_rows([value])), expected_table([value])
-    assert held.drop_columns(["Tags"]).equals(expected.drop_columns(["Tags"]))
-    assert orjson.loads(held.column("Tags")[0].as_py()) == row["Tags"]
+    assert unpack(packed([value])).equals(expected_table([value]))
 
 
 def test_a_packed_row_takes_a_tenth_of_a_dict_row() -> None:
     """The exporter holds up to exporter.max_buffered_rows of these (docs/architecture.md gives the figures)."""
     values = focus_values(3000)
-    packed = parse_rows(values)
-    per_row = packed.nbytes / packed.num_rows
+    table = packed(values)
+    per_row = table.nbytes / table.num_rows
     assert per_row < 700, per_row  # measured ~620 B (FOCUS 1.4); a decoded dict row is ~7.6 KB, its JSON ~2.9 KB
 
 
-def test_values_that_do_not_parse_are_left_out_one_by_one() -> None:
+def test_values_that_are_not_rows_the_files_hold_are_left_out_one_by_one_with_the_decoders_reason() -> None:
     values = focus_values(10)
     bad_money = values[3].replace(b'"BilledCost":"', b'"BilledCost":"x')
     no_row_id = orjson.dumps({k: v for k, v in orjson.loads(values[4]).items() if k != "x_RowId"})
     mixed = [*values[:3], bad_money, no_row_id, b"\xff\xfe", *values[5:]]
-    tables, errors = parse_rows_skipping(mixed)
-    assert len(errors) == 3
+    tables, refused = pack_values(mixed)
+    assert [index for index, _ in refused] == [3, 4, 5]
+    for index, reason in refused:
+        with pytest.raises(SchemaError) as error:
+            decode_row(mixed[index])
+        assert reason == str(error.value)
     assert pa.concat_tables([unpack(t) for t in tables]).equals(expected_table([*values[:3], *values[5:]]))
-    assert parse_rows_skipping([b"{}"])[0] == []
+    assert pack_values([b"{}"])[0] == []
 
 
 def test_rows_of_both_focus_versions_are_held_and_written_apart(tmp_path: Path) -> None:
@@ -136,8 +145,8 @@ def test_rows_of_both_focus_versions_are_held_and_written_apart(tmp_path: Path) 
     rows_1_2 = focus_values(10, tag="c", version="1.2")
     tagged = orjson.loads(focus_values(1, tag="d")[0])
     tagged["Tags"] = {**tagged["Tags"], "ProviderName": "x"}
-    tables, errors = parse_rows_skipping([*rows_1_4[:15], *rows_1_2, orjson.dumps(tagged), *rows_1_4[15:]])
-    assert errors == []
+    tables, refused = pack_values([*rows_1_4[:15], *rows_1_2, orjson.dumps(tagged), *rows_1_4[15:]])
+    assert refused == []
     by_version = {}
     for table in tables:
         by_version.setdefault(table_version(table), []).append(unpack(table))
@@ -166,13 +175,13 @@ def test_rows_are_written_per_charge_date_once_whatever_is_redelivered(tmp_path:
     root = focus_dir(tmp_path)
     values = focus_values(200, step_s=900)  # 200 calls over ~2 days: 3 charge dates
     ledger = RowLedger(root)
-    first = write_rows(root, [parse_rows(values[:300]), parse_rows(values[300:])], ledger)
+    first = write_rows(root, [packed(values[:300]), packed(values[300:])], ledger)
     assert first.rows == 600 and first.duplicates == 0
     assert first.days == [("2026-11", "2026-11-20"), ("2026-11", "2026-11-21"), ("2026-11", "2026-11-22")]
-    again = write_rows(root, [parse_rows(values[100:400] + values[100:110])], ledger)
+    again = write_rows(root, [packed(values[100:400] + values[100:110])], ledger)
     assert (again.rows, again.duplicates, again.files) == (0, 310, 0)
     fresh_ledger = RowLedger(root)  # a restarted exporter reads the ids back from the files
-    assert write_rows(root, [parse_rows(values)], fresh_ledger).duplicates == 600
+    assert write_rows(root, [packed(values)], fresh_ledger).duplicates == 600
     rows, distinct, total, files = read_files(root)
     assert rows == distinct == 600 and files == 3
     assert total == sum(Decimal(orjson.loads(v)["BilledCost"]) for v in values)
@@ -190,9 +199,9 @@ def test_a_write_that_fails_leaves_no_file_and_forgets_its_row_ids(tmp_path: Pat
     with monkeypatch.context() as patch:
         patch.setattr(pq.ParquetWriter, "write_table", full_disk)
         with pytest.raises(OSError, match="No space"):
-            write_rows(root, [parse_rows(values)], ledger)
+            write_rows(root, [packed(values)], ledger)
     assert not list(root.rglob("*.parquet*"))
-    assert write_rows(root, [parse_rows(values)], ledger).rows == 60
+    assert write_rows(root, [packed(values)], ledger).rows == 60
 
 
 @pytest.mark.parametrize("hashing", ["real", "every_id_collides"])
@@ -205,12 +214,12 @@ def test_a_row_repeated_in_one_flush_or_redelivered_is_written_once_and_collidin
     root = focus_dir(tmp_path)
     values = focus_values(40)
     ledger = RowLedger(root)
-    first = write_rows(root, [parse_rows(values[:80]), parse_rows(values[60:])], ledger)
+    first = write_rows(root, [packed(values[:80]), packed(values[60:])], ledger)
     assert (first.rows, first.duplicates) == (120, 20)
-    assert write_rows(root, [parse_rows(values)], ledger).duplicates == 120
-    assert write_rows(root, [parse_rows(values)], RowLedger(root)).duplicates == 120
+    assert write_rows(root, [packed(values)], ledger).duplicates == 120
+    assert write_rows(root, [packed(values)], RowLedger(root)).duplicates == 120
     more = focus_values(10, tag="b")
-    assert write_rows(root, [parse_rows(more), parse_rows(more)], ledger).rows == 30
+    assert write_rows(root, [packed(more), packed(more)], ledger).rows == 30
     rows, distinct, _, _ = read_files(root)
     assert rows == distinct == 150
 
@@ -218,12 +227,12 @@ def test_a_row_repeated_in_one_flush_or_redelivered_is_written_once_and_collidin
 def test_the_ledger_holds_about_8_bytes_a_row_id(tmp_path: Path) -> None:
     """A day's ids read back from its files cost a 64-bit hash each, not a string in a set (~145 bytes an id)."""
     root = focus_dir(tmp_path)
-    write_rows(root, [parse_rows(focus_values(4_000, step_s=20))], RowLedger(root))  # 12,000 rows, one day
+    write_rows(root, [packed(focus_values(4_000, step_s=20))], RowLedger(root))  # 12,000 rows, one day
     ledger = RowLedger(root)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        assert write_rows(root, [parse_rows(focus_values(1, tag="late"))], ledger).rows == 3
+        assert write_rows(root, [packed(focus_values(1, tag="late"))], ledger).rows == 3
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
@@ -234,7 +243,7 @@ def small_files(root: Path, values: list[bytes], per_file: int) -> RowLedger:
     """Write `values` as files of `per_file` rows, as many flushes would."""
     ledger = RowLedger(root)
     for start in range(0, len(values), per_file):
-        write_rows(root, parse_rows_skipping(values[start:start + per_file])[0], ledger)
+        write_rows(root, pack_values(values[start:start + per_file])[0], ledger)
     return ledger
 
 
@@ -257,8 +266,8 @@ def test_compaction_merges_a_days_files_into_one_with_the_same_rows_in_order(tmp
     assert not list(directory.parent.glob(f"{STAGING_PREFIX}*"))
     assert compact_day(root, "2026-11", "2026-11-20") is None  # one file: nothing to do
     # the ledger, in memory or read back from the merged file, still knows every row
-    assert write_rows(root, [parse_rows(values)], ledger).duplicates == 900
-    assert write_rows(root, [parse_rows(values)], RowLedger(root)).duplicates == 900
+    assert write_rows(root, [packed(values)], ledger).duplicates == 900
+    assert write_rows(root, [packed(values)], RowLedger(root)).duplicates == 900
 
 
 def test_a_day_of_5_s_flushes_compacts_to_one_file_and_its_rollup_is_rebuilt_from_it(
@@ -299,7 +308,7 @@ def test_compacted_files_hold_at_most_compacted_rows_and_full_ones_stay(tmp_path
     assert all(pq.read_metadata(p).num_row_groups == max(1, pq.read_metadata(p).num_rows // 64)
                for p in directory.glob("part-*.parquet") if pq.read_metadata(p).num_rows == 256)
     full = {p.name: p.stat().st_ino for p in directory.glob("part-*.parquet") if pq.read_metadata(p).num_rows == 256}
-    write_rows(root, [parse_rows(focus_values(5, tag="b"))], RowLedger(root))  # a late row: a new small file
+    write_rows(root, [packed(focus_values(5, tag="b"))], RowLedger(root))  # a late row: a new small file
     result = compact_day(root, "2026-11", "2026-11-20")
     assert result is not None and result.files_after == 4
     assert {p.name: p.stat().st_ino for p in directory.glob("part-*.parquet") if p.name in full} == full
@@ -370,11 +379,11 @@ def test_the_swap_shows_readers_one_whole_set_of_files_never_both_nor_neither(tm
     other = day.with_name(f"{STAGING_PREFIX}{day.name}")
     values = focus_values(200)
     for index in range(20):
-        part = unpack(parse_rows(values[index * 30:(index + 1) * 30]))
+        part = unpack(packed(values[index * 30:(index + 1) * 30]))
         (day / f"part-{index:02d}.parquet").parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(part, day / f"part-{index:02d}.parquet")
     other.mkdir()
-    pq.write_table(unpack(parse_rows(values)), other / "part-merged.parquet")
+    pq.write_table(unpack(packed(values)), other / "part-merged.parquet")
     try:
         exchange(other, day)
         exchange(other, day)
@@ -437,8 +446,8 @@ def test_the_report_and_the_workers_history_never_read_across_a_swap(tmp_path: P
     day.mkdir(parents=True)
     other.mkdir()
     for index in range(10):
-        pq.write_table(unpack(parse_rows(values[index * 30:(index + 1) * 30])), day / f"part-{index}.parquet")
-    pq.write_table(unpack(parse_rows(values)), other / "part-merged.parquet")
+        pq.write_table(unpack(packed(values[index * 30:(index + 1) * 30])), day / f"part-{index}.parquet")
+    pq.write_table(unpack(packed(values)), other / "part-merged.parquet")
     total = sum(Decimal(orjson.loads(v)["BilledCost"]) for v in values)
     (tmp_path / SWAP_LOCK).touch()  # as the exporter does before its first file: else a reader may run unlocked
     try:
