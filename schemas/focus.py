@@ -232,8 +232,12 @@ _WIRE_TYPES: Final[Mapping[str, object]] = {
     "json": dict[str, str | Int64 | float | bool | None] | None,
     "string": _TEXT | None,
 }
-#: ... but with the patterns left to a bulk check (`ROW_STRUCTS`)
-_UNCHECKED_TYPES: Final[Mapping[str, object]] = {**_WIRE_TYPES, **{kind: str for kind in PATTERNS}}
+#: ... but with the patterns left to a bulk check, and JSON values kept as written, to be checked once a distinct
+#: value (`ROW_STRUCTS`, `JSON_VALUES`)
+_UNCHECKED_TYPES: Final[Mapping[str, object]] = {**_WIRE_TYPES, **{kind: str for kind in PATTERNS},
+                                                 "json": msgspec.Raw}
+#: a JSON column's value (Tags, SkuPriceDetails...) as `decode_row` checks it
+JSON_VALUES: Final[msgspec.json.Decoder[Any]] = msgspec.json.Decoder(_WIRE_TYPES["json"])
 
 
 def _wire_type(name: str, kind: str, types: Mapping[str, object] = _WIRE_TYPES) -> object:
@@ -252,9 +256,9 @@ def _wire_type(name: str, kind: str, types: Mapping[str, object] = _WIRE_TYPES) 
 
 def _row_struct(version: str) -> type[msgspec.Struct]:
     """A Struct whose fields are the columns of `version`, in order, typed as `decode_row` types them but for
-    PATTERNS (plain text here): the exporter decodes each value once into it and checks the patterns, the dates
-    and the correction nulls in bulk (`pipeline/export/files.py` `pack_values`). Unknown columns are ignored, an
-    added column an older worker's row lacks is null."""
+    PATTERNS (plain text here) and JSON columns (raw): the exporter decodes each value once into it and checks the
+    patterns, the dates, the correction nulls and the JSON values in bulk (`pipeline/export/files.py`
+    `pack_values`). Unknown columns are ignored, an added column an older worker's row lacks is null."""
     fields: list[tuple[str, object] | tuple[str, object, object]] = []
     for name, kind in COLUMNS_BY_VERSION[version]:
         wire = _wire_type(name, kind, _UNCHECKED_TYPES)
