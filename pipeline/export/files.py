@@ -189,16 +189,20 @@ def _collector_paused() -> Iterator[None]:
 def _pack(values: Sequence[bytes]) -> tuple[list[pa.Table], list[tuple[int, str]]]:
     decoded: dict[str, tuple[list[int], list[Any]]] = {}
     refused: list[tuple[int, str]] = []
+    #: each value is decoded as the version of the one before first (a topic's rows are nearly always of one
+    #: version: `row_version`'s look through the whole value for a column name took a tenth of the packing's time);
+    #: the first as `row_version` guesses, which is wrong for a 1.4 row with a tag named ProviderName
+    guess = row_version(values[0]) if values else FOCUS_VERSION
     for index, value in enumerate(values):
-        guess = row_version(value)
-        for version in (guess, *(v for v in FOCUS_VERSIONS if v != guess)):  # the guess is wrong for a 1.4 row
-            try:                                                               # with a tag named ProviderName
+        for version in (guess, *(v for v in FOCUS_VERSIONS if v != guess)):
+            try:
                 row = ROW_STRUCTS[version].decode(value)
             except (msgspec.DecodeError, RecursionError):
                 continue
             indexes, rows = decoded.setdefault(version, ([], []))
             indexes.append(index)
             rows.append(row)
+            guess = version
             break
         else:
             refused.append((index, _refusal(value)))
@@ -223,7 +227,7 @@ def _packed(rows: Sequence[Any], version: str) -> tuple[pa.Table, list[int]]:
             plain[name], wrong = _raw_json_array(values)
             wrong_json.update(wrong)
         else:
-            plain[name] = _plain_array(kind, values)
+            plain[name] = _plain_array(kind, list(values))  # Arrow converts a list faster than a tuple (~30%)
     ok = _checked(plain, version)
     if wrong_json:
         ok = pc.and_(ok, pa.array([i not in wrong_json for i in range(len(rows))]))
@@ -306,10 +310,16 @@ def unpack(table: pa.Table) -> pa.Table:
 
 def partition_keys(table: pa.Table) -> pa.Array:
     """Each row's "<billing period>/<charge date>" ("2026-11/2026-11-22"), from its UTC timestamps."""
-    utc = ARROW_SCHEMA.field("ChargePeriodStart").type
-    period = pc.strftime(table.column("BillingPeriodStart").cast(utc), format="%Y-%m")
-    day = pc.strftime(table.column("ChargePeriodStart").cast(utc), format="%Y-%m-%d")
-    return pc.binary_join_element_wise(period, day, "/").combine_chunks()
+    period = pc.utf8_slice_codeunits(_utc_dates(table.column("BillingPeriodStart")), 0, 7)
+    return pc.binary_join_element_wise(period, _utc_dates(table.column("ChargePeriodStart")), "/").combine_chunks()
+
+
+def _utc_dates(times: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Each time's UTC date as text ("2026-11-22"), formatted once a distinct date (formatting each time took as
+    long as writing the row)."""
+    dates = pc.dictionary_encode(times.cast(ARROW_SCHEMA.field("ChargePeriodStart").type).cast(pa.date32()))
+    return pa.chunked_array([pa.DictionaryArray.from_arrays(chunk.indices, chunk.dictionary.cast(pa.string()))
+                             for chunk in dates.chunks], pa.dictionary(pa.int32(), pa.string())).cast(pa.string())
 
 
 @contextmanager
