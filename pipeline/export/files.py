@@ -227,7 +227,7 @@ def _packed(rows: Sequence[Any], version: str) -> tuple[pa.Table, list[int]]:
             plain[name], wrong = _raw_json_array(values)
             wrong_json.update(wrong)
         else:
-            plain[name] = _plain_array(kind, list(values))  # Arrow converts a list faster than a tuple (~30%)
+            plain[name] = _plain_array(kind, values)
     ok = _checked(plain, version)
     if wrong_json:
         ok = pc.and_(ok, pa.array([i not in wrong_json for i in range(len(rows))]))

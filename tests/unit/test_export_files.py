@@ -34,8 +34,10 @@ from pipeline.export.files import (
     focus_dir,
     pack_values,
     partition_dir,
+    schema_version,
     table_version,
     unpack,
+    write_partition,
     write_rollup,
     write_rows,
 )
@@ -47,6 +49,7 @@ from schemas.errors import SchemaError
 from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION, decode_row
 from schemas.swap_lock import SWAP_LOCK, swapping_request_files
 from schemas.usage import TokenCounts, UsageEvent
+from tests.poison import focus_poison
 
 DAY_S = 86_400
 #: 2026-11-20T00:00:00Z
@@ -135,6 +138,102 @@ def test_values_that_are_not_rows_the_files_hold_are_left_out_one_by_one_with_th
         assert reason == str(error.value)
     assert pa.concat_tables([unpack(t) for t in tables]).equals(expected_table([*values[:3], *values[5:]]))
     assert pack_values([b"{}"])[0] == []
+
+
+#: (model, provider): rows of several sellers, model families and price details
+MODELS = (("anthropic.claude-3-5-haiku-20241022-v1:0", "aws.bedrock"), ("gpt-4o", "azure.ai.openai"),
+          ("gemini-2.5-flash", "gcp.vertex_ai"), ("claude-sonnet-4-5", "anthropic"), ("gpt-4o-mini", "openai"))
+
+
+def mixed_values(version: str, calls: int = 200) -> list[bytes]:
+    """A realistic mix of one FOCUS version's rows: several models, providers, teams and two billing periods (the
+    calls straddle a month's end), cache reads, odd tags, and the rarer shapes: a correction, an older worker's row
+    without the added columns, a sampled call's row, a row tagged ProviderName, tags of every JSON scalar."""
+    events = [UsageEvent(
+        id=f"m{version}{m:029x}-{m:016x}", trace_id=f"{m:032x}", span_id=f"{m:016x}", parent_span_id=None,
+        start_time_unix_nano=(NOV_20 + 11 * DAY_S - 3 * 3600 + m * 97) * 10**9,
+        end_time_unix_nano=(NOV_20 + 11 * DAY_S - 3 * 3600 + m * 97 + 2) * 10**9, operation="chat",
+        provider=MODELS[m % len(MODELS)][1], request_model=MODELS[m % len(MODELS)][0], response_model=None,
+        tokens=TokenCounts(input_uncached=10 + m * 37, cache_read=(0, 64, 2048)[m % 3], output=1 + m % 500),
+        attribution={"team": ("search", "ads", "Ünïcode ✓", 'quote"d')[m % 4], "env": ("prod", "dev")[m % 2]},
+        attribution_key=f"team={m % 4}") for m in range(calls)]
+    values = [value for _, value in cost_records(events, PriceCatalog(), Billing(focus_version=version)).rows]
+    rows = [orjson.loads(value) for value in values[:5]]
+    rows[0].update(ChargeClass="Correction", ConsumedQuantity=None, PricingQuantity=None,
+                   BilledCost="-" + rows[0]["BilledCost"], EffectiveCost="-" + rows[0]["EffectiveCost"])
+    del rows[1]["x_SampleAdjustedCount"]
+    rows[2]["x_SampleAdjustedCount"] = "8"
+    rows[3]["Tags"] = {**rows[3]["Tags"], "ProviderName": "x"}
+    rows[4]["Tags"] = {"n": -(2**63), "f": 0.1, "e": 1e-7, "b": False, "none": None, "s": "\u00e9\n"}
+    return [*map(orjson.dumps, rows), *values[5:]]
+
+
+def test_the_files_hold_exactly_the_rows_the_decoder_reads(tmp_path: Path) -> None:
+    """What the exporter writes (one decode a value, columns built from the structs, checked in bulk) is, column
+    by column and value by value, what a file written from the rows `decode_row` reads holds (`write_partition`,
+    `rows_table`): the same schema (FOCUS version in its metadata), the same decimals, times, texts and JSON."""
+    values = {version: mixed_values(version) for version in ("1.4", "1.2")}
+    tables, refused = pack_values([*values["1.4"], *values["1.2"]])
+    assert refused == []
+    root = focus_dir(tmp_path)
+    written = write_rows(root, tables, RowLedger(root))
+    assert written.days == [("2026-11", "2026-11-30"), ("2026-12", "2026-12-01")]
+    for version, version_values in values.items():
+        paths = [path for path in sorted(root.rglob("part-*.parquet"))
+                 if schema_version(pq.read_schema(path)) == version]
+        held = pa.concat_tables(pq.ParquetFile(path).read() for path in paths).sort_by("x_RowId")
+        decoded = tmp_path / "decoded" / version
+        write_partition(decoded, "p", "d", [decode_row(value) for value in version_values])
+        [path] = decoded.rglob("part-*.parquet")
+        expected = pq.ParquetFile(path).read().sort_by("x_RowId")
+        assert held.schema.equals(expected.schema, check_metadata=True)
+        assert held.schema.metadata == ARROW_SCHEMAS[version].metadata
+        assert held.equals(expected), version
+
+
+def test_pack_values_refuses_what_decode_row_refuses_with_its_reason() -> None:
+    """The typed gate is msgspec's struct plus the bulk checks: every poison value is left out, with
+    `decode_row`'s reason, and the rows around it are kept."""
+    valid, *others = focus_values(3)
+    tagged = orjson.loads(valid)
+
+    def changed(**columns: Any) -> bytes:
+        return orjson.dumps({**tagged, **columns})
+
+    poison = [value for _, value in focus_poison(valid)] + [
+        changed(BilledCost="0." + "1" * 19), changed(BilledCost="1e5"), changed(BilledCost="+1"),
+        changed(ListUnitPrice=" 1"), changed(PricingQuantity="1.1234567"),
+        changed(ChargePeriodStart="2026-02-29T00:00:00Z"),
+        changed(ChargePeriodEnd="2026-11-20T24:00:00Z"), changed(ChargePeriodEnd="2026-11-20T23:59:60Z"),
+        changed(BillingPeriodStart="0000-01-01T00:00:00Z"), changed(ChargePeriodStart="2026-04-31T00:00:00Z"),
+        changed(ConsumedQuantity=None), changed(BillingCurrency="usd"), changed(x_Allocated=1),
+        changed(Tags={"nested": {"a": 1}}), changed(SkuPriceDetails=[1]), changed(x_RequestCount=1.5),
+        changed(ChargeCategory="Purchase"), changed(x_RowId=""),
+    ]
+    for value in poison:
+        with pytest.raises(SchemaError) as error:
+            decode_row(value)
+        tables, refused = pack_values([valid, value, *others])
+        assert refused == [(1, str(error.value))], value[:200]
+        assert unpack(tables[0]).equals(expected_table([valid, *others]))
+
+
+def test_a_decimal_python_lets_through_but_the_files_cannot_hold_is_refused_too() -> None:
+    """Python's `$` matches before a trailing newline: `decode_row` takes "1.5\n", which no decimal column holds."""
+    valid = focus_values(1)[0]
+    value = orjson.dumps({**orjson.loads(valid), "BilledCost": "1.5\n"})
+    decode_row(value)
+    assert pack_values([value]) == ([], [(0, "FOCUS row: a decimal or time the files cannot hold as written")])
+
+
+def test_small_packed_tables_merge_into_one_a_version_with_the_same_rows() -> None:
+    values = [*focus_values(30), *focus_values(10, tag="c", version="1.2")]
+    tables = [table for start in range(0, len(values), 7) for table in pack_values(values[start:start + 7])[0]]
+    merged = files.merged(tables)
+    assert [table_version(table) for table in merged] == ["1.4", "1.2"]
+    assert [table.column("Tags").num_chunks for table in merged] == [1, 1]
+    assert unpack(merged[0]).equals(expected_table(values[:90]))
+    assert unpack(merged[1]).equals(expected_table(values[90:], "1.2"))
 
 
 def test_rows_of_both_focus_versions_are_held_and_written_apart(tmp_path: Path) -> None:
