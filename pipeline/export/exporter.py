@@ -4,12 +4,13 @@ At-least-once with dedupe: rows are buffered, written as whole files (atomically
 then are their offsets committed. A crash before the commit redelivers rows that are already
 in files; the RowLedger drops them by x_RowId, so every row is in the files exactly once.
 
-Memory is bounded by `exporter.max_buffered_rows`, the rows being written included: each
-fetch's messages are decoded and validated on arrival, once, straight into packed Arrow tables
-(`files.pack_values`, ~620 bytes a FOCUS 1.4 row). A full buffer is flushed and nothing more is
-fetched until it is written. The blocking work (Parquet writes and fsyncs, the ledger's loads,
-DuckDB rollups, compaction) runs in a thread, one job at a time, so the event loop keeps
-heartbeating and fetching meanwhile; a job commits exactly the offsets of the rows it wrote.
+Memory is bounded by `exporter.max_buffered_rows`, the rows being written included: messages
+wait as fetched until PACK_ROWS of them do (or a flush starts), then are decoded and validated,
+once, straight into packed Arrow tables (`files.pack_values`, ~620 bytes a FOCUS 1.4 row). A
+full buffer is flushed and nothing more is fetched until it is written. The blocking work
+(Parquet writes and fsyncs, the ledger's loads, DuckDB rollups, compaction) runs in a thread,
+one job at a time, so the event loop keeps heartbeating and fetching meanwhile; a job commits
+exactly the offsets of the rows it wrote.
 A message that is not a FOCUS row the files can hold is dead-lettered (`invalid_focus_row`)
 and skipped; its dead letter is published before the offsets are committed. The rows of a
 partition taken away by a rebalance are dropped from the buffer uncommitted: its new owner
@@ -34,7 +35,6 @@ from pipeline.export.compaction import SwapUnsupported, compact
 from pipeline.export.files import (
     RowLedger,
     focus_dir,
-    merged,
     pack_values,
     write_rollup,
     write_rows,
@@ -52,12 +52,11 @@ from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
 EXPORTER_GROUP = "spendstream-exporter"
-#: records per fetch: each partition's are packed into a table at once (decoded, ~5 KB a row, until packed)
+#: records per fetch
 FETCH_RECORDS: Final = 5_000
-#: a partition's tables of fewer rows than this (a fetch's, when traffic is light) are merged once there are
-#: MERGE_TABLES of them: a table's columns cost ~20 KB however few its rows, and each is a Parquet row group
-SMALL_TABLE_ROWS: Final = 8_192
-MERGE_TABLES: Final = 8
+#: fetched records wait (~3.3 KB each) until this many do, then are packed together, every partition's at once: a
+#: pack costs ~4 ms however few its rows (a call or two into Arrow a column), ~25 us a row besides
+PACK_ROWS: Final = 4_096
 #: the first compaction pass runs this long after start (or after compact_every_s, if sooner)
 FIRST_COMPACTION_S: Final = 30.0
 #: a revoke waits this long at most for the write in progress, so that its offsets are committed before the
@@ -82,10 +81,12 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         self._data_dir = data_dir
         self._root = focus_dir(data_dir)
         self._ledger = RowLedger(self._root)
-        #: per partition: packed tables, the offset after the last record read
+        #: per partition: records not yet packed, packed tables, the offset after the last record read
+        self._records: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
         self._tables: dict[TopicPartition, list[pa.Table]] = {}
         self._offsets: dict[TopicPartition, int] = {}
-        self._buffered = 0  # rows in _tables
+        self._buffered = 0  # rows in _records and _tables
+        self._unpacked = 0  # rows in _records
         self._first_buffered = 0.0
         #: the job in the writer thread (a flush, then its commit; or a compaction pass) and the rows it holds
         self._job: asyncio.Task[None] | None = None
@@ -103,8 +104,9 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:  # uncommitted: the partition's next owner reads them again
-            self._buffered -= sum(t.num_rows for t in self._tables.pop(tp, []))
+            self._buffered -= len(self._records.pop(tp, [])) + sum(t.num_rows for t in self._tables.pop(tp, []))
             self._offsets.pop(tp, None)
+        self._unpacked = sum(len(records) for records in self._records.values())
         metrics.EXPORTER_BUFFERED.set(self.held_rows)
         if self._job is not None:  # let the write in progress commit while the partitions are still ours
             await asyncio.wait({self._job}, timeout=REVOKE_WAIT_S)
@@ -153,22 +155,33 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
             await producer.stop()
 
     def _take(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Pack the FOCUS rows among the records into tables; dead-letter the rest."""
+        """Hold the records until PACK_ROWS wait."""
         if not self._offsets:
             self._first_buffered = time.monotonic()
-        tables, refused = pack_values([record.value or b"" for record in records])
+        self._records.setdefault(tp, []).extend(records)
+        self._unpacked += len(records)
+        self._buffered += len(records)
+        self.rows_read += len(records)
+        self._offsets[tp] = records[-1].offset + 1
+        if self._unpacked >= PACK_ROWS:
+            self._pack()
+        metrics.EXPORTER_BUFFERED.set(self.held_rows)
+
+    def _pack(self) -> None:
+        """Pack every waiting record's FOCUS row into tables, one a partition and FOCUS version; dead-letter the
+        records that are not rows the files can hold."""
+        waiting, self._records, self._unpacked = self._records, {}, 0
+        records = [record for part in waiting.values() for record in part]
+        packed, refused = pack_values([record.value or b"" for record in records])
         for index, reason in refused:
             self._rejections.add(records[index], "invalid_focus_row", SchemaError(reason))
-        held = self._tables.setdefault(tp, [])
-        held += tables
-        small = [table for table in held if table.num_rows < SMALL_TABLE_ROWS]
-        if len(small) >= MERGE_TABLES:
-            held[:] = [table for table in held if table.num_rows >= SMALL_TABLE_ROWS] + merged(small)
-        taken = len(records) - len(refused)
-        self._buffered += taken
-        self.rows_read += taken
-        self._offsets[tp] = records[-1].offset + 1
-        metrics.EXPORTER_BUFFERED.set(self.held_rows)
+        self._buffered -= len(refused)
+        self.rows_read -= len(refused)
+        start = 0
+        for tp, part in waiting.items():
+            tables = [table for table in (rows.between(start, start + len(part)) for rows in packed) if table.num_rows]
+            self._tables.setdefault(tp, []).extend(tables)
+            start += len(part)
 
     def _due(self) -> bool:
         settings = self._config.exporter
@@ -189,6 +202,7 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
     def _flush(self, consumer: AIOKafkaConsumer, producer: BatchProducer) -> Coroutine[Any, Any, None]:
         """Hand every buffered row to a write (the buffer starts empty): the coroutine writing them, then
         committing what was read. Taken at once, so rows read meanwhile wait for the next flush."""
+        self._pack()
         flush = _Flush(self._tables, self._offsets, self._rejections.take())
         self._tables, self._offsets = {}, {}
         self._job_rows, self._buffered = self._buffered, 0

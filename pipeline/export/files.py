@@ -13,10 +13,12 @@ Rows waiting to be written are held as packed Arrow tables (`pack_values`), not 
 from __future__ import annotations
 
 import fcntl
+import functools
 import gc
 import os
 import time
 import uuid
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -91,6 +93,7 @@ _TEXT_KINDS: Final = frozenset(PATTERNS)
 _BULK_PATTERNS: Final[Mapping[str, str]] = {
     **PATTERNS, "datetime": "^[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]Z$"}
 _PER_REQUEST: Final = frozenset({"x_RowId", "x_UsageId", "x_TraceId", "x_SpanId"})
+_PACKED_TEXT: Final = pa.dictionary(pa.int32(), pa.string())
 #: columns whose values repeat from row to row, dictionary-encoded while rows wait to be written: every text,
 #: JSON and time column but the per-request ids, and the unit prices
 PACKED_COLUMNS: Final = frozenset(
@@ -115,9 +118,9 @@ def _plain_array(kind: str, values: Sequence[Any]) -> pa.Array:
     return pa.array(values, type=_ARROW_TYPES[kind])
 
 
-def _raw_json_array(values: Sequence[msgspec.Raw]) -> tuple[pa.Array, list[int]]:
+def _raw_json_array(values: Sequence[msgspec.Raw]) -> tuple[pa.Array, list[pa.Array]]:
     """A JSON column from its raw values (`ROW_STRUCTS`), as `_plain_array` makes it from decoded ones but
-    dictionary-encoded, and the positions of the values `JSON_VALUES` refuses (null in the column). The values
+    dictionary-encoded, and which values `JSON_VALUES` refuses (null in the column), as `_failing`. The values
     repeat (a team's tags, a price's details): each distinct one is decoded once."""
     positions: dict[bytes, int | None] = {}
     texts: list[bytes] = []
@@ -135,8 +138,8 @@ def _raw_json_array(values: Sequence[msgspec.Raw]) -> tuple[pa.Array, list[int]]
             if decoded is not None:
                 texts.append(orjson.dumps(decoded))
         indices.append(positions[text])
-    failed = [i for i, raw in enumerate(values) if bytes(raw) in wrong] if wrong else []
-    return pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(texts, pa.string())), failed
+    array = pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(texts, pa.string()))
+    return array, [pa.array([bytes(raw) in wrong for raw in values])] if wrong else []
 
 
 def _from_text(kind: str, text: pa.Array) -> pa.Array:
@@ -158,7 +161,20 @@ def _text(value: Any) -> Any:
     return format(value, "f") if isinstance(value, Decimal) else value
 
 
-def pack_values(values: Sequence[bytes]) -> tuple[list[pa.Table], list[tuple[int, str]]]:
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A packed table (`pack_values`), and the index among the values packed of each of its rows, ascending."""
+
+    table: pa.Table
+    indexes: Sequence[int]
+
+    def between(self, start: int, end: int) -> pa.Table:
+        """Its rows of the values from `start` to `end` (excluded): a slice, sharing the table's memory."""
+        first = bisect_left(self.indexes, start)
+        return self.table.slice(first, bisect_left(self.indexes, end) - first)
+
+
+def pack_values(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]:
     """`genai.cost.focus` values (JSON objects) of any FOCUS version -> packed tables, one a version (none when no
     value is left), and the values left out: (index in `values`, why), in order.
 
@@ -186,7 +202,7 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _pack(values: Sequence[bytes]) -> tuple[list[pa.Table], list[tuple[int, str]]]:
+def _pack(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]:
     decoded: dict[str, tuple[list[int], list[Any]]] = {}
     refused: list[tuple[int, str]] = []
     #: each value is decoded as the version of the one before first (a topic's rows are nearly always of one
@@ -211,7 +227,8 @@ def _pack(values: Sequence[bytes]) -> tuple[list[pa.Table], list[tuple[int, str]
         table, failed = _packed(rows, version)
         refused += [(indexes[i], _refusal(values[indexes[i]])) for i in failed]
         if table.num_rows:
-            tables.append(table)
+            left_out = set(failed)
+            tables.append(Packed(table, [index for i, index in enumerate(indexes) if i not in left_out]))
     return tables, sorted(refused)
 
 
@@ -221,46 +238,59 @@ def _packed(rows: Sequence[Any], version: str) -> tuple[pa.Table, list[int]]:
     columns = COLUMNS_BY_VERSION[version]
     by_column = zip(*map(astuple, rows), strict=True)  # a struct's fields are the columns, in order
     plain: dict[str, pa.Array] = {}
-    wrong_json: set[int] = set()
+    failing: list[pa.Array] = []  # a mask a failed check
     for (name, kind), values in zip(columns, by_column, strict=True):
         if kind == "json":
             plain[name], wrong = _raw_json_array(values)
-            wrong_json.update(wrong)
+            failing += wrong
+        elif kind == "string" and name in PACKED_COLUMNS:
+            plain[name] = pa.array(values, _PACKED_TEXT)  # dictionary-encoded as converted
         else:
             plain[name] = _plain_array(kind, values)
-    ok = _checked(plain, version)
-    if wrong_json:
-        ok = pc.and_(ok, pa.array([i not in wrong_json for i in range(len(rows))]))
-    failed = [] if pc.all(ok).as_py() else [i for i, good in enumerate(ok.to_pylist()) if not good]
-    if failed:
+    failing += _failing(plain, version)
+    failed: list[int] = []
+    if failing:
+        ok = pc.invert(functools.reduce(pc.or_, failing))
+        failed = [i for i, good in enumerate(ok.to_pylist()) if not good]
         plain = {name: array.filter(ok) for name, array in plain.items()}
     arrays = []
     for name, kind in columns:
-        array = _from_text(kind, plain[name]) if kind in _TEXT_KINDS else plain[name]
-        arrays.append(pc.dictionary_encode(array) if name in PACKED_COLUMNS and kind != "json" else array)
+        array = plain[name]
+        if kind in _TEXT_KINDS:
+            array = _from_text(kind, array)
+            if name in PACKED_COLUMNS:
+                array = pc.dictionary_encode(array)
+        arrays.append(array)
     return pa.Table.from_arrays(arrays, names=[name for name, _ in columns], metadata={"FocusVersion": version}), failed
 
 
-def _checked(plain: Mapping[str, pa.Array], version: str) -> pa.Array:
-    """Whether each row passes what `ROW_STRUCTS` leaves to bulk checks (`_BULK_PATTERNS`, real dates, and the
-    quantities only a correction may leave null): non-null booleans."""
-    ok = pc.invert(pc.and_(pc.is_null(plain["ChargeClass"]),
-                           pc.or_(*(pc.is_null(plain[name]) for name in sorted(CORRECTION_NULLS)))))
+def _failing(plain: Mapping[str, pa.Array], version: str) -> list[pa.Array]:
+    """Which rows fail what `ROW_STRUCTS` leaves to bulk checks (`_BULK_PATTERNS`, real dates, and the quantities
+    only a correction may leave null): a mask a failed check, none when every row passes (then one or two Arrow calls
+    a checked column: a pack's fixed cost is its calls into Arrow)."""
+    failing = []
+    quantities = [plain[name] for name in sorted(CORRECTION_NULLS)]
+    if any(quantity.null_count for quantity in quantities):
+        failing.append(pc.and_(pc.is_null(plain["ChargeClass"]),
+                               functools.reduce(pc.or_, map(pc.is_null, quantities))))
     for name, kind in COLUMNS_BY_VERSION[version]:
-        if kind in _TEXT_KINDS:
-            text = plain[name]
-            ok = pc.and_(ok, pc.fill_null(pc.match_substring_regex(text, _BULK_PATTERNS[kind]), True))
-            if kind == "datetime":
-                ok = pc.and_(ok, _real_dates(text))
-    return ok
+        text = plain[name]
+        if kind not in _TEXT_KINDS or text.null_count == len(text):
+            continue
+        matched = pc.match_substring_regex(text, _BULK_PATTERNS[kind])
+        if matched.false_count:
+            failing.append(pc.invert(pc.fill_null(matched, True)))
+        if kind == "datetime":
+            failing += _wrong_dates(text)
+    return failing
 
 
-def _real_dates(text: pa.Array) -> pa.Array:
-    """Whether each time's date (checked to be "YYYY-MM-DD" digits) is a real date: checked once a distinct date,
-    since Arrow's strptime takes 2026-02-30 as March 2nd."""
+def _wrong_dates(text: pa.Array) -> list[pa.Array]:
+    """Which times have a date (checked to be "YYYY-MM-DD" digits) that is not a real one, as `_failing`: checked
+    once a distinct date, since Arrow's strptime takes 2026-02-30 as March 2nd."""
     days = pc.utf8_slice_codeunits(text, 0, 10)
     wrong = [day for day in pc.unique(days).to_pylist() if day is not None and not _is_date(day)]
-    return pc.fill_null(pc.invert(pc.is_in(days, value_set=pa.array(wrong, pa.string()))), True)
+    return [pc.fill_null(pc.is_in(days, value_set=pa.array(wrong, pa.string())), False)] if wrong else []
 
 
 def _is_date(text: str) -> bool:
@@ -280,14 +310,6 @@ def _refusal(value: bytes) -> str:
     except SchemaError as exc:
         return str(exc)
     return "FOCUS row: a decimal or time the files cannot hold as written"
-
-
-def merged(tables: Sequence[pa.Table]) -> list[pa.Table]:
-    """Packed tables (`pack_values`) as one a FOCUS version, in order, each column one chunk."""
-    by_version: dict[str, list[pa.Table]] = {}
-    for table in tables:
-        by_version.setdefault(table_version(table), []).append(table)
-    return [pa.concat_tables(group).unify_dictionaries().combine_chunks() for group in by_version.values()]
 
 
 def table_version(table: pa.Table) -> str:

@@ -93,8 +93,9 @@ def packed(values: list[bytes]) -> pa.Table:
     """The one packed table of FOCUS rows of one version, all valid."""
     tables, refused = pack_values(values)
     assert refused == []
-    [table] = tables
-    return table
+    [rows] = tables
+    assert rows.indexes == list(range(len(values)))
+    return rows.table
 
 
 def test_packed_rows_hold_exactly_the_values_of_the_messages() -> None:
@@ -130,13 +131,14 @@ def test_values_that_are_not_rows_the_files_hold_are_left_out_one_by_one_with_th
     bad_money = values[3].replace(b'"BilledCost":"', b'"BilledCost":"x')
     no_row_id = orjson.dumps({k: v for k, v in orjson.loads(values[4]).items() if k != "x_RowId"})
     mixed = [*values[:3], bad_money, no_row_id, b"\xff\xfe", *values[5:]]
-    tables, refused = pack_values(mixed)
+    [rows], refused = pack_values(mixed)
     assert [index for index, _ in refused] == [3, 4, 5]
     for index, reason in refused:
         with pytest.raises(SchemaError) as error:
             decode_row(mixed[index])
         assert reason == str(error.value)
-    assert pa.concat_tables([unpack(t) for t in tables]).equals(expected_table([*values[:3], *values[5:]]))
+    assert unpack(rows.table).equals(expected_table([*values[:3], *values[5:]]))
+    assert rows.indexes == [0, 1, 2, *range(6, len(mixed))]
     assert pack_values([b"{}"])[0] == []
 
 
@@ -176,7 +178,7 @@ def test_the_files_hold_exactly_the_rows_the_decoder_reads(tmp_path: Path) -> No
     tables, refused = pack_values([*values["1.4"], *values["1.2"]])
     assert refused == []
     root = focus_dir(tmp_path)
-    written = write_rows(root, tables, RowLedger(root))
+    written = write_rows(root, [rows.table for rows in tables], RowLedger(root))
     assert written.days == [("2026-11", "2026-11-30"), ("2026-12", "2026-12-01")]
     for version, version_values in values.items():
         paths = [path for path in sorted(root.rglob("part-*.parquet"))
@@ -213,9 +215,9 @@ def test_pack_values_refuses_what_decode_row_refuses_with_its_reason() -> None:
     for value in poison:
         with pytest.raises(SchemaError) as error:
             decode_row(value)
-        tables, refused = pack_values([valid, value, *others])
+        [rows], refused = pack_values([valid, value, *others])
         assert refused == [(1, str(error.value))], value[:200]
-        assert unpack(tables[0]).equals(expected_table([valid, *others]))
+        assert unpack(rows.table).equals(expected_table([valid, *others]))
 
 
 def test_a_decimal_python_lets_through_but_the_files_cannot_hold_is_refused_too() -> None:
@@ -226,14 +228,17 @@ def test_a_decimal_python_lets_through_but_the_files_cannot_hold_is_refused_too(
     assert pack_values([value]) == ([], [(0, "FOCUS row: a decimal or time the files cannot hold as written")])
 
 
-def test_small_packed_tables_merge_into_one_a_version_with_the_same_rows() -> None:
-    values = [*focus_values(30), *focus_values(10, tag="c", version="1.2")]
-    tables = [table for start in range(0, len(values), 7) for table in pack_values(values[start:start + 7])[0]]
-    merged = files.merged(tables)
-    assert [table_version(table) for table in merged] == ["1.4", "1.2"]
-    assert [table.column("Tags").num_chunks for table in merged] == [1, 1]
-    assert unpack(merged[0]).equals(expected_table(values[:90]))
-    assert unpack(merged[1]).equals(expected_table(values[90:], "1.2"))
+def test_the_rows_of_a_range_of_values_are_a_slice_of_their_versions_table() -> None:
+    """The exporter packs several partitions' messages at once and keeps each partition's rows apart."""
+    values = [*focus_values(4), *focus_values(2, tag="c", version="1.2"), *focus_values(4, tag="d")]
+    values[2] = b"{}"
+    [rows_1_4, rows_1_2], refused = pack_values(values)
+    assert [index for index, _ in refused] == [2]
+    assert unpack(rows_1_4.between(0, 15)).equals(expected_table([*values[:2], *values[3:12]]))
+    assert unpack(rows_1_2.between(0, 15)).equals(expected_table(values[12:15], "1.2"))
+    assert unpack(rows_1_4.between(15, 30)).equals(expected_table(values[18:30]))
+    assert unpack(rows_1_2.between(15, 30)).equals(expected_table(values[15:18], "1.2"))
+    assert rows_1_2.between(18, 30).num_rows == 0
 
 
 def test_rows_of_both_focus_versions_are_held_and_written_apart(tmp_path: Path) -> None:
@@ -244,8 +249,9 @@ def test_rows_of_both_focus_versions_are_held_and_written_apart(tmp_path: Path) 
     rows_1_2 = focus_values(10, tag="c", version="1.2")
     tagged = orjson.loads(focus_values(1, tag="d")[0])
     tagged["Tags"] = {**tagged["Tags"], "ProviderName": "x"}
-    tables, refused = pack_values([*rows_1_4[:15], *rows_1_2, orjson.dumps(tagged), *rows_1_4[15:]])
+    packed_rows, refused = pack_values([*rows_1_4[:15], *rows_1_2, orjson.dumps(tagged), *rows_1_4[15:]])
     assert refused == []
+    tables = [rows.table for rows in packed_rows]
     by_version = {}
     for table in tables:
         by_version.setdefault(table_version(table), []).append(unpack(table))
@@ -342,7 +348,7 @@ def small_files(root: Path, values: list[bytes], per_file: int) -> RowLedger:
     """Write `values` as files of `per_file` rows, as many flushes would."""
     ledger = RowLedger(root)
     for start in range(0, len(values), per_file):
-        write_rows(root, pack_values(values[start:start + per_file])[0], ledger)
+        write_rows(root, [rows.table for rows in pack_values(values[start:start + per_file])[0]], ledger)
     return ledger
 
 

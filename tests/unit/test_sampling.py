@@ -136,9 +136,9 @@ def test_the_files_hold_the_adjusted_count_and_take_rows_of_older_workers_withou
     values = [value for _, value in cost_records([measured, sampled], PriceCatalog(), Billing()).rows]
     old = orjson.loads(values[0])
     del old["x_SampleAdjustedCount"]  # a row from a worker older than the column
-    [table], refused = pack_values([*values, orjson.dumps(old)])
+    [rows], refused = pack_values([*values, orjson.dumps(old)])
     assert refused == []
-    table = unpack(table)
+    table = unpack(rows.table)
     counts = {(u, c) for u, c in zip(table.column("x_UsageId").to_pylist(),
                                      table.column("x_SampleAdjustedCount").to_pylist(), strict=True)}
     assert counts == {(measured.id, None), (sampled.id, Decimal(8))}
@@ -152,9 +152,9 @@ def test_an_older_workers_row_with_a_tag_named_like_the_added_column_is_still_re
     old = orjson.loads(values[0])
     del old["x_SampleAdjustedCount"]
     old["Tags"] = {**old["Tags"], "x_SampleAdjustedCount": "5"}
-    [table], refused = pack_values([orjson.dumps(old), *values[1:]])
+    [rows], refused = pack_values([orjson.dumps(old), *values[1:]])
     assert refused == []
-    table = unpack(table)
+    table = unpack(rows.table)
     assert table.column("x_SampleAdjustedCount").to_pylist() == [None] * len(values)
     assert table.column("Tags").to_pylist()[0] == orjson.dumps(old["Tags"]).decode()
 
