@@ -104,9 +104,8 @@ PACKED_COLUMNS: Final = frozenset(
 def _array(kind: str, values: Sequence[Any]) -> pa.Array:
     """A column of the files from its values as decoded: text for money, quantities and times (parsed by Arrow,
     in C++), a mapping for JSON."""
-    if kind in _TEXT_KINDS:
-        return _from_text(kind, pa.array(values, pa.string()))
-    return _plain_array(kind, values)
+    array = _plain_array(kind, values)
+    return _from_text(kind, array) if kind in _TEXT_KINDS else array
 
 
 def _plain_array(kind: str, values: Sequence[Any]) -> pa.Array:
