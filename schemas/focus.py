@@ -218,19 +218,29 @@ ADDED_COLUMNS: Final = frozenset({"x_SampleAdjustedCount"})
 #: was counted by the row it corrects; every other row has them
 CORRECTION_NULLS: Final = frozenset({"ConsumedQuantity", "PricingQuantity"})
 _TEXT: Final = Annotated[str, msgspec.Meta(min_length=1)]
-#: what the files hold: money decimal128(38, 18), quantities decimal128(38, 6), int64 (files.py)
+#: the text of the values the files hold as decimals and times: money decimal128(38, 18), quantities
+#: decimal128(38, 6) (files.py); a time must also be a real one (`decode_row`)
+PATTERNS: Final[Mapping[str, str]] = {
+    "money": r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$",
+    "quantity": r"^-?[0-9]{1,32}(\.[0-9]{1,6})?$",
+    "datetime": "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$",
+}
 _WIRE_TYPES: Final[Mapping[str, object]] = {
-    "money": Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$")],
-    "quantity": Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]{1,32}(\.[0-9]{1,6})?$")],
+    **{kind: Annotated[str, msgspec.Meta(pattern=pattern)] for kind, pattern in PATTERNS.items()},
     "int": Int64,
     "bool": bool,
-    "datetime": Annotated[str, msgspec.Meta(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")],
     "json": dict[str, str | Int64 | float | bool | None] | None,
     "string": _TEXT | None,
 }
+#: ... but with the patterns left to a bulk check, and JSON values kept as written, to be checked once a distinct
+#: value (`ROW_STRUCTS`, `JSON_VALUES`)
+_UNCHECKED_TYPES: Final[Mapping[str, object]] = {**_WIRE_TYPES, **{kind: str for kind in PATTERNS},
+                                                 "json": msgspec.Raw}
+#: a JSON column's value (Tags, SkuPriceDetails...) as `decode_row` checks it
+JSON_VALUES: Final[msgspec.json.Decoder[Any]] = msgspec.json.Decoder(_WIRE_TYPES["json"])
 
 
-def _wire_type(name: str, kind: str) -> object:
+def _wire_type(name: str, kind: str, types: Mapping[str, object] = _WIRE_TYPES) -> object:
     if name in CONSTANTS:
         return Literal[CONSTANTS[name]]
     if name in CURRENCY_COLUMNS:
@@ -238,10 +248,30 @@ def _wire_type(name: str, kind: str) -> object:
     if name in REQUIRED_TEXT:
         return _TEXT
     if name in NULL_NUMBERS | CORRECTION_NULLS:
-        return Optional[_WIRE_TYPES[kind]]  # noqa: UP045  # a runtime type object: `X | None` needs a type
+        return Optional[types[kind]]  # noqa: UP045  # a runtime type object: `X | None` needs a type
     if name in ADDED_COLUMNS:
-        return NotRequired[Optional[_WIRE_TYPES[kind]]]  # noqa: UP045  # as above
-    return _WIRE_TYPES[kind]
+        return NotRequired[Optional[types[kind]]]  # noqa: UP045  # as above
+    return types[kind]
+
+
+def _row_struct(version: str) -> type[msgspec.Struct]:
+    """A Struct whose fields are the columns of `version`, in order, typed as `decode_row` types them but for
+    PATTERNS (plain text here) and JSON columns (raw): the exporter decodes each value once into it and checks the
+    patterns, the dates, the correction nulls and the JSON values in bulk (`pipeline/export/files.py`
+    `pack_values`). Unknown columns are ignored, an added column an older worker's row lacks is null."""
+    fields: list[tuple[str, object] | tuple[str, object, object]] = []
+    for name, kind in COLUMNS_BY_VERSION[version]:
+        wire = _wire_type(name, kind, _UNCHECKED_TYPES)
+        fields.append((name, Optional[_UNCHECKED_TYPES[kind]], None) if name in ADDED_COLUMNS  # noqa: UP045
+                      else (name, wire))
+    # kw_only: a field with a default (an added column) may come before others, keeping the column order;
+    # gc=False: a row holds no cycles, and untracked objects cost the collector nothing
+    return msgspec.defstruct(f"FocusRow{version.replace('.', '_')}", fields, kw_only=True, gc=False)
+
+
+#: FOCUS version -> a decoder of its values into `_row_struct`s (raises msgspec.DecodeError)
+ROW_STRUCTS: Final[Mapping[str, msgspec.json.Decoder[Any]]] = {
+    version: msgspec.json.Decoder(_row_struct(version)) for version in FOCUS_VERSIONS}
 
 
 def _row_decoder(version: str) -> msgspec.json.Decoder[dict[str, Any]]:

@@ -4,13 +4,14 @@ At-least-once with dedupe: rows are buffered, written as whole files (atomically
 then are their offsets committed. A crash before the commit redelivers rows that are already
 in files; the RowLedger drops them by x_RowId, so every row is in the files exactly once.
 
-Memory is bounded by `exporter.max_buffered_rows`, the rows being written included: each
-message is validated on arrival, its raw value kept, and values are parsed in bulk into packed
-Arrow tables (`files.parse_rows`, ~620 bytes a FOCUS 1.4 row). A full buffer is flushed and
-nothing more is fetched until it is written. The blocking work (parsing, Parquet writes and fsyncs, the
-ledger's loads, DuckDB rollups, compaction) runs in a thread, one job at a time, so the event
-loop keeps heartbeating and fetching meanwhile; a job commits exactly the offsets of the rows it
-wrote. A message that is not a FOCUS row the files can hold is dead-lettered (`invalid_focus_row`)
+Memory is bounded by `exporter.max_buffered_rows`, the rows being written included: messages
+wait as fetched until PACK_ROWS of them do (or a flush starts), then are decoded and validated,
+once, straight into packed Arrow tables (`files.pack_values`, ~620 bytes a FOCUS 1.4 row). A
+full buffer is flushed and nothing more is fetched until it is written. The blocking work
+(Parquet writes and fsyncs, the ledger's loads, DuckDB rollups, compaction) runs in a thread,
+one job at a time, so the event loop keeps heartbeating and fetching meanwhile; a job commits
+exactly the offsets of the rows it wrote.
+A message that is not a FOCUS row the files can hold is dead-lettered (`invalid_focus_row`)
 and skipped; its dead letter is published before the offsets are committed. The rows of a
 partition taken away by a rebalance are dropped from the buffer uncommitted: its new owner
 reads them again.
@@ -19,11 +20,11 @@ reads them again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -35,7 +36,7 @@ from pipeline.export.compaction import SwapUnsupported, compact
 from pipeline.export.files import (
     RowLedger,
     focus_dir,
-    parse_rows_skipping,
+    pack_values,
     write_rollup,
     write_rows,
     writer_lock,
@@ -48,15 +49,16 @@ from pipeline.observability.rejections import Rejections
 from schemas.codec import Record
 from schemas.config import Config
 from schemas.errors import SchemaError
-from schemas.focus import decode_row
 from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
 EXPORTER_GROUP = "spendstream-exporter"
-#: records per fetch: each is decoded (a ~7.6 KB dict, dropped at once) and its raw value kept until parsed
+#: records per fetch
 FETCH_RECORDS: Final = 5_000
-#: raw values are parsed into a packed table once this many are waiting (~2.4 KB each until then)
-PARSE_ROWS: Final = 8_192
+#: fetched records wait (~3.3 KB each) until this many do, then are packed together, every partition's at once: a
+#: pack costs ~3-5 ms however few its rows (a call or two into Arrow a column), ~25 us a row besides; more at once
+#: cost more a row again (~5 KB a decoded row: more memory to touch)
+PACK_ROWS: Final = 2_048
 #: the first compaction pass runs this long after start (or after compact_every_s, if sooner)
 FIRST_COMPACTION_S: Final = 30.0
 #: a revoke waits this long at most for the write in progress, so that its offsets are committed before the
@@ -66,10 +68,9 @@ REVOKE_WAIT_S: Final = REBALANCE_TIMEOUT_MS / 2000
 
 @dataclass(slots=True)
 class _Flush:
-    """The rows one flush writes, per partition: raw values not yet parsed and packed tables; and the offset after
-    the last record read of each partition, committed once they are written."""
+    """The rows one flush writes, as packed tables per partition; and the offset after the last record read of each
+    partition, committed once they are written."""
 
-    values: dict[TopicPartition, list[bytes]]
     tables: dict[TopicPartition, list[pa.Table]]
     offsets: dict[TopicPartition, int]
     #: the dead letters of the messages read with them, published before the commit
@@ -82,22 +83,17 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         self._data_dir = data_dir
         self._root = focus_dir(data_dir)
         self._ledger = RowLedger(self._root)
-        #: per partition: raw values not yet parsed, packed tables, the offset after the last record read
-        self._values: dict[TopicPartition, list[bytes]] = {}
+        #: per partition: records not yet packed, packed tables, the offset after the last record read
+        self._records: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
         self._tables: dict[TopicPartition, list[pa.Table]] = {}
         self._offsets: dict[TopicPartition, int] = {}
-        self._buffered = 0  # rows in _values and _tables
-        self._unparsed = 0  # rows in _values
-        self._revoked: set[TopicPartition] = set()  # during a parse
+        self._buffered = 0  # rows in _records and _tables
+        self._unpacked = 0  # rows in _records
         self._first_buffered = 0.0
         #: the job in the writer thread (a flush, then its commit; or a compaction pass) and the rows it holds
         self._job: asyncio.Task[None] | None = None
         self._job_rows = 0
         self._rejections = Rejections("exporter", log)
-        #: every parse runs in this one thread, whether the loop's or a flush's: a parsing thread keeps its DuckDB
-        #: connection and DuckDB's memory with it (~50 MiB at the burst's peak, test_exporter_memory, when the
-        #: default executor's threads took turns)
-        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exporter-parse")
         self._next_compaction = time.monotonic() + min(FIRST_COMPACTION_S, config.exporter.compact_every_s)
         self.rows_written = 0
         self.duplicates = 0
@@ -110,10 +106,9 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:  # uncommitted: the partition's next owner reads them again
-            self._buffered -= len(self._values.pop(tp, [])) + sum(t.num_rows for t in self._tables.pop(tp, []))
-            self._unparsed = sum(len(values) for values in self._values.values())
+            self._buffered -= len(self._records.pop(tp, [])) + sum(t.num_rows for t in self._tables.pop(tp, []))
             self._offsets.pop(tp, None)
-            self._revoked.add(tp)
+        self._unpacked = sum(len(records) for records in self._records.values())
         metrics.EXPORTER_BUFFERED.set(self.held_rows)
         if self._job is not None:  # let the write in progress commit while the partitions are still ours
             await asyncio.wait({self._job}, timeout=REVOKE_WAIT_S)
@@ -147,8 +142,6 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
                 for tp, records in batches.items():
                     if tp in owned:
                         self._take(tp, records)
-                if self._unparsed >= PARSE_ROWS:
-                    await self._parse()
                 if self._job is None and self._due():
                     self._start(self._flush(consumer, producer))
                 elif self._job is None and settings.compact_every_s and time.monotonic() >= self._next_compaction:
@@ -162,41 +155,38 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
                 await asyncio.wait({self._job})
             await consumer.stop()
             await producer.stop()
-            self._parser.shutdown()
 
     def _take(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Validate each record; keep the raw values of the FOCUS rows (parsed in bulk later), dead-letter the rest."""
+        """Hold the records until PACK_ROWS wait."""
         if not self._offsets:
             self._first_buffered = time.monotonic()
-        values = self._values.setdefault(tp, [])
-        before = len(values)
-        for record in records:
-            try:
-                decode_row(record.value or b"")
-            except SchemaError as exc:
-                self._rejections.add(record, "invalid_focus_row", exc)
-                continue
-            values.append(record.value or b"")
-        taken = len(values) - before
-        self._buffered += taken
-        self._unparsed += taken
-        self.rows_read += taken
+        self._records.setdefault(tp, []).extend(records)
+        self._unpacked += len(records)
+        self._buffered += len(records)
+        self.rows_read += len(records)
         self._offsets[tp] = records[-1].offset + 1
+        if self._unpacked >= PACK_ROWS:
+            self._pack()
         metrics.EXPORTER_BUFFERED.set(self.held_rows)
 
-    async def _parse(self) -> None:
-        """Parse the raw values into packed tables, in a thread (the loop goes on; nothing is fetched meanwhile)."""
-        values, self._values = self._values, {}
-        self._unparsed = 0
-        self._revoked.clear()
-        tables = await asyncio.get_running_loop().run_in_executor(self._parser, self._parse_each, values)
-        for tp, part in values.items():
-            parsed = tables.get(tp, [])
-            if tp in self._revoked:  # the revoke could not subtract them
-                self._buffered -= len(part)
-                continue
-            self._buffered -= len(part) - sum(table.num_rows for table in parsed)
-            self._tables.setdefault(tp, []).extend(parsed)
+    def _pack(self) -> None:
+        """Pack every waiting record's FOCUS row into tables, one a partition and FOCUS version, PACK_ROWS records at
+        a time (across partitions); dead-letter the records that are not rows the files can hold."""
+        waiting, self._records, self._unpacked = self._records, {}, 0
+        records = [record for part in waiting.values() for record in part]
+        ends = list(itertools.accumulate(len(part) for part in waiting.values()))  # each partition's, in `records`
+        for start in range(0, len(records), PACK_ROWS):
+            chunk = records[start:start + PACK_ROWS]
+            packed, refused = pack_values([record.value or b"" for record in chunk])
+            for index, reason in refused:
+                self._rejections.add(chunk[index], "invalid_focus_row", SchemaError(reason))
+            self._buffered -= len(refused)
+            self.rows_read -= len(refused)
+            for tp, end, size in zip(waiting, ends, map(len, waiting.values()), strict=True):
+                first, last = max(end - size, start) - start, min(end, start + len(chunk)) - start
+                if first < last:
+                    self._tables.setdefault(tp, []).extend(
+                        table for table in (rows.between(first, last) for rows in packed) if table.num_rows)
 
     def _due(self) -> bool:
         settings = self._config.exporter
@@ -217,9 +207,10 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
     def _flush(self, consumer: AIOKafkaConsumer, producer: BatchProducer) -> Coroutine[Any, Any, None]:
         """Hand every buffered row to a write (the buffer starts empty): the coroutine writing them, then
         committing what was read. Taken at once, so rows read meanwhile wait for the next flush."""
-        flush = _Flush(self._values, self._tables, self._offsets, self._rejections.take())
-        self._values, self._tables, self._offsets = {}, {}, {}
-        self._job_rows, self._buffered, self._unparsed = self._buffered, 0, 0
+        self._pack()
+        flush = _Flush(self._tables, self._offsets, self._rejections.take())
+        self._tables, self._offsets = {}, {}
+        self._job_rows, self._buffered = self._buffered, 0
         return self._write_and_commit(consumer, producer, flush)
 
     async def _write_and_commit(self, consumer: AIOKafkaConsumer, producer: BatchProducer, flush: _Flush) -> None:
@@ -233,9 +224,7 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
     def _write(self, flush: _Flush) -> None:
         """The writer thread's part of a flush."""
         tables = [table for tps in flush.tables.values() for table in tps]
-        tables += [table for tps in self._parser.submit(self._parse_each, flush.values).result().values()
-                   for table in tps]
-        flush.values, flush.tables = {}, {}
+        flush.tables = {}
         with writer_lock(self._data_dir):
             written = write_rows(self._root, tables, self._ledger)
             rollup = self._config.exporter.rollup
@@ -250,21 +239,6 @@ class FocusExporter(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafk
         metrics.EXPORTER_DUPLICATES.inc(written.duplicates)
         metrics.EXPORTER_FILES.inc(written.files)
         log.info("exporter: %d rows in files, %d duplicates dropped", self.rows_written, self.duplicates)
-
-    def _parse_each(self, values: dict[TopicPartition, list[bytes]]) -> dict[TopicPartition, list[pa.Table]]:
-        """Each partition's raw values as packed tables (one a FOCUS version). A value `_take` accepted that still
-        does not parse (the decoder and the files disagree: a bug) is skipped, logged and counted; its offset is
-        committed."""
-        tables = {}
-        for tp, part in values.items():
-            parsed, errors = parse_rows_skipping(part)
-            for error in errors:
-                metrics.MESSAGES_REJECTED.labels("exporter", "invalid_focus_row").inc()
-                log.error("exporter: a FOCUS row of %s[%d] the decoder accepted does not fit the files, skipped: %s",
-                          tp.topic, tp.partition, error)
-            if parsed:
-                tables[tp] = parsed
-        return tables
 
     async def _compact(self) -> None:
         """A compaction pass over the closed charge dates, in the writer thread."""

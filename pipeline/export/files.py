@@ -7,31 +7,49 @@ Layout (Hive-style, so DuckDB, Spark and FinOps tools read it with partition pru
 
 A file is written to a hidden temporary name, fsynced, then renamed into place: a reader sees a
 whole file or none. Request-level files are always written (they are what rollups are built from).
-Rows waiting to be written are held as packed Arrow tables (`parse_rows`), not Python objects.
+Rows waiting to be written are held as packed Arrow tables (`pack_values`), not Python objects.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import gc
 import os
-import threading
 import time
 import uuid
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
 import duckdb
+import msgspec
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from msgspec.structs import astuple
 
 from pipeline.pricing.dedupe import HashedIds, id_hash
-from schemas.focus import ADDED_COLUMNS, COLUMNS_BY_VERSION, FOCUS_VERSION, MONEY_SCALE, row_version
+from schemas.errors import SchemaError
+from schemas.focus import (
+    COLUMNS_BY_VERSION,
+    CORRECTION_NULLS,
+    FOCUS_VERSION,
+    FOCUS_VERSIONS,
+    JSON_VALUES,
+    MONEY_SCALE,
+    PATTERNS,
+    ROW_STRUCTS,
+    decode_row,
+    row_version,
+)
 from schemas.swap_lock import SWAP_LOCK
 
 QUANTITY_SCALE: Final = 6
@@ -52,6 +70,9 @@ ARROW_SCHEMAS: Final[Mapping[str, pa.Schema]] = {
 ARROW_SCHEMA: Final = ARROW_SCHEMAS[FOCUS_VERSION]
 _KINDS: Final = {name: kind for columns in COLUMNS_BY_VERSION.values() for name, kind in columns}
 LEDGER_DAYS: Final = 4
+#: the rows a request file's row group holds at least (`_regrouped`), but the last: what a parse of the raw values
+#: held before rows were packed as they come
+ROW_GROUP_ROWS: Final = 8_192
 
 
 def focus_dir(data_dir: Path, grain: str = "request") -> Path:
@@ -67,49 +88,15 @@ def partition_dir(root: Path, period: str, day: str) -> Path:
     return root / f"billing_period={period}" / f"charge_date={day}"
 
 
-def _column(name: str, rows: Sequence[Mapping[str, Any]]) -> pa.Array:
-    """One column from row dicts. Decimal and time strings are parsed by Arrow, in C++."""
-    kind = _KINDS[name]
-    values = [row.get(name) for row in rows]
-    if kind in ("money", "quantity"):
-        text = pa.array([v if v is None or isinstance(v, str) else format(v, "f") for v in values], pa.string())
-        return text.cast(_ARROW_TYPES[kind])  # exact: a string -> decimal cast raises rather than rounds
-    if kind == "datetime":
-        parsed = pc.strptime(pa.array(values, pa.string()), format="%Y-%m-%dT%H:%M:%SZ", unit="s")
-        return parsed.cast(_ARROW_TYPES[kind])
-    if kind == "json":
-        values = [None if v is None else orjson.dumps(v).decode() for v in values]
-    return pa.array(values, type=_ARROW_TYPES[kind])
-
-
-def rows_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """FOCUS rows (as on Kafka, all of one FOCUS version) -> an Arrow table with that version's column types, in
-    column order."""
-    version = row_version(rows[0]) if rows else FOCUS_VERSION
-    return pa.Table.from_arrays([_column(name, rows) for name, _ in COLUMNS_BY_VERSION[version]],
-                                schema=ARROW_SCHEMAS[version])
-
-
-_PARSE_TYPES: Final[Mapping[str, str]] = {
-    "money": f"DECIMAL(38, {MONEY_SCALE})", "quantity": f"DECIMAL(38, {QUANTITY_SCALE})", "int": "BIGINT",
-    "string": "VARCHAR", "json": "JSON", "datetime": "VARCHAR", "bool": "BOOLEAN"}
-#: FOCUS version -> every column, typed as the files hold it (json_transform_strict: a missing column or a value
-#: that does not convert exactly is an error, never a null)
-_ROW_STRUCTURES: Final[Mapping[str, str]] = {
-    version: orjson.dumps({name: _PARSE_TYPES[kind] for name, kind in columns}).decode()
-    for version, columns in COLUMNS_BY_VERSION.items()}
-#: ... but the columns added since rows were first published, which an older worker's rows lack
-_OLDER_ROW_STRUCTURES: Final[Mapping[str, str]] = {
-    version: orjson.dumps({name: _PARSE_TYPES[kind] for name, kind in columns if name not in ADDED_COLUMNS}).decode()
-    for version, columns in COLUMNS_BY_VERSION.items()}
-#: ... which are read on their own for such rows: null when absent (a wrong value still fails, when cast)
-_ADDED_SELECT: Final = "".join(f", json_extract_string(v, '$.{name}') AS \"{name}\"" for name in sorted(ADDED_COLUMNS))
-#: FOCUS version -> how its added columns' keys look in a value (orjson writes no space before the colon)
-_ADDED_KEYS: Final[Mapping[str, tuple[bytes, ...]]] = {
-    version: tuple(f'"{name}":'.encode() for name, _ in columns if name in ADDED_COLUMNS)
-    for version, columns in COLUMNS_BY_VERSION.items()}
-_PARSERS: Final = threading.local()  # a DuckDB connection per thread (`_connection`)
+_TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
+#: the kinds whose values are text to check (PATTERNS) and convert (`_from_text`)
+_TEXT_KINDS: Final = frozenset(PATTERNS)
+#: PATTERNS as RE2 checks them in bulk, a time's hours, minutes and seconds in range too (its date apart:
+#: `_real_dates`), as `decode_row`'s datetime.fromisoformat wants them
+_BULK_PATTERNS: Final[Mapping[str, str]] = {
+    **PATTERNS, "datetime": "^[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]Z$"}
 _PER_REQUEST: Final = frozenset({"x_RowId", "x_UsageId", "x_TraceId", "x_SpanId"})
+_PACKED_TEXT: Final = pa.dictionary(pa.int32(), pa.string())
 #: columns whose values repeat from row to row, dictionary-encoded while rows wait to be written: every text,
 #: JSON and time column but the per-request ids, and the unit prices
 PACKED_COLUMNS: Final = frozenset(
@@ -117,58 +104,218 @@ PACKED_COLUMNS: Final = frozenset(
     if name not in _PER_REQUEST and (kind in ("string", "json", "datetime") or "UnitPrice" in name))
 
 
-def parse_rows(values: Sequence[bytes], version: str = FOCUS_VERSION) -> pa.Table:
-    """`genai.cost.focus` values (JSON objects) of one FOCUS version -> one packed table, parsed in bulk by DuckDB
-    (in C++, without the GIL): about 620 bytes a FOCUS 1.4 row, where it takes about 7.6 KB as a Python dict. Repeating
-    columns are dictionary-encoded (`PACKED_COLUMNS`); `unpack` gives the file schema back (the version is in the
-    table's metadata). Raises duckdb.Error or pyarrow.ArrowInvalid when a value lacks a column of `version` or one
-    does not convert exactly (money with more than 18 decimals, a malformed time, text that is not UTF-8).
-    """
-    source = pa.table({"v": pa.array(values, pa.binary()).cast(pa.string())})
-    con = _connection()
-    con.register("source", source)
+def _array(kind: str, values: Sequence[Any]) -> pa.Array:
+    """A column of the files from its values as decoded: text for money, quantities and times (parsed by Arrow,
+    in C++), a mapping for JSON."""
+    array = _plain_array(kind, values)
+    return _from_text(kind, array) if kind in _TEXT_KINDS else array
+
+
+def _plain_array(kind: str, values: Sequence[Any]) -> pa.Array:
+    """`_array`, but money, quantities and times are left as text."""
+    if kind in _TEXT_KINDS:
+        return pa.array(values, pa.string())
+    if kind == "json":
+        return pa.array([None if v is None else orjson.dumps(v) for v in values], pa.string())
+    return pa.array(values, type=_ARROW_TYPES[kind])
+
+
+def _raw_json_array(values: Sequence[msgspec.Raw]) -> tuple[pa.Array, list[pa.Array]]:
+    """A JSON column from its raw values (`ROW_STRUCTS`), as `_plain_array` makes it from decoded ones but
+    dictionary-encoded, and which values `JSON_VALUES` refuses (null in the column), as `_failing`. The values
+    repeat (a team's tags, a price's details): each distinct one is decoded once."""
+    positions: dict[bytes, int | None] = {}
+    texts: list[bytes] = []
+    indices: list[int | None] = []
+    wrong: set[bytes] = set()
+    for raw in values:
+        text = bytes(raw)
+        if text not in positions:
+            try:
+                decoded = JSON_VALUES.decode(text)
+            except (msgspec.DecodeError, RecursionError):
+                decoded = None
+                wrong.add(text)
+            positions[text] = None if decoded is None else len(texts)
+            if decoded is not None:
+                texts.append(orjson.dumps(decoded))
+        indices.append(positions[text])
+    array = pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(texts, pa.string()))
+    return array, [pa.array([bytes(raw) in wrong for raw in values])] if wrong else []
+
+
+def _from_text(kind: str, text: pa.Array) -> pa.Array:
+    if kind == "datetime":
+        return pc.strptime(text, format=_TIME_FORMAT, unit="s").cast(_ARROW_TYPES[kind])
+    return text.cast(_ARROW_TYPES[kind])  # exact: a string -> decimal cast raises rather than rounds
+
+
+def rows_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """FOCUS rows (as on Kafka, all of one FOCUS version) -> an Arrow table with that version's column types, in
+    column order. Money and quantities may also be Decimals."""
+    version = row_version(rows[0]) if rows else FOCUS_VERSION
+    return pa.Table.from_arrays(
+        [_array(kind, [_text(row.get(name)) for row in rows]) for name, kind in COLUMNS_BY_VERSION[version]],
+        schema=ARROW_SCHEMAS[version])
+
+
+def _text(value: Any) -> Any:
+    return format(value, "f") if isinstance(value, Decimal) else value
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A packed table (`pack_values`), and the index among the values packed of each of its rows, ascending."""
+
+    table: pa.Table
+    indexes: Sequence[int]
+
+    def between(self, start: int, end: int) -> pa.Table:
+        """Its rows of the values from `start` to `end` (excluded): a slice, sharing the table's memory."""
+        first = bisect_left(self.indexes, start)
+        return self.table.slice(first, bisect_left(self.indexes, end) - first)
+
+
+def pack_values(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]:
+    """`genai.cost.focus` values (JSON objects) of any FOCUS version -> packed tables, one a version (none when no
+    value is left), and the values left out: (index in `values`, why), in order.
+
+    A value is kept if and only if it is a FOCUS row the files can hold: what `decode_row` accepts. Each is decoded
+    once, into a `ROW_STRUCTS` struct (its types checked by msgspec as it decodes); the patterns of money,
+    quantities and times, real dates and the correction nulls are then checked column by column (RE2, in C++), and
+    a value refused says what `decode_row` says of it. A packed table takes about 620 bytes a FOCUS 1.4 row, where a
+    decoded row takes about 7.6 KB: repeating columns are dictionary-encoded (`PACKED_COLUMNS`); `unpack` gives the
+    file schema back (the version is in the table's metadata)."""
+    with _collector_paused():
+        return _pack(values)
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off: a batch's decoded rows are thousands of new tuples that live until
+    packed, which it would scan again and again (a third of the packing's time), and hold no cycles."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
     try:
-        parsed = _parse_source(con, version, all(key in value for value in values for key in _ADDED_KEYS[version]))
+        yield
     finally:
-        con.unregister("source")
+        gc.enable()
+
+
+def _pack(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]:
+    decoded: dict[str, tuple[list[int], list[Any]]] = {}
+    refused: list[tuple[int, str]] = []
+    #: each value is decoded as the version of the one before first (a topic's rows are nearly always of one
+    #: version: `row_version`'s look through the whole value for a column name took a tenth of the packing's time);
+    #: the first as `row_version` guesses, which is wrong for a 1.4 row with a tag named ProviderName
+    guess = row_version(values[0]) if values else FOCUS_VERSION
+    for index, value in enumerate(values):
+        for version in (guess, *(v for v in FOCUS_VERSIONS if v != guess)):
+            try:
+                row = ROW_STRUCTS[version].decode(value)
+            except (msgspec.DecodeError, RecursionError):
+                continue
+            indexes, rows = decoded.setdefault(version, ([], []))
+            indexes.append(index)
+            rows.append(row)
+            guess = version
+            break
+        else:
+            refused.append((index, _refusal(value)))
+    tables = []
+    for version, (indexes, rows) in decoded.items():
+        table, failed = _packed(rows, version)
+        refused += [(indexes[i], _refusal(values[indexes[i]])) for i in failed]
+        if table.num_rows:
+            left_out = set(failed)
+            tables.append(Packed(table, [index for i, index in enumerate(indexes) if i not in left_out]))
+    return tables, sorted(refused)
+
+
+def _packed(rows: Sequence[Any], version: str) -> tuple[pa.Table, list[int]]:
+    """Decoded rows (`ROW_STRUCTS`) of one FOCUS version -> a packed table of those that pass the bulk checks, and
+    the positions of those that do not."""
+    columns = COLUMNS_BY_VERSION[version]
+    by_column = zip(*map(astuple, rows), strict=True)  # a struct's fields are the columns, in order
+    plain: dict[str, pa.Array] = {}
+    failing: list[pa.Array] = []  # a mask a failed check
+    for (name, kind), values in zip(columns, by_column, strict=True):
+        if kind == "json":
+            plain[name], wrong = _raw_json_array(values)
+            failing += wrong
+        elif kind == "string" and name in PACKED_COLUMNS:
+            plain[name] = pa.array(values, _PACKED_TEXT)  # dictionary-encoded as converted
+        else:
+            plain[name] = _plain_array(kind, values)
+    failing += _failing(plain, version)
+    failed: list[int] = []
+    if failing:
+        ok = pc.invert(functools.reduce(pc.or_, failing))
+        failed = [i for i, good in enumerate(ok.to_pylist()) if not good]
+        plain = {name: array.filter(ok) for name, array in plain.items()}
     arrays = []
+    for name, kind in columns:
+        array = plain[name]
+        if kind in _TEXT_KINDS:
+            array = _from_text(kind, array)
+            if name in PACKED_COLUMNS:
+                array = pc.dictionary_encode(array)
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, names=[name for name, _ in columns], metadata={"FocusVersion": version}), failed
+
+
+def _failing(plain: Mapping[str, pa.Array], version: str) -> list[pa.Array]:
+    """Which rows fail what `ROW_STRUCTS` leaves to bulk checks (`_BULK_PATTERNS`, real dates, and the quantities
+    only a correction may leave null): a mask a failed check, none when every row passes (then one or two Arrow calls
+    a checked column: a pack's fixed cost is its calls into Arrow)."""
+    failing = []
+    quantities = [plain[name] for name in sorted(CORRECTION_NULLS)]
+    if any(quantity.null_count for quantity in quantities):
+        failing.append(pc.and_(pc.is_null(plain["ChargeClass"]),
+                               functools.reduce(pc.or_, map(pc.is_null, quantities))))
     for name, kind in COLUMNS_BY_VERSION[version]:
-        column = parsed.column(name)
+        text = plain[name]
+        if kind not in _TEXT_KINDS or text.null_count == len(text):
+            continue
+        matched = pc.match_substring_regex(text, _BULK_PATTERNS[kind])
+        if matched.false_count:
+            failing.append(pc.invert(pc.fill_null(matched, True)))
         if kind == "datetime":
-            column = pc.strptime(column, format="%Y-%m-%dT%H:%M:%SZ", unit="s")
-        column = column.cast(_ARROW_TYPES[kind])
-        arrays.append(pc.dictionary_encode(column) if name in PACKED_COLUMNS else _copied(column))
-    return pa.Table.from_arrays(arrays, names=[name for name, _ in COLUMNS_BY_VERSION[version]],
-                                metadata={"FocusVersion": version}).combine_chunks()
+            failing += _wrong_dates(text)
+    return failing
 
 
-def _parse_source(con: duckdb.DuckDBPyConnection, version: str, complete: bool) -> pa.Table:
-    """The values of the registered table `source`, one column each. `complete`, every value has the columns added
-    since rows were first published: one strict JSON parse a value. Else, or when a value only seemed to have them
-    (the key was in a nested object), the added columns are read apart: a second parse a value, which held ~45 MiB
-    more of DuckDB's memory a parsing thread (test_exporter_memory), so only for batches with an older worker's rows.
-    """
-    if complete:
-        try:
-            return con.sql(f"SELECT unnest(json_transform_strict(v, '{_ROW_STRUCTURES[version]}')) FROM source"
-                           ).to_arrow_table()
-        except duckdb.Error:
-            pass
-    return con.sql(f"SELECT unnest(json_transform_strict(v, '{_OLDER_ROW_STRUCTURES[version]}')){_ADDED_SELECT} "
-                   "FROM source").to_arrow_table()
+def _wrong_dates(text: pa.Array) -> list[pa.Array]:
+    """Which times have a date (checked to be "YYYY-MM-DD" digits) that is not a real one, as `_failing`: checked
+    once a distinct date, since Arrow's strptime takes 2026-02-30 as March 2nd."""
+    days = pc.utf8_slice_codeunits(text, 0, 10)
+    wrong = [day for day in pc.unique(days).to_pylist() if day is not None and not _is_date(day)]
+    return [pc.fill_null(pc.is_in(days, value_set=pa.array(wrong, pa.string())), False)] if wrong else []
 
 
-def _connection() -> duckdb.DuckDBPyConnection:
-    """This thread's DuckDB connection for parsing, kept: connecting costs ~75 ms, more than parsing a 5 s flush's
-    rows (a flush parses once a partition)."""
-    connection: duckdb.DuckDBPyConnection | None = getattr(_PARSERS, "connection", None)
-    if connection is None:
-        connection = _PARSERS.connection = duckdb.connect(config={"threads": 1})
-    return connection
+def _is_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _refusal(value: bytes) -> str:
+    """Why a value `pack_values` leaves out is not a FOCUS row the files can hold: what `decode_row` says; a
+    value it takes but the bulk checks refuse has a decimal or time that Python's patterns let through (a trailing
+    newline: `$` matches before one) but the files cannot hold."""
+    try:
+        decode_row(value)
+    except SchemaError as exc:
+        return str(exc)
+    return "FOCUS row: a decimal or time the files cannot hold as written"
 
 
 def table_version(table: pa.Table) -> str:
-    """The FOCUS version of a packed table (`parse_rows`) or of a file's table."""
+    """The FOCUS version of a packed table (`pack_values`) or of a file's table."""
     return schema_version(table.schema)
 
 
@@ -177,46 +324,8 @@ def schema_version(schema: pa.Schema) -> str:
     return ((schema.metadata or {}).get(b"FocusVersion") or FOCUS_VERSION.encode()).decode()
 
 
-def _copied(column: pa.ChunkedArray) -> pa.Array:
-    """`column` in memory of its own. A column DuckDB returned keeps DuckDB's whole result (every column, as
-    parsed) alive: holding only the id columns as returned costs about 3x the packed row."""
-    return pa.concat_arrays([*column.chunks, pa.array([], column.type)])  # concatenating always copies
-
-
-def parse_rows_skipping(values: Sequence[bytes]) -> tuple[list[pa.Table], list[str]]:
-    """`parse_rows` of values of any FOCUS version, leaving out the values it cannot parse: a table per version
-    (none when no value is left) and why each value left out was. Values are grouped by `row_version`'s guess; a
-    value that fails is found by halving (one bad value among many costs a few parses) and tried as the other
-    version before it is left out (the guess is wrong for a 1.4 row with a tag named ProviderName)."""
-    by_version: dict[str, list[bytes]] = {}
-    for value in values:
-        by_version.setdefault(row_version(value), []).append(value)
-    tables: list[pa.Table] = []
-    errors: list[str] = []
-    for version, group in by_version.items():
-        _parse_halving(group, version, tables, errors)
-    return tables, errors
-
-
-def _parse_halving(values: Sequence[bytes], version: str, tables: list[pa.Table], errors: list[str]) -> None:
-    try:
-        tables.append(parse_rows(values, version))
-        return
-    except (duckdb.Error, pa.ArrowException) as exc:
-        if len(values) == 1:
-            other = next(v for v in COLUMNS_BY_VERSION if v != version)
-            try:
-                tables.append(parse_rows(values, other))
-            except (duckdb.Error, pa.ArrowException):
-                errors.append(str(exc)[:300])
-            return
-    half = len(values) // 2
-    _parse_halving(values[:half], version, tables, errors)
-    _parse_halving(values[half:], version, tables, errors)
-
-
 def unpack(table: pa.Table) -> pa.Table:
-    """A packed table (`parse_rows`) with the file schema of its FOCUS version."""
+    """A packed table (`pack_values`) with the file schema of its FOCUS version."""
     schema = ARROW_SCHEMAS[table_version(table)]
     return pa.Table.from_arrays([column.cast(schema.field(name).type) if name in PACKED_COLUMNS else column
                                  for name, column in zip(table.column_names, table.columns, strict=True)],
@@ -225,10 +334,16 @@ def unpack(table: pa.Table) -> pa.Table:
 
 def partition_keys(table: pa.Table) -> pa.Array:
     """Each row's "<billing period>/<charge date>" ("2026-11/2026-11-22"), from its UTC timestamps."""
-    utc = ARROW_SCHEMA.field("ChargePeriodStart").type
-    period = pc.strftime(table.column("BillingPeriodStart").cast(utc), format="%Y-%m")
-    day = pc.strftime(table.column("ChargePeriodStart").cast(utc), format="%Y-%m-%d")
-    return pc.binary_join_element_wise(period, day, "/").combine_chunks()
+    period = pc.utf8_slice_codeunits(_utc_dates(table.column("BillingPeriodStart")), 0, 7)
+    return pc.binary_join_element_wise(period, _utc_dates(table.column("ChargePeriodStart")), "/").combine_chunks()
+
+
+def _utc_dates(times: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Each time's UTC date as text ("2026-11-22"), formatted once a distinct date (formatting each time took as
+    long as writing the row)."""
+    dates = pc.dictionary_encode(times.cast(ARROW_SCHEMA.field("ChargePeriodStart").type).cast(pa.date32()))
+    return pa.chunked_array([pa.DictionaryArray.from_arrays(chunk.indices, chunk.dictionary.cast(pa.string()))
+                             for chunk in dates.chunks], pa.dictionary(pa.int32(), pa.string())).cast(pa.string())
 
 
 @contextmanager
@@ -301,10 +416,10 @@ class Written:
 
 
 def write_rows(root: Path, tables: Sequence[pa.Table], ledger: RowLedger) -> Written:
-    """Packed rows (`parse_rows`) -> one new request file per billing period x charge date x FOCUS version, without
+    """Packed rows (`pack_values`) -> one new request file per billing period x charge date x FOCUS version, without
     the rows the ledger says are already in the files. Streams table by table: memory beyond `tables` is one table
     unpacked. If a file cannot be written, the ledger forgets its day and the error is raised."""
-    keyed = [(table, table_version(table), partition_keys(table)) for table in tables if table.num_rows]
+    keyed = [(table, table_version(table), partition_keys(table)) for table in _regrouped(tables)]
     result = Written()
     for key, version in sorted({(k, v) for _, v, keys in keyed for k in keys.unique().to_pylist()}):
         period, day = key.split("/")
@@ -335,6 +450,20 @@ def write_rows(root: Path, tables: Sequence[pa.Table], ledger: RowLedger) -> Wri
             if (period, day) not in result.days:
                 result.days.append((period, day))
     return result
+
+
+def _regrouped(tables: Sequence[pa.Table]) -> list[pa.Table]:
+    """Packed tables as fewer, of at least ROW_GROUP_ROWS rows each but a version's last, one FOCUS version each, in
+    order and without copying: each is written as a Parquet row group of its own, and costs its calls into Arrow
+    and Parquet (~1 ms a column) however few its rows. A partition's slice of a pack may hold a few hundred."""
+    groups: dict[str, list[list[pa.Table]]] = {}
+    for table in tables:
+        if table.num_rows:
+            version = groups.setdefault(table_version(table), [[]])
+            if sum(t.num_rows for t in version[-1]) >= ROW_GROUP_ROWS:
+                version.append([])
+            version[-1].append(table)
+    return [pa.concat_tables(group) for version in groups.values() for group in version]
 
 
 @contextmanager

@@ -26,12 +26,12 @@ from tests.support import free_port, metric
 pytestmark = pytest.mark.integration
 CALLS = 100_000  # 3 rows a call
 MAX_BUFFERED_ROWS = 100_000  # the default
-#: the interpreter and its libraries (~110 MiB), DuckDB's parser (~60), a full buffer (100,000 x ~620 B), the
-#: row ids of 300k rows, and the allocators' slack; measured 461-522 MiB on 2 shared cores (484-520 before rows
-#: carried x_SampleAdjustedCount). It was 648-662 while every parse read that column apart (a second JSON parse a
-#: row: ~100 MiB of DuckDB's memory) and parses took turns between the default executor's threads, each keeping a
-#: DuckDB connection (~50 MiB)
-PEAK_RSS_MIB = 640
+#: the interpreter and its libraries (~110 MiB), a full buffer (100,000 x ~620 B), the records waiting to be packed
+#: (up to ~7,000 x ~3.3 KB) and a batch of decoded rows (2,048 x ~5 KB), the row ids of 300k rows, and the
+#: allocators' slack; measured 297-380 MiB on 2 shared cores. It was 461-522 while DuckDB parsed the rows (~60 MiB of
+#: its own), and 648-662 while every parse read x_SampleAdjustedCount apart and parses took turns between the
+#: default executor's threads, each keeping a DuckDB connection
+PEAK_RSS_MIB = 560
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,12 @@ from pipeline.export.files import (
     ARROW_SCHEMAS,
     RowLedger,
     focus_dir,
-    parse_rows,
-    parse_rows_skipping,
+    pack_values,
     partition_dir,
+    schema_version,
     table_version,
     unpack,
+    write_partition,
     write_rollup,
     write_rows,
 )
@@ -44,9 +45,11 @@ from pipeline.guardrails import history
 from pipeline.pricing import PriceCatalog
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing
-from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION
+from schemas.errors import SchemaError
+from schemas.focus import COLUMNS_BY_VERSION, FOCUS_VERSION, decode_row
 from schemas.swap_lock import SWAP_LOCK, swapping_request_files
 from schemas.usage import TokenCounts, UsageEvent
+from tests.poison import focus_poison
 
 DAY_S = 86_400
 #: 2026-11-20T00:00:00Z
@@ -86,46 +89,169 @@ def expected_table(values: list[bytes], version: str = FOCUS_VERSION) -> pa.Tabl
     return pa.Table.from_pylist(rows, schema=ARROW_SCHEMAS[version])
 
 
+def packed(values: list[bytes]) -> pa.Table:
+    """The one packed table of FOCUS rows of one version, all valid."""
+    tables, refused = pack_values(values)
+    assert refused == []
+    [rows] = tables
+    assert rows.indexes == list(range(len(values)))
+    return rows.table
+
+
 def test_packed_rows_hold_exactly_the_values_of_the_messages() -> None:
     values = focus_values(40)
-    packed = parse_rows(values)
-    assert unpack(packed).equals(expected_table(values))
-    assert unpack(packed).schema.metadata == ARROW_SCHEMA.metadata
-    assert pa.types.is_dictionary(packed.schema.field("Tags").type)
-    assert packed.schema.field("x_RowId").type == pa.string()  # unique per row: not worth a dictionary
+    table = packed(values)
+    assert unpack(table).equals(expected_table(values))
+    assert unpack(table).schema.metadata == ARROW_SCHEMA.metadata
+    assert pa.types.is_dictionary(table.schema.field("Tags").type)
+    assert table.schema.field("x_RowId").type == pa.string()  # unique per row: not worth a dictionary
 
 
 def test_the_largest_values_a_row_may_carry_are_held_exactly() -> None:
     """What the exporter's decoder lets through (38 digits of money and quantity, int64, any JSON scalar in Tags),
-    the bulk parse holds exactly. Tags stays the same JSON object; DuckDB may spell a number differently
-    (1e308, where orjson writes 1e+308)."""
+    the files hold exactly."""
     row = orjson.loads(focus_values(1)[0])
     row.update(BilledCost="-" + "9" * 20 + "." + "9" * 18, PricingQuantity="9" * 32 + ".999999",
                x_RequestCount=2**63 - 1, Tags={"n": 2**63 - 1, "f": 1e308, "b": True, "none": None, "s": "é"},
                ChargePeriodStart="2026-02-28T23:59:59Z")
     value = orjson.dumps(row)
-    held, expected = unpack(parse_rows([value])), expected_table([value])
-    assert held.drop_columns(["Tags"]).equals(expected.drop_columns(["Tags"]))
-    assert orjson.loads(held.column("Tags")[0].as_py()) == row["Tags"]
+    assert unpack(packed([value])).equals(expected_table([value]))
 
 
 def test_a_packed_row_takes_a_tenth_of_a_dict_row() -> None:
     """The exporter holds up to exporter.max_buffered_rows of these (docs/architecture.md gives the figures)."""
     values = focus_values(3000)
-    packed = parse_rows(values)
-    per_row = packed.nbytes / packed.num_rows
+    table = packed(values)
+    per_row = table.nbytes / table.num_rows
     assert per_row < 700, per_row  # measured ~620 B (FOCUS 1.4); a decoded dict row is ~7.6 KB, its JSON ~2.9 KB
 
 
-def test_values_that_do_not_parse_are_left_out_one_by_one() -> None:
+def test_values_that_are_not_rows_the_files_hold_are_left_out_one_by_one_with_the_decoders_reason() -> None:
     values = focus_values(10)
     bad_money = values[3].replace(b'"BilledCost":"', b'"BilledCost":"x')
     no_row_id = orjson.dumps({k: v for k, v in orjson.loads(values[4]).items() if k != "x_RowId"})
     mixed = [*values[:3], bad_money, no_row_id, b"\xff\xfe", *values[5:]]
-    tables, errors = parse_rows_skipping(mixed)
-    assert len(errors) == 3
-    assert pa.concat_tables([unpack(t) for t in tables]).equals(expected_table([*values[:3], *values[5:]]))
-    assert parse_rows_skipping([b"{}"])[0] == []
+    [rows], refused = pack_values(mixed)
+    assert [index for index, _ in refused] == [3, 4, 5]
+    for index, reason in refused:
+        with pytest.raises(SchemaError) as error:
+            decode_row(mixed[index])
+        assert reason == str(error.value)
+    assert unpack(rows.table).equals(expected_table([*values[:3], *values[5:]]))
+    assert rows.indexes == [0, 1, 2, *range(6, len(mixed))]
+    assert pack_values([b"{}"])[0] == []
+
+
+#: (model, provider): rows of several sellers, model families and price details
+MODELS = (("anthropic.claude-3-5-haiku-20241022-v1:0", "aws.bedrock"), ("gpt-4o", "azure.ai.openai"),
+          ("gemini-2.5-flash", "gcp.vertex_ai"), ("claude-sonnet-4-5", "anthropic"), ("gpt-4o-mini", "openai"))
+
+
+def mixed_values(version: str, calls: int = 200) -> list[bytes]:
+    """A realistic mix of one FOCUS version's rows: several models, providers, teams and two billing periods (the
+    calls straddle a month's end), cache reads, odd tags, and the rarer shapes: a correction, an older worker's row
+    without the added columns, a sampled call's row, a row tagged ProviderName, tags of every JSON scalar."""
+    events = [UsageEvent(
+        id=f"m{version}{m:029x}-{m:016x}", trace_id=f"{m:032x}", span_id=f"{m:016x}", parent_span_id=None,
+        start_time_unix_nano=(NOV_20 + 11 * DAY_S - 3 * 3600 + m * 97) * 10**9,
+        end_time_unix_nano=(NOV_20 + 11 * DAY_S - 3 * 3600 + m * 97 + 2) * 10**9, operation="chat",
+        provider=MODELS[m % len(MODELS)][1], request_model=MODELS[m % len(MODELS)][0], response_model=None,
+        tokens=TokenCounts(input_uncached=10 + m * 37, cache_read=(0, 64, 2048)[m % 3], output=1 + m % 500),
+        attribution={"team": ("search", "ads", "Ünïcode ✓", 'quote"d')[m % 4], "env": ("prod", "dev")[m % 2]},
+        attribution_key=f"team={m % 4}") for m in range(calls)]
+    values = [value for _, value in cost_records(events, PriceCatalog(), Billing(focus_version=version)).rows]
+    rows = [orjson.loads(value) for value in values[:5]]
+    rows[0].update(ChargeClass="Correction", ConsumedQuantity=None, PricingQuantity=None,
+                   BilledCost="-" + rows[0]["BilledCost"], EffectiveCost="-" + rows[0]["EffectiveCost"])
+    del rows[1]["x_SampleAdjustedCount"]
+    rows[2]["x_SampleAdjustedCount"] = "8"
+    rows[3]["Tags"] = {**rows[3]["Tags"], "ProviderName": "x"}
+    rows[4]["Tags"] = {"n": -(2**63), "f": 0.1, "e": 1e-7, "b": False, "none": None, "s": "\u00e9\n"}
+    return [*map(orjson.dumps, rows), *values[5:]]
+
+
+def test_the_files_hold_exactly_the_rows_the_decoder_reads(tmp_path: Path) -> None:
+    """What the exporter writes (one decode a value, columns built from the structs, checked in bulk) is, column
+    by column and value by value, what a file written from the rows `decode_row` reads holds (`write_partition`,
+    `rows_table`): the same schema (FOCUS version in its metadata), the same decimals, times, texts and JSON."""
+    values = {version: mixed_values(version) for version in ("1.4", "1.2")}
+    tables, refused = pack_values([*values["1.4"], *values["1.2"]])
+    assert refused == []
+    root = focus_dir(tmp_path)
+    written = write_rows(root, [rows.table for rows in tables], RowLedger(root))
+    assert written.days == [("2026-11", "2026-11-30"), ("2026-12", "2026-12-01")]
+    for version, version_values in values.items():
+        paths = [path for path in sorted(root.rglob("part-*.parquet"))
+                 if schema_version(pq.read_schema(path)) == version]
+        held = pa.concat_tables(pq.ParquetFile(path).read() for path in paths).sort_by("x_RowId")
+        decoded = tmp_path / "decoded" / version
+        write_partition(decoded, "p", "d", [decode_row(value) for value in version_values])
+        [path] = decoded.rglob("part-*.parquet")
+        expected = pq.ParquetFile(path).read().sort_by("x_RowId")
+        assert held.schema.equals(expected.schema, check_metadata=True)
+        assert held.schema.metadata == ARROW_SCHEMAS[version].metadata
+        assert held.equals(expected), version
+
+
+def test_pack_values_refuses_what_decode_row_refuses_with_its_reason() -> None:
+    """The typed gate is msgspec's struct plus the bulk checks: every poison value is left out, with
+    `decode_row`'s reason, and the rows around it are kept."""
+    valid, *others = focus_values(3)
+    tagged = orjson.loads(valid)
+
+    def changed(**columns: Any) -> bytes:
+        return orjson.dumps({**tagged, **columns})
+
+    poison = [value for _, value in focus_poison(valid)] + [
+        changed(BilledCost="0." + "1" * 19), changed(BilledCost="1e5"), changed(BilledCost="+1"),
+        changed(ListUnitPrice=" 1"), changed(PricingQuantity="1.1234567"),
+        changed(ChargePeriodStart="2026-02-29T00:00:00Z"),
+        changed(ChargePeriodEnd="2026-11-20T24:00:00Z"), changed(ChargePeriodEnd="2026-11-20T23:59:60Z"),
+        changed(BillingPeriodStart="0000-01-01T00:00:00Z"), changed(ChargePeriodStart="2026-04-31T00:00:00Z"),
+        changed(ConsumedQuantity=None), changed(BillingCurrency="usd"), changed(x_Allocated=1),
+        changed(Tags={"nested": {"a": 1}}), changed(SkuPriceDetails=[1]), changed(x_RequestCount=1.5),
+        changed(ChargeCategory="Purchase"), changed(x_RowId=""),
+    ]
+    for value in poison:
+        with pytest.raises(SchemaError) as error:
+            decode_row(value)
+        [rows], refused = pack_values([valid, value, *others])
+        assert refused == [(1, str(error.value))], value[:200]
+        assert unpack(rows.table).equals(expected_table([valid, *others]))
+
+
+def test_a_decimal_python_lets_through_but_the_files_cannot_hold_is_refused_too() -> None:
+    """Python's `$` matches before a trailing newline: `decode_row` takes "1.5\n", which no decimal column holds."""
+    valid = focus_values(1)[0]
+    value = orjson.dumps({**orjson.loads(valid), "BilledCost": "1.5\n"})
+    decode_row(value)
+    assert pack_values([value]) == ([], [(0, "FOCUS row: a decimal or time the files cannot hold as written")])
+
+
+def test_the_rows_of_a_range_of_values_are_a_slice_of_their_versions_table() -> None:
+    """The exporter packs several partitions' messages at once and keeps each partition's rows apart."""
+    values = [*focus_values(4), *focus_values(2, tag="c", version="1.2"), *focus_values(4, tag="d")]
+    values[2] = b"{}"
+    [rows_1_4, rows_1_2], refused = pack_values(values)
+    assert [index for index, _ in refused] == [2]
+    assert unpack(rows_1_4.between(0, 15)).equals(expected_table([*values[:2], *values[3:12]]))
+    assert unpack(rows_1_2.between(0, 15)).equals(expected_table(values[12:15], "1.2"))
+    assert unpack(rows_1_4.between(15, 30)).equals(expected_table(values[18:30]))
+    assert unpack(rows_1_2.between(15, 30)).equals(expected_table(values[15:18], "1.2"))
+    assert rows_1_2.between(18, 30).num_rows == 0
+
+
+def test_small_tables_are_written_as_few_row_groups_holding_the_same_rows(tmp_path: Path) -> None:
+    """A flush holds a slice of each pack for each partition, a few hundred rows each under steady traffic: written
+    a row group each, they cost ~3x the CPU and make files that readers scan slowly."""
+    values = focus_values(3000, step_s=1)  # 9,000 rows, one charge date
+    table = packed(values)
+    slices = [table.slice(start, 300) for start in range(0, table.num_rows, 300)]
+    root = focus_dir(tmp_path)
+    assert write_rows(root, slices, RowLedger(root)).rows == 9000
+    [path] = root.rglob("part-*.parquet")
+    assert pq.ParquetFile(path).metadata.num_row_groups == 2  # 28 slices (8,400 rows >= ROW_GROUP_ROWS), 2 more
+    assert pq.ParquetFile(path).read().cast(ARROW_SCHEMA).equals(expected_table(values))
 
 
 def test_rows_of_both_focus_versions_are_held_and_written_apart(tmp_path: Path) -> None:
@@ -136,8 +262,9 @@ def test_rows_of_both_focus_versions_are_held_and_written_apart(tmp_path: Path) 
     rows_1_2 = focus_values(10, tag="c", version="1.2")
     tagged = orjson.loads(focus_values(1, tag="d")[0])
     tagged["Tags"] = {**tagged["Tags"], "ProviderName": "x"}
-    tables, errors = parse_rows_skipping([*rows_1_4[:15], *rows_1_2, orjson.dumps(tagged), *rows_1_4[15:]])
-    assert errors == []
+    packed_rows, refused = pack_values([*rows_1_4[:15], *rows_1_2, orjson.dumps(tagged), *rows_1_4[15:]])
+    assert refused == []
+    tables = [rows.table for rows in packed_rows]
     by_version = {}
     for table in tables:
         by_version.setdefault(table_version(table), []).append(unpack(table))
@@ -166,13 +293,13 @@ def test_rows_are_written_per_charge_date_once_whatever_is_redelivered(tmp_path:
     root = focus_dir(tmp_path)
     values = focus_values(200, step_s=900)  # 200 calls over ~2 days: 3 charge dates
     ledger = RowLedger(root)
-    first = write_rows(root, [parse_rows(values[:300]), parse_rows(values[300:])], ledger)
+    first = write_rows(root, [packed(values[:300]), packed(values[300:])], ledger)
     assert first.rows == 600 and first.duplicates == 0
     assert first.days == [("2026-11", "2026-11-20"), ("2026-11", "2026-11-21"), ("2026-11", "2026-11-22")]
-    again = write_rows(root, [parse_rows(values[100:400] + values[100:110])], ledger)
+    again = write_rows(root, [packed(values[100:400] + values[100:110])], ledger)
     assert (again.rows, again.duplicates, again.files) == (0, 310, 0)
     fresh_ledger = RowLedger(root)  # a restarted exporter reads the ids back from the files
-    assert write_rows(root, [parse_rows(values)], fresh_ledger).duplicates == 600
+    assert write_rows(root, [packed(values)], fresh_ledger).duplicates == 600
     rows, distinct, total, files = read_files(root)
     assert rows == distinct == 600 and files == 3
     assert total == sum(Decimal(orjson.loads(v)["BilledCost"]) for v in values)
@@ -190,9 +317,9 @@ def test_a_write_that_fails_leaves_no_file_and_forgets_its_row_ids(tmp_path: Pat
     with monkeypatch.context() as patch:
         patch.setattr(pq.ParquetWriter, "write_table", full_disk)
         with pytest.raises(OSError, match="No space"):
-            write_rows(root, [parse_rows(values)], ledger)
+            write_rows(root, [packed(values)], ledger)
     assert not list(root.rglob("*.parquet*"))
-    assert write_rows(root, [parse_rows(values)], ledger).rows == 60
+    assert write_rows(root, [packed(values)], ledger).rows == 60
 
 
 @pytest.mark.parametrize("hashing", ["real", "every_id_collides"])
@@ -205,12 +332,12 @@ def test_a_row_repeated_in_one_flush_or_redelivered_is_written_once_and_collidin
     root = focus_dir(tmp_path)
     values = focus_values(40)
     ledger = RowLedger(root)
-    first = write_rows(root, [parse_rows(values[:80]), parse_rows(values[60:])], ledger)
+    first = write_rows(root, [packed(values[:80]), packed(values[60:])], ledger)
     assert (first.rows, first.duplicates) == (120, 20)
-    assert write_rows(root, [parse_rows(values)], ledger).duplicates == 120
-    assert write_rows(root, [parse_rows(values)], RowLedger(root)).duplicates == 120
+    assert write_rows(root, [packed(values)], ledger).duplicates == 120
+    assert write_rows(root, [packed(values)], RowLedger(root)).duplicates == 120
     more = focus_values(10, tag="b")
-    assert write_rows(root, [parse_rows(more), parse_rows(more)], ledger).rows == 30
+    assert write_rows(root, [packed(more), packed(more)], ledger).rows == 30
     rows, distinct, _, _ = read_files(root)
     assert rows == distinct == 150
 
@@ -218,12 +345,12 @@ def test_a_row_repeated_in_one_flush_or_redelivered_is_written_once_and_collidin
 def test_the_ledger_holds_about_8_bytes_a_row_id(tmp_path: Path) -> None:
     """A day's ids read back from its files cost a 64-bit hash each, not a string in a set (~145 bytes an id)."""
     root = focus_dir(tmp_path)
-    write_rows(root, [parse_rows(focus_values(4_000, step_s=20))], RowLedger(root))  # 12,000 rows, one day
+    write_rows(root, [packed(focus_values(4_000, step_s=20))], RowLedger(root))  # 12,000 rows, one day
     ledger = RowLedger(root)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        assert write_rows(root, [parse_rows(focus_values(1, tag="late"))], ledger).rows == 3
+        assert write_rows(root, [packed(focus_values(1, tag="late"))], ledger).rows == 3
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
@@ -234,7 +361,7 @@ def small_files(root: Path, values: list[bytes], per_file: int) -> RowLedger:
     """Write `values` as files of `per_file` rows, as many flushes would."""
     ledger = RowLedger(root)
     for start in range(0, len(values), per_file):
-        write_rows(root, parse_rows_skipping(values[start:start + per_file])[0], ledger)
+        write_rows(root, [rows.table for rows in pack_values(values[start:start + per_file])[0]], ledger)
     return ledger
 
 
@@ -257,8 +384,8 @@ def test_compaction_merges_a_days_files_into_one_with_the_same_rows_in_order(tmp
     assert not list(directory.parent.glob(f"{STAGING_PREFIX}*"))
     assert compact_day(root, "2026-11", "2026-11-20") is None  # one file: nothing to do
     # the ledger, in memory or read back from the merged file, still knows every row
-    assert write_rows(root, [parse_rows(values)], ledger).duplicates == 900
-    assert write_rows(root, [parse_rows(values)], RowLedger(root)).duplicates == 900
+    assert write_rows(root, [packed(values)], ledger).duplicates == 900
+    assert write_rows(root, [packed(values)], RowLedger(root)).duplicates == 900
 
 
 def test_a_day_of_5_s_flushes_compacts_to_one_file_and_its_rollup_is_rebuilt_from_it(
@@ -299,7 +426,7 @@ def test_compacted_files_hold_at_most_compacted_rows_and_full_ones_stay(tmp_path
     assert all(pq.read_metadata(p).num_row_groups == max(1, pq.read_metadata(p).num_rows // 64)
                for p in directory.glob("part-*.parquet") if pq.read_metadata(p).num_rows == 256)
     full = {p.name: p.stat().st_ino for p in directory.glob("part-*.parquet") if pq.read_metadata(p).num_rows == 256}
-    write_rows(root, [parse_rows(focus_values(5, tag="b"))], RowLedger(root))  # a late row: a new small file
+    write_rows(root, [packed(focus_values(5, tag="b"))], RowLedger(root))  # a late row: a new small file
     result = compact_day(root, "2026-11", "2026-11-20")
     assert result is not None and result.files_after == 4
     assert {p.name: p.stat().st_ino for p in directory.glob("part-*.parquet") if p.name in full} == full
@@ -370,11 +497,11 @@ def test_the_swap_shows_readers_one_whole_set_of_files_never_both_nor_neither(tm
     other = day.with_name(f"{STAGING_PREFIX}{day.name}")
     values = focus_values(200)
     for index in range(20):
-        part = unpack(parse_rows(values[index * 30:(index + 1) * 30]))
+        part = unpack(packed(values[index * 30:(index + 1) * 30]))
         (day / f"part-{index:02d}.parquet").parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(part, day / f"part-{index:02d}.parquet")
     other.mkdir()
-    pq.write_table(unpack(parse_rows(values)), other / "part-merged.parquet")
+    pq.write_table(unpack(packed(values)), other / "part-merged.parquet")
     try:
         exchange(other, day)
         exchange(other, day)
@@ -437,8 +564,8 @@ def test_the_report_and_the_workers_history_never_read_across_a_swap(tmp_path: P
     day.mkdir(parents=True)
     other.mkdir()
     for index in range(10):
-        pq.write_table(unpack(parse_rows(values[index * 30:(index + 1) * 30])), day / f"part-{index}.parquet")
-    pq.write_table(unpack(parse_rows(values)), other / "part-merged.parquet")
+        pq.write_table(unpack(packed(values[index * 30:(index + 1) * 30])), day / f"part-{index}.parquet")
+    pq.write_table(unpack(packed(values)), other / "part-merged.parquet")
     total = sum(Decimal(orjson.loads(v)["BilledCost"]) for v in values)
     (tmp_path / SWAP_LOCK).touch()  # as the exporter does before its first file: else a reader may run unlocked
     try:

@@ -13,7 +13,7 @@ import pytest
 
 from collector.ingest import IngestResult, NestedCallFilter, ingest_request
 from collector.sampling import InvalidTraceState, adjusted_count
-from pipeline.export.files import focus_dir, parse_rows, partition_of, unpack, write_partition
+from pipeline.export.files import focus_dir, pack_values, partition_of, unpack, write_partition
 from pipeline.guardrails.decide import Context, decide, retain_from
 from pipeline.guardrails.history import recorded_spend
 from pipeline.guardrails.spend import PricedCall, ScopeIndex, spend_records
@@ -136,7 +136,9 @@ def test_the_files_hold_the_adjusted_count_and_take_rows_of_older_workers_withou
     values = [value for _, value in cost_records([measured, sampled], PriceCatalog(), Billing()).rows]
     old = orjson.loads(values[0])
     del old["x_SampleAdjustedCount"]  # a row from a worker older than the column
-    table = unpack(parse_rows([*values, orjson.dumps(old)]))
+    [rows], refused = pack_values([*values, orjson.dumps(old)])
+    assert refused == []
+    table = unpack(rows.table)
     counts = {(u, c) for u, c in zip(table.column("x_UsageId").to_pylist(),
                                      table.column("x_SampleAdjustedCount").to_pylist(), strict=True)}
     assert counts == {(measured.id, None), (sampled.id, Decimal(8))}
@@ -144,13 +146,15 @@ def test_the_files_hold_the_adjusted_count_and_take_rows_of_older_workers_withou
 
 
 def test_an_older_workers_row_with_a_tag_named_like_the_added_column_is_still_read() -> None:
-    """Its value holds the column's key, in Tags: the one-parse read fails on it, and the batch is read apart."""
+    """Its value holds the column's key, in Tags (where a look for the key in the raw value would find it)."""
     [measured] = ingest("").events
     values = [value for _, value in cost_records([measured], PriceCatalog(), Billing()).rows]
     old = orjson.loads(values[0])
     del old["x_SampleAdjustedCount"]
     old["Tags"] = {**old["Tags"], "x_SampleAdjustedCount": "5"}
-    table = unpack(parse_rows([orjson.dumps(old), *values[1:]]))
+    [rows], refused = pack_values([orjson.dumps(old), *values[1:]])
+    assert refused == []
+    table = unpack(rows.table)
     assert table.column("x_SampleAdjustedCount").to_pylist() == [None] * len(values)
     assert table.column("Tags").to_pylist()[0] == orjson.dumps(old["Tags"]).decode()
 
