@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from pipeline.export.exporter import EXPORTER_GROUP, FocusExporter
 from pipeline.export.files import RowLedger, Written
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.consumer import SESSION_TIMEOUT_MS
+from pipeline.kafka.producer import BatchProducer
 from schemas.config import Config, ExporterConfig, KafkaConfig
 from schemas.topics import TopicNames
 from tests.integration.focus_traffic import focus_messages, produce
@@ -43,9 +44,16 @@ class Exporter(FocusExporter):
         super().__init__(config, data_dir)
         self.revocations = 0
         self.flush_soon = False
+        #: rows read when the first flush was handed to the writer thread
+        self.read_at_first_flush: int | None = None
 
     def _due(self) -> bool:
         return super()._due() or (self.flush_soon and bool(self._offsets))
+
+    def _flush(self, consumer: AIOKafkaConsumer, producer: BatchProducer) -> Coroutine[Any, Any, None]:
+        if self.read_at_first_flush is None:
+            self.read_at_first_flush = self.rows_read
+        return super()._flush(consumer, producer)
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self.revocations += bool(revoked)
@@ -69,7 +77,8 @@ class HeldFlush:
         def held(root: Path, tables: Sequence[pa.Table], ledger: RowLedger) -> Written:
             if not self.started.is_set():
                 assert self.exporter is not None
-                ticks, read = self.ticks, self.exporter.rows_read
+                # counted from the hand-off, not from here: the loop may fetch the rest before the thread gets here
+                ticks, read = self.ticks, self.exporter.read_at_first_flush or 0
                 self.held_rows = sum(t.num_rows for t in tables)
                 self.held_ids = {row_id for t in tables for row_id in t.column("x_RowId").to_pylist()}
                 self.started.set()
