@@ -62,7 +62,7 @@ from pipeline.pricing import PriceCatalog
 from pipeline.pricing.cost_records import cost_records
 from pipeline.pricing.focus import Billing
 from schemas.config import Config
-from schemas.focus import REQUEST_FILES, decode_row, request_files_glob
+from schemas.focus import REQUEST_FILES, ROW_STRUCTS, request_files_glob, row_version
 from tests.e2e.running import read_until
 from tests.support import free_port, make_request, make_span
 
@@ -113,6 +113,7 @@ def row_format_cost(values: list[bytes], codec: str) -> float:
     value in a record batch and compressing it (aiokafka's C record builder, in batches of 1 MiB, larger than the
     producer's: a lower bound), reading it back out, and decoding it as the typed FOCUS row the files can hold.
     No pricing, no row encoding, no Kafka round trip, no Parquet: what the JSON row costs by itself."""
+    decoder = ROW_STRUCTS[row_version(values[0])]
     began = time.process_time()
     batches, builder = [], None
     for offset, value in enumerate(values):
@@ -125,7 +126,7 @@ def row_format_cost(values: list[bytes], codec: str) -> float:
         batches.append(bytes(builder.build()))
     for batch in batches:
         for record in DefaultRecordBatch(batch):
-            decode_row(record.value)
+            decoder.decode(record.value)
     return (time.process_time() - began) / len(values)
 
 
