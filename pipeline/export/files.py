@@ -611,7 +611,7 @@ def write_rollup(data_dir: Path, grain: str, period: str, day: str) -> Path:
     version = (metadata or {}).get(b"FocusVersion", FOCUS_VERSION.encode()).decode()
     with duckdb.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
-        table = con.execute(rollup_sql(grain, str(source / "part-*.parquet"), version)).to_arrow_table()
+        table = con.sql(rollup_sql(grain, str(source / "part-*.parquet"), version)).to_arrow_table()
     if table is None:
         raise RuntimeError(f"rollup of {source} returned no table")
     x_row_id = table.schema.get_field_index("x_RowId")
