@@ -118,6 +118,8 @@ class PricedBatch:
     priced: list[PricedUsage]
     line_costs: list[list[Decimal]]
     offsets: dict[TopicPartition, int]  # to commit once the rows are acknowledged
+    #: the stage's revocations when it was fetched: a rebalance since hands its rows and offsets to the next fetch
+    revocations: int
 
 
 class RowsBacklog:
@@ -232,6 +234,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         reported, at = 0, time.monotonic()
         while True:
             batches = await consumer.getmany(timeout_ms=500, max_records=BATCH_MAX_MESSAGES)
+            revocations = self._revocations  # a rebalance from here on leaves these records to the next fetch
             await observed.after_fetch(batches)
             if batches:
                 backlog.pricing()
@@ -239,7 +242,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                                           if tp.partition not in self._seen})
                 # a rebalance during the restore may have taken partitions away: their records are not ours
                 batches = {tp: records for tp, records in batches.items() if tp.partition in self._seen}
-                await backlog.put(await self._price(batches, producer))
+                await backlog.put(await self._price(batches, producer, revocations))
             tick = self._clock.tick_due(time.time_ns())
             if tick is not None:
                 await producer.send_everywhere(self._names.spend, encode_tick(tick))
@@ -254,6 +257,12 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         """The rows of each priced batch, in fetch order; then its offsets are committed."""
         while True:
             batch = await backlog.get()
+            if batch.revocations != self._revocations:
+                # a rebalance revokes every partition (aiokafka's are eager) and starts each one assigned again from
+                # its committed offset: whoever fetches the batch's partitions next prices it again, and its commit
+                # could move the group's offset back past what another owner committed meanwhile
+                await backlog.done(batch)
+                continue
             deliveries: list[Delivery] = []
             rows = 0
             with metrics.PUBLISH_SECONDS.labels("pricing").time():
@@ -268,9 +277,8 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                 await acknowledged(deliveries)
                 await producer.send_all(self._names.deadletter, self._row_rejections.take())
             metrics.FOCUS_ROWS.inc(rows)
-            # a rebalance meanwhile may have taken partitions away: their new owner commits them
-            await commit_processed(consumer, {tp: offset for tp, offset in batch.offsets.items()
-                                              if tp.partition in self._seen}, "pricing", log)
+            if batch.revocations == self._revocations:  # else a rebalance meanwhile: the next fetch commits them
+                await commit_processed(consumer, batch.offsets, "pricing", log)
             await backlog.done(batch)
 
     def _rows(self, calls: list[PricedCall], priced: list[PricedUsage], line_costs: list[list[Decimal]]
@@ -355,9 +363,9 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
         return fresh, letters
 
     async def _price(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-                     producer: BatchProducer) -> PricedBatch:
+                     producer: BatchProducer, revocations: int) -> PricedBatch:
         """Price a fetched batch and send (acknowledged) its spend, dead letters and alerts; returns its rows'
-        makings."""
+        makings. `revocations`: the stage's when the batch was fetched."""
         decoded: list[Located] = []
         for records in batches.values():
             for record in records:
@@ -396,7 +404,7 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
             metrics.USAGE_UNPRICED.labels(reason).inc(count)
         self._counters.count(out)
         return PricedBatch(calls, out.priced, out.line_costs,
-                           {tp: records[-1].offset + 1 for tp, records in batches.items()})
+                           {tp: records[-1].offset + 1 for tp, records in batches.items()}, revocations)
 
     def _cost(self, fresh: list[Located], batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
               ) -> tuple[list[Located], CostOutput]:
