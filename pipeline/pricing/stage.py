@@ -15,7 +15,8 @@ Breakers must not wait for FOCUS rows, which are ~3/4 of the stage's CPU: a fetc
 spend, dead letters and alerts sent (and acknowledged) at once, by a producer of their own, then the batch
 waits in a bounded backlog for its rows, which another task makes and sends in chunks, each only while no
 batch is being priced: under a burst the spend runs ahead until the backlog is full. A batch's offsets are
-committed, in fetch order, once its rows are acknowledged too.
+committed, in fetch order, once its rows are acknowledged too; a rebalance leaves the batches fetched before it to
+the next fetch of their partitions.
 """
 
 from __future__ import annotations
