@@ -266,12 +266,14 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                 continue
             deliveries: list[Delivery] = []
             rows = 0
+            rejected: set[tuple[int, int]] = set()  # (partition, offset): a message's calls may span two chunks
             with metrics.PUBLISH_SECONDS.labels("pricing").time():
                 for start in range(0, len(batch.calls), ROWS_CHUNK_CALLS):
                     await asyncio.sleep(0)  # the spend of the next batches, and stage 2, go first
                     await backlog.rows_turn()
                     end = start + ROWS_CHUNK_CALLS
-                    records = self._rows(batch.calls[start:end], batch.priced[start:end], batch.line_costs[start:end])
+                    records = self._rows(batch.calls[start:end], batch.priced[start:end], batch.line_costs[start:end],
+                                         rejected)
                     deliveries += await producer.enqueue_all(self._names.cost_focus, records)
                     rows += len(records)
                 # acknowledged by the broker before the offsets are committed: at-least-once
@@ -282,16 +284,16 @@ class PricingStage(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka
                 await commit_processed(consumer, batch.offsets, "pricing", log)
             await backlog.done(batch)
 
-    def _rows(self, calls: list[PricedCall], priced: list[PricedUsage], line_costs: list[list[Decimal]]
-              ) -> list[Record]:
+    def _rows(self, calls: list[PricedCall], priced: list[PricedUsage], line_costs: list[list[Decimal]],
+              rejected: set[tuple[int, int]]) -> list[Record]:
         """The FOCUS rows of priced calls. Should making them raise, they are made call by call, and a call that
-        raises has its message rejected (its spend is counted: it was priced)."""
+        raises has its message rejected (its spend is counted: it was priced), unless `rejected` (the (partition,
+        offset) of the messages rejected already, which this adds to) holds it."""
         try:
             return focus_records(priced, line_costs, self._billing)
         except Exception:  # isolated below, call by call
             log.warning("pricing: the rows of a batch failed; making them call by call", exc_info=True)
         out: list[Record] = []
-        rejected: set[tuple[int, int]] = set()
         for call, one, costs in zip(calls, priced, line_costs, strict=True):
             try:
                 out += focus_records([one], [costs], self._billing)

@@ -181,7 +181,7 @@ def test_a_call_whose_rows_cannot_be_made_is_rejected_and_the_rest_get_their_row
         return values(priced, billing, costs)
 
     monkeypatch.setattr(cost_records, "focus_values", breaks)
-    rows = stage._rows(calls, out.priced, out.line_costs)
+    rows = stage._rows(calls, out.priced, out.line_costs, set())
     assert {orjson.loads(value)["x_UsageId"] for _, value in rows} == {good.id}
     [(_, letter)] = stage._row_rejections.take()
     assert orjson.loads(letter)["reason"] == "processing_failed"
