@@ -165,8 +165,7 @@ def prepare_request(
                         check_start_time(span.start_time_unix_nano, received_ns, limits)
                     count = _sampling_count(span.trace_state, result)
                     if count is not None:
-                        usage = msgspec.structs.replace(usage, tokens=_sampled(usage.tokens, count,
-                                                                               limits.max_token_count))
+                        usage = _sampled(usage, count, limits.max_token_count)
                 except InvalidSpan as exc:
                     who = who_pays.of(attrs)
                     result.reject(f"span {span_id or '?'}: {exc.detail}", exc.reason)
@@ -274,14 +273,16 @@ def _sampling_count(trace_state: str, result: IngestResult) -> Fraction | None:
     return None if count == 1 else count  # th:0: kept with probability 1, a measured call
 
 
-def _sampled(tokens: TokenCounts, count: Fraction, max_count: int) -> TokenCounts:
-    """Token meters scaled to the estimate, once, by the exact rational count; priced downstream like any other.
+def _sampled(usage: SpanUsage, count: Fraction, max_count: int) -> SpanUsage:
+    """Token meters (and the modality breakdown, a subset of them) scaled to the estimate, once, by the exact
+    rational count; priced downstream like any other.
 
     Every cost is then the exact price of whole tokens, as for a measured call, and FOCUS keeps
     ListCost = ListUnitPrice x PricingQuantity. Scaling the Decimal cost instead would need a non-terminating
     division for counts that are not whole (p not a power of two). Raises InvalidSpan when a meter's estimate, or
     the calls the span stands for, exceed `max_count` (collector.max_token_count), the edge limit of a measured count.
     """
+    tokens = usage.tokens
     out = TokenCounts(input_uncached=scaled(tokens.input_uncached, count), cache_read=scaled(tokens.cache_read, count),
                       cache_write=scaled(tokens.cache_write, count), output=scaled(tokens.output, count),
                       reasoning=scaled(tokens.reasoning, count))
@@ -291,7 +292,8 @@ def _sampled(tokens: TokenCounts, count: Fraction, max_count: int) -> TokenCount
     if max(out.input_uncached, out.cache_read, out.cache_write, out.output, out.reasoning, round(count)) > max_count:
         raise InvalidSpan("invalid_token_count", f"sampled at 1/{float(count):g}, it estimates more than "
                                                  f"collector.max_token_count ({max_count}) tokens or calls")
-    return out
+    modalities = {meter: scaled(n, count) for meter, n in usage.modality_tokens.items()}
+    return msgspec.structs.replace(usage, tokens=out, modality_tokens=modalities)
 
 
 def _count_text(count: Fraction) -> str:

@@ -130,6 +130,16 @@ def test_a_json_row_of_an_older_worker_without_the_sampling_column_still_decodes
     assert "x_SampleAdjustedCount" not in decode_row(orjson.dumps(row))
 
 
+def test_a_sampled_calls_modality_breakdown_scales_with_its_totals() -> None:
+    """The breakdown is a subset of the totals (docs/topics.md): left per observed call, it would say a
+    sampled call's 8,000 input tokens held 600 of audio where it held 4,800."""
+    span = make_span({**CALL, "gen_ai.usage.audio.input_tokens": 600, "gen_ai.usage.text.output_tokens": 200})
+    span.trace_state = "ot=th:e"
+    [sampled] = ingest_request(make_request([span]), Config(), None, NestedCallFilter()).events
+    assert sampled.tokens.input_total == 8000
+    assert sampled.extra == {"tokens.input.audio": "4800", "tokens.output.text": "1600"}
+
+
 def test_the_files_hold_the_adjusted_count_and_take_rows_of_older_workers_without_it() -> None:
     [measured] = ingest("").events
     [sampled] = ingest("ot=th:e").events
