@@ -155,6 +155,17 @@ class TestAttribution:
         assert event.attribution_key == "team=search|use_case=rag|env=prod|app=support-bot|key="
         assert event.allocated
 
+    def test_calls_of_one_resource_each_keep_their_own_claims(self) -> None:
+        """Each distinct claim is settled once per resource and shared: the spans between must not blur them."""
+        claims = [{"team.name": "search"}, {"team.name": "ads", "feature.name": "rag"}, {}, {"team.name": "search"},
+                  {"team": "ads"}]  # the last: another name of the same dimension, the same claim
+        spans = [make_span({**DIALECTS[0].attrs, **claim}) for claim in claims]
+        events = ingest(spans, resource=self.resource).events
+        assert [(e.attribution["team"], e.attribution["use_case"]) for e in events] == [
+            ("search", "unallocated"), ("ads", "rag"), ("support", "unallocated"), ("search", "unallocated"),
+            ("ads", "unallocated")]
+        assert events[0].attribution == events[3].attribution and events[0].attribution_key == events[3].attribution_key
+
     def test_each_dimension_takes_its_first_configured_name_with_a_value(self) -> None:
         dimensions = {"team": ("a", "b"), "use_case": ("b",), "env": ("c", "d"), "app": ("e",)}
         config = replace(CONFIG, attribution=AttributionConfig(dimensions=dimensions, required=(),
