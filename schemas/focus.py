@@ -219,11 +219,12 @@ ADDED_COLUMNS: Final = frozenset({"x_SampleAdjustedCount"})
 CORRECTION_NULLS: Final = frozenset({"ConsumedQuantity", "PricingQuantity"})
 _TEXT: Final = Annotated[str, msgspec.Meta(min_length=1)]
 #: the text of the values the files hold as decimals and times: money decimal128(38, 18), quantities
-#: decimal128(38, 6) (files.py); a time must also be a real one (`decode_row`)
+#: decimal128(38, 6) (files.py); a time must also be a real one (`decode_row`). Python regexes (msgspec): `\Z`, not
+#: `$`, which also matches before a trailing newline ("USD\n" would reach the files); RE2 spells it `\z` (files.py)
 PATTERNS: Final[Mapping[str, str]] = {
-    "money": r"^-?[0-9]{1,20}(\.[0-9]{1,18})?$",
-    "quantity": r"^-?[0-9]{1,32}(\.[0-9]{1,6})?$",
-    "datetime": "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$",
+    "money": r"^-?[0-9]{1,20}(\.[0-9]{1,18})?\Z",
+    "quantity": r"^-?[0-9]{1,32}(\.[0-9]{1,6})?\Z",
+    "datetime": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z\Z",
 }
 _WIRE_TYPES: Final[Mapping[str, object]] = {
     **{kind: Annotated[str, msgspec.Meta(pattern=pattern)] for kind, pattern in PATTERNS.items()},
@@ -244,7 +245,7 @@ def _wire_type(name: str, kind: str, types: Mapping[str, object] = _WIRE_TYPES) 
     if name in CONSTANTS:
         return Literal[CONSTANTS[name]]
     if name in CURRENCY_COLUMNS:
-        return Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
+        return Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}\Z")]
     if name in REQUIRED_TEXT:
         return _TEXT
     if name in NULL_NUMBERS | CORRECTION_NULLS:

@@ -126,7 +126,8 @@ def focus_poison(valid: bytes) -> list[Poison]:
             ("tags_as_list", _mutated(valid, _set(("Tags",), ["team", "search"]))),
             ("tag_huge_int", _mutated(valid, _set(("Tags", "n"), 2**70))),
             ("request_count_huge", _mutated(valid, _set(("x_RequestCount",), 2**64))),
-            ("allocated_as_string", _mutated(valid, _set(("x_Allocated",), "yes")))]
+            ("allocated_as_string", _mutated(valid, _set(("x_Allocated",), "yes"))),
+            ("currency_with_newline", _mutated(valid, _set(("BillingCurrency",), "USD\n")))]
 
 
 def breaker_poison(valid: bytes) -> list[Poison]:
