@@ -41,7 +41,7 @@ def command_id(breaker: str, state: str, at_s: float) -> str:
 
 
 #: an RFC 3339 time as `schemas.codec.rfc3339` writes it (checked to be a real time when decoded)
-Timestamp = Annotated[str, msgspec.Meta(pattern="^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z$")]
+Timestamp = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z\Z")]
 ENV_CLASSES: Final = frozenset({"prod", "non_prod"})
 
 
@@ -50,7 +50,7 @@ class BreakerCommand(msgspec.Struct, frozen=True, kw_only=True):
     times are real times (a gateway compares them with its clock); unknown fields are ignored."""
 
     command_id: Annotated[str, msgspec.Meta(min_length=1)]
-    breaker_id: Annotated[str, msgspec.Meta(pattern=r"^(rate|budget|manual)\|.+$")]
+    breaker_id: Annotated[str, msgspec.Meta(pattern=r"^(rate|budget|manual)\|.+\Z")]
     source: BreakerSource
     scope: Annotated[str, msgspec.Meta(min_length=1)]
     scope_attributes: Mapping[str, str]

@@ -24,7 +24,7 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 #: a signed 64-bit value (unix seconds, which may precede 1970 in a hostile value but not overflow)
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 #: an exact decimal as `str(Decimal)` writes it, bounded: no NaN, no infinity, no 1E999999999
-DECIMAL_TEXT: Final = r"^-?[0-9]{1,40}(\.[0-9]{1,40})?(E[+-]?[0-9]{1,2})?$"
+DECIMAL_TEXT: Final = r"^-?[0-9]{1,40}(\.[0-9]{1,40})?(E[+-]?[0-9]{1,2})?\Z"
 DecimalText = Annotated[str, msgspec.Meta(pattern=DECIMAL_TEXT)]
 
 

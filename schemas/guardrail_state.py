@@ -19,7 +19,7 @@ from schemas.codec import Count, DecimalText, Int64, decode_as
 from schemas.policy import Period, Scope
 
 #: a calendar period a total is kept for: a UTC month or day
-PeriodKey = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}(-[0-9]{2})?$")]
+PeriodKey = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}(-[0-9]{2})?\Z")]
 #: `kind|scope|period[|threshold]`: pruning reads the period
 AlertId = Annotated[str, msgspec.Meta(pattern=r"^[^|]+\|[^|]*\|[^|]+")]
 

@@ -82,6 +82,17 @@ def test_bad_spend_alert_and_command_messages_are_schema_errors(value: bytes) ->
             decode(value)
 
 
+@pytest.mark.parametrize(("field", "value"), [("breaker_id", "manual|team=a\n"),
+                                               ("issued_at", "2026-11-01T00:00:00Z\n")])
+def test_a_command_field_with_a_trailing_newline_is_a_schema_error(field: str, value: str) -> None:
+    """Python's `$` also matches before a final newline; the JSON Schema's does not, nor must the decoder."""
+    command = orjson.loads(trip_command(Scope.parse("team=a"), "block", "runaway", ttl_s=60, downgrade={},
+                                        now_s=5).encode())
+    command[field] = value
+    with pytest.raises(SchemaError):
+        decode_command(orjson.dumps(command))
+
+
 def test_a_reset_round_trips_and_the_kill_switch_writes_one_per_scope() -> None:
     reset = Reset("env=prod,team=a%2Cb", "runaway handled", 1_795_000_000)
     assert decode_spend(encode_reset(reset)) == reset
