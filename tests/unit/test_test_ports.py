@@ -33,3 +33,13 @@ def test_ports_in_a_row_skip_a_taken_port() -> None:
     for port in (first, first + 1):
         with socket.socket() as sock:
             sock.bind(("0.0.0.0", port))
+
+
+def test_ports_in_a_row_at_the_end_of_the_slice_start_again_at_its_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "1")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    last = first_ephemeral - OwnPorts.LOWEST - 1
+    monkeypatch.setattr("tests.support.os.urandom", lambda n: last.to_bytes(n, "big"))  # starts at its last port
+    first = OwnPorts().take(2)
+    assert OwnPorts.LOWEST <= first <= first_ephemeral - 2, "ports handed out past the worker's slice"
