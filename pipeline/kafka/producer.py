@@ -128,6 +128,10 @@ class BatchProducer:
                     batch = self._producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None)
             futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+        for future in futures:
+            # one its caller gave up on (a deadline, a stop before it awaited them all): its outcome is no longer
+            # anyone's business, not an exception asyncio logs as never retrieved
+            future.add_done_callback(_consume_outcome)
         return futures
 
 
@@ -137,13 +141,7 @@ Delivery = asyncio.Future[object]
 
 async def acknowledged(deliveries: Sequence[Delivery]) -> None:
     """Return once the broker acknowledged every delivery (raises aiokafka's KafkaError otherwise)."""
-    try:
-        await asyncio.gather(*deliveries)
-    except BaseException:
-        # a caller's deadline gave up on them: their outcome is no longer anyone's business
-        for future in deliveries:
-            future.add_done_callback(_consume_outcome)
-        raise
+    await asyncio.gather(*deliveries)
 
 
 def _consume_outcome(future: asyncio.Future[object]) -> None:

@@ -200,8 +200,8 @@ def test_calls_differing_in_one_call_column_each_get_their_own_columns() -> None
                 {"allocated": False}, {"service_tier": "flex"}, {"attribution": {"team": "ads"}},
                 {"attribution_key": "team=ads"}, {"start_time_unix_nano": base["start_time_unix_nano"] + 10**9},
                 {"id": "other-id", "trace_id": "other", "span_id": "id"}]
-    cat, billing = PriceCatalog(), Billing()  # the templates are cached per billing and price objects
-    for changed in variants * 2:  # the second time from the cached templates
+    cat, billing = PriceCatalog(), Billing()  # the call columns' runs are cached per billing, price and attribution
+    for changed in variants * 2:  # the second time from the cached runs
         call = UsageEvent(**base | changed)
         [row, *_] = [decode_row(v) for v, _ in encoded_focus_rows(price_usage(call, cat), billing)]
         assert (row["x_Operation"], row["x_Model"], row["x_Allocated"], row["x_ServiceTier"], row["Tags"],
