@@ -70,8 +70,8 @@ ARROW_SCHEMAS: Final[Mapping[str, pa.Schema]] = {
 ARROW_SCHEMA: Final = ARROW_SCHEMAS[FOCUS_VERSION]
 _KINDS: Final = {name: kind for columns in COLUMNS_BY_VERSION.values() for name, kind in columns}
 LEDGER_DAYS: Final = 4
-#: the rows a request file's row group holds at least (`_regrouped`), but the last: what a parse of the raw values
-#: held before rows were packed as they come
+#: the rows a request file's row group holds at least (`_regrouped`), but the last: what a DuckDB parse of raw
+#: values held, before the exporter packed rows in smaller batches (its PACK_ROWS)
 ROW_GROUP_ROWS: Final = 8_192
 
 

@@ -283,6 +283,27 @@ def read_files(root: Path) -> tuple[int, int, Decimal, int]:
     return int(result[0]), int(result[1]), Decimal(result[2]), len(files)
 
 
+def test_the_first_and_last_times_a_row_may_carry_are_filed_under_their_own_utc_dates(tmp_path: Path) -> None:
+    """A far-future time (a broken or hostile clock) or one of year 1 is still a time `decode_row` takes: its row is
+    written under its own billing period and charge date, and held exactly."""
+    early, late, _ = focus_values(1)
+
+    def at(value: bytes, period: str, time_: str) -> bytes:
+        return orjson.dumps({**orjson.loads(value), "BillingPeriodStart": period, "ChargePeriodStart": time_,
+                             "ChargePeriodEnd": time_})
+
+    values = [at(early, "0001-01-01T00:00:00Z", "0001-01-01T00:00:00Z"),
+              at(late, "9999-12-01T00:00:00Z", "9999-12-31T23:59:59Z")]
+    for value in values:
+        decode_row(value)
+    root = focus_dir(tmp_path)
+    assert write_rows(root, [packed(values)], RowLedger(root)).days == [("0001-01", "0001-01-01"),
+                                                                        ("9999-12", "9999-12-31")]
+    for value, (period, day) in zip(values, [("0001-01", "0001-01-01"), ("9999-12", "9999-12-31")], strict=True):
+        [path] = partition_dir(root, period, day).glob("part-*.parquet")
+        assert pq.ParquetFile(path).read().cast(ARROW_SCHEMA).equals(expected_table([value]))
+
+
 def test_rows_are_written_per_charge_date_once_whatever_is_redelivered(tmp_path: Path) -> None:
     root = focus_dir(tmp_path)
     values = focus_values(200, step_s=900)  # 200 calls over ~2 days: 3 charge dates

@@ -3,6 +3,7 @@ each partition keeping exactly its own rows; the records that are not FOCUS rows
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import orjson
@@ -51,3 +52,23 @@ def test_each_partition_keeps_its_own_rows_packed_across_partitions_and_batches(
     letters = [orjson.loads(value)["fields"] for _, value in exporter._rejections.take()]
     assert [(letter["partition"], letter["offset"]) for letter in letters] == [(0, 4), (1, 3)]
     assert exporter._offsets == {first: 15, second: 12}
+
+
+def test_a_revoke_drops_the_waiting_records_of_the_partitions_taken_away(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A revoked partition's records not yet packed are dropped uncommitted (its next owner reads them again): none
+    of its rows is packed, nor counted as waiting, so packing waits for PACK_ROWS of the partitions still ours."""
+    monkeypatch.setattr(exporter_module, "PACK_ROWS", 7)
+    exporter = FocusExporter(Config(), tmp_path)
+    kept, revoked = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+    ours, theirs = focus_values(2), focus_values(1, tag="d")  # 6 rows and 3
+    exporter._take(kept, records(0, ours[:3]))
+    exporter._take(revoked, records(1, theirs))  # 6 waiting
+    asyncio.run(exporter.on_partitions_revoked([revoked]))
+    assert exporter.held_rows == 3
+    assert exporter._offsets == {kept: 3}
+    exporter._take(kept, records(0, ours[3:], 3))  # 6 waiting: still fewer than PACK_ROWS
+    assert exporter._tables == {}
+    exporter._pack()
+    assert list(exporter._tables) == [kept]
+    assert pa.concat_tables(unpack(table) for table in exporter._tables[kept]).equals(expected_table(ours))
