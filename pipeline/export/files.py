@@ -181,7 +181,9 @@ def pack_values(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, 
     """`genai.cost.focus` values (JSON objects) of any FOCUS version -> packed tables, one a version (none when no
     value is left), and the values left out: (index in `values`, why), in order.
 
-    A value is kept if and only if it is a FOCUS row the files can hold: what `decode_row` accepts. Each is decoded
+    A value is kept if and only if it is a FOCUS row the files can hold: what `decode_row` accepts, but for one
+    case: an object repeating a money, quantity or JSON column's key, with an invalid first value and a valid last
+    one, is kept with the last (decode_row checks each; only a hostile producer writes such keys). Each is decoded
     once, into a `ROW_STRUCTS` struct (its types checked by msgspec as it decodes); the patterns of money,
     quantities and times, real dates and the correction nulls are then checked column by column (RE2, in C++), and
     a value refused says what `decode_row` says of it. A packed table takes about 620 bytes a FOCUS 1.4 row, where a
