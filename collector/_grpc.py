@@ -15,13 +15,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from collector import metrics
-from collector._status import RETRY_AFTER_S, answer_for
+from collector._status import answer_for
 from collector._tls import tls_version_refusal
 from collector.inflight import InflightBytes
 from collector.service import TraceIngestService
 
 _SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
-_RETRY_INFO = RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S)).SerializeToString()
 
 
 class PortInUse(OSError):
@@ -45,7 +44,8 @@ def _handler(service: TraceIngestService, inflight: InflightBytes, min_tls: str 
         except Exception as exc:  # every failure becomes an OTLP answer; the server keeps serving
             answer = answer_for(exc)
             metrics.REQUESTS.labels("grpc", answer.grpc_code.name).inc()
-            trailing = (("google.rpc.retryinfo-bin", _RETRY_INFO),) if answer.retryable else ()
+            trailing = () if answer.retry_after_s is None else (("google.rpc.retryinfo-bin", RetryInfo(
+                retry_delay=Duration(seconds=answer.retry_after_s)).SerializeToString()),)
             await context.abort(answer.grpc_code, answer.message, trailing)
         metrics.REQUESTS.labels("grpc", "OK").inc()
         if outcome.rejected_spans:

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from collector import metrics
-from collector._status import RETRY_AFTER_S, answer_for
+from collector._status import answer_for
 from collector.decode import MalformedRequest
 from collector.inflate import Inflater, RequestTooLarge, inflater_for
 from collector.inflight import InflightBytes, Reservation
@@ -115,7 +115,7 @@ def build_http_app(service: TraceIngestService, max_request_bytes: int, inflight
         except Exception as exc:  # every failure becomes an OTLP answer; the server keeps serving
             answer = answer_for(exc)
             metrics.REQUESTS.labels("http", str(answer.http_status)).inc()
-            headers = {"Retry-After": str(RETRY_AFTER_S)} if answer.retryable else None
+            headers = {"Retry-After": str(answer.retry_after_s)} if answer.retry_after_s is not None else None
             return _error(encoding, answer.http_status, answer.message, headers)
         metrics.REQUESTS.labels("http", "200").inc()
         response = ExportTraceServiceResponse()

@@ -263,10 +263,11 @@ def test_broker_unreachable_is_retryable(tmp_path: object) -> None:
         with pytest.raises(grpc.RpcError) as info:
             grpc_export(running, payload)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # no delay named: a fixed one would replace the SDK's exponential backoff, which rides out a restart
         retry = dict(info.value.trailing_metadata() or ())  # type: ignore[attr-defined]
-        assert "google.rpc.retryinfo-bin" in retry
+        assert "google.rpc.retryinfo-bin" not in retry
         status, body, headers = http_post(running, payload, "application/x-protobuf")
-        assert status == 503 and headers.get("Retry-After") == "1"
+        assert status == 503 and "Retry-After" not in headers
         assert "Kafka" in Status.FromString(body).message  # a body that explains itself
     finally:
         running.stop()
