@@ -45,6 +45,7 @@ from typing import Any, Final, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, PartitionRecords
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
@@ -56,12 +57,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chart import bar_chart
 from bench.e2e import SPANS_PER_REQUEST, build_payloads
+from bench.e2e import config as e2e_config
 from bench.ingest import baseline as decode_and_walk
 from collector.decode import decode_protobuf
 from collector.ingest import NestedCallFilter, ingest_request
 from collector.service import _usage_records as usage_records  # what the collector publishes, exactly
 from pipeline.export.exporter import PACK_ROWS
 from pipeline.export.files import ARROW_SCHEMAS, RowLedger, pack_values, partition_keys, write_rows
+from pipeline.guardrails.spend import PricedCall, ScopeIndex, spend_records
 from pipeline.pricing import PriceCatalog, PricedUsage
 from pipeline.pricing import focus as rows_core
 from pipeline.pricing.cost_records import CostOutput, focus_records, price_calls
@@ -69,7 +72,7 @@ from pipeline.pricing.dedupe import SeenUsage
 from pipeline.pricing.focus import Billing
 from pipeline.pricing.stage import BATCH_MAX_MESSAGES, ROWS_CHUNK_CALLS
 from schemas.codec import Record
-from schemas.config import Config
+from schemas.config import Config, config_from_dict
 from schemas.focus import COLUMNS_BY_VERSION, MONEY_QUANTUM, encode_row
 from schemas.usage import UsageEvent, decode_usage_batch
 
@@ -183,12 +186,16 @@ class ColumnarRows:
         templates["point"] = {name: [p.columns[name] for p in used["point"]] for name in self._point_columns}
         indices = {role: pa.array(positions, pa.int32()) for role, positions in rows.items()}
         n = len(row_ids)
+        converted: dict[int, pa.Array] = {}  # id of a per-row list -> its array: BilledCost's serves three columns
         arrays = []
         for name, kind in self._columns:
             field_type = self._schema.field(name).type
             if name in per_row:
-                arrays.append(pa.array(per_row[name], pa.int64()).cast(field_type) if name == "ConsumedQuantity"
-                              else pa.array(per_row[name], field_type))
+                values = per_row[name]
+                if id(values) not in converted:
+                    converted[id(values)] = (pa.array(values, pa.int64()).cast(field_type)
+                                             if name == "ConsumedQuantity" else pa.array(values, field_type))
+                arrays.append(converted[id(values)])
                 continue
             source = next((r for r, columns in templates.items() if name in columns), None)
             if source is None:  # the same on every row: a constant, or null
@@ -296,6 +303,15 @@ def price(fetches: Sequence[Sequence[UsageEvent]], catalog: PriceCatalog, billin
     return [price_calls(events, catalog, billing) for events in fetches]
 
 
+def spend(fetches: Sequence[Sequence[UsageEvent]], outputs: Sequence[CostOutput], index: ScopeIndex
+          ) -> list[list[Record]]:
+    """e2: each fetch's spend per scope for stage 2 (`spend_records`), as the stage sends it before the rows."""
+    latest_ns = max(e.start_time_unix_nano for events in fetches for e in events) + 10 * _NS
+    return [spend_records([PricedCall(event, 0, offset, billed) for offset, (event, billed)
+                           in enumerate(zip(events, out.billed, strict=True)) if billed is not None], index, latest_ns)
+            for events, out in zip(fetches, outputs, strict=True)]
+
+
 def make_rows(outputs: Sequence[CostOutput], billing: Billing) -> list[list[Record]]:
     """f: the FOCUS rows, ROWS_CHUNK_CALLS calls a send, as the stage makes them."""
     return [focus_records(out.priced[start:start + ROWS_CHUNK_CALLS], out.line_costs[start:start + ROWS_CHUNK_CALLS],
@@ -365,7 +381,8 @@ def main() -> None:
     parser.add_argument("--client-ms", type=float, default=6.0,
                         help="the OTLP clients' CPU per 1,000 spans (default 6: bench/e2e.py)")
     args = parser.parse_args()
-    config = Config()
+    # bench/e2e.py's config: its compression, and its policy (500 keys with a ceiling, velocity per team)
+    config = config_from_dict(yaml.safe_load(e2e_config(1.0, Config().kafka.compression)))
     codec: int = getattr(DefaultRecordBatch, f"CODEC_{config.kafka.compression.upper()}")
     billing = Billing.from_config(config)
     print(f"building {args.spans:,} distinct spans in {SPANS_PER_REQUEST}-span requests (bench/e2e.py's) and the "
@@ -384,6 +401,8 @@ def main() -> None:
         fetches = parts.run("d  worker: read back + decode usage + dedupe", lambda: decode_usage(
             usage_batches, config.worker.dedupe_horizon_s))
         outputs = parts.run("e  worker: pricing (price_calls)", lambda: price(fetches, catalog, billing))
+        scopes = ScopeIndex(config.policy)  # kept from batch to batch, as the stage keeps it
+        parts.run("e2 worker: spend per scope for stage 2 (spend_records)", lambda: spend(fetches, outputs, scopes))
         sends = parts.run("f  worker: FOCUS rows as JSON values (focus_records)", lambda: make_rows(outputs, billing))
         row_batches = parts.run("g  row record batches (the public topic)", lambda: record_batches(
             sends, codec, config.kafka.partitions))
@@ -419,31 +438,37 @@ def _same_files(a: Path, b: Path) -> bool:
 
 
 def report(us: dict[str, float], broker_ms: float, client_ms: float) -> None:
-    """Each design's sum, its 2-core ceiling, and the 20k budget."""
+    """Each design's sum, the 2-core ceiling it implies, and what of the 20k budget each part takes."""
     fixed = {"broker (parameter)": broker_ms, "clients (parameter)": client_ms}
-    common = [label for label in us if label[0] in "bcdefg"]
-    designs = {"A (today: the exporter reads the topic)": [*common, *(k for k in us if k.startswith("A"))],
-               "B (the worker writes the files)": [*common, *(k for k in us if k.startswith("B"))]}
-    print(f"\nat {TARGET_SPANS_S:,} spans/s on {CORES} cores the budget is {BUDGET_US:.0f} µs of CPU a span; "
-          f"bare decode-and-walk alone takes {us[next(iter(us))]:.1f}")
-    over = [label for label, value in us.items() if value > BUDGET_US]
-    print("  parts over the whole budget by themselves: " + (", ".join(over) if over else "none"))
+    common = [label for label in us if label[0] in "bcdefg"]  # every part but the reference (a) and A's or B's
+    designs = {"A": ("today: the exporter reads the topic back", [*common, *(k for k in us if k.startswith("A"))]),
+               "B": ("the worker writes the files", [*common, *(k for k in us if k.startswith("B"))])}
     edge = sum(fixed.values()) + sum(us[k] for k in common if k[0] in "bc")
-    print(f"  clients, broker and the collector's parts (b, c) take {edge:.0f} µs, leaving {BUDGET_US - edge:.0f} "
-          "for the worker and the files")
+    left = BUDGET_US - edge
+    print(f"\nthe budget at {TARGET_SPANS_S:,} spans/s on {CORES} cores: {BUDGET_US:.0f} µs of CPU a span "
+          f"(bare decode-and-walk: {us[next(iter(us))]:.1f})")
+    print("  parts over it by themselves: " + (", ".join(k.split()[0] for k, v in us.items() if v > BUDGET_US)
+                                                 or "none"))
+    print(f"  clients, broker and collector (b, c) take {edge:.0f} µs of it, leaving {left:.0f} for the worker and "
+          "the files; parts over that by themselves: "
+          + (", ".join(k.split()[0] for k, v in us.items() if v > left and k[0] in "defgAB") or "none"))
     sums = {}
-    for design, labels in designs.items():
-        total = sum(us[k] for k in labels) + sum(fixed.values())
-        sums[design] = total
-        print(f"  design {design}: {total:.0f} µs a span with broker {broker_ms:g} and clients {client_ms:g} → "
-              f"at most {CORES * 1e6 / total:,.0f} spans/s on {CORES} cores ({total / BUDGET_US:.1f}x the budget; "
-              f"without the clients, which a deployment does not run: {CORES * 1e6 / (total - client_ms):,.0f})")
+    for design, (what, labels) in designs.items():
+        total = sums[design] = sum(us[k] for k in labels) + sum(fixed.values())
+        biggest = sorted(((us[k], k.split()[0]) for k in labels), reverse=True)[:3]
+        print(f"  design {design} ({what}): {total:.0f} µs a span with broker {broker_ms:g} and clients {client_ms:g}"
+              f" → at most {CORES * 1e6 / total:,.0f} spans/s on {CORES} cores (without the clients: "
+              f"{CORES * 1e6 / (total - client_ms):,.0f}); {total / BUDGET_US:.2f}x the budget, "
+              f"{max(0.0, total - BUDGET_US):.0f} µs over; biggest parts "
+              + ", ".join(f"{name} {value:.0f}" for value, name in biggest))
     RESULTS.mkdir(exist_ok=True)
     chart = RESULTS / "floor.svg"
     values = {label.strip(): value for label, value in us.items()} | fixed
-    values |= {f"sum, design {d.split(' ')[0]}": total for d, total in sums.items()}
+    values |= {f"sum, design {design} (with broker and clients)": total for design, total in sums.items()}
     values[f"budget at {TARGET_SPANS_S:,} spans/s on {CORES} cores"] = BUDGET_US
-    chart.write_text(bar_chart("CPU µs a span, one core, each part alone (bench/floor.py)", values, unit=" µs"))
+    chart.write_text(bar_chart(f"CPU µs a span, each part alone on one core; design A: the exporter reads the "
+                               f"topic, B: the worker writes the files ({TARGET_SPANS_S:,} spans/s: "
+                               f"{BUDGET_US:.0f} µs)", values, unit=" µs"))
     print(f"chart: {chart}")
 
 
