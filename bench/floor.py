@@ -114,18 +114,19 @@ class ColumnarRows:
                                      if name in call_columns and rows_core._role(name) == role]
                               for role in _CALL_ROLES}
         self._point_columns = [name for name, _ in self._columns if name in rows_core._POINT_COLUMNS]
-        #: role -> cache key -> the role's column values (a call's `_call_columns`, once a distinct key)
-        self._templates: dict[str, dict[Any, tuple[Any, ...]]] = {role: {} for role in _CALL_ROLES}
+        #: role -> cache key -> the role's column values (a call's `_call_columns`, once a distinct key), and the
+        #: price a "kind" key names by id(), held so that its id is never reused
+        self._templates: dict[str, dict[Any, tuple[tuple[Any, ...], object]]] = {role: {} for role in _CALL_ROLES}
 
     def _template(self, role: str, key: Any, priced: PricedUsage) -> tuple[Any, ...]:
         cache = self._templates[role]
-        template = cache.get(key)
-        if template is None:
+        cached = cache.get(key)
+        if cached is None:
             if len(cache) >= 10_000:
                 cache.clear()  # bounded, as the worker's caches
             values = rows_core._call_columns(priced, self._billing)
-            template = cache[key] = tuple(values[name] for name in self._role_columns[role])
-        return template
+            cached = cache[key] = (tuple(values[name] for name in self._role_columns[role]), priced.price)
+        return cached[0]
 
     def table(self, priced: Sequence[PricedUsage], line_costs: Sequence[Sequence[Decimal]]) -> pa.Table:
         """The rows of the priced calls, with each line's BilledCost (`price_calls`' `line_costs`), in order."""
