@@ -12,6 +12,8 @@ usage messages, 250 calls' rows a send, 2,048 rows a pack, one flush of every ro
   c  the usage values as Kafka record batches, per partition, compressed (aiokafka's builder, as the producer)
   d  worker: the usage batches read back (aiokafka's fetcher records, CRCs checked), decoded, usage-id dedupe
   e  worker: pricing (`price_calls`: `price_usages`, the lines' costs, the metric totals)
+  e2 worker: the spend per scope for stage 2 (`spend_records`)
+  e3 worker, stage 2: the spend added to its scopes' windows, the scopes that changed decided, their state encoded
   f  worker: the FOCUS rows as `genai.cost.focus` values (`focus_records`)
   g  the rows as record batches, compressed: the public topic, needed in either design
   design A (today): the exporter reads the rows back (A1), decodes and packs them (`pack_values`, A2), and writes
@@ -20,11 +22,11 @@ usage messages, 250 calls' rows a send, 2,048 rows a pack, one flush of every ro
      calls and the row templates (`ColumnarRows`, B1; the table equals design A's: tests/unit/test_floor_columnar.py),
      then the same `write_rows`, ledger included (B2)
 
-Not in any part: the event loops, gRPC's server, the Kafka protocol and sockets, stage 2 (guardrails), metrics: what
-the roles spend beyond their data path. The sums are a floor: bench/e2e.py measures the whole (~243 ms per 1,000
-spans). Each design's sum adds the broker's and the clients' CPU (parameters: bench/e2e.py's figures) and gives the
-2-core ceiling it implies, against the 20,000 spans/s target: 100 µs of CPU a span on 2 cores. The chart goes to
-bench/results/floor.svg.
+Not in any part: the event loops, gRPC's server, the Kafka protocol and sockets, the small topics (spend, breaker
+commands, changelog) and metrics: what the roles spend beyond their data path. The sums are a floor: bench/e2e.py
+measures the whole (~243 ms per 1,000 spans). Each design's sum adds the broker's and the clients' CPU (parameters:
+bench/e2e.py's figures) and gives the 2-core ceiling it implies, against the 20,000 spans/s target: 100 µs of CPU a
+span on 2 cores. The chart goes to bench/results/floor.svg.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ from collector.ingest import NestedCallFilter, ingest_request
 from collector.service import _usage_records as usage_records  # what the collector publishes, exactly
 from pipeline.export.exporter import PACK_ROWS
 from pipeline.export.files import ARROW_SCHEMAS, RowLedger, pack_values, partition_keys, write_rows
+from pipeline.guardrails.decide import Context
 from pipeline.guardrails.spend import PricedCall, ScopeIndex, spend_records
+from pipeline.guardrails.stage import PartitionState, apply_messages, decide_partition
 from pipeline.pricing import PriceCatalog, PricedUsage
 from pipeline.pricing import focus as rows_core
 from pipeline.pricing.cost_records import CostOutput, focus_records, price_calls
@@ -74,6 +78,9 @@ from pipeline.pricing.stage import BATCH_MAX_MESSAGES, ROWS_CHUNK_CALLS
 from schemas.codec import Record
 from schemas.config import Config, config_from_dict
 from schemas.focus import COLUMNS_BY_VERSION, MONEY_QUANTUM, encode_row
+from schemas.guardrail_state import encode_state_value
+from schemas.policy import Policy
+from schemas.spend import decode_spend
 from schemas.usage import UsageEvent, decode_usage_batch
 
 RESULTS: Final = Path(__file__).parent / "results"
@@ -313,6 +320,30 @@ def spend(fetches: Sequence[Sequence[UsageEvent]], outputs: Sequence[CostOutput]
             for events, out in zip(fetches, outputs, strict=True)]
 
 
+def guard(sends: Sequence[Sequence[Record]], policy: Policy, currency: str, partitions: int) -> int:
+    """e3: stage 2, as `GuardrailStage._process` runs a fetch: each spend value decoded and added to its scope's
+    windows, then the scopes that changed decided and their state encoded for the changelog. Returns the decisions."""
+    place = Placement(partitions)
+    states: defaultdict[int, PartitionState] = defaultdict(lambda: PartitionState({}))
+    wall_s = int(time.time()) + 3_600  # the spans' times are now: none waits for the clock
+    decisions = 0
+    for records in sends:
+        by_partition: defaultdict[int, list[bytes]] = defaultdict(list)
+        for key, value in records:
+            by_partition[place(key)].append(value)
+        for p, values in by_partition.items():
+            partition = states[p]
+            changed: set[str] = set()
+            for value in values:
+                changed |= apply_messages(partition, [decode_spend(value)], policy, wall_s)
+            decided, dirty = decide_partition(partition, changed, Context(policy, currency, partition.clock_s,
+                                                                          time.time()))
+            decisions += len(decided.alerts) + len(decided.commands)
+            for scope in dirty:
+                encode_state_value(partition.scopes[scope].to_value())
+    return decisions + 1  # never None: Parts.run's result
+
+
 def make_rows(outputs: Sequence[CostOutput], billing: Billing) -> list[list[Record]]:
     """f: the FOCUS rows, ROWS_CHUNK_CALLS calls a send, as the stage makes them."""
     return [focus_records(out.priced[start:start + ROWS_CHUNK_CALLS], out.line_costs[start:start + ROWS_CHUNK_CALLS],
@@ -403,7 +434,10 @@ def main() -> None:
             usage_batches, config.worker.dedupe_horizon_s))
         outputs = parts.run("e  worker: pricing (price_calls)", lambda: price(fetches, catalog, billing))
         scopes = ScopeIndex(config.policy)  # kept from batch to batch, as the stage keeps it
-        parts.run("e2 worker: spend per scope for stage 2 (spend_records)", lambda: spend(fetches, outputs, scopes))
+        spent = parts.run("e2 worker: spend per scope for stage 2 (spend_records)", lambda: spend(
+            fetches, outputs, scopes))
+        parts.run("e3 worker, stage 2: windows and decisions", lambda: guard(
+            spent, config.policy, config.billing_currency, config.kafka.partitions))
         sends = parts.run("f  worker: FOCUS rows as JSON values (focus_records)", lambda: make_rows(outputs, billing))
         row_batches = parts.run("g  row record batches (the public topic)", lambda: record_batches(
             sends, codec, config.kafka.partitions))
