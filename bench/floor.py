@@ -1,6 +1,6 @@
 """The floor of the end-to-end path, part by part: CPU per span of each step, on one core, with the project's code.
 
-    .venv/bin/python bench/floor.py [--spans 20480] [--rounds 3] [--broker-ms 14] [--client-ms 6]
+    .venv/bin/python bench/floor.py [--spans 20480] [--rounds 3] [--broker-ms 14] [--client-ms 6] [--compression zstd]
 
 Over the distinct spans bench/e2e.py sends (its payloads), each part of the path is run alone, by thread CPU time
 (`time.thread_time`, which other jobs on a shared machine do not add to), best of `--rounds`, and divided by the
@@ -260,11 +260,10 @@ class Placement:
         return partition
 
 
-def record_batches(sends: Sequence[Sequence[Record]], codec: int, partitions: int) -> Batches:
+def record_batches(sends: Sequence[Sequence[Record]], codec: int, place: Placement) -> Batches:
     """c, g: each send's records as compressed record batches, one a partition (more when one fills), as
     `BatchProducer.enqueue_to` makes them with aiokafka's builder; built as its sender builds them
     (`MessageBatch.get_data_buffer` calls `_build`)."""
-    place = Placement(partitions)
     out: Batches = []
     for records in sends:
         by_partition: defaultdict[int, list[Record]] = defaultdict(list)
@@ -320,10 +319,9 @@ def spend(fetches: Sequence[Sequence[UsageEvent]], outputs: Sequence[CostOutput]
             for events, out in zip(fetches, outputs, strict=True)]
 
 
-def guard(sends: Sequence[Sequence[Record]], policy: Policy, currency: str, partitions: int) -> int:
+def guard(sends: Sequence[Sequence[Record]], policy: Policy, currency: str, place: Placement) -> int:
     """e3: stage 2, as `GuardrailStage._process` runs a fetch: each spend value decoded and added to its scope's
     windows, then the scopes that changed decided and their state encoded for the changelog. Returns the decisions."""
-    place = Placement(partitions)
     states: defaultdict[int, PartitionState] = defaultdict(lambda: PartitionState({}))
     wall_s = int(time.time()) + 3_600  # the spans' times are now: none waits for the clock
     decisions = 0
@@ -412,9 +410,11 @@ def main() -> None:
                         help="the broker's CPU per 1,000 spans (default 14: bench/e2e.py measured 12-16)")
     parser.add_argument("--client-ms", type=float, default=6.0,
                         help="the OTLP clients' CPU per 1,000 spans (default 6: bench/e2e.py)")
+    parser.add_argument("--compression", default=Config().kafka.compression,
+                        help=f"kafka.compression (default {Config().kafka.compression}, the config's)")
     args = parser.parse_args()
     # bench/e2e.py's config: its compression, and its policy (500 keys with a ceiling, velocity per team)
-    config = config_from_dict(yaml.safe_load(e2e_config(1.0, Config().kafka.compression)))
+    config = config_from_dict(yaml.safe_load(e2e_config(1.0, args.compression)))
     codec: int = getattr(DefaultRecordBatch, f"CODEC_{config.kafka.compression.upper()}")
     billing = Billing.from_config(config)
     print(f"building {args.spans:,} distinct spans in {SPANS_PER_REQUEST}-span requests (bench/e2e.py's) and the "
@@ -428,8 +428,9 @@ def main() -> None:
     try:
         parts.run("a  bare decode-and-walk (reference)", lambda: walk(payloads))
         usage = parts.run("b  collector: ingest + genai.usage values", lambda: collect(payloads, config))
-        usage_batches = parts.run("c  usage record batches", lambda: record_batches(
-            usage, codec, config.kafka.partitions))
+        # where each topic's keys go, remembered from batch to batch as BatchProducer remembers them
+        usage_keys, spend_keys, row_keys = (Placement(config.kafka.partitions) for _ in range(3))
+        usage_batches = parts.run("c  usage record batches", lambda: record_batches(usage, codec, usage_keys))
         fetches = parts.run("d  worker: read back + decode usage + dedupe", lambda: decode_usage(
             usage_batches, config.worker.dedupe_horizon_s))
         outputs = parts.run("e  worker: pricing (price_calls)", lambda: price(fetches, catalog, billing))
@@ -437,10 +438,10 @@ def main() -> None:
         spent = parts.run("e2 worker: spend per scope for stage 2 (spend_records)", lambda: spend(
             fetches, outputs, scopes))
         parts.run("e3 worker, stage 2: windows and decisions", lambda: guard(
-            spent, config.policy, config.billing_currency, config.kafka.partitions))
+            spent, config.policy, config.billing_currency, spend_keys))
         sends = parts.run("f  worker: FOCUS rows as JSON values (focus_records)", lambda: make_rows(outputs, billing))
         row_batches = parts.run("g  row record batches (the public topic)", lambda: record_batches(
-            sends, codec, config.kafka.partitions))
+            sends, codec, row_keys))
         rows = sum(map(len, sends))
         size = sum(len(value) for send in sends for _, value in send) / rows
         print(f"    {rows:,} FOCUS rows ({rows / args.spans:.2f} a span) of {size:,.0f} bytes; "
