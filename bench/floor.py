@@ -280,17 +280,26 @@ def record_batches(sends: Sequence[Sequence[Record]], codec: int, place: Placeme
     return out
 
 
-def read_back(batches: Batches, topic: str) -> list[tuple[int, bytes]]:
-    """A1, and d's first step: the (partition, value) of every record, as the consumer's fetcher unpacks them."""
+def read_back(batches: Batches, topic: str) -> list[tuple[int, int, bytes]]:
+    """A1, and d's first step: the (partition, offset, value) of every record, as the consumer's fetcher unpacks
+    them. A built batch's offsets start at 0: a record's offset here is its place among its partition's."""
     out = []
+    offsets: defaultdict[int, int] = defaultdict(int)
     for partition, batch in batches:
         records = PartitionRecords(TopicPartition(topic, partition), MemoryRecords(batch), [], 0, None, None, True,
                                    READ_UNCOMMITTED)
-        out += [(record.partition, record.value) for record in records]
+        first = offsets[partition]
+        read = [(record.partition, first + record.offset, record.value) for record in records]
+        offsets[partition] += len(read)
+        out += read
     return out
 
 
-def decode_usage(batches: Batches, horizon_s: int) -> list[list[UsageEvent]]:
+#: (usage event, usage partition, usage offset), as the stage keeps a call
+Located = tuple[UsageEvent, int, int]
+
+
+def decode_usage(batches: Batches, horizon_s: int) -> list[list[Located]]:
     """d: the usage records read back, decoded, and each usage id checked against the partition's, in fetches of
     the stage's BATCH_MAX_MESSAGES messages."""
     seen: defaultdict[int, SeenUsage] = defaultdict(lambda: SeenUsage(horizon_s))
@@ -298,25 +307,25 @@ def decode_usage(batches: Batches, horizon_s: int) -> list[list[UsageEvent]]:
     fetches = []
     for start in range(0, len(values), BATCH_MAX_MESSAGES):
         fresh = []
-        for partition, value in values[start:start + BATCH_MAX_MESSAGES]:
-            fresh += [event for event in decode_usage_batch(value)
+        for partition, offset, value in values[start:start + BATCH_MAX_MESSAGES]:
+            fresh += [(event, partition, offset) for event in decode_usage_batch(value)
                       if seen[partition].first_time(event.id, event.start_time_unix_nano // _NS)]
         fetches.append(fresh)
     return fetches
 
 
-def price(fetches: Sequence[Sequence[UsageEvent]], catalog: PriceCatalog, billing: Billing) -> list[CostOutput]:
+def price(fetches: Sequence[Sequence[Located]], catalog: PriceCatalog, billing: Billing) -> list[CostOutput]:
     """e: each fetch priced, as the stage prices it."""
-    return [price_calls(events, catalog, billing) for events in fetches]
+    return [price_calls([event for event, _, _ in calls], catalog, billing) for calls in fetches]
 
 
-def spend(fetches: Sequence[Sequence[UsageEvent]], outputs: Sequence[CostOutput], index: ScopeIndex
+def spend(fetches: Sequence[Sequence[Located]], outputs: Sequence[CostOutput], index: ScopeIndex
           ) -> list[list[Record]]:
     """e2: each fetch's spend per scope for stage 2 (`spend_records`), as the stage sends it before the rows."""
-    latest_ns = max(e.start_time_unix_nano for events in fetches for e in events) + 10 * _NS
-    return [spend_records([PricedCall(event, 0, offset, billed) for offset, (event, billed)
-                           in enumerate(zip(events, out.billed, strict=True)) if billed is not None], index, latest_ns)
-            for events, out in zip(fetches, outputs, strict=True)]
+    latest_ns = max(event.start_time_unix_nano for calls in fetches for event, _, _ in calls) + 10 * _NS
+    return [spend_records([PricedCall(event, partition, offset, billed) for (event, partition, offset), billed
+                           in zip(calls, out.billed, strict=True) if billed is not None], index, latest_ns)
+            for calls, out in zip(fetches, outputs, strict=True)]
 
 
 def guard(sends: Sequence[Sequence[Record]], policy: Policy, currency: str, place: Placement) -> int:
@@ -446,7 +455,7 @@ def main() -> None:
         size = sum(len(value) for send in sends for _, value in send) / rows
         print(f"    {rows:,} FOCUS rows ({rows / args.spans:.2f} a span) of {size:,.0f} bytes; "
               f"{len(usage_batches):,} usage and {len(row_batches):,} row batches", flush=True)
-        values = [value for _, value in parts.run("A1 exporter: read the rows back", lambda: read_back(
+        values = [value for _, _, value in parts.run("A1 exporter: read the rows back", lambda: read_back(
             row_batches, "genai.cost.focus"))]
         packed = parts.run("A2 exporter: decode and pack (pack_values)", lambda: pack(values))
         a_dirs, b_dirs = (itertools.count() for _ in range(2))  # a new directory each round
