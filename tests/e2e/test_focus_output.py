@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import orjson
@@ -75,7 +76,7 @@ def _demo_run(tmp_path_factory: pytest.TempPathFactory, version: str | None, sec
             worker, 'spendstream_worker_usage_unpriced_total{reason="unknown_provider"}'))
 
 
-def _sql(query: str) -> list[tuple[object, ...]]:
+def _sql(query: str) -> list[tuple[Any, ...]]:
     with duckdb.connect() as con:
         con.execute("SET TimeZone = 'UTC'")
         return con.execute(query).fetchall()

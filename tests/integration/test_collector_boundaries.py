@@ -97,7 +97,7 @@ def test_http_gzip_body_is_accepted(collector: CollectorThread, broker: Embedded
 
 
 def _with_invalid_utf8(request: ExportTraceServiceRequest, marker: str) -> bytes:
-    payload = request.SerializeToString()
+    payload: bytes = request.SerializeToString()
     assert payload.count(marker.encode()) == 1
     return payload.replace(marker.encode(), b"\xc3\x28" + b"x" * (len(marker) - 2))
 
@@ -263,7 +263,7 @@ def test_broker_unreachable_is_retryable(tmp_path: object) -> None:
         with pytest.raises(grpc.RpcError) as info:
             grpc_export(running, payload)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        retry = dict(info.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+        retry = dict(info.value.trailing_metadata() or ())
         assert "google.rpc.retryinfo-bin" in retry
         status, body, headers = http_post(running, payload, "application/x-protobuf")
         assert status == 503 and headers.get("Retry-After") == "1"

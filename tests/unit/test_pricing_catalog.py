@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 from genai_prices import Usage, calc_price
 from genai_prices.data import providers
-from genai_prices.types import ModelPrice, StartDateConstraint, TieredPrices, TimeOfDateConstraint
+from genai_prices.types import ConditionalPrice, ModelPrice, StartDateConstraint, TieredPrices, TimeOfDateConstraint
 
 from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, price_usage
 from pipeline.pricing.catalog import PROVIDER_IDS
@@ -49,7 +49,7 @@ def _reference(tokens: TokenCounts, model: str, provider_id: str, when: datetime
                       price_context=context).total_price
 
 
-def _moments(prices: ModelPrice | list) -> list[datetime]:
+def _moments(prices: ModelPrice | list[ConditionalPrice]) -> list[datetime]:
     """A moment in force for every conditional price of a model (start dates and times of day)."""
     moments = [datetime(2026, 11, 20, 12, 0, tzinfo=UTC)]
     if not isinstance(prices, ModelPrice):
@@ -59,8 +59,8 @@ def _moments(prices: ModelPrice | list) -> list[datetime]:
                 moments += [datetime.combine(start, time(1), UTC), datetime.combine(start - timedelta(days=1),
                                                                                      time(23), UTC)]
             elif isinstance(conditional.constraint, TimeOfDateConstraint):
-                start = conditional.constraint.start_time
-                moments.append(datetime.combine(date(2026, 11, 20), start.replace(tzinfo=None), UTC)
+                start_time = conditional.constraint.start_time
+                moments.append(datetime.combine(date(2026, 11, 20), start_time.replace(tzinfo=None), UTC)
                                + timedelta(minutes=1))
     return moments
 
@@ -156,7 +156,7 @@ def test_an_override_of_a_model_listed_without_token_prices_lines_up_with_a_list
                          catalog)
     assert priced.price.provider_id == "github-copilot"
     assert [(line.meter, line.list_cost, line.contract_cost) for line in priced.lines] == [
-        ("input_tokens", 0, Decimal("0.002468")), ("output_tokens", 0, Decimal("0.004536"))]
+        ("input_tokens", Decimal(0), Decimal("0.002468")), ("output_tokens", Decimal(0), Decimal("0.004536"))]
 
 
 def test_unknown_model_is_never_priced_at_zero() -> None:
