@@ -25,7 +25,8 @@ INSTANT_PANELS = {"stat", "bargauge", "table", "gauge"}
 
 
 def load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    board: dict[str, Any] = json.loads(path.read_text())
+    return board
 
 
 def expand(text: str, variables: dict[str, str]) -> str:
@@ -168,7 +169,8 @@ def render(board: dict[str, Any], prometheus: Prometheus, start: float, end: flo
             for row, (_, values) in enumerate(series):
                 times = [datetime.fromtimestamp(float(t), UTC) for t, _ in values]
                 for (t0, (_, v)), t1 in zip(zip(times, values, strict=True), [*times[1:], times[-1]], strict=True):
-                    ax.barh(row, (t1 - t0).total_seconds() / 86400 or step / 86400, left=mdates.date2num(t0),  # type: ignore[no-untyped-call]  # matplotlib.dates ships no annotations
+                    left = mdates.date2num(t0)  # type: ignore[no-untyped-call]  # matplotlib.dates: no annotations
+                    ax.barh(row, (t1 - t0).total_seconds() / 86400 or step / 86400, left=left,
                             color=states.get(int(float(v)), GRID), height=0.7)
             ax.set_yticks(range(len(series)), [name for name, _ in series], fontsize=8)
             ax.xaxis_date()

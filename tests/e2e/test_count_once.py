@@ -79,7 +79,9 @@ def test_every_request_sent_twice_is_counted_once(tmp_path: Path) -> None:
     config.write_text(CONFIG)
     with spendstream_run(tmp_path / "data", tmp_path / "run.log", "--config", str(config)) as run:
         grpc = GrpcExporter(endpoint=f"localhost:{run.grpc_port}", insecure=True, timeout=30)
-        http_port = int(re.search(r"OTLP/HTTP\s+http://localhost:(\d+)", run.banner).group(1))  # type: ignore[union-attr]
+        http_line = re.search(r"OTLP/HTTP\s+http://localhost:(\d+)", run.banner)
+        assert http_line, run.banner
+        http_port = int(http_line.group(1))
         http = HttpExporter(endpoint=f"http://localhost:{http_port}/v1/traces", timeout=30)
         now = time.time_ns()
         over_grpc, over_http, mixed = model_calls(10, now - 10**9), model_calls(10, now), model_calls(5, now)

@@ -187,7 +187,7 @@ def test_litellm_spans_are_priced_with_the_keys_attribution(running: tuple[Runni
     event = events[0]
     assert (event.attribution["team"], event.attribution["env"]) == ("search", "prod")
     assert (event.provider, event.request_model, event.operation) == ("openai", "gpt-4o", "chat")
-    cached = USAGE["prompt_tokens_details"]["cached_tokens"]  # type: ignore[index]
+    cached = USAGE["prompt_tokens_details"]["cached_tokens"]
     assert (event.tokens.cache_read, event.tokens.input_uncached) == (cached, USAGE["prompt_tokens"] - cached)
 
     expected = sum((money(line.contract_cost) for line in price_usage(event, PriceCatalog()).lines), Decimal(0))

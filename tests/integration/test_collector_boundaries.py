@@ -50,7 +50,8 @@ def grpc_export(collector: CollectorThread, payload: bytes, metadata: tuple[tupl
     with grpc.insecure_channel(collector.grpc_endpoint) as channel:
         call = channel.unary_unary(EXPORT, request_serializer=None,
                                    response_deserializer=ExportTraceServiceResponse.FromString)
-        return call(payload, timeout=10, metadata=metadata)  # type: ignore[no-any-return]
+        response: ExportTraceServiceResponse = call(payload, timeout=10, metadata=metadata)
+        return response
 
 
 def http_post(collector: CollectorThread, body: bytes, content_type: str, headers: dict[str, str] | None = None

@@ -88,8 +88,8 @@ def grpc_export(collector: CollectorThread, payload: bytes, compression: grpc.Co
     with grpc.insecure_channel(collector.grpc_endpoint, options=options) as channel:
         call = channel.unary_unary(EXPORT, request_serializer=None,
                                    response_deserializer=ExportTraceServiceResponse.FromString)
-        return call(payload, timeout=60, compression=compression,  # type: ignore[no-any-return]
-                    metadata=metadata)
+        response: ExportTraceServiceResponse = call(payload, timeout=60, compression=compression, metadata=metadata)
+        return response
 
 
 def grpc_error(collector: CollectorThread, payload: bytes, compression: grpc.Compression | None = None
@@ -183,7 +183,7 @@ def test_invalid_protobuf_over_grpc_is_invalid_argument(collector: CollectorThre
 
 # --- spans that cannot be decoded: refused with a reason, dead-lettered --------------------------------
 
-def _call(n: int, extra: list[bytes] = ()) -> tuple[bytes, str]:  # type: ignore[assignment]
+def _call(n: int, extra: Sequence[bytes] = ()) -> tuple[bytes, str]:
     trace, span_id = os.urandom(16), os.urandom(8)
     return wire.span(trace, span_id, wire.model_call_attributes(list(extra)), time.time_ns() - 10**9), \
         f"{trace.hex()}-{span_id.hex()}"

@@ -34,7 +34,8 @@ PANEL_TYPES = {"timeseries", "stat", "bargauge", "state-timeline", "table", "gau
 
 
 def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+    config: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return config
 
 
 def dashboards() -> list[tuple[str, dict[str, Any]]]:
@@ -111,7 +112,8 @@ def compose_schema(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         assert done.returncode == 0, f"cannot fetch {COMPOSE_WHEEL} for its compose-spec schema:\n{done.stderr}"
         wheels = sorted(cache.glob("docker_compose-*.whl"))
     with zipfile.ZipFile(wheels[0]) as wheel:
-        return json.loads(wheel.read("compose/config/compose_spec.json"))  # type: ignore[no-any-return]
+        schema: dict[str, Any] = json.loads(wheel.read("compose/config/compose_spec.json"))
+    return schema
 
 
 def test_compose_file_validates_against_the_compose_spec(compose_schema: dict[str, Any]) -> None:

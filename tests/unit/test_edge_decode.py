@@ -6,13 +6,13 @@ import gzip
 import os
 import time
 import zlib
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 
 import pytest
 
 from collector.decode import MAX_ATTRIBUTE_DEPTH, MalformedRequest, decode_json, decode_protobuf
 from collector.inflate import PIECE_BYTES, RequestTooLarge, UnsupportedEncoding, inflater_for
-from collector.ingest import NestedCallFilter, ingest_request
+from collector.ingest import IngestResult, NestedCallFilter, ingest_request
 from schemas.config import Config
 from tests import otlp_wire as wire
 from tests.support import make_request, make_span, to_otlp_json
@@ -79,7 +79,7 @@ class TestInflate:
         assert issubclass(RequestTooLarge, PermanentError)
 
 
-def ingest_bytes(payload: bytes, encoding: str = "protobuf"):  # type: ignore[no-untyped-def]
+def ingest_bytes(payload: bytes, encoding: str = "protobuf") -> IngestResult:
     decoded = decode_protobuf(payload) if encoding == "protobuf" else decode_json(payload)
     return ingest_request(decoded.request, Config(), None, NestedCallFilter(), rejected=decoded.rejected)
 
@@ -91,7 +91,7 @@ def ids(n: int) -> tuple[bytes, bytes]:
 class TestUndecodableSpans:
     now = time.time_ns()
 
-    def span(self, n: int, extra: list[bytes] = ()) -> bytes:  # type: ignore[assignment]
+    def span(self, n: int, extra: Sequence[bytes] = ()) -> bytes:
         trace, span_id = ids(n)
         return wire.span(trace, span_id, wire.model_call_attributes(list(extra)), self.now)
 

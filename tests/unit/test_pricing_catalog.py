@@ -12,7 +12,7 @@ from genai_prices.data import providers
 from genai_prices.types import ConditionalPrice, ModelPrice, StartDateConstraint, TieredPrices, TimeOfDateConstraint
 
 from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, price_usage
-from pipeline.pricing.catalog import PROVIDER_IDS
+from pipeline.pricing.catalog import PROVIDER_IDS, ResolvedPrice
 from pipeline.pricing.reprice import UNPRICED_REASONS
 from schemas.config import config_from_dict
 from schemas.usage import TokenCounts, UsageEvent
@@ -185,12 +185,13 @@ def test_aliases_dated_ids_and_bedrock_region_prefixes_resolve() -> None:
 def test_prices_by_time_of_day_are_looked_up_once_per_slot_and_exact_at_each_boundary(
         monkeypatch: pytest.MonkeyPatch) -> None:
     catalog = PriceCatalog()
-    resolved = []
+    resolved: list[tuple[str | None, str, int, str | None]] = []
     resolve = catalog._resolve
 
-    def counting(*args: object) -> object:
-        resolved.append(args)
-        return resolve(*args)  # type: ignore[arg-type]
+    def counting(provider: str | None, model: str, start_unix_nano: int,
+                 service_tier: str | None) -> tuple[ResolvedPrice | UnpricedError, int]:
+        resolved.append((provider, model, start_unix_nano, service_tier))
+        return resolve(provider, model, start_unix_nano, service_tier)
 
     monkeypatch.setattr(catalog, "_resolve", counting)
     tokens = SHAPES["cache_read"]
