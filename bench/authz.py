@@ -34,6 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -103,14 +104,14 @@ def bare_board(commands: list[BreakerCommand], seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-async def load(call: object, seconds: float, concurrency: int) -> tuple[float, list[float]]:
+async def load(call: Callable[[], Awaitable[None]], seconds: float, concurrency: int) -> tuple[float, list[float]]:
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
         while time.perf_counter() < deadline:
             began = time.perf_counter()
-            await call()  # type: ignore[operator]
+            await call()
             latencies.append(time.perf_counter() - began)
 
     start = time.perf_counter()

@@ -52,7 +52,8 @@ def payload(first: int, count: int, at_ns: int) -> bytes:
                           "service.name": f"app-{i}"})
         span.start_time_unix_nano, span.end_time_unix_nano = at_ns - 10**9, at_ns
         spans.append(span)
-    return make_request(spans, {"deployment.environment.name": "prod"}).SerializeToString()
+    wire: bytes = make_request(spans, {"deployment.environment.name": "prod"}).SerializeToString()
+    return wire
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -64,8 +64,9 @@ def probe_payload(breaker: str) -> bytes:
                         "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 1_000_000,
                         "gen_ai.usage.output_tokens": 1000, "feature.name": "probe",
                         **({"gen_ai.virtual_key": value} if dimension == "key" else {})}) for _ in range(calls)]
-    return make_request(spans, {"service.name": "probe", "team.name": value if dimension == "team" else "bench",
-                                "deployment.environment.name": "prod"}).SerializeToString()
+    wire: bytes = make_request(spans, {"service.name": "probe", "team.name": value if dimension == "team" else "bench",
+                                       "deployment.environment.name": "prod"}).SerializeToString()
+    return wire
 
 
 class BackgroundLoad:

@@ -45,6 +45,13 @@ class ValidationResult:
     failed_rules: list[str]
     output: str
 
+    @property
+    def passed(self) -> int:
+        """How many rules passed, from the summary."""
+        match = re.search(r"Pass: (\d+)", self.summary)
+        assert match, self.summary
+        return int(match.group(1))
+
 
 def find_python312() -> str | None:
     candidates = [shutil.which(f"python3.{minor}") for minor in range(12, 16)]

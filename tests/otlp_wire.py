@@ -4,6 +4,7 @@ thousands deep, strings that are not UTF-8. Wire format only, no recursion."""
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 
 def varint(value: int) -> bytes:
@@ -50,7 +51,7 @@ def span(trace_id: bytes, span_id: bytes, attributes: list[bytes], start_ns: int
             + b"".join(field(9, kv) for kv in attributes))
 
 
-def model_call_attributes(extra: list[bytes] = ()) -> list[bytes]:  # type: ignore[assignment]
+def model_call_attributes(extra: Sequence[bytes] = ()) -> list[bytes]:
     return [
         key_value(b"gen_ai.operation.name", string_value(b"chat")),
         key_value(b"gen_ai.provider.name", string_value(b"openai")),

@@ -6,12 +6,23 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TypedDict
 
 import pytest
 
+
+class Usage(TypedDict):
+    """The `usage` object of an OpenAI chat completion."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int]
+
+
 COMPLETION_MARKER = "COMPLETION-MARKER-b61e02"
-USAGE = {"prompt_tokens": 1234, "completion_tokens": 56, "total_tokens": 1290,
-         "prompt_tokens_details": {"cached_tokens": 1024}}
+USAGE: Usage = {"prompt_tokens": 1234, "completion_tokens": 56, "total_tokens": 1290,
+                "prompt_tokens_details": {"cached_tokens": 1024}}
 
 
 class FakeChatCompletions(BaseHTTPRequestHandler):

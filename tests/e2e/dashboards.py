@@ -25,7 +25,8 @@ INSTANT_PANELS = {"stat", "bargauge", "table", "gauge"}
 
 
 def load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    board: dict[str, Any] = json.loads(path.read_text())
+    return board
 
 
 def expand(text: str, variables: dict[str, str]) -> str:
@@ -48,14 +49,17 @@ class Prometheus:
         return body["data"]
 
     def instant(self, expr: str) -> list[dict[str, Any]]:
-        return self._get("/api/v1/query", query=expr)["result"]  # type: ignore[no-any-return]
+        result: list[dict[str, Any]] = self._get("/api/v1/query", query=expr)["result"]
+        return result
 
     def range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
-        return self._get("/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}",
-                         step=f"{step:g}")["result"]  # type: ignore[no-any-return]
+        result: list[dict[str, Any]] = self._get("/api/v1/query_range", query=expr, start=f"{start:.3f}",
+                                                 end=f"{end:.3f}", step=f"{step:g}")["result"]
+        return result
 
     def label_values(self, label: str, match: str) -> list[str]:
-        return self._get(f"/api/v1/label/{label}/values", **{"match[]": match})  # type: ignore[no-any-return]
+        values: list[str] = self._get(f"/api/v1/label/{label}/values", **{"match[]": match})
+        return values
 
     def query_errors(self, expr: str) -> str | None:
         """The parse error Prometheus reports for `expr`, or None."""
@@ -120,8 +124,8 @@ def render(board: dict[str, Any], prometheus: Prometheus, start: float, end: flo
     with_data = 0
     for panel in panels:
         grid = panel["gridPos"]
-        box = [grid["x"] / 24 + 0.006, top - (grid["y"] + grid["h"]) / rows * top + 0.012,
-               grid["w"] / 24 - 0.012, grid["h"] / rows * top - 0.024]
+        box = (grid["x"] / 24 + 0.006, top - (grid["y"] + grid["h"]) / rows * top + 0.012,
+               grid["w"] / 24 - 0.012, grid["h"] / rows * top - 0.024)
         frame = fig.add_axes(box, facecolor=PANEL)
         frame.set_xticks([])
         frame.set_yticks([])
@@ -133,7 +137,7 @@ def render(board: dict[str, Any], prometheus: Prometheus, start: float, end: flo
         unit, decimals = defaults.get("unit", "short"), defaults.get("decimals")
         kind = panel["type"]
         indent = {"timeseries": 0.025, "state-timeline": 0.12}.get(kind, 0)  # room for the y labels
-        inner = [box[0] + 0.03 * box[2] + indent, box[1] + 0.1 * box[3], box[2] * 0.94 - indent, box[3] * 0.72]
+        inner = (box[0] + 0.03 * box[2] + indent, box[1] + 0.1 * box[3], box[2] * 0.94 - indent, box[3] * 0.72)
         if kind in INSTANT_PANELS:
             results = [(legend(tpl, r["metric"]), float(r["value"][1]))
                        for expr, tpl in panel_queries(panel, variables) for r in prometheus.instant(expr)]
@@ -145,7 +149,7 @@ def render(board: dict[str, Any], prometheus: Prometheus, start: float, end: flo
                 frame.text(0.5, 0.4, text, transform=frame.transAxes, color=colour, ha="center", va="center",
                            fontsize=22 if len(text) < 14 else 12, weight="bold")
             else:
-                ax = fig.add_axes([inner[0] + inner[2] * 0.25, inner[1], inner[2] * 0.7, inner[3]], facecolor=PANEL)
+                ax = fig.add_axes((inner[0] + inner[2] * 0.25, inner[1], inner[2] * 0.7, inner[3]), facecolor=PANEL)
                 results.sort(key=lambda item: item[1])
                 ax.barh([n for n, _ in results], [v for _, v in results],
                         color=[PALETTE[i % len(PALETTE)] for i in range(len(results))])
@@ -160,13 +164,14 @@ def render(board: dict[str, Any], prometheus: Prometheus, start: float, end: flo
                   for expr, tpl in panel_queries(panel, variables) for r in prometheus.range(expr, start, end, step)]
         with_data += bool(series)
         if kind == "state-timeline":
-            colours = {int(k): NAMED.get(v["color"], v["color"]) for k, v in
-                       defaults["mappings"][0]["options"].items()}
+            states = {int(k): NAMED.get(v["color"], v["color"]) for k, v in
+                      defaults["mappings"][0]["options"].items()}
             for row, (_, values) in enumerate(series):
                 times = [datetime.fromtimestamp(float(t), UTC) for t, _ in values]
                 for (t0, (_, v)), t1 in zip(zip(times, values, strict=True), [*times[1:], times[-1]], strict=True):
-                    ax.barh(row, (t1 - t0).total_seconds() / 86400 or step / 86400, left=mdates.date2num(t0),
-                            color=colours.get(int(float(v)), GRID), height=0.7)
+                    left = mdates.date2num(t0)  # type: ignore[no-untyped-call]  # matplotlib.dates: no annotations
+                    ax.barh(row, (t1 - t0).total_seconds() / 86400 or step / 86400, left=left,
+                            color=states.get(int(float(v)), GRID), height=0.7)
             ax.set_yticks(range(len(series)), [name for name, _ in series], fontsize=8)
             ax.xaxis_date()
         else:
@@ -176,7 +181,9 @@ def render(board: dict[str, Any], prometheus: Prometheus, start: float, end: flo
                 # a dashed series ("X threshold") takes the colour of the series it belongs to ("X")
                 base = re.sub(dashed, "", name) if dashed and re.search(dashed, name) else name
                 colour = colours.setdefault(base, PALETTE[len(colours) % len(PALETTE)])
-                ax.plot([datetime.fromtimestamp(float(t), UTC) for t, _ in values], [float(v) for _, v in values],
+                # matplotlib's stubs take floats only, but its date converter takes the datetimes
+                ax.plot([datetime.fromtimestamp(float(t), UTC) for t, _ in values],  # type: ignore[arg-type]
+                        [float(v) for _, v in values],
                         color=colour, linewidth=1 if base != name else 1.6, linestyle="--" if base != name else "-",
                         label=name)
             for stepdef in defaults.get("thresholds", {}).get("steps", [])[1:]:
@@ -187,8 +194,9 @@ def render(board: dict[str, Any], prometheus: Prometheus, start: float, end: flo
             if series:
                 ax.legend(loc="upper left", fontsize=7, ncol=3 if len(series) > 6 else 1, framealpha=0.6,
                           facecolor=PANEL, edgecolor=GRID, labelcolor=TEXT)
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
-        ax.set_xlim(datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC))
+        # matplotlib.dates ships no annotations; set_xlim's stub takes floats only, its date converter datetimes
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
+        ax.set_xlim(datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC))  # type: ignore[arg-type]
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80, facecolor=BACKGROUND)
     plt.close(fig)

@@ -92,4 +92,6 @@ def demo(pipeline: RunningPipeline, duration_s: float, history_s: float = 0,
 def run_demo(pipeline: RunningPipeline, duration_s: float, otel_env: dict[str, str] | None = None) -> int:
     """Send demo traffic to the pipeline; returns how many model calls the demo sent."""
     done = demo(pipeline, duration_s, otel_env=otel_env)
-    return int(re.search(r"sent (\d+) model calls", done.stdout).group(1))  # type: ignore[union-attr]
+    sent = re.search(r"sent (\d+) model calls", done.stdout)
+    assert sent, done.stdout
+    return int(sent.group(1))

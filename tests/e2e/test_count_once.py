@@ -39,8 +39,9 @@ pricing:
   overrides:
     - {provider: openai, model: gpt-4o, input_per_mtok: 1000, output_per_mtok: 0}
 """
-CALL = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
-        "gen_ai.usage.input_tokens": 1000, "gen_ai.usage.output_tokens": 0}
+CALL: dict[str, str | int] = {
+    "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+    "gen_ai.usage.input_tokens": 1000, "gen_ai.usage.output_tokens": 0}
 
 
 def model_calls(n: int, start_ns: int) -> list[ReadableSpan]:
@@ -78,7 +79,9 @@ def test_every_request_sent_twice_is_counted_once(tmp_path: Path) -> None:
     config.write_text(CONFIG)
     with spendstream_run(tmp_path / "data", tmp_path / "run.log", "--config", str(config)) as run:
         grpc = GrpcExporter(endpoint=f"localhost:{run.grpc_port}", insecure=True, timeout=30)
-        http_port = int(re.search(r"OTLP/HTTP\s+http://localhost:(\d+)", run.banner).group(1))  # type: ignore[union-attr]
+        http_line = re.search(r"OTLP/HTTP\s+http://localhost:(\d+)", run.banner)
+        assert http_line, run.banner
+        http_port = int(http_line.group(1))
         http = HttpExporter(endpoint=f"http://localhost:{http_port}/v1/traces", timeout=30)
         now = time.time_ns()
         over_grpc, over_http, mixed = model_calls(10, now - 10**9), model_calls(10, now), model_calls(5, now)
@@ -115,8 +118,10 @@ def test_every_request_sent_twice_is_counted_once(tmp_path: Path) -> None:
             a for a in alerts if a.startswith("budget_threshold|team=retry|") and a.endswith("|50%")}
 
     with duckdb.connect() as con:  # the files, after the clean stop: the same calls, once
-        count, total = con.execute(
+        found = con.execute(
             f"SELECT count(DISTINCT \"x_UsageId\"), sum(\"BilledCost\") FROM read_parquet('"
             f"{request_files_glob(tmp_path / 'data')}', hive_partitioning = true) WHERE \"x_UsageId\" IN "
             f"({', '.join(repr(s) for s in sent)})").fetchone()
+    assert found is not None
+    count, total = found
     assert (count, total) == (30, Decimal(30))

@@ -124,7 +124,7 @@ def mixed_attributes(i: int) -> tuple[str, str, dict[str, Any]]:
         dialect = DIALECTS[(i // 10 * 6 + slot) % len(DIALECTS)]
         return "model", dialect.scope, {**dialect.attrs, "gen_ai.input.messages": f'[{{"content": "{SECRET}"}}]',
                                         "gen_ai.prompt.0.content": SECRET}
-    return {
+    others: dict[int, tuple[str, str, dict[str, Any]]] = {
         6: ("agent", "agents", {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "planner",
                                 "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5000,
                                 "gen_ai.usage.output_tokens": 900, "gen_ai.output.messages": SECRET}),
@@ -133,7 +133,8 @@ def mixed_attributes(i: int) -> tuple[str, str, dict[str, Any]]:
         8: ("http", "http", {"http.request.method": "GET", "url.full": "https://example.com/x",
                              "http.response.status_code": 200}),
         9: ("db", "db", {"db.system.name": "postgresql", "db.query.text": "select 1"}),
-    }[slot]
+    }
+    return others[slot]
 
 
 def send_spans(endpoint: str, n: int, sampler: Sampler = ALWAYS_ON, first: int = 0,

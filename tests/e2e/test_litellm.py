@@ -29,6 +29,7 @@ from pipeline.pricing.focus import money
 from schemas.breaker import BreakerAction
 from schemas.config import KafkaConfig
 from schemas.policy import Scope
+from schemas.usage import UsageEvent
 from tests.e2e.conftest import USAGE, FakeChatCompletions
 from tests.e2e.running import RunningPipeline, read_until, spendstream_run
 from tests.support import free_port, read_topic, read_usage
@@ -178,7 +179,7 @@ def test_litellm_spans_are_priced_with_the_keys_attribution(running: tuple[Runni
     run, litellm = running
     litellm.asks_upstream_for("sk-search")
     deadline = time.monotonic() + 60
-    events = []
+    events: list[UsageEvent] = []
     while time.monotonic() < deadline and not events:
         events = [e for e in read_usage(run.bootstrap, "genai.usage", min_events=1)
                   if e.dialect == "litellm" and e.attribution.get("key") == "search-key" and e.tokens.output]
@@ -186,7 +187,7 @@ def test_litellm_spans_are_priced_with_the_keys_attribution(running: tuple[Runni
     event = events[0]
     assert (event.attribution["team"], event.attribution["env"]) == ("search", "prod")
     assert (event.provider, event.request_model, event.operation) == ("openai", "gpt-4o", "chat")
-    cached = USAGE["prompt_tokens_details"]["cached_tokens"]  # type: ignore[index]
+    cached = USAGE["prompt_tokens_details"]["cached_tokens"]
     assert (event.tokens.cache_read, event.tokens.input_uncached) == (cached, USAGE["prompt_tokens"] - cached)
 
     expected = sum((money(line.contract_cost) for line in price_usage(event, PriceCatalog()).lines), Decimal(0))

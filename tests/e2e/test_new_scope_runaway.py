@@ -15,7 +15,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, Tracer
 
 from pipeline.guardrails.stage import PARTITION_KEY
 from schemas.config import KafkaConfig
@@ -42,7 +42,7 @@ velocity: {{window: 1m, rate_window: 20s, min_history: {MIN_HISTORY_S}s}}
 YEAR_2200_NS = 7_258_118_400 * 10**9
 
 
-def tracer_for(run: RunningPipeline, team: str, *, batch: bool = True) -> tuple[TracerProvider, object]:
+def tracer_for(run: RunningPipeline, team: str, *, batch: bool = True) -> tuple[TracerProvider, Tracer]:
     provider = TracerProvider(resource=Resource.create({"service.name": f"{team}-svc", "team.name": team,
                                                         "feature.name": "chat", "deployment.environment.name": "prod"}))
     exporter = OTLPSpanExporter(endpoint=f"localhost:{run.grpc_port}", insecure=True, timeout=30)
@@ -51,10 +51,11 @@ def tracer_for(run: RunningPipeline, team: str, *, batch: bool = True) -> tuple[
     return provider, provider.get_tracer("runaway")
 
 
-def call(tracer: object, usd: int, start_ns: int | None = None) -> None:
-    attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
-             "gen_ai.usage.input_tokens": 1000 * usd, "gen_ai.usage.output_tokens": 0}
-    span = tracer.start_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=attrs,  # type: ignore[attr-defined]
+def call(tracer: Tracer, usd: int, start_ns: int | None = None) -> None:
+    attrs: dict[str, str | int] = {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+        "gen_ai.usage.input_tokens": 1000 * usd, "gen_ai.usage.output_tokens": 0}
+    span = tracer.start_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=attrs,
                              start_time=start_ns)
     span.end(end_time=None if start_ns is None else start_ns + 10**9)
 

@@ -50,7 +50,8 @@ def grpc_export(collector: CollectorThread, payload: bytes, metadata: tuple[tupl
     with grpc.insecure_channel(collector.grpc_endpoint) as channel:
         call = channel.unary_unary(EXPORT, request_serializer=None,
                                    response_deserializer=ExportTraceServiceResponse.FromString)
-        return call(payload, timeout=10, metadata=metadata)  # type: ignore[no-any-return]
+        response: ExportTraceServiceResponse = call(payload, timeout=10, metadata=metadata)
+        return response
 
 
 def http_post(collector: CollectorThread, body: bytes, content_type: str, headers: dict[str, str] | None = None
@@ -97,7 +98,7 @@ def test_http_gzip_body_is_accepted(collector: CollectorThread, broker: Embedded
 
 
 def _with_invalid_utf8(request: ExportTraceServiceRequest, marker: str) -> bytes:
-    payload = request.SerializeToString()
+    payload: bytes = request.SerializeToString()
     assert payload.count(marker.encode()) == 1
     return payload.replace(marker.encode(), b"\xc3\x28" + b"x" * (len(marker) - 2))
 
@@ -264,7 +265,7 @@ def test_broker_unreachable_is_retryable(tmp_path: object) -> None:
             grpc_export(running, payload)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         # no delay named: a fixed one would replace the SDK's exponential backoff, which rides out a restart
-        retry = dict(info.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+        retry = dict(info.value.trailing_metadata() or ())
         assert "google.rpc.retryinfo-bin" not in retry
         status, body, headers = http_post(running, payload, "application/x-protobuf")
         assert status == 503 and "Retry-After" not in headers

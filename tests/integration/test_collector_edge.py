@@ -88,8 +88,8 @@ def grpc_export(collector: CollectorThread, payload: bytes, compression: grpc.Co
     with grpc.insecure_channel(collector.grpc_endpoint, options=options) as channel:
         call = channel.unary_unary(EXPORT, request_serializer=None,
                                    response_deserializer=ExportTraceServiceResponse.FromString)
-        return call(payload, timeout=60, compression=compression,  # type: ignore[no-any-return]
-                    metadata=metadata)
+        response: ExportTraceServiceResponse = call(payload, timeout=60, compression=compression, metadata=metadata)
+        return response
 
 
 def grpc_error(collector: CollectorThread, payload: bytes, compression: grpc.Compression | None = None
@@ -163,7 +163,7 @@ def test_17_mb_grpc_message_is_resource_exhausted_without_retry_info(collector: 
     span = make_span({**GOOD, "padding": "p" * (17 * MiB)})
     error = grpc_error(collector, make_request([span]).SerializeToString())
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert RETRY_INFO not in dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+    assert RETRY_INFO not in dict(error.trailing_metadata() or ())
     assert_still_serving(collector)
 
 
@@ -171,19 +171,19 @@ def test_grpc_gzip_message_that_inflates_past_the_limit_is_resource_exhausted(co
     span = make_span({**GOOD, "padding": "\x00" * (40 * MiB)})  # 40 MiB of zeros: a few tens of KB on the wire
     error = grpc_error(collector, make_request([span]).SerializeToString(), grpc.Compression.Gzip)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert RETRY_INFO not in dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+    assert RETRY_INFO not in dict(error.trailing_metadata() or ())
     assert_still_serving(collector)
 
 
 def test_invalid_protobuf_over_grpc_is_invalid_argument(collector: CollectorThread) -> None:
     error = grpc_error(collector, b"\xff\xff\xff\xff garbage")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert RETRY_INFO not in dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+    assert RETRY_INFO not in dict(error.trailing_metadata() or ())
 
 
 # --- spans that cannot be decoded: refused with a reason, dead-lettered --------------------------------
 
-def _call(n: int, extra: list[bytes] = ()) -> tuple[bytes, str]:  # type: ignore[assignment]
+def _call(n: int, extra: Sequence[bytes] = ()) -> tuple[bytes, str]:
     trace, span_id = os.urandom(16), os.urandom(8)
     return wire.span(trace, span_id, wire.model_call_attributes(list(extra)), time.time_ns() - 10**9), \
         f"{trace.hex()}-{span_id.hex()}"
@@ -290,7 +290,7 @@ def test_past_the_inflight_limit_the_answer_is_retryable_busy() -> None:
         assert "collector.max_inflight_bytes" in Status.FromString(body).message
         error = grpc_error(running, big)
         assert error.code() == grpc.StatusCode.UNAVAILABLE
-        assert RETRY_INFO in dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+        assert RETRY_INFO in dict(error.trailing_metadata() or ())
         # a gzip bomb while busy is still too large, not "later"
         status, _, headers = http_post(running, gzip_bomb(), headers={"Content-Encoding": "gzip"})
         assert_not_retryable_http(status, headers, 413)
@@ -316,7 +316,7 @@ def test_internal_error_is_500_not_retryable_and_logged_once_with_traceback(capl
             assert "RuntimeError" in Status.FromString(body).message
         error = grpc_error(running, payload)
         assert error.code() == grpc.StatusCode.INTERNAL
-        assert RETRY_INFO not in dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+        assert RETRY_INFO not in dict(error.trailing_metadata() or ())
     finally:
         running.stop()
     logged = [r for r in caplog.records if r.name.startswith("collector") and r.exc_info]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -73,11 +73,11 @@ def in_files(data: Path) -> dict[str, Decimal]:
             "hive_partitioning = true) GROUP BY ALL").fetchall()}
 
 
-def wait_for(what: str, check: object, timeout_s: float = 60) -> None:
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if check():  # type: ignore[operator]
+            if check():
                 return
         except OSError:  # a metrics endpoint not up yet
             pass

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -100,10 +100,10 @@ async def _produce_and_kill(bootstrap: str, topic: str, records: list[tuple[byte
     await produce(bootstrap, topic, records[half:])
 
 
-def wait_for(condition: object, timeout_s: float) -> None:
+def wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return
         time.sleep(0.5)
     raise AssertionError(f"not reached within {timeout_s}s")

@@ -10,7 +10,7 @@ import msgspec
 from pipeline.gateway.board import BreakerBoard
 from pipeline.gateway.kill_switch import reset_commands, trip_command
 from pipeline.guardrails.policy_file import PolicyFile
-from schemas.breaker import BreakerCommand
+from schemas.breaker import BreakerAction, BreakerCommand
 from schemas.config import load_config
 from schemas.policy import Scope
 
@@ -18,8 +18,8 @@ NOW = 1_800_000_000.0
 PROD_SEARCH = {"team": "search", "env": "prod", "key": "k1", "use_case": "rag"}
 
 
-def trip(scope: str, action: str = "block", **changes: object) -> BreakerCommand:
-    command = trip_command(Scope.parse(scope), action, f"{action} {scope}", ttl_s=None,  # type: ignore[arg-type]
+def trip(scope: str, action: BreakerAction = "block", **changes: object) -> BreakerCommand:
+    command = trip_command(Scope.parse(scope), action, f"{action} {scope}", ttl_s=None,
                            downgrade={"gpt-4o": "gpt-4o-mini"}, now_s=NOW)
     return msgspec.structs.replace(command, **changes)
 

@@ -19,7 +19,7 @@ from schemas.breaker import decode_command
 from schemas.config import Config, config_from_dict
 from schemas.errors import SchemaError
 from schemas.policy import Scope
-from schemas.spend import Reset, SpendEntry, decode_spend, encode_reset, encode_spend, encode_tick
+from schemas.spend import Reset, SpendEntry, SpendMessage, decode_spend, encode_reset, encode_spend, encode_tick
 from schemas.usage import decode_usage_batch, encode_usage_batch
 from tests.dialects import DIALECTS
 from tests.support import make_request, make_span
@@ -71,7 +71,8 @@ def test_guardrail_messages_validate_and_round_trip() -> None:
         assert decode_command(command.encode()) == command
     for value in (encode_spend("team=a", entries), encode_tick(5), encode_reset(Reset("team=a", "handled", 6))):
         schema("spend.schema.json").validate(orjson.loads(value))
-    assert decode_spend(encode_spend("team=a", entries)).entries == entries  # type: ignore[union-attr]
+    message = decode_spend(encode_spend("team=a", entries))
+    assert isinstance(message, SpendMessage) and message.entries == entries
 
 
 @pytest.mark.parametrize("value", [b"nope", b'{"schema_version": 2}', b'{"schema_version": 1, "scope": "x"}',

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ PANEL_TYPES = {"timeseries", "stat", "bargauge", "state-timeline", "table", "gau
 
 
 def compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+    config: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return config
 
 
 def dashboards() -> list[tuple[str, dict[str, Any]]]:
@@ -110,7 +112,8 @@ def compose_schema(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         assert done.returncode == 0, f"cannot fetch {COMPOSE_WHEEL} for its compose-spec schema:\n{done.stderr}"
         wheels = sorted(cache.glob("docker_compose-*.whl"))
     with zipfile.ZipFile(wheels[0]) as wheel:
-        return json.loads(wheel.read("compose/config/compose_spec.json"))  # type: ignore[no-any-return]
+        schema: dict[str, Any] = json.loads(wheel.read("compose/config/compose_spec.json"))
+    return schema
 
 
 def test_compose_file_validates_against_the_compose_spec(compose_schema: dict[str, Any]) -> None:
@@ -306,13 +309,13 @@ def test_dockerfile_installs_the_package_the_readme_installs(tmp_path: Path) -> 
 #: be taught to the evaluator below before a front config may use it
 PASS_THROUGH = {"memory_limiter", "batch", "attributes"}
 _NIL_TERM = re.compile(r'attributes\["([^"]+)"\] == nil')
-PLAIN_SPANS = {
+PLAIN_SPANS: dict[str, dict[str, object]] = {
     "http": {"http.request.method": "GET", "url.path": "/health", "http.response.status_code": 200},
     "db": {"db.system.name": "postgresql", "db.query.text": "SELECT 1"},
 }
 
 
-def _drops(condition: str, span_attributes: dict[str, Any]) -> bool:
+def _drops(condition: str, span_attributes: Mapping[str, object]) -> bool:
     """Evaluate one filter-processor OTTL condition on a span's attributes (True: the span is dropped).
 
     Only the grammar the front configs use is understood: `attributes["x"] == nil` terms joined by `and`;
@@ -323,7 +326,7 @@ def _drops(condition: str, span_attributes: dict[str, Any]) -> bool:
     return all(mark not in span_attributes for mark in _NIL_TERM.findall(condition))
 
 
-def exporters_reached(config: dict[str, Any], span_attributes: dict[str, Any]) -> set[str]:
+def exporters_reached(config: dict[str, Any], span_attributes: Mapping[str, object]) -> set[str]:
     """The exporters a span received on the OTLP receiver reaches, walking the config's pipelines as otelcol does:
     the receiver hands every span to each pipeline that lists it; a filter processor drops the span when any of
     its span conditions is true; every exporter of a pipeline the span gets through receives it."""

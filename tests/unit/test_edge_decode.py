@@ -6,12 +6,13 @@ import gzip
 import os
 import time
 import zlib
+from collections.abc import Callable, Generator, Sequence
 
 import pytest
 
 from collector.decode import MAX_ATTRIBUTE_DEPTH, MalformedRequest, decode_json, decode_protobuf
 from collector.inflate import PIECE_BYTES, RequestTooLarge, UnsupportedEncoding, inflater_for
-from collector.ingest import NestedCallFilter, ingest_request
+from collector.ingest import IngestResult, NestedCallFilter, ingest_request
 from schemas.config import Config
 from tests import otlp_wire as wire
 from tests.support import make_request, make_span, to_otlp_json
@@ -20,9 +21,9 @@ GOOD = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_
         "gen_ai.usage.input_tokens": 100, "gen_ai.usage.output_tokens": 10}
 
 
-def inflate_all(encoding: str, body: bytes, chunk: int = 65536) -> bytes:
+def inflate_all(encoding: str | None, body: bytes, chunk: int = 65536) -> bytes:
     inflater = inflater_for(encoding)
-    out = []
+    out: list[bytes] = []
     for start in range(0, len(body), chunk):
         out.extend(inflater.feed(body[start:start + chunk]))
     inflater.finish()
@@ -40,8 +41,8 @@ class TestInflate:
         ("identity", lambda b: b),
         (None, lambda b: b),
     ])
-    def test_round_trip(self, encoding: str | None, compress) -> None:  # type: ignore[no-untyped-def]
-        assert inflate_all(encoding, compress(self.payload)) == self.payload  # type: ignore[arg-type]
+    def test_round_trip(self, encoding: str | None, compress: Callable[[bytes], bytes]) -> None:
+        assert inflate_all(encoding, compress(self.payload)) == self.payload
 
     def test_concatenated_gzip_members(self) -> None:
         assert inflate_all("gzip", gzip.compress(b"abc") + gzip.compress(b"def"), chunk=7) == b"abcdef"
@@ -53,6 +54,7 @@ class TestInflate:
         first = next(pieces)
         assert len(first) <= PIECE_BYTES
         # the caller stops here: nothing more was inflated than it took
+        assert isinstance(pieces, Generator)  # feed's pieces come from a generator, which the caller closes
         pieces.close()
 
     @pytest.mark.parametrize(("encoding", "body", "message"), [
@@ -77,7 +79,7 @@ class TestInflate:
         assert issubclass(RequestTooLarge, PermanentError)
 
 
-def ingest_bytes(payload: bytes, encoding: str = "protobuf"):  # type: ignore[no-untyped-def]
+def ingest_bytes(payload: bytes, encoding: str = "protobuf") -> IngestResult:
     decoded = decode_protobuf(payload) if encoding == "protobuf" else decode_json(payload)
     return ingest_request(decoded.request, Config(), None, NestedCallFilter(), rejected=decoded.rejected)
 
@@ -89,7 +91,7 @@ def ids(n: int) -> tuple[bytes, bytes]:
 class TestUndecodableSpans:
     now = time.time_ns()
 
-    def span(self, n: int, extra: list[bytes] = ()) -> bytes:  # type: ignore[assignment]
+    def span(self, n: int, extra: Sequence[bytes] = ()) -> bytes:
         trace, span_id = ids(n)
         return wire.span(trace, span_id, wire.model_call_attributes(list(extra)), self.now)
 

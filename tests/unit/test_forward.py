@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 
 from collector.enrich import ADJUSTED_COUNT, COST_AMOUNT, COST_CURRENCY, COST_SOURCE, enrich_request, span_costs
 from collector.ingest import NestedCallFilter, ingest_request
@@ -23,8 +25,13 @@ CONTENT = {"gen_ai.input.messages": "[..]", "gen_ai.output.messages": "[..]", "g
            "gen_ai.tool.call.arguments": "{}", "traceloop.entity.input": "hi"}
 
 
-def attrs_of(kvs) -> dict[str, object]:
-    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in kvs}
+def attrs_of(kvs: Iterable[KeyValue]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for kv in kvs:
+        kind = kv.value.WhichOneof("value")
+        assert kind, f"{kv.key} has no value"
+        out[kv.key] = getattr(kv.value, kind)
+    return out
 
 
 def test_priced_calls_gain_cost_and_attribution_content_goes_everywhere_and_other_spans_keep_the_rest() -> None:

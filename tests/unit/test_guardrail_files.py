@@ -9,6 +9,7 @@ import asyncio
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from pipeline.export.files import focus_dir, partition_of, write_partition
 from pipeline.guardrails.policy_file import PolicyFile
@@ -50,11 +51,11 @@ def spend(calls: list[PricedCall]) -> list[SpendMessage]:
 
 
 def write_files(data: Path, rows: list[bytes]) -> None:
-    by_day: dict[tuple[str, str], list[object]] = {}
+    by_day: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in map(decode_row, rows):
         by_day.setdefault(partition_of(row), []).append(row)
     for (period, day), day_rows in by_day.items():
-        write_partition(focus_dir(data), period, day, day_rows)  # type: ignore[arg-type]
+        write_partition(focus_dir(data), period, day, day_rows)
 
 
 def stage(data: Path) -> GuardrailStage:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from collector.attribution import TokenIdentity, token_identities
-from collector.ingest import NestedCallFilter, ingest_request
+from collector.ingest import IngestResult, NestedCallFilter, ingest_request
 from schemas.config import AttributionConfig, Config
 from tests.dialects import DIALECTS, Dialect, assert_matches
 from tests.support import make_request, make_span
@@ -21,7 +23,9 @@ CONFIG = Config()
 USER_KEY = b"k" * 32
 
 
-def ingest(spans, config=CONFIG, identity=None, resource=None, scope="test", nested=None, user_key=USER_KEY):
+def ingest(spans: Iterable[Span], config: Config = CONFIG, identity: TokenIdentity | None = None,
+           resource: Mapping[str, Any] | None = None, scope: str = "test", nested: NestedCallFilter | None = None,
+           user_key: bytes | None = USER_KEY) -> IngestResult:
     return ingest_request(make_request(spans, resource, scope), config, identity, nested or NestedCallFilter(),
                           user_key=user_key)
 

@@ -34,15 +34,22 @@ def test_block_refuses_with_429_the_reason_and_when_to_retry() -> None:
     decision = Decision("block", "gpt-4o", "manual|team=ads", "runaway")
     assert obey(decision, ADS, expires_s=1_000.2, now_s=990.0) == Refusal(429, "runaway", "manual|team=ads", 11)
     assert obey(decision, ADS, expires_s=None, now_s=990.0) == Refusal(429, "runaway", "manual|team=ads", None)
-    assert obey(decision._replace(reason=""), ADS, None, 0).message == "blocked by spendstream"
+    unexplained = obey(decision._replace(reason=""), ADS, None, 0)
+    assert isinstance(unexplained, Refusal) and unexplained.message == "blocked by spendstream"
+
+
+def _approved(where: str, value: object) -> Caller:
+    """A caller whose key (`metadata`) or team (`team_metadata`) carries this `spendstream_approved`."""
+    flag = {"spendstream_approved": value}
+    return Caller(metadata=flag) if where == "metadata" else Caller(team_metadata=flag)
 
 
 @pytest.mark.parametrize("where", ["metadata", "team_metadata"])
 def test_approval_required_refuses_with_403_unless_the_key_or_its_team_is_approved(where: str) -> None:
     decision = Decision("approval_required", "gpt-4o", "manual|team=ads", "needs sign-off")
     refusal = Refusal(403, "needs sign-off", "manual|team=ads")
-    assert obey(decision, Caller(**{where: {"spendstream_approved": True}}), None, 0) == "gpt-4o"
-    assert obey(decision, Caller(**{where: {"spendstream_approved": "yes"}}), None, 0) == refusal  # only a real true
+    assert obey(decision, _approved(where, True), None, 0) == "gpt-4o"
+    assert obey(decision, _approved(where, "yes"), None, 0) == refusal  # only a real true
     assert obey(decision, ADS, None, 0) == refusal
 
 

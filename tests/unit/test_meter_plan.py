@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.pricing import PriceCatalog, UnpricedError, price_usage, price_usages
+from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, price_usage, price_usages
 from pipeline.pricing.meter_plan import MeterStep, PricedLine, compile_plan
 from schemas.config import config_from_dict
 from schemas.usage import TokenCounts, UsageEvent
@@ -56,7 +56,9 @@ def test_a_batch_prices_each_call_as_pricing_it_alone_does() -> None:
     assert [getattr(p, "reason", None) for p in batch] == [
         None, None, "missing_model", "unknown_model", "unpriced_meter", "invalid_usage", None]
     assert str(batch[5]) == "output_reasoning_tokens exceed output_tokens (5)"
-    requests = next(line for line in batch[6].lines if line.meter == "requests")  # type: ignore[union-attr]
+    sonar_pro = batch[6]
+    assert isinstance(sonar_pro, PricedUsage)
+    requests = next(line for line in sonar_pro.lines if line.meter == "requests")
     assert requests.quantity == 4 and requests.list_cost == Decimal("0.056")  # 4 x 14 USD / 1,000
 
 

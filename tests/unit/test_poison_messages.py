@@ -22,7 +22,7 @@ from pipeline.guardrails.state import ScopeState
 from pipeline.kafka.consumer import commit_processed
 from pipeline.pricing import PriceCatalog, PricedUsage, cost_records, price_usage
 from pipeline.pricing.catalog import ResolvedPrice
-from pipeline.pricing.focus import Billing, encoded_focus_rows
+from pipeline.pricing.focus import Billing, encoded_focus_rows, focus_values
 from pipeline.pricing.stage import PricingStage
 from schemas.breaker import decode_command
 from schemas.config import Config
@@ -130,7 +130,7 @@ def test_a_commit_of_a_partition_just_revoked_is_skipped_not_raised(caplog: pyte
     consumer = _Consumer(IllegalStateError("Partition TopicPartition(topic='t', partition=0) is not assigned"))
     offsets = {TopicPartition("t", 0): 5, TopicPartition("t", 1): 9}  # partition 1 moved before the commit
     with caplog.at_level(logging.INFO):
-        asyncio.run(commit_processed(consumer, offsets, "pricing", logging.getLogger("test")))  # type: ignore[arg-type]
+        asyncio.run(commit_processed(consumer, offsets, "pricing", logging.getLogger("test")))
     assert consumer.committed == [{TopicPartition("t", 0): 5}]
     assert "commit skipped" in caplog.text
 
@@ -173,12 +173,11 @@ def test_a_call_whose_rows_cannot_be_made_is_rejected_and_the_rest_get_their_row
     good, bad = usage_event(1), usage_event(2, model="gpt-4o-mini")
     out = stage._cost([(good, 0, 10), (bad, 0, 11)], {})[1]
     calls = [PricedCall(good, 0, 10, Decimal(1)), PricedCall(bad, 0, 11, Decimal(1))]
-    values = cost_records.focus_values
 
     def breaks(priced: PricedUsage, billing: Billing, costs: Sequence[Decimal]) -> list[bytes]:
         if priced.event.id == bad.id:
             raise ZeroDivisionError("a row the mapping cannot make")
-        return values(priced, billing, costs)
+        return focus_values(priced, billing, costs)
 
     monkeypatch.setattr(cost_records, "focus_values", breaks)
     rows = stage._rows(calls, out.priced, out.line_costs, set())

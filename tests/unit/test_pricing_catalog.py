@@ -9,10 +9,10 @@ from decimal import Decimal
 import pytest
 from genai_prices import Usage, calc_price
 from genai_prices.data import providers
-from genai_prices.types import ModelPrice, StartDateConstraint, TieredPrices, TimeOfDateConstraint
+from genai_prices.types import ConditionalPrice, ModelPrice, StartDateConstraint, TieredPrices, TimeOfDateConstraint
 
 from pipeline.pricing import PriceCatalog, PricedUsage, UnpricedError, price_usage
-from pipeline.pricing.catalog import PROVIDER_IDS
+from pipeline.pricing.catalog import PROVIDER_IDS, ResolvedPrice
 from pipeline.pricing.reprice import UNPRICED_REASONS
 from schemas.config import config_from_dict
 from schemas.usage import TokenCounts, UsageEvent
@@ -49,7 +49,7 @@ def _reference(tokens: TokenCounts, model: str, provider_id: str, when: datetime
                       price_context=context).total_price
 
 
-def _moments(prices: ModelPrice | list) -> list[datetime]:
+def _moments(prices: ModelPrice | list[ConditionalPrice]) -> list[datetime]:
     """A moment in force for every conditional price of a model (start dates and times of day)."""
     moments = [datetime(2026, 11, 20, 12, 0, tzinfo=UTC)]
     if not isinstance(prices, ModelPrice):
@@ -59,8 +59,8 @@ def _moments(prices: ModelPrice | list) -> list[datetime]:
                 moments += [datetime.combine(start, time(1), UTC), datetime.combine(start - timedelta(days=1),
                                                                                      time(23), UTC)]
             elif isinstance(conditional.constraint, TimeOfDateConstraint):
-                start = conditional.constraint.start_time
-                moments.append(datetime.combine(date(2026, 11, 20), start.replace(tzinfo=None), UTC)
+                start_time = conditional.constraint.start_time
+                moments.append(datetime.combine(date(2026, 11, 20), start_time.replace(tzinfo=None), UTC)
                                + timedelta(minutes=1))
     return moments
 
@@ -156,7 +156,7 @@ def test_an_override_of_a_model_listed_without_token_prices_lines_up_with_a_list
                          catalog)
     assert priced.price.provider_id == "github-copilot"
     assert [(line.meter, line.list_cost, line.contract_cost) for line in priced.lines] == [
-        ("input_tokens", 0, Decimal("0.002468")), ("output_tokens", 0, Decimal("0.004536"))]
+        ("input_tokens", Decimal(0), Decimal("0.002468")), ("output_tokens", Decimal(0), Decimal("0.004536"))]
 
 
 def test_unknown_model_is_never_priced_at_zero() -> None:
@@ -185,12 +185,13 @@ def test_aliases_dated_ids_and_bedrock_region_prefixes_resolve() -> None:
 def test_prices_by_time_of_day_are_looked_up_once_per_slot_and_exact_at_each_boundary(
         monkeypatch: pytest.MonkeyPatch) -> None:
     catalog = PriceCatalog()
-    resolved = []
+    resolved: list[tuple[str | None, str, int, str | None]] = []
     resolve = catalog._resolve
 
-    def counting(*args: object) -> object:
-        resolved.append(args)
-        return resolve(*args)  # type: ignore[arg-type]
+    def counting(provider: str | None, model: str, start_unix_nano: int,
+                 service_tier: str | None) -> tuple[ResolvedPrice | UnpricedError, int]:
+        resolved.append((provider, model, start_unix_nano, service_tier))
+        return resolve(provider, model, start_unix_nano, service_tier)
 
     monkeypatch.setattr(catalog, "_resolve", counting)
     tokens = SHAPES["cache_read"]

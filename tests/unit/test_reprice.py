@@ -71,6 +71,13 @@ def call(n: int, model: str = "acme-internal-70b", provider: str = "vllm", start
                       attribution={"team": "ml"}, attribution_key="team=ml")
 
 
+def spend_message(value: bytes) -> SpendMessage:
+    """A record of the spend topic that has to be spend (not a tick or a reset)."""
+    message = decode_spend(value)
+    assert isinstance(message, SpendMessage), message
+    return message
+
+
 def catalog(*overrides: dict[str, Any]) -> PriceCatalog:
     return PriceCatalog(overrides_from_config(list(overrides), "USD"))
 
@@ -140,15 +147,15 @@ def test_repriced_spend_is_placed_at_the_marker_and_added_once_by_stage_2() -> N
     assert len(run.rows) == 4  # input and output rows of each call
     state = ScopeState(Scope.parse("team=ml"))
     for _, value in run.spend:
-        message = decode_spend(value)
-        assert [(e.partition, e.offset) for e in message.entries] == [(MARKER_PARTITION_BASE + 4, 10)]  # type: ignore[union-attr]
-        state.add(message.entries, 0)  # type: ignore[union-attr]
+        message = spend_message(value)
+        assert [(e.partition, e.offset) for e in message.entries] == [(MARKER_PARTITION_BASE + 4, 10)]
+        state.add(message.entries, 0)
     # a second run publishes the same records, plus those of a later marker: only the later ones are new
     again = marked_outputs([(first, calls[0]), (first, calls[1]), (later, calls[2])], catalog(SELF_HOSTED),
                            Billing(), scopes, LATEST_NS)
     assert again.rows[:4] == run.rows
     for _, value in again.spend:
-        state.add(decode_spend(value).entries, 0)  # type: ignore[union-attr]
+        state.add(spend_message(value).entries, 0)
     assert state.periods["2026-11"] == Decimal("0.015")
 
 
@@ -169,7 +176,7 @@ def test_calls_the_files_hold_are_not_sent_again() -> None:
     # offset, and would add it again
     rebuilt = ScopeState(Scope.parse("team=ml"), periods={"2026-11": Decimal("0.005")})
     for _, value in again.spend:
-        rebuilt.add(decode_spend(value).entries, 0)  # type: ignore[union-attr]
+        rebuilt.add(spend_message(value).entries, 0)
     assert rebuilt.periods == {"2026-11": Decimal("0.005")}
 
 
@@ -321,8 +328,7 @@ def test_correction_spend_travels_in_its_marker_and_is_added_once() -> None:
     first = restated_spend(letters.restated[:1])
     for run in (first, first, restated_spend(letters.restated)):  # again, then with a later marker
         for scope, message in run:
-            spend = decode_spend(message)
-            assert isinstance(spend, SpendMessage)
+            spend = spend_message(message)
             assert {(e.partition, e.requests, e.tokens) for e in spend.entries} == {(RESTATE_PARTITION_BASE + 3, 0, 0)}
             if scope == b"team=ml":
                 state.add(spend.entries, 0)
@@ -334,7 +340,7 @@ def test_correction_spend_travels_in_its_marker_and_is_added_once() -> None:
     assert restated_spend(letters.restated, written) == []
     # a marker with one row in the files is not sent; one with none is
     partly = restated_spend(letters.restated, written - {out.corrected[0].row_id})
-    assert {e.offset for _, v in partly for e in decode_spend(v).entries} == {41}  # type: ignore[union-attr]
+    assert {e.offset for _, v in partly for e in spend_message(v).entries} == {41}
 
 
 def test_a_price_changed_again_before_the_exporter_wrote_the_first_corrections_does_not_correct_twice() -> None:

@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 
-from collector.ingest import NestedCallFilter, ingest_request
+from collector.ingest import IngestResult, NestedCallFilter, ingest_request
 from pipeline.pricing.catalog import PriceCatalog, UnpricedError
 from pipeline.pricing.price import price_usage
 from schemas.config import Config
@@ -36,7 +36,7 @@ MODALITY_TOKENS = {
 CONFIG = Config()
 
 
-def ingest(attrs: dict[str, object]):  # type: ignore[no-untyped-def]
+def ingest(attrs: dict[str, object]) -> IngestResult:
     return ingest_request(make_request([make_span(attrs)], None, "test"), CONFIG, None, NestedCallFilter(),
                           user_key=b"k" * 32)
 
