@@ -30,13 +30,15 @@ from typing import Any, Final
 
 import duckdb
 import msgspec
+import numpy as np
+import numpy.typing as npt
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from msgspec.structs import astuple
 
-from pipeline.pricing.dedupe import HashedIds, id_hash
+from pipeline.pricing.dedupe import id_hash
 from schemas.errors import SchemaError
 from schemas.focus import (
     COLUMNS_BY_VERSION,
@@ -484,34 +486,72 @@ def writer_lock(data_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+class DayIds:
+    """The row ids of one charge date as 64-bit hashes, 8 bytes an id: a sorted array, and a sorted array of the
+    hashes added since they were last merged into it (merged once they are an eighth of it: each hash is copied
+    a few times, in C). A flush's hashes are looked up and added at once (numpy), not one by one in Python."""
+
+    __slots__ = ("late", "sealed")
+
+    def __init__(self, hashes: npt.NDArray[np.int64]) -> None:
+        self.sealed = np.sort(hashes)
+        self.late: npt.NDArray[np.int64] = np.empty(0, np.int64)
+
+    def holds(self, hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which of `hashes` it holds."""
+        return _in_sorted(self.sealed, hashes) | _in_sorted(self.late, hashes)
+
+    def add(self, hashes: npt.NDArray[np.int64]) -> None:
+        self.late = np.sort(np.concatenate([self.late, hashes]))
+        if len(self.late) * 8 > len(self.sealed):
+            self.sealed, self.late = np.sort(np.concatenate([self.sealed, self.late])), self.late[:0]
+
+    def __len__(self) -> int:
+        return len(self.sealed) + len(self.late)
+
+
+def _in_sorted(sorted_hashes: npt.NDArray[np.int64], hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Which of `hashes` are in `sorted_hashes`, by bisection."""
+    if not len(sorted_hashes):
+        return np.zeros(len(hashes), np.bool_)
+    at = np.searchsorted(sorted_hashes, hashes).clip(max=len(sorted_hashes) - 1)
+    found: npt.NDArray[np.bool_] = sorted_hashes[at] == hashes
+    return found
+
+
+def _hashes(row_ids: Iterable[str]) -> npt.NDArray[np.int64]:
+    return np.fromiter(map(id_hash, row_ids), np.int64)
+
+
 class RowLedger:
     """Which row ids are already in the files, per charge date, loaded from the files on demand.
 
     Redelivered rows (the exporter or a worker restarted before committing, a partition that moved)
-    carry the same x_RowId and are dropped here. A day's ids are held as 64-bit hashes, 8-16 bytes an
-    id (`HashedIds`, shared with the pricing stage's usage dedupe) where a set of the id strings took
-    about 147; a hash that matches is confirmed against the day's files and the ids of the write in
-    progress, so two ids that share a hash are both written. Only the last few days touched are
-    kept in memory; an older day is read back from its files when a late row for it arrives.
-    Compaction keeps the rows of a day, so a day's ids are the same before and after it. Not
+    carry the same x_RowId and are dropped here. A day's ids are held as 64-bit hashes, 8 bytes an
+    id (`DayIds`; the hash is `id_hash`, shared with the pricing stage's usage dedupe) where a set of
+    the id strings took about 147; a hash that matches is confirmed against the day's files and the
+    ids of the write in progress, so two ids that share a hash are both written. Only the last few
+    days touched are kept in memory; an older day is read back from its files when a late row for it
+    arrives. Compaction keeps the rows of a day, so a day's ids are the same before and after it. Not
     thread-safe: one writer at a time, holding `writer_lock`.
     """
 
     def __init__(self, root: Path, max_days: int = LEDGER_DAYS) -> None:
         self._root = root
         self._max_days = max_days
-        self._days: OrderedDict[tuple[str, str], HashedIds] = OrderedDict()
+        self._days: OrderedDict[tuple[str, str], DayIds] = OrderedDict()
         #: per day: the ids `fresh` gave out since the day's last `written`, not in its files yet
         self._pending: dict[tuple[str, str], list[pa.Array]] = {}
 
     def _files(self, period: str, day: str) -> list[Path]:
         return sorted(partition_dir(self._root, period, day).glob("part-*.parquet"))
 
-    def _ids(self, period: str, day: str) -> HashedIds:
+    def _ids(self, period: str, day: str) -> DayIds:
         key = (period, day)
         if key not in self._days:
-            self._days[key] = HashedIds(id_hash(row_id) for path in self._files(period, day)
-                                        for row_id in pq.read_table(path, columns=["x_RowId"]).column(0).to_pylist())
+            self._days[key] = DayIds(np.concatenate(
+                [_hashes(pq.read_table(path, columns=["x_RowId"]).column(0).to_pylist())
+                 for path in self._files(period, day)] or [np.empty(0, np.int64)]))
             while len(self._days) > self._max_days:
                 self._days.popitem(last=False)
         self._days.move_to_end(key)
@@ -522,16 +562,19 @@ class RowLedger:
         the fresh ones as being written, until `written` or `forget`."""
         ids = self._ids(period, day)
         strings = row_ids.to_pylist()
-        out = [ids.add(id_hash(row_id)) for row_id in strings]
-        matched = {strings[i] for i, new in enumerate(out) if not new}
-        if matched:  # a redelivery, or rarely another id with the same hash: which, exactly
+        hashes = _hashes(strings)
+        new = np.zeros(len(hashes), np.bool_)
+        new[np.unique(hashes, return_index=True)[1]] = True  # the first of each hash
+        new &= ~ids.holds(hashes)
+        if not new.all():  # a redelivery, or rarely another id with the same hash: which, exactly
+            matched = {strings[i] for i in np.flatnonzero(~new)}
             known = self._known(period, day, matched)
             for i, row_id in enumerate(strings):
                 if row_id in matched and row_id not in known:  # the first of it: new
-                    out[i] = True
+                    new[i] = True
                     known.add(row_id)
-        ids.seal_if_due()
-        keep = pa.array(out, pa.bool_())
+        ids.add(hashes[new])
+        keep = pa.array(new, pa.bool_())
         self._pending.setdefault((period, day), []).append(row_ids.filter(keep))
         return keep
 
