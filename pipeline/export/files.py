@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import gc
+import operator
 import os
 import time
 import uuid
@@ -195,13 +196,22 @@ DECODE_ROWS: Final = 256
 _DECODED_TYPES: Final[Mapping[str, pa.DataType]] = {**_ARROW_TYPES, **{kind: pa.string() for kind in PATTERNS}}
 
 
+_NULL_JSON: Final = msgspec.Raw(b"null")
+
+
 class _Columns:
     """The Arrow columns of the values of one FOCUS version a pack decoded (`ROW_STRUCTS`), converted DECODE_ROWS
     values at a time, the values' indexes in the pack, and which of them hold a JSON value `JSON_VALUES` refuses."""
 
     def __init__(self, version: str) -> None:
-        self._kinds = [kind for _, kind in COLUMNS_BY_VERSION[version]]
-        self._chunks: list[list[pa.Array]] = [[] for _ in self._kinds]
+        columns = COLUMNS_BY_VERSION[version]
+        self._names = [name for name, _ in columns]
+        #: a struct's fields but the JSON ones, as a tuple (its fields are the columns, in order), and their Arrow
+        #: struct type: a chunk's are converted by one call into Arrow (a call a column took a fifth more)
+        self._fields = operator.itemgetter(*[i for i, (_, kind) in enumerate(columns) if kind != "json"])
+        self._type = pa.struct([(name, _DECODED_TYPES[kind]) for name, kind in columns if kind != "json"])
+        self._structs: list[pa.StructArray] = []
+        self._json_chunks: dict[str, list[pa.Array]] = {name: [] for name, kind in columns if kind == "json"}
         self.indexes: list[int] = []
         #: positions (among this version's values) of those with a JSON value JSON_VALUES refuses
         self.wrong_json: list[int] = []
@@ -212,13 +222,15 @@ class _Columns:
     def add(self, indexes: Sequence[int], rows: Sequence[Any]) -> None:
         first = len(self.indexes)
         self.indexes += indexes
-        by_column = zip(*map(astuple, rows), strict=True)  # a struct's fields are the columns, in order
-        for chunks, kind, values in zip(self._chunks, self._kinds, by_column, strict=True):
-            chunks.append(self._json_array(values, first) if kind == "json" else pa.array(values, _DECODED_TYPES[kind]))
+        self._structs.append(pa.array(list(map(self._fields, map(astuple, rows))), self._type))
+        for name, chunks in self._json_chunks.items():
+            chunks.append(self._json_array(list(map(operator.attrgetter(name), rows)), first))
 
     def _json_array(self, values: Sequence[msgspec.Raw], first: int) -> pa.Array:
         """A JSON column from its raw values, as `_plain_array` makes it from decoded ones. The values repeat (a
         team's tags, a price's details): each distinct one is decoded once a pack."""
+        if values.count(_NULL_JSON) == len(values):  # most JSON columns are null on every row: no copy, no lookup
+            return pa.nulls(len(values), pa.string())
         texts = list(map(bytes, values))
         for text in set(texts).difference(self._json):
             try:
@@ -232,7 +244,9 @@ class _Columns:
         return pa.array(list(map(self._json.__getitem__, texts)), pa.string())
 
     def arrays(self) -> list[pa.Array]:
-        return [pa.concat_arrays(chunks) for chunks in self._chunks]
+        """The columns, in order."""
+        flat = dict(zip(self._type.names, pa.concat_arrays(self._structs).flatten(), strict=True))
+        return [flat[name] if name in flat else pa.concat_arrays(self._json_chunks[name]) for name in self._names]
 
 
 def _pack(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]:
@@ -272,9 +286,11 @@ def _pack(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]
 
 def _packed(columns: _Columns, version: str) -> tuple[pa.Table, list[int]]:
     """The columns of decoded values of one FOCUS version -> a packed table of the values that pass the bulk checks,
-    and the positions of those that do not."""
+    and the positions of those that do not. The repeating columns are dictionary-encoded first, so that a time or a
+    unit price is checked and converted once a distinct value."""
     names = [name for name, _ in COLUMNS_BY_VERSION[version]]
-    plain = dict(zip(names, columns.arrays(), strict=True))
+    plain = {name: pc.dictionary_encode(array) if name in PACKED_COLUMNS else array
+             for name, array in zip(names, columns.arrays(), strict=True)}
     failing = _failing(plain, version)  # a mask a failed check
     if columns.wrong_json:
         wrong = np.zeros(len(columns.indexes), np.bool_)
@@ -284,33 +300,46 @@ def _packed(columns: _Columns, version: str) -> tuple[pa.Table, list[int]]:
     if failing:
         ok = pc.invert(functools.reduce(pc.or_, failing))
         failed = [i for i, good in enumerate(ok.to_pylist()) if not good]
-        plain = {name: array.filter(ok) for name, array in plain.items()}
-    arrays = []
-    for name, kind in COLUMNS_BY_VERSION[version]:
-        array = _from_text(kind, plain[name]) if kind in _TEXT_KINDS else plain[name]
-        arrays.append(pc.dictionary_encode(array) if name in PACKED_COLUMNS else array)
+        # a dictionary still holds the refused values after a filter: encoded again, from the rows kept
+        plain = {name: pc.dictionary_encode(array.filter(ok).dictionary_decode())
+                 if isinstance(array, pa.DictionaryArray) and _KINDS[name] in _TEXT_KINDS else array.filter(ok)
+                 for name, array in plain.items()}
+    arrays = [_converted(kind, plain[name]) for name, kind in COLUMNS_BY_VERSION[version]]
     return pa.Table.from_arrays(arrays, names=names, metadata={"FocusVersion": version}), failed
+
+
+def _converted(kind: str, array: pa.Array) -> pa.Array:
+    """A column as packed: money, quantities and times converted from their text (a dictionary's values only)."""
+    if kind not in _TEXT_KINDS:
+        return array
+    if isinstance(array, pa.DictionaryArray):
+        return pa.DictionaryArray.from_arrays(array.indices, _from_text(kind, array.dictionary))
+    return _from_text(kind, array)
 
 
 def _failing(plain: Mapping[str, pa.Array], version: str) -> list[pa.Array]:
     """Which rows fail what `ROW_STRUCTS` leaves to bulk checks (`_BULK_PATTERNS`, currencies, real dates, and the
     quantities only a correction may leave null): a mask a failed check, none when every row passes (then one or
-    two Arrow calls a checked column: a pack's fixed cost is its calls into Arrow)."""
+    two Arrow calls a checked column: a pack's fixed cost is its calls into Arrow). A dictionary-encoded column's
+    values are checked once each."""
     failing = []
     quantities = [plain[name] for name in sorted(CORRECTION_NULLS)]
     if any(quantity.null_count for quantity in quantities):
         failing.append(pc.and_(pc.is_null(plain["ChargeClass"]),
                                functools.reduce(pc.or_, map(pc.is_null, quantities))))
     for name, kind in COLUMNS_BY_VERSION[version]:
-        text = plain[name]
+        array = plain[name]
         pattern = _BULK_CURRENCY if name in CURRENCY_COLUMNS else _BULK_PATTERNS.get(kind)
+        text = array.dictionary if isinstance(array, pa.DictionaryArray) else array
         if pattern is None or text.null_count == len(text):
             continue
         matched = pc.match_substring_regex(text, pattern)
-        if matched.false_count:
-            failing.append(pc.invert(pc.fill_null(matched, True)))
+        wrong = [pc.invert(pc.fill_null(matched, True))] if matched.false_count else []
         if kind == "datetime":
-            failing += _wrong_dates(text)
+            wrong += _wrong_dates(text)
+        if wrong and text is not array:
+            wrong = [pc.fill_null(pc.take(mask, array.indices), False) for mask in wrong]
+        failing += wrong
     return failing
 
 
