@@ -249,6 +249,10 @@ class _Columns:
         return [flat[name] if name in flat else pa.concat_arrays(self._json_chunks[name]) for name in self._names]
 
 
+#: FOCUS version -> the versions a value is decoded as, that one first
+_TRIES: Final = {version: (version, *(v for v in FOCUS_VERSIONS if v != version)) for version in FOCUS_VERSIONS}
+
+
 def _pack(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]:
     built: dict[str, _Columns] = {}
     refused: list[tuple[int, str]] = []
@@ -257,21 +261,11 @@ def _pack(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]
     #: the first as `row_version` guesses, which is wrong for a 1.4 row with a tag named ProviderName
     guess = row_version(values[0]) if values else FOCUS_VERSION
     for start in range(0, len(values), DECODE_ROWS):
-        decoded: dict[str, tuple[list[int], list[Any]]] = {}
-        for index in range(start, min(start + DECODE_ROWS, len(values))):
-            value = values[index]
-            for version in (guess, *(v for v in FOCUS_VERSIONS if v != guess)):
-                try:
-                    row = ROW_STRUCTS[version].decode(value)
-                except (msgspec.DecodeError, RecursionError):
-                    continue
-                indexes, rows = decoded.setdefault(version, ([], []))
-                indexes.append(index)
-                rows.append(row)
-                guess = version
-                break
-            else:
-                refused.append((index, _refusal(value)))
+        chunk = values[start:start + DECODE_ROWS]
+        try:  # nearly always: every value of the chunk a row of that version
+            decoded = {guess: (list(range(start, start + len(chunk))), list(map(ROW_STRUCTS[guess].decode, chunk)))}
+        except (msgspec.DecodeError, RecursionError):
+            decoded, guess = _decoded_one_by_one(chunk, start, guess, refused)
         for version, (indexes, rows) in decoded.items():
             built.setdefault(version, _Columns(version)).add(indexes, rows)
     tables = []
@@ -282,6 +276,27 @@ def _pack(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]
             left_out = set(failed)
             tables.append(Packed(table, [index for i, index in enumerate(columns.indexes) if i not in left_out]))
     return tables, sorted(refused)
+
+
+def _decoded_one_by_one(chunk: Sequence[bytes], start: int, guess: str, refused: list[tuple[int, str]],
+                        ) -> tuple[dict[str, tuple[list[int], list[Any]]], str]:
+    """The values of a chunk (the first at index `start`) decoded one by one, by version (each as the version of
+    the one before first), and the version of the last; those no version decodes added to `refused`."""
+    decoded: dict[str, tuple[list[int], list[Any]]] = {}
+    for index, value in enumerate(chunk, start):
+        for version in _TRIES[guess]:
+            try:
+                row = ROW_STRUCTS[version].decode(value)
+            except (msgspec.DecodeError, RecursionError):
+                continue
+            indexes, rows = decoded.setdefault(version, ([], []))
+            indexes.append(index)
+            rows.append(row)
+            guess = version
+            break
+        else:
+            refused.append((index, _refusal(value)))
+    return decoded, guess
 
 
 def _packed(columns: _Columns, version: str) -> tuple[pa.Table, list[int]]:
