@@ -304,7 +304,7 @@ def _packed(columns: _Columns, version: str) -> tuple[pa.Table, list[int]]:
     and the positions of those that do not. The repeating columns are dictionary-encoded first, so that a time or a
     unit price is checked and converted once a distinct value."""
     names = [name for name, _ in COLUMNS_BY_VERSION[version]]
-    plain = {name: pc.dictionary_encode(array) if name in PACKED_COLUMNS else array
+    plain = {name: _encoded(array) if name in PACKED_COLUMNS else array
              for name, array in zip(names, columns.arrays(), strict=True)}
     failing = _failing(plain, version)  # a mask a failed check
     if columns.wrong_json:
@@ -321,6 +321,13 @@ def _packed(columns: _Columns, version: str) -> tuple[pa.Table, list[int]]:
                  for name, array in plain.items()}
     arrays = [_converted(kind, plain[name]) for name, kind in COLUMNS_BY_VERSION[version]]
     return pa.Table.from_arrays(arrays, names=names, metadata={"FocusVersion": version}), failed
+
+
+def _encoded(array: pa.Array) -> pa.DictionaryArray:
+    """A column dictionary-encoded; a column of nulls (a third of them, most of the time) without a hash table."""
+    if array.null_count == len(array):
+        return pa.nulls(len(array), pa.dictionary(pa.int32(), array.type))
+    return pc.dictionary_encode(array)
 
 
 def _converted(kind: str, array: pa.Array) -> pa.Array:
