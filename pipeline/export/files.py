@@ -192,10 +192,11 @@ def _collector_paused() -> Iterator[None]:
 #: scattered over the heap) are still in the CPU's caches when converted and freed: 2,048 at once took ~40 % longer
 DECODE_ROWS: Final = 256
 #: the Arrow type of a struct field's values as converted (`_Columns`): money, quantities and times as text, to be
-#: checked and converted by Arrow (`_packed`); JSON apart (`_Columns._json`)
+#: checked and converted by Arrow (`_packed`); JSON apart (`_Columns._json_array`)
 _DECODED_TYPES: Final[Mapping[str, pa.DataType]] = {**_ARROW_TYPES, **{kind: pa.string() for kind in PATTERNS}}
 
 
+#: a JSON null as a struct holds it (a JSON column's type is msgspec.Raw, which takes no None)
 _NULL_JSON: Final = msgspec.Raw(b"null")
 
 
@@ -585,9 +586,6 @@ class DayIds:
         self.late = np.sort(np.concatenate([self.late, hashes]))
         if len(self.late) * 8 > len(self.sealed):
             self.sealed, self.late = np.sort(np.concatenate([self.sealed, self.late])), self.late[:0]
-
-    def __len__(self) -> int:
-        return len(self.sealed) + len(self.late)
 
 
 def _in_sorted(sorted_hashes: npt.NDArray[np.int64], hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
