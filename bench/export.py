@@ -9,7 +9,7 @@ Both are measured in this run, against a baseline of the same run:
               take ~1.5 CPU s, a fifth of the whole at 150k rows); rounds alternate base and head, so that the
               load hits both alike
   dedupe      the row ids of --rows-per-day rows arriving flush by flush (--flush-s apart): as the exporter
-              held them before (a set of id strings a day) and as it holds them now (`HashedIds`), tracemalloc
+              held them before (a set of id strings a day) and as it holds them now (`DayIds`), tracemalloc
               after the day and at its peak; the exporter keeps LEDGER_DAYS days
 Prints the ratios and writes bench/results/export.svg.
 
@@ -33,11 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
+
 from bench.chart import bar_chart
-from pipeline.export.files import LEDGER_DAYS
+from pipeline.export.files import LEDGER_DAYS, DayIds
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.topics import ensure_topics
-from pipeline.pricing.dedupe import HashedIds, id_hash
+from pipeline.pricing.dedupe import id_hash
 from schemas.config import KafkaConfig
 from schemas.topics import TopicNames
 from tests.integration.focus_traffic import focus_messages, produce
@@ -129,18 +131,16 @@ def held(fill: Callable[[range], object], rows: int, per_flush: int) -> tuple[fl
 def dedupe_memory(rows_per_day: int, flush_s: float) -> dict[str, tuple[float, float]]:
     per_flush = max(1, round(rows_per_day * flush_s / 86_400))
     old: set[str] = set()
-    new = HashedIds()
+    new = DayIds(np.empty(0, np.int64))
 
     def fill_old(rows: range) -> None:  # the exporter's RowLedger before: a set of the id strings a day
         old.update(row_id(row) for row in rows)
 
-    def fill_new(rows: range) -> None:  # now: 64-bit hashes, sealed into sorted arrays as they grow
-        for row in rows:
-            new.add(id_hash(row_id(row)))
-        new.seal_if_due()
+    def fill_new(rows: range) -> None:  # now: 64-bit hashes in sorted arrays, a flush's at once
+        new.add(np.fromiter((id_hash(row_id(row)) for row in rows), np.int64))
 
     return {"set of id strings (before)": held(fill_old, rows_per_day, per_flush),
-            "HashedIds (now)": held(fill_new, rows_per_day, per_flush)}
+            "DayIds (now)": held(fill_new, rows_per_day, per_flush)}
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from pipeline.export.files import (
     ARROW_SCHEMAS,
+    PARQUET_OPTIONS,
     focus_dir,
     fsync_dir,
     partition_dir,
@@ -177,7 +178,7 @@ def _merge(sources: Sequence[Path], into: Path, version: str, first_index: int =
                     writer.close()
                     _fsync(path)
                 path = into / f"part-{stamp}-compacted-{first_index + len(counts):04d}.parquet"
-                writer = pq.ParquetWriter(path, schema, compression="zstd")
+                writer = pq.ParquetWriter(path, schema, **PARQUET_OPTIONS)
                 counts.append(0)
             writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
             counts[-1] += group.num_rows

@@ -56,8 +56,8 @@ EXPORTER_GROUP = "spendstream-exporter"
 #: records per fetch
 FETCH_RECORDS: Final = 5_000
 #: fetched records wait (~3.3 KB each) until this many do, then are packed together, every partition's at once: a
-#: pack costs ~3-5 ms however few its rows (a call or two into Arrow a column), ~25 us a row besides; more at once
-#: cost more a row again (~5 KB a decoded row: more memory to touch)
+#: pack costs ~2-3 ms however few its rows (a few calls into Arrow a column), ~12-15 us a row besides (decoded
+#: `files.DECODE_ROWS` at a time); 4,096 or 8,192 at once cost no less a row
 PACK_ROWS: Final = 2_048
 #: the first compaction pass runs this long after start (or after compact_every_s, if sooner)
 FIRST_COMPACTION_S: Final = 30.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import gc
+import operator
 import os
 import time
 import uuid
@@ -30,17 +31,21 @@ from typing import Any, Final
 
 import duckdb
 import msgspec
+import numpy as np
+import numpy.typing as npt
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from msgspec.structs import astuple
 
-from pipeline.pricing.dedupe import HashedIds, id_hash
+from pipeline.pricing.dedupe import id_hash
 from schemas.errors import SchemaError
 from schemas.focus import (
     COLUMNS_BY_VERSION,
     CORRECTION_NULLS,
+    CURRENCY_COLUMNS,
+    CURRENCY_PATTERN,
     FOCUS_VERSION,
     FOCUS_VERSIONS,
     JSON_VALUES,
@@ -96,8 +101,8 @@ _TEXT_KINDS: Final = frozenset(PATTERNS)
 _BULK_PATTERNS: Final[Mapping[str, str]] = {
     **{kind: pattern.replace(r"\Z", r"\z") for kind, pattern in PATTERNS.items()},
     "datetime": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]Z\z"}
+_BULK_CURRENCY: Final = CURRENCY_PATTERN.replace(r"\Z", r"\z")
 _PER_REQUEST: Final = frozenset({"x_RowId", "x_UsageId", "x_TraceId", "x_SpanId"})
-_PACKED_TEXT: Final = pa.dictionary(pa.int32(), pa.string())
 #: columns whose values repeat from row to row, dictionary-encoded while rows wait to be written: every text,
 #: JSON and time column but the per-request ids, and the unit prices
 PACKED_COLUMNS: Final = frozenset(
@@ -119,30 +124,6 @@ def _plain_array(kind: str, values: Sequence[Any]) -> pa.Array:
     if kind == "json":
         return pa.array([None if v is None else orjson.dumps(v) for v in values], pa.string())
     return pa.array(values, type=_ARROW_TYPES[kind])
-
-
-def _raw_json_array(values: Sequence[msgspec.Raw]) -> tuple[pa.Array, list[pa.Array]]:
-    """A JSON column from its raw values (`ROW_STRUCTS`), as `_plain_array` makes it from decoded ones but
-    dictionary-encoded, and which values `JSON_VALUES` refuses (null in the column), as `_failing`. The values
-    repeat (a team's tags, a price's details): each distinct one is decoded once."""
-    positions: dict[bytes, int | None] = {}
-    texts: list[bytes] = []
-    indices: list[int | None] = []
-    wrong: set[bytes] = set()
-    for raw in values:
-        text = bytes(raw)
-        if text not in positions:
-            try:
-                decoded = JSON_VALUES.decode(text)
-            except (msgspec.DecodeError, RecursionError):
-                decoded = None
-                wrong.add(text)
-            positions[text] = None if decoded is None else len(texts)
-            if decoded is not None:
-                texts.append(orjson.dumps(decoded))
-        indices.append(positions[text])
-    array = pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(texts, pa.string()))
-    return array, [pa.array([bytes(raw) in wrong for raw in values])] if wrong else []
 
 
 def _from_text(kind: str, text: pa.Array) -> pa.Array:
@@ -207,15 +188,104 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+#: values decoded and turned into Arrow columns this many at a time, so that their decoded objects (~5 KB a value,
+#: scattered over the heap) are still in the CPU's caches when converted and freed: 2,048 at once took ~40 % longer
+DECODE_ROWS: Final = 256
+#: the Arrow type of a struct field's values as converted (`_Columns`): money, quantities and times as text, to be
+#: checked and converted by Arrow (`_packed`); JSON apart (`_Columns._json_array`)
+_DECODED_TYPES: Final[Mapping[str, pa.DataType]] = {**_ARROW_TYPES, **{kind: pa.string() for kind in PATTERNS}}
+
+
+#: a JSON null as a struct holds it (a JSON column's type is msgspec.Raw, which takes no None)
+_NULL_JSON: Final = msgspec.Raw(b"null")
+
+
+class _Columns:
+    """The Arrow columns of the values of one FOCUS version a pack decoded (`ROW_STRUCTS`), converted DECODE_ROWS
+    values at a time, the values' indexes in the pack, and which of them hold a JSON value `JSON_VALUES` refuses."""
+
+    def __init__(self, version: str) -> None:
+        columns = COLUMNS_BY_VERSION[version]
+        self._names = [name for name, _ in columns]
+        #: a struct's fields but the JSON ones, as a tuple (its fields are the columns, in order), and their Arrow
+        #: struct type: a chunk's are converted by one call into Arrow (a call a column took a fifth more)
+        self._fields = operator.itemgetter(*[i for i, (_, kind) in enumerate(columns) if kind != "json"])
+        self._type = pa.struct([(name, _DECODED_TYPES[kind]) for name, kind in columns if kind != "json"])
+        self._structs: list[pa.StructArray] = []
+        self._json_chunks: dict[str, list[pa.Array]] = {name: [] for name, kind in columns if kind == "json"}
+        self.indexes: list[int] = []
+        #: positions (among this version's values) of those with a JSON value JSON_VALUES refuses
+        self.wrong_json: list[int] = []
+        #: a JSON value as written -> as the files hold it (None: null, or refused: `_wrong`)
+        self._json: dict[bytes, bytes | None] = {}
+        self._wrong: set[bytes] = set()
+
+    def add(self, indexes: Sequence[int], rows: Sequence[Any]) -> None:
+        first = len(self.indexes)
+        self.indexes += indexes
+        self._structs.append(pa.array(list(map(self._fields, map(astuple, rows))), self._type))
+        for name, chunks in self._json_chunks.items():
+            chunks.append(self._json_array(list(map(operator.attrgetter(name), rows)), first))
+
+    def _json_array(self, values: Sequence[msgspec.Raw], first: int) -> pa.Array:
+        """A JSON column from its raw values, as `_plain_array` makes it from decoded ones. The values repeat (a
+        team's tags, a price's details): each distinct one is decoded once a pack."""
+        if values.count(_NULL_JSON) == len(values):  # most JSON columns are null on every row: no copy, no lookup
+            return pa.nulls(len(values), pa.string())
+        texts = list(map(bytes, values))
+        for text in set(texts).difference(self._json):
+            try:
+                decoded = JSON_VALUES.decode(text)
+            except (msgspec.DecodeError, RecursionError):
+                decoded = None
+                self._wrong.add(text)
+            self._json[text] = None if decoded is None else orjson.dumps(decoded)
+        if not self._wrong.isdisjoint(texts):
+            self.wrong_json += [first + i for i, text in enumerate(texts) if text in self._wrong]
+        return pa.array(list(map(self._json.__getitem__, texts)), pa.string())
+
+    def arrays(self) -> list[pa.Array]:
+        """The columns, in order."""
+        flat = dict(zip(self._type.names, pa.concat_arrays(self._structs).flatten(), strict=True))
+        return [flat[name] if name in flat else pa.concat_arrays(self._json_chunks[name]) for name in self._names]
+
+
+#: FOCUS version -> the versions a value is decoded as, that one first
+_TRIES: Final = {version: (version, *(v for v in FOCUS_VERSIONS if v != version)) for version in FOCUS_VERSIONS}
+
+
 def _pack(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]:
-    decoded: dict[str, tuple[list[int], list[Any]]] = {}
+    built: dict[str, _Columns] = {}
     refused: list[tuple[int, str]] = []
     #: each value is decoded as the version of the one before first (a topic's rows are nearly always of one
     #: version: `row_version`'s look through the whole value for a column name took a tenth of the packing's time);
     #: the first as `row_version` guesses, which is wrong for a 1.4 row with a tag named ProviderName
     guess = row_version(values[0]) if values else FOCUS_VERSION
-    for index, value in enumerate(values):
-        for version in (guess, *(v for v in FOCUS_VERSIONS if v != guess)):
+    for start in range(0, len(values), DECODE_ROWS):
+        chunk = values[start:start + DECODE_ROWS]
+        try:  # nearly always: every value of the chunk a row of that version
+            decoded = {guess: (list(range(start, start + len(chunk))), list(map(ROW_STRUCTS[guess].decode, chunk)))}
+        except (msgspec.DecodeError, RecursionError):
+            decoded, guess = _decoded_one_by_one(chunk, start, guess, refused)
+        for version, (indexes, rows) in decoded.items():
+            built.setdefault(version, _Columns(version)).add(indexes, rows)
+    tables = []
+    for version, columns in built.items():
+        table, failed = _packed(columns, version)
+        refused += [(columns.indexes[i], _refusal(values[columns.indexes[i]])) for i in failed]
+        if table.num_rows:
+            left_out = set(failed)
+            tables.append(Packed(table, [index for i, index in enumerate(columns.indexes) if i not in left_out]))
+    return tables, sorted(refused)
+
+
+def _decoded_one_by_one(chunk: Sequence[bytes], start: int, guess: str, refused: list[tuple[int, str]],
+                        ) -> tuple[dict[str, tuple[list[int], list[Any]]], str]:
+    """The values of a chunk (the first at index `start`) decoded one by one, by version (each as the version of
+    the one before first), and the version of the last; those no version decodes added to `refused`."""
+    decoded: dict[str, tuple[list[int], list[Any]]] = {}
+    for index, value in enumerate(chunk, start):
+        for version in _TRIES[guess]:
             try:
                 row = ROW_STRUCTS[version].decode(value)
             except (msgspec.DecodeError, RecursionError):
@@ -227,66 +297,72 @@ def _pack(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, str]]]
             break
         else:
             refused.append((index, _refusal(value)))
-    tables = []
-    for version, (indexes, rows) in decoded.items():
-        table, failed = _packed(rows, version)
-        refused += [(indexes[i], _refusal(values[indexes[i]])) for i in failed]
-        if table.num_rows:
-            left_out = set(failed)
-            tables.append(Packed(table, [index for i, index in enumerate(indexes) if i not in left_out]))
-    return tables, sorted(refused)
+    return decoded, guess
 
 
-def _packed(rows: Sequence[Any], version: str) -> tuple[pa.Table, list[int]]:
-    """Decoded rows (`ROW_STRUCTS`) of one FOCUS version -> a packed table of those that pass the bulk checks, and
-    the positions of those that do not."""
-    columns = COLUMNS_BY_VERSION[version]
-    by_column = zip(*map(astuple, rows), strict=True)  # a struct's fields are the columns, in order
-    plain: dict[str, pa.Array] = {}
-    failing: list[pa.Array] = []  # a mask a failed check
-    for (name, kind), values in zip(columns, by_column, strict=True):
-        if kind == "json":
-            plain[name], wrong = _raw_json_array(values)
-            failing += wrong
-        elif kind == "string" and name in PACKED_COLUMNS:
-            plain[name] = pa.array(values, _PACKED_TEXT)  # dictionary-encoded as converted
-        else:
-            plain[name] = _plain_array(kind, values)
-    failing += _failing(plain, version)
+def _packed(columns: _Columns, version: str) -> tuple[pa.Table, list[int]]:
+    """The columns of decoded values of one FOCUS version -> a packed table of the values that pass the bulk checks,
+    and the positions of those that do not. The repeating columns are dictionary-encoded first, so that a time or a
+    unit price is checked and converted once a distinct value."""
+    names = [name for name, _ in COLUMNS_BY_VERSION[version]]
+    plain = {name: _encoded(array) if name in PACKED_COLUMNS else array
+             for name, array in zip(names, columns.arrays(), strict=True)}
+    failing = _failing(plain, version)  # a mask a failed check
+    if columns.wrong_json:
+        wrong = np.zeros(len(columns.indexes), np.bool_)
+        wrong[columns.wrong_json] = True
+        failing.append(pa.array(wrong))
     failed: list[int] = []
     if failing:
         ok = pc.invert(functools.reduce(pc.or_, failing))
         failed = [i for i, good in enumerate(ok.to_pylist()) if not good]
-        plain = {name: array.filter(ok) for name, array in plain.items()}
-    arrays = []
-    for name, kind in columns:
-        array = plain[name]
-        if kind in _TEXT_KINDS:
-            array = _from_text(kind, array)
-            if name in PACKED_COLUMNS:
-                array = pc.dictionary_encode(array)
-        arrays.append(array)
-    return pa.Table.from_arrays(arrays, names=[name for name, _ in columns], metadata={"FocusVersion": version}), failed
+        # a dictionary still holds the refused values after a filter: encoded again, from the rows kept
+        plain = {name: pc.dictionary_encode(array.filter(ok).dictionary_decode())
+                 if isinstance(array, pa.DictionaryArray) and _KINDS[name] in _TEXT_KINDS else array.filter(ok)
+                 for name, array in plain.items()}
+    arrays = [_converted(kind, plain[name]) for name, kind in COLUMNS_BY_VERSION[version]]
+    return pa.Table.from_arrays(arrays, names=names, metadata={"FocusVersion": version}), failed
+
+
+def _encoded(array: pa.Array) -> pa.DictionaryArray:
+    """A column dictionary-encoded; a column of nulls (a third of them, most of the time) without a hash table."""
+    if array.null_count == len(array):
+        return pa.nulls(len(array), pa.dictionary(pa.int32(), array.type))
+    return pc.dictionary_encode(array)
+
+
+def _converted(kind: str, array: pa.Array) -> pa.Array:
+    """A column as packed: money, quantities and times converted from their text (a dictionary's values only)."""
+    if kind not in _TEXT_KINDS:
+        return array
+    if isinstance(array, pa.DictionaryArray):
+        return pa.DictionaryArray.from_arrays(array.indices, _from_text(kind, array.dictionary))
+    return _from_text(kind, array)
 
 
 def _failing(plain: Mapping[str, pa.Array], version: str) -> list[pa.Array]:
-    """Which rows fail what `ROW_STRUCTS` leaves to bulk checks (`_BULK_PATTERNS`, real dates, and the quantities
-    only a correction may leave null): a mask a failed check, none when every row passes (then one or two Arrow calls
-    a checked column: a pack's fixed cost is its calls into Arrow)."""
+    """Which rows fail what `ROW_STRUCTS` leaves to bulk checks (`_BULK_PATTERNS`, currencies, real dates, and the
+    quantities only a correction may leave null): a mask a failed check, none when every row passes (then one or
+    two Arrow calls a checked column: a pack's fixed cost is its calls into Arrow). A dictionary-encoded column's
+    values are checked once each."""
     failing = []
     quantities = [plain[name] for name in sorted(CORRECTION_NULLS)]
     if any(quantity.null_count for quantity in quantities):
         failing.append(pc.and_(pc.is_null(plain["ChargeClass"]),
                                functools.reduce(pc.or_, map(pc.is_null, quantities))))
     for name, kind in COLUMNS_BY_VERSION[version]:
-        text = plain[name]
-        if kind not in _TEXT_KINDS or text.null_count == len(text):
+        array = plain[name]
+        pattern = _BULK_CURRENCY if name in CURRENCY_COLUMNS else _BULK_PATTERNS.get(kind)
+        text = array.dictionary if isinstance(array, pa.DictionaryArray) else array
+        if pattern is None or text.null_count == len(text):
             continue
-        matched = pc.match_substring_regex(text, _BULK_PATTERNS[kind])
-        if matched.false_count:
-            failing.append(pc.invert(pc.fill_null(matched, True)))
+        matched = pc.match_substring_regex(text, pattern)
+        wrong = [pc.invert(pc.fill_null(matched, True))] if matched.false_count else []
         if kind == "datetime":
-            failing += _wrong_dates(text)
+            wrong += _wrong_dates(text)
+        if wrong and text is not array:
+            wrong = [pc.fill_null(pc.take(mask, array.indices), False) for mask in wrong]
+        failing += wrong
     return failing
 
 
@@ -376,10 +452,17 @@ def fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
+#: how every FOCUS file is written (`pq.ParquetWriter` options): zstd, and dictionary pages for every column but the
+#: per-request ids, whose values never repeat: the writer built a dictionary for each until it gave up, which cost
+#: ~10 % of a write and made request files ~1.7x larger
+PARQUET_OPTIONS: Final[Mapping[str, Any]] = {"compression": "zstd",
+                                             "use_dictionary": sorted(set(_KINDS) - _PER_REQUEST)}
+
+
 def write_atomically(table: pa.Table, target: Path) -> None:
     """Write `table` to `target` so that no reader ever sees a partial file."""
     with replacing(target) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, **PARQUET_OPTIONS)
 
 
 def write_tables(root: Path, period: str, day: str, tables: Iterable[pa.Table], schema: pa.Schema) -> int:
@@ -392,7 +475,7 @@ def write_tables(root: Path, period: str, day: str, tables: Iterable[pa.Table], 
         try:
             for table in tables:
                 if table.num_rows:
-                    writer = writer or pq.ParquetWriter(tmp, schema, compression="zstd")
+                    writer = writer or pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS)
                     writer.write_table(table)
                     rows += table.num_rows
         finally:
@@ -484,34 +567,69 @@ def writer_lock(data_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+class DayIds:
+    """The row ids of one charge date as 64-bit hashes, 8 bytes an id: a sorted array, and a sorted array of the
+    hashes added since they were last merged into it (merged once they are an eighth of it: each hash is copied
+    a few times, in C). A flush's hashes are looked up and added at once (numpy), not one by one in Python."""
+
+    __slots__ = ("late", "sealed")
+
+    def __init__(self, hashes: npt.NDArray[np.int64]) -> None:
+        self.sealed = np.sort(hashes)
+        self.late: npt.NDArray[np.int64] = np.empty(0, np.int64)
+
+    def holds(self, hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which of `hashes` it holds."""
+        return _in_sorted(self.sealed, hashes) | _in_sorted(self.late, hashes)
+
+    def add(self, hashes: npt.NDArray[np.int64]) -> None:
+        self.late = np.sort(np.concatenate([self.late, hashes]))
+        if len(self.late) * 8 > len(self.sealed):
+            self.sealed, self.late = np.sort(np.concatenate([self.sealed, self.late])), self.late[:0]
+
+
+def _in_sorted(sorted_hashes: npt.NDArray[np.int64], hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Which of `hashes` are in `sorted_hashes`, by bisection."""
+    if not len(sorted_hashes):
+        return np.zeros(len(hashes), np.bool_)
+    at = np.searchsorted(sorted_hashes, hashes).clip(max=len(sorted_hashes) - 1)
+    found: npt.NDArray[np.bool_] = sorted_hashes[at] == hashes
+    return found
+
+
+def _hashes(row_ids: Iterable[str]) -> npt.NDArray[np.int64]:
+    return np.fromiter(map(id_hash, row_ids), np.int64)
+
+
 class RowLedger:
     """Which row ids are already in the files, per charge date, loaded from the files on demand.
 
     Redelivered rows (the exporter or a worker restarted before committing, a partition that moved)
-    carry the same x_RowId and are dropped here. A day's ids are held as 64-bit hashes, 8-16 bytes an
-    id (`HashedIds`, shared with the pricing stage's usage dedupe) where a set of the id strings took
-    about 147; a hash that matches is confirmed against the day's files and the ids of the write in
-    progress, so two ids that share a hash are both written. Only the last few days touched are
-    kept in memory; an older day is read back from its files when a late row for it arrives.
-    Compaction keeps the rows of a day, so a day's ids are the same before and after it. Not
+    carry the same x_RowId and are dropped here. A day's ids are held as 64-bit hashes, 8 bytes an
+    id (`DayIds`; the hash is `id_hash`, shared with the pricing stage's usage dedupe) where a set of
+    the id strings took about 147; a hash that matches is confirmed against the day's files and the
+    ids of the write in progress, so two ids that share a hash are both written. Only the last few
+    days touched are kept in memory; an older day is read back from its files when a late row for it
+    arrives. Compaction keeps the rows of a day, so a day's ids are the same before and after it. Not
     thread-safe: one writer at a time, holding `writer_lock`.
     """
 
     def __init__(self, root: Path, max_days: int = LEDGER_DAYS) -> None:
         self._root = root
         self._max_days = max_days
-        self._days: OrderedDict[tuple[str, str], HashedIds] = OrderedDict()
+        self._days: OrderedDict[tuple[str, str], DayIds] = OrderedDict()
         #: per day: the ids `fresh` gave out since the day's last `written`, not in its files yet
         self._pending: dict[tuple[str, str], list[pa.Array]] = {}
 
     def _files(self, period: str, day: str) -> list[Path]:
         return sorted(partition_dir(self._root, period, day).glob("part-*.parquet"))
 
-    def _ids(self, period: str, day: str) -> HashedIds:
+    def _ids(self, period: str, day: str) -> DayIds:
         key = (period, day)
         if key not in self._days:
-            self._days[key] = HashedIds(id_hash(row_id) for path in self._files(period, day)
-                                        for row_id in pq.read_table(path, columns=["x_RowId"]).column(0).to_pylist())
+            self._days[key] = DayIds(np.concatenate(
+                [_hashes(pq.read_table(path, columns=["x_RowId"]).column(0).to_pylist())
+                 for path in self._files(period, day)] or [np.empty(0, np.int64)]))
             while len(self._days) > self._max_days:
                 self._days.popitem(last=False)
         self._days.move_to_end(key)
@@ -522,16 +640,19 @@ class RowLedger:
         the fresh ones as being written, until `written` or `forget`."""
         ids = self._ids(period, day)
         strings = row_ids.to_pylist()
-        out = [ids.add(id_hash(row_id)) for row_id in strings]
-        matched = {strings[i] for i, new in enumerate(out) if not new}
-        if matched:  # a redelivery, or rarely another id with the same hash: which, exactly
+        hashes = _hashes(strings)
+        new = np.zeros(len(hashes), np.bool_)
+        new[np.unique(hashes, return_index=True)[1]] = True  # the first of each hash
+        new &= ~ids.holds(hashes)
+        if not new.all():  # a redelivery, or rarely another id with the same hash: which, exactly
+            matched = {strings[i] for i in np.flatnonzero(~new)}
             known = self._known(period, day, matched)
             for i, row_id in enumerate(strings):
                 if row_id in matched and row_id not in known:  # the first of it: new
-                    out[i] = True
+                    new[i] = True
                     known.add(row_id)
-        ids.seal_if_due()
-        keep = pa.array(out, pa.bool_())
+        ids.add(hashes[new])
+        keep = pa.array(new, pa.bool_())
         self._pending.setdefault((period, day), []).append(row_ids.filter(keep))
         return keep
 

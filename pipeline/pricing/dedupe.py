@@ -35,7 +35,7 @@ def id_hash(usage_id: str) -> int:
 
 class HashedIds:
     """A set of 64-bit id hashes at about 8 bytes an id: sorted arrays searched by bisection, plus a set of the
-    hashes added since the last `seal`. Also the exporter's row ledger (pipeline/export/files.py)."""
+    hashes added since the last `seal`."""
 
     __slots__ = ("late", "sealed")
 

@@ -30,6 +30,7 @@ from pipeline.export.compaction import (
 from pipeline.export.files import (
     ARROW_SCHEMA,
     ARROW_SCHEMAS,
+    DECODE_ROWS,
     RowLedger,
     focus_dir,
     pack_values,
@@ -208,7 +209,8 @@ def test_pack_values_refuses_what_decode_row_refuses_with_its_reason() -> None:
         changed(ChargePeriodStart="2026-02-29T00:00:00Z"),
         changed(ChargePeriodEnd="2026-11-20T24:00:00Z"), changed(ChargePeriodEnd="2026-11-20T23:59:60Z"),
         changed(BillingPeriodStart="0000-01-01T00:00:00Z"), changed(ChargePeriodStart="2026-04-31T00:00:00Z"),
-        changed(ConsumedQuantity=None), changed(BillingCurrency="usd"), changed(x_Allocated=1),
+        changed(ConsumedQuantity=None), changed(BillingCurrency="usd"), changed(PricingCurrency="USD\n"),
+        changed(x_Allocated=1),
         changed(Tags={"nested": {"a": 1}}), changed(SkuPriceDetails=[1]), changed(x_RequestCount=1.5),
         changed(ChargeCategory="Purchase"), changed(x_RowId=""),
         # Python's `$` matches before a trailing newline, RE2's (and focus_row.schema.json's) does not
@@ -220,6 +222,29 @@ def test_pack_values_refuses_what_decode_row_refuses_with_its_reason() -> None:
         [rows], refused = pack_values([valid, value, *others])
         assert refused == [(1, str(error.value))], value[:200]
         assert unpack(rows.table).equals(expected_table([valid, *others]))
+
+
+def test_a_pack_decoded_a_chunk_at_a_time_keeps_each_values_place_and_refusal() -> None:
+    """Values are decoded and converted DECODE_ROWS at a time: a refused value (by msgspec, a bulk check or its JSON)
+    or a row of the other version in any chunk leaves the others' order and the reasons as one chunk would."""
+    values = focus_values(DECODE_ROWS + 30)  # 3 rows a call: more than three chunks
+    row = orjson.loads(values[0])
+    values[3] = b"{}"
+    values[DECODE_ROWS + 1] = orjson.dumps({**row, "Tags": {"nested": {"a": 1}}})
+    values[2 * DECODE_ROWS - 1] = orjson.dumps({**row, "BillingCurrency": "USD\n"})
+    values[2 * DECODE_ROWS + 5:2 * DECODE_ROWS + 8] = focus_values(1, tag="v", version="1.2")
+    poisoned = [3, DECODE_ROWS + 1, 2 * DECODE_ROWS - 1]
+    [rows_1_4, rows_1_2], refused = pack_values(values)
+    assert [index for index, _ in refused] == poisoned
+    for index, reason in refused:
+        with pytest.raises(SchemaError) as error:
+            decode_row(values[index])
+        assert reason == str(error.value)
+    older = set(range(2 * DECODE_ROWS + 5, 2 * DECODE_ROWS + 8))
+    kept = [i for i in range(len(values)) if i not in older and i not in poisoned]
+    assert rows_1_4.indexes == kept
+    assert unpack(rows_1_4.table).equals(expected_table([values[i] for i in kept]))
+    assert unpack(rows_1_2.table).equals(expected_table([values[i] for i in sorted(older)], "1.2"))
 
 
 def test_the_rows_of_a_range_of_values_are_a_slice_of_their_versions_table() -> None:
