@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from pipeline.export import exporter as exporter_module
 from pipeline.export.exporter import EXPORTER_GROUP, FocusExporter
-from pipeline.export.files import RowLedger, Written
+from pipeline.export.files import RowLedger, Written, write_rows
 from pipeline.kafka.broker import EmbeddedBroker
 from pipeline.kafka.consumer import SESSION_TIMEOUT_MS
 from pipeline.kafka.producer import BatchProducer
@@ -173,7 +173,7 @@ def test_the_loop_runs_fetches_and_heartbeats_while_a_big_flush_is_written(
     messages = focus_messages(CALLS)
     produce(broker.bootstrap_servers, topics.cost_focus, messages)
     held = HeldFlush()
-    monkeypatch.setattr(exporter_module, "write_rows", held.wrap(exporter_module.write_rows))
+    monkeypatch.setattr(exporter_module, "write_rows", held.wrap(write_rows))
     commits = CommitCheck.install(monkeypatch, broker, topics, tmp_path / "data")
     # the first flush at 12,000 rows; room for all while it is held
     config = exporter_config(broker, topics, max_rows_per_file=12_000, max_buffered_rows=len(messages))
@@ -214,7 +214,7 @@ def test_a_rebalance_during_a_flush_commits_only_what_is_written_and_writes_noth
     messages = focus_messages(CALLS)
     produce(broker.bootstrap_servers, topics.cost_focus, messages)
     held = HeldFlush()
-    monkeypatch.setattr(exporter_module, "write_rows", held.wrap(exporter_module.write_rows))
+    monkeypatch.setattr(exporter_module, "write_rows", held.wrap(write_rows))
     data = tmp_path / "data"
     commits = CommitCheck.install(monkeypatch, broker, topics, data)
     # the first flush holds 20,000 of the 30,000 rows: some of each partition, whichever moves

@@ -284,7 +284,7 @@ def test_rows_of_both_focus_versions_are_held_and_written_apart(tmp_path: Path) 
     packed_rows, refused = pack_values([*rows_1_4[:15], *rows_1_2, orjson.dumps(tagged), *rows_1_4[15:]])
     assert refused == []
     tables = [rows.table for rows in packed_rows]
-    by_version = {}
+    by_version: dict[str, list[Any]] = {}
     for table in tables:
         by_version.setdefault(table_version(table), []).append(unpack(table))
     assert sorted(by_version) == ["1.2", "1.4"]

@@ -196,10 +196,11 @@ def test_spliced_rows_are_the_json_of_their_columns_for_tiny_costs_and_odd_text(
 
 def test_calls_differing_in_one_call_column_each_get_their_own_columns() -> None:
     base = event("gpt-4o-mini").to_dict() | {"tokens": TokenCounts(input_uncached=10, output=5)}
-    variants = [{}, {"operation": "text_completion"}, {"response_model": "gpt-4o-mini-2024-07-18"},
-                {"allocated": False}, {"service_tier": "flex"}, {"attribution": {"team": "ads"}},
-                {"attribution_key": "team=ads"}, {"start_time_unix_nano": base["start_time_unix_nano"] + 10**9},
-                {"id": "other-id", "trace_id": "other", "span_id": "id"}]
+    variants: list[dict[str, Any]] = [
+        {}, {"operation": "text_completion"}, {"response_model": "gpt-4o-mini-2024-07-18"}, {"allocated": False},
+        {"service_tier": "flex"}, {"attribution": {"team": "ads"}}, {"attribution_key": "team=ads"},
+        {"start_time_unix_nano": base["start_time_unix_nano"] + 10**9},
+        {"id": "other-id", "trace_id": "other", "span_id": "id"}]
     cat, billing = PriceCatalog(), Billing()  # the call columns' runs are cached per billing, price and attribution
     for changed in variants * 2:  # the second time from the cached runs
         call = UsageEvent(**base | changed)
