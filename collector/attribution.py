@@ -86,18 +86,38 @@ def attribution_key(values: Mapping[str, str], key_dimensions: tuple[str, ...]) 
     return "|".join([f"{dim}={values.get(dim, '')}" for dim in key_dimensions])
 
 
-def dimension_values(attrs: Attrs, config: AttributionConfig, max_chars: int) -> dict[str, str]:
-    """The dimensions one attribute map names (first configured name wins): a resource's, or a span's claims."""
-    values: dict[str, str] = {}
-    for dim, names in config.dimensions.items():
-        for name in names:
-            hit = attrs.get(name)
-            if hit is not None:
-                text = any_value_str(hit)
+class DimensionReader:
+    """Reads the attribution dimensions an attribute map names: for each dimension, the first of its configured
+    names whose value is a non-empty scalar, in the order of `config.dimensions`.
+
+    A span carries a handful of attributes and the configured names are a few dozen, so only the names it
+    carries are looked at (one set intersection, in C), not every configured name in turn.
+    """
+
+    def __init__(self, config: AttributionConfig) -> None:
+        # name -> (rank, dimension) of each place it is configured (a name may serve two dimensions); ranks follow
+        # the configuration, so sorting by rank gives each dimension's names in priority, dimension after dimension
+        where: dict[str, list[tuple[int, str, str]]] = {}
+        rank = 0
+        for dim, names in config.dimensions.items():
+            for name in names:
+                where.setdefault(name, []).append((rank, dim, name))
+                rank += 1
+        self._where = where
+        self._names = frozenset(where)
+
+    def read(self, attrs: Attrs, max_chars: int) -> dict[str, str]:
+        values: dict[str, str] = {}
+        present = self._names.intersection(attrs)
+        if not present:
+            return values
+        where = self._where
+        for _, dim, name in sorted([place for found in present for place in where[found]]):
+            if dim not in values:
+                text = any_value_str(attrs[name])
                 if text:
                     values[dim] = text[:max_chars]
-                    break
-    return values
+        return values
 
 
 class ResourceAttribution:
@@ -109,10 +129,12 @@ class ResourceAttribution:
     is settled once (its Attribution, `values` included, is shared by those calls: read it, never change it).
     """
 
-    def __init__(self, resource_values: Mapping[str, str], config: AttributionConfig,
+    def __init__(self, resource: Attrs, dimensions: DimensionReader, config: AttributionConfig,
                  identity: TokenIdentity | None, max_chars: int, *, user_key: bytes | None = None) -> None:
-        """`resource_values` is `dimension_values()` of the resource; `user_key` the HMAC key for user ids."""
-        self._resource_values = resource_values
+        """`resource`: the resource's attributes; `dimensions` reads `config`'s; `user_key`: the HMAC key for user
+        ids."""
+        self._dimensions = dimensions
+        self._resource_values = dimensions.read(resource, max_chars)
         self._config = config
         self._identity = identity
         self._max_chars = max_chars
@@ -121,7 +143,7 @@ class ResourceAttribution:
 
     def of(self, span_attrs: Attrs) -> Attribution:
         """The attribution of the call a span with these attributes made."""
-        claims = dimension_values(span_attrs, self._config, self._max_chars)
+        claims = self._dimensions.read(span_attrs, self._max_chars)
         seen = tuple(claims.items())
         who = self._settled.get(seen)
         if who is None:

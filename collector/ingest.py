@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector.attribution import Attribution, ResourceAttribution, TokenIdentity, dimension_values
+from collector.attribution import Attribution, DimensionReader, ResourceAttribution, TokenIdentity
 from collector.decode import RejectedSpan
 from collector.normalize import READ_KEYS, InvalidSpan, SpanUsage, normalize_span
 from collector.sampling import InvalidTraceState, adjusted_count, scaled
@@ -137,12 +137,16 @@ def prepare_request(
     result = IngestResult()
     limits = config.collector
     wanted = _read_keys(config.attribution)
+    dimensions = DimensionReader(config.attribution)
 
     def attribution_of(resource: dict[str, AnyValue]) -> ResourceAttribution:
-        return ResourceAttribution(dimension_values(resource, config.attribution, limits.max_value_chars),
-                                   config.attribution, identity, limits.max_value_chars, user_key=user_key)
+        return ResourceAttribution(resource, dimensions, config.attribution, identity, limits.max_value_chars,
+                                   user_key=user_key)
 
     candidates: list[tuple[UsageEvent, str | None]] = []
+    if received_ns is not None:  # the bounds tested inline: a call per span costs more than the test
+        earliest = received_ns - limits.max_lateness_s * _NS
+        latest = received_ns + limits.max_skew_s * _NS
     for resource_spans in request.resource_spans:
         resource = _attrs(resource_spans.resource.attributes, wanted)
         who_pays = attribution_of(resource)
@@ -161,9 +165,11 @@ def prepare_request(
                         continue
                     if len(trace_id) != 32 or len(span_id) != 16:
                         raise InvalidSpan("invalid_span_id", "trace_id must be 16 bytes and span_id 8 bytes")
-                    if received_ns is not None:
-                        check_start_time(span.start_time_unix_nano, received_ns, limits)
-                    count = _sampling_count(span.trace_state, result)
+                    start_ns = span.start_time_unix_nano
+                    if received_ns is not None and not earliest <= start_ns <= latest:
+                        check_start_time(start_ns, received_ns, limits)
+                    trace_state = span.trace_state
+                    count = _sampling_count(trace_state, result) if trace_state else None
                     if count is not None:
                         usage = _sampled(usage, count, limits.max_token_count)
                 except InvalidSpan as exc:
@@ -192,7 +198,7 @@ def prepare_request(
                 if count is not None:
                     result.outcomes["sampled"] += 1
                 parent = span.parent_span_id.hex() or None
-                event = _event(span, usage, who, ids=(trace_id, span_id), parent=parent, count=count)
+                event = _event(span, usage, who, ids=(trace_id, span_id), start_ns=start_ns, parent=parent, count=count)
                 candidates.append((event, parent))
     for item in rejected:
         _reject_undecodable(item, result, config, wanted, attribution_of)
@@ -263,10 +269,10 @@ def _event_fields(usage: SpanUsage, attribution: dict[str, str]) -> dict[str, ob
 
 
 def _sampling_count(trace_state: str, result: IngestResult) -> Fraction | None:
-    """The calls a span stands for when it was sampled; None for a measured call. A malformed threshold
-    counts the span as measured (and is counted): a broken tracestate must not lose the call."""
+    """The calls a span with a tracestate stands for when it was sampled; None for a measured call. A malformed
+    threshold counts the span as measured (and is counted): a broken tracestate must not lose the call."""
     try:
-        count = adjusted_count(trace_state) if trace_state else None
+        count = adjusted_count(trace_state)
     except InvalidTraceState:
         result.outcomes["malformed_tracestate"] += 1
         return None
@@ -301,10 +307,10 @@ def _count_text(count: Fraction) -> str:
     return format(exact.quantize(_COUNT_QUANTUM, context=_EXACT).normalize(), "f")
 
 
-def _event(span: Span, usage: SpanUsage, who: Attribution, *, ids: tuple[str, str], parent: str | None,
-           count: Fraction | None) -> UsageEvent:
-    """The usage event of a call; `ids`: its trace and span id in hex, `count`: the calls a sampled span stands
-    for (its tokens already scaled)."""
+def _event(span: Span, usage: SpanUsage, who: Attribution, *, ids: tuple[str, str], start_ns: int,
+           parent: str | None, count: Fraction | None) -> UsageEvent:
+    """The usage event of a call; `ids`: its trace and span id in hex, `start_ns`: its start time, `count`: the
+    calls a sampled span stands for (its tokens already scaled)."""
     trace_id, span_id = ids
     extra = {"reported_cost_usd": usage.reported_cost_usd} if usage.reported_cost_usd else {}
     if usage.modality_tokens:
@@ -314,7 +320,7 @@ def _event(span: Span, usage: SpanUsage, who: Attribution, *, ids: tuple[str, st
         trace_id=trace_id,
         span_id=span_id,
         parent_span_id=parent,
-        start_time_unix_nano=span.start_time_unix_nano,
+        start_time_unix_nano=start_ns,
         end_time_unix_nano=span.end_time_unix_nano,
         operation=usage.operation,
         provider=usage.provider,

@@ -167,6 +167,8 @@ def any_value_str(value: AnyValue) -> str | None:
 
 
 def _first_str(attrs: Attrs, names: tuple[str, ...], max_chars: int) -> str | None:
+    if attrs.keys().isdisjoint(names):  # most names are absent from most spans: one test in C for all of them
+        return None
     for name in names:
         value = attrs.get(name)
         if value is not None:
@@ -301,6 +303,8 @@ def _litellm_model(attrs: Attrs, raw_provider: str | None, max_chars: int) -> st
 
 
 def _count(attrs: Attrs, names: tuple[str, ...]) -> int | None:
+    if attrs.keys().isdisjoint(names):  # as in _first_str
+        return None
     for name in names:
         value = attrs.get(name)
         if value is not None:
