@@ -209,14 +209,16 @@ def finish_request(prepared: PreparedRequest, nested: NestedCallFilter) -> Inges
     """Drop the wrappers of calls already counted (the innermost span wins) and remember this request's calls."""
     result, candidates = prepared.result, prepared.candidates
     parents_here = {(event.trace_id, parent) for event, parent in candidates if parent}
+    events = result.events
     for event, parent in candidates:
         if (event.trace_id, event.span_id) in parents_here or nested.is_wrapper(event.trace_id, event.span_id):
             result.outcomes["nested_duplicate"] += 1
             continue
         if parent:
             nested.remember(event.trace_id, parent)
-        result.events.append(event)
-        result.outcomes["accepted"] += 1
+        events.append(event)
+    if events:  # counted once, not per call
+        result.outcomes["accepted"] += len(events)
     return result
 
 

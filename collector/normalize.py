@@ -8,6 +8,7 @@ tokens exclusive of cache tokens.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Mapping
 from typing import Final
 
@@ -227,6 +228,7 @@ def _dialect(attrs: Attrs, resource: Attrs, scope_name: str) -> str:
     return "semconv"
 
 
+@functools.lru_cache(maxsize=1024)  # a handful of spellings and hosts, for every call
 def normalize_provider(raw: str | None, server_address: str | None) -> str | None:
     """Canonical semconv provider name: deprecated spellings mapped, else inferred from the host."""
     if raw:
@@ -332,9 +334,9 @@ def _tokens(attrs: Attrs, dialect: str, provider: str | None, max_tokens: int) -
             counts.update(_litellm_details(attrs))
         # OpenLIT's Anthropic instrumentation reports Anthropic's own input_tokens, which exclude cache
         input_is_exclusive = dialect == "openlit" and provider == "anthropic"
-    for meter, count in counts.items():
-        if count < 0 or count > max_tokens:
-            raise InvalidSpan("invalid_token_count", f"{meter} token count {count} is outside 0..{max_tokens}")
+    if min(counts.values()) < 0 or max(counts.values()) > max_tokens:  # two tests in C, not ten in Python
+        meter, count = next((meter, n) for meter, n in counts.items() if n < 0 or n > max_tokens)
+        raise InvalidSpan("invalid_token_count", f"{meter} token count {count} is outside 0..{max_tokens}")
     cached = counts["cache_read"] + counts["cache_write"]
     uncached = counts["input"] if input_is_exclusive else max(counts["input"] - cached, 0)
     return TokenCounts(
