@@ -91,28 +91,37 @@ class DimensionReader:
     names whose value is a non-empty scalar, in the order of `config.dimensions`.
 
     A span carries a handful of attributes and the configured names are a few dozen, so only the names it
-    carries are looked at (one set intersection, in C), not every configured name in turn.
+    carries are looked at (one set intersection, in C), not every configured name in turn; the order to read
+    them in is worked out once for each set of names (the spans of a request mostly carry the same few). Made
+    for one request: it remembers every set of names it met.
     """
 
     def __init__(self, config: AttributionConfig) -> None:
-        # name -> (rank, dimension) of each place it is configured (a name may serve two dimensions); ranks follow
-        # the configuration, so sorting by rank gives each dimension's names in priority, dimension after dimension
-        where: dict[str, list[tuple[int, str, str]]] = {}
+        # (rank, dimension, name) of each place a name is configured (a name may serve two dimensions); ranks
+        # follow the configuration, so sorting by rank gives each dimension's names in priority, dimension after
+        # dimension
+        places: dict[str, list[tuple[int, str, str]]] = {}
         rank = 0
         for dim, names in config.dimensions.items():
             for name in names:
-                where.setdefault(name, []).append((rank, dim, name))
+                places.setdefault(name, []).append((rank, dim, name))
                 rank += 1
-        self._where = where
-        self._names = frozenset(where)
+        self._places = places
+        self._names = frozenset(places)
+        self._orders: dict[frozenset[str], tuple[tuple[str, str], ...]] = {}
+
+    def _order(self, present: frozenset[str]) -> tuple[tuple[str, str], ...]:
+        """(dimension, name) of the names present, in the order they are tried."""
+        places = sorted([place for name in present for place in self._places[name]])
+        order = self._orders[present] = tuple([(dim, name) for _, dim, name in places])
+        return order
 
     def read(self, attrs: Attrs, max_chars: int) -> dict[str, str]:
         values: dict[str, str] = {}
         present = self._names.intersection(attrs)
         if not present:
             return values
-        where = self._where
-        for _, dim, name in sorted([place for found in present for place in where[found]]):
+        for dim, name in self._orders.get(present) or self._order(present):
             if dim not in values:
                 text = any_value_str(attrs[name])
                 if text:

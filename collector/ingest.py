@@ -331,7 +331,7 @@ def _event(span: Span, usage: SpanUsage, who: Attribution, *, ids: tuple[str, st
         tokens=usage.tokens,
         attribution=who.values,
         attribution_key=who.key,
-        allocated=who.allocated,
+        allocated=not who.missing,  # `who.allocated`, without a property call per event
         service_tier=usage.service_tier,
         server_address=usage.server_address,
         dialect=usage.dialect,
