@@ -129,6 +129,36 @@ class DimensionReader:
         return values
 
 
+#: (the resource's dimension values, the span's claims) -> their Attribution
+Settled = dict[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]], Attribution]
+
+
+class SettledAttributions:
+    """Attributions kept from one request to the next: the calls of a service mostly repeat a few teams, use cases,
+    keys and users, and settling one (merge, token binding, user-id HMAC, Kafka key) costs more than the rest of
+    its span's attribution. One memory per ingest identity (the token's binding changes the outcome); made for
+    one configuration and user-id key (a collector's). Bounded: a memory is forgotten whole when full. Shared by
+    the event loop and the decode thread: each step is one dict operation, and a lost entry is settled again.
+    """
+
+    def __init__(self, capacity: int = 65_536) -> None:
+        self._capacity = capacity
+        # id(identity) -> (the identity, its memory); the identity is held so that its id cannot be reused
+        self._by_identity: dict[int, tuple[TokenIdentity | None, Settled]] = {}
+
+    def of(self, identity: TokenIdentity | None) -> Settled:
+        """The memory of the calls made with this identity (None: no ingest token)."""
+        entry = self._by_identity.get(id(identity))
+        if entry is None or entry[0] is not identity:
+            if len(self._by_identity) >= 64:  # a collector has a few configured identities; tests make many
+                self._by_identity.clear()
+            entry = self._by_identity[id(identity)] = (identity, {})
+        settled = entry[1]
+        if len(settled) >= self._capacity:
+            settled.clear()
+        return settled
+
+
 class ResourceAttribution:
     """Attributes the calls of one resource. Span attributes win over the resource's; the token's identity wins
     over both.
@@ -139,21 +169,24 @@ class ResourceAttribution:
     """
 
     def __init__(self, resource: Attrs, dimensions: DimensionReader, config: AttributionConfig,
-                 identity: TokenIdentity | None, max_chars: int, *, user_key: bytes | None = None) -> None:
+                 identity: TokenIdentity | None, max_chars: int, *, user_key: bytes | None = None,
+                 settled: Settled | None = None) -> None:
         """`resource`: the resource's attributes; `dimensions` reads `config`'s; `user_key`: the HMAC key for user
-        ids."""
+        ids; `settled`: attributions settled before with this identity, config and key (`SettledAttributions`),
+        else this resource's own."""
         self._dimensions = dimensions
         self._resource_values = dimensions.read(resource, max_chars)
+        self._resource_key = tuple(self._resource_values.items())
         self._config = config
         self._identity = identity
         self._max_chars = max_chars
         self._user_key = user_key
-        self._settled: dict[tuple[tuple[str, str], ...], Attribution] = {}
+        self._settled: Settled = {} if settled is None else settled
 
     def of(self, span_attrs: Attrs) -> Attribution:
         """The attribution of the call a span with these attributes made."""
         claims = self._dimensions.read(span_attrs, self._max_chars)
-        seen = tuple(claims.items())
+        seen = (self._resource_key, tuple(claims.items()))
         who = self._settled.get(seen)
         if who is None:
             who = self._settled[seen] = self._settle(claims)

@@ -19,7 +19,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector.attribution import Attribution, DimensionReader, ResourceAttribution, TokenIdentity
+from collector.attribution import (
+    Attribution,
+    DimensionReader,
+    ResourceAttribution,
+    SettledAttributions,
+    TokenIdentity,
+)
 from collector.decode import RejectedSpan
 from collector.normalize import READ_KEYS, InvalidSpan, SpanUsage, normalize_span
 from collector.sampling import InvalidTraceState, adjusted_count, scaled
@@ -108,9 +114,11 @@ def ingest_request(
     *,
     rejected: Sequence[RejectedSpan] = (),
     user_key: bytes | None = None,
+    settled: SettledAttributions | None = None,
 ) -> IngestResult:
     """Normalise and attribute every span of a request: `prepare_request`, then `finish_request`."""
-    prepared = prepare_request(request, config, identity, received_ns, rejected=rejected, user_key=user_key)
+    prepared = prepare_request(request, config, identity, received_ns, rejected=rejected, user_key=user_key,
+                               settled=settled)
     return finish_request(prepared, nested)
 
 
@@ -122,6 +130,7 @@ def prepare_request(
     *,
     rejected: Sequence[RejectedSpan] = (),
     user_key: bytes | None = None,
+    settled: SettledAttributions | None = None,
 ) -> PreparedRequest:
     """Normalise and attribute every span of a request. Shares no state: safe on any thread.
 
@@ -132,16 +141,18 @@ def prepare_request(
     (`invalid_timestamp`): no client clock may move the pipeline's event time. `rejected` are
     the spans the decoder could not read whole: each is rejected, and dead-lettered when what
     is left of it is a model call. `user_key` is the HMAC key for user ids (None: user ids are
-    dropped while `attribution.hash_user_ids` is on).
+    dropped while `attribution.hash_user_ids` is on). `settled` keeps attributions from one request to the next
+    (for this `config` and `user_key` only); without it, each request settles its own.
     """
     result = IngestResult()
     limits = config.collector
     wanted = _read_keys(config.attribution)
     dimensions = DimensionReader(config.attribution)
+    memory = None if settled is None else settled.of(identity)
 
     def attribution_of(resource: dict[str, AnyValue]) -> ResourceAttribution:
         return ResourceAttribution(resource, dimensions, config.attribution, identity, limits.max_value_chars,
-                                   user_key=user_key)
+                                   user_key=user_key, settled=memory)
 
     candidates: list[tuple[UsageEvent, str | None]] = []
     if received_ns is not None:  # the bounds tested inline: a call per span costs more than the test
