@@ -137,11 +137,12 @@ class SettledAttributions:
     """Attributions kept from one request to the next: the calls of a service mostly repeat a few teams, use cases,
     keys and users, and settling one (merge, token binding, user-id HMAC, Kafka key) costs more than the rest of
     its span's attribution. One memory per ingest identity (the token's binding changes the outcome); made for
-    one configuration and user-id key (a collector's). Bounded: a memory is forgotten whole when full. Shared by
-    the event loop and the decode thread: each step is one dict operation, and a lost entry is settled again.
+    one configuration and user-id key (a collector's). Bounded: a memory is forgotten whole when full (an entry
+    is about 1.1 kB: ~18 MB at most). Shared by the event loop and the decode thread: each step is one dict
+    operation, and a lost entry is settled again.
     """
 
-    def __init__(self, capacity: int = 65_536) -> None:
+    def __init__(self, capacity: int = 16_384) -> None:
         self._capacity = capacity
         # id(identity) -> (the identity, its memory); the identity is held so that its id cannot be reused
         self._by_identity: dict[int, tuple[TokenIdentity | None, Settled]] = {}
