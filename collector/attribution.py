@@ -86,18 +86,78 @@ def attribution_key(values: Mapping[str, str], key_dimensions: tuple[str, ...]) 
     return "|".join([f"{dim}={values.get(dim, '')}" for dim in key_dimensions])
 
 
-def dimension_values(attrs: Attrs, config: AttributionConfig, max_chars: int) -> dict[str, str]:
-    """The dimensions one attribute map names (first configured name wins): a resource's, or a span's claims."""
-    values: dict[str, str] = {}
-    for dim, names in config.dimensions.items():
-        for name in names:
-            hit = attrs.get(name)
-            if hit is not None:
-                text = any_value_str(hit)
+class DimensionReader:
+    """Reads the attribution dimensions an attribute map names: for each dimension, the first of its configured
+    names whose value is a non-empty scalar, in the order of `config.dimensions`.
+
+    A span carries a handful of attributes and the configured names are a few dozen, so only the names it
+    carries are looked at (one set intersection, in C), not every configured name in turn; the order to read
+    them in is worked out once for each set of names (the spans of a request mostly carry the same few). Made
+    for one request: it remembers every set of names it met.
+    """
+
+    def __init__(self, config: AttributionConfig) -> None:
+        # (rank, dimension, name) of each place a name is configured (a name may serve two dimensions); ranks
+        # follow the configuration, so sorting by rank gives each dimension's names in priority, dimension after
+        # dimension
+        places: dict[str, list[tuple[int, str, str]]] = {}
+        rank = 0
+        for dim, names in config.dimensions.items():
+            for name in names:
+                places.setdefault(name, []).append((rank, dim, name))
+                rank += 1
+        self._places = places
+        self._names = frozenset(places)
+        self._orders: dict[frozenset[str], tuple[tuple[str, str], ...]] = {}
+
+    def _order(self, present: frozenset[str]) -> tuple[tuple[str, str], ...]:
+        """(dimension, name) of the names present, in the order they are tried."""
+        places = sorted([place for name in present for place in self._places[name]])
+        order = self._orders[present] = tuple([(dim, name) for _, dim, name in places])
+        return order
+
+    def read(self, attrs: Attrs, max_chars: int) -> dict[str, str]:
+        values: dict[str, str] = {}
+        present = self._names.intersection(attrs)
+        if not present:
+            return values
+        for dim, name in self._orders.get(present) or self._order(present):
+            if dim not in values:
+                text = any_value_str(attrs[name])
                 if text:
                     values[dim] = text[:max_chars]
-                    break
-    return values
+        return values
+
+
+#: (the resource's dimension values, the span's claims) -> their Attribution
+Settled = dict[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]], Attribution]
+
+
+class SettledAttributions:
+    """Attributions kept from one request to the next: the calls of a service mostly repeat a few teams, use cases,
+    keys and users, and settling one (merge, token binding, user-id HMAC, Kafka key) costs more than the rest of
+    its span's attribution. One memory per ingest identity (the token's binding changes the outcome); made for
+    one configuration and user-id key (a collector's). Bounded: a memory is forgotten whole when full (an entry
+    is about 1.1 kB: ~18 MB at most). Shared by the event loop and the decode thread: each step is one dict
+    operation, and a lost entry is settled again.
+    """
+
+    def __init__(self, capacity: int = 16_384) -> None:
+        self._capacity = capacity
+        # id(identity) -> (the identity, its memory); the identity is held so that its id cannot be reused
+        self._by_identity: dict[int, tuple[TokenIdentity | None, Settled]] = {}
+
+    def of(self, identity: TokenIdentity | None) -> Settled:
+        """The memory of the calls made with this identity (None: no ingest token)."""
+        entry = self._by_identity.get(id(identity))
+        if entry is None or entry[0] is not identity:
+            if len(self._by_identity) >= 64:  # a collector has a few configured identities; tests make many
+                self._by_identity.clear()
+            entry = self._by_identity[id(identity)] = (identity, {})
+        settled = entry[1]
+        if len(settled) >= self._capacity:
+            settled.clear()
+        return settled
 
 
 class ResourceAttribution:
@@ -109,20 +169,25 @@ class ResourceAttribution:
     is settled once (its Attribution, `values` included, is shared by those calls: read it, never change it).
     """
 
-    def __init__(self, resource_values: Mapping[str, str], config: AttributionConfig,
-                 identity: TokenIdentity | None, max_chars: int, *, user_key: bytes | None = None) -> None:
-        """`resource_values` is `dimension_values()` of the resource; `user_key` the HMAC key for user ids."""
-        self._resource_values = resource_values
+    def __init__(self, resource: Attrs, dimensions: DimensionReader, config: AttributionConfig,
+                 identity: TokenIdentity | None, max_chars: int, *, user_key: bytes | None = None,
+                 settled: Settled | None = None) -> None:
+        """`resource`: the resource's attributes; `dimensions` reads `config`'s; `user_key`: the HMAC key for user
+        ids; `settled`: attributions settled before with this identity, config and key (`SettledAttributions`),
+        else this resource's own."""
+        self._dimensions = dimensions
+        self._resource_values = dimensions.read(resource, max_chars)
+        self._resource_key = tuple(self._resource_values.items())
         self._config = config
         self._identity = identity
         self._max_chars = max_chars
         self._user_key = user_key
-        self._settled: dict[tuple[tuple[str, str], ...], Attribution] = {}
+        self._settled: Settled = {} if settled is None else settled
 
     def of(self, span_attrs: Attrs) -> Attribution:
         """The attribution of the call a span with these attributes made."""
-        claims = dimension_values(span_attrs, self._config, self._max_chars)
-        seen = tuple(claims.items())
+        claims = self._dimensions.read(span_attrs, self._max_chars)
+        seen = (self._resource_key, tuple(claims.items()))
         who = self._settled.get(seen)
         if who is None:
             who = self._settled[seen] = self._settle(claims)

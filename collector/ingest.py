@@ -19,7 +19,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector.attribution import Attribution, ResourceAttribution, TokenIdentity, dimension_values
+from collector.attribution import (
+    Attribution,
+    DimensionReader,
+    ResourceAttribution,
+    SettledAttributions,
+    TokenIdentity,
+)
 from collector.decode import RejectedSpan
 from collector.normalize import READ_KEYS, InvalidSpan, SpanUsage, normalize_span
 from collector.sampling import InvalidTraceState, adjusted_count, scaled
@@ -108,9 +114,11 @@ def ingest_request(
     *,
     rejected: Sequence[RejectedSpan] = (),
     user_key: bytes | None = None,
+    settled: SettledAttributions | None = None,
 ) -> IngestResult:
     """Normalise and attribute every span of a request: `prepare_request`, then `finish_request`."""
-    prepared = prepare_request(request, config, identity, received_ns, rejected=rejected, user_key=user_key)
+    prepared = prepare_request(request, config, identity, received_ns, rejected=rejected, user_key=user_key,
+                               settled=settled)
     return finish_request(prepared, nested)
 
 
@@ -122,6 +130,7 @@ def prepare_request(
     *,
     rejected: Sequence[RejectedSpan] = (),
     user_key: bytes | None = None,
+    settled: SettledAttributions | None = None,
 ) -> PreparedRequest:
     """Normalise and attribute every span of a request. Shares no state: safe on any thread.
 
@@ -132,17 +141,23 @@ def prepare_request(
     (`invalid_timestamp`): no client clock may move the pipeline's event time. `rejected` are
     the spans the decoder could not read whole: each is rejected, and dead-lettered when what
     is left of it is a model call. `user_key` is the HMAC key for user ids (None: user ids are
-    dropped while `attribution.hash_user_ids` is on).
+    dropped while `attribution.hash_user_ids` is on). `settled` keeps attributions from one request to the next
+    (for this `config` and `user_key` only); without it, each request settles its own.
     """
     result = IngestResult()
     limits = config.collector
     wanted = _read_keys(config.attribution)
+    dimensions = DimensionReader(config.attribution)
+    memory = None if settled is None else settled.of(identity)
 
     def attribution_of(resource: dict[str, AnyValue]) -> ResourceAttribution:
-        return ResourceAttribution(dimension_values(resource, config.attribution, limits.max_value_chars),
-                                   config.attribution, identity, limits.max_value_chars, user_key=user_key)
+        return ResourceAttribution(resource, dimensions, config.attribution, identity, limits.max_value_chars,
+                                   user_key=user_key, settled=memory)
 
     candidates: list[tuple[UsageEvent, str | None]] = []
+    if received_ns is not None:  # the bounds tested inline: a call per span costs more than the test
+        earliest = received_ns - limits.max_lateness_s * _NS
+        latest = received_ns + limits.max_skew_s * _NS
     for resource_spans in request.resource_spans:
         resource = _attrs(resource_spans.resource.attributes, wanted)
         who_pays = attribution_of(resource)
@@ -161,9 +176,11 @@ def prepare_request(
                         continue
                     if len(trace_id) != 32 or len(span_id) != 16:
                         raise InvalidSpan("invalid_span_id", "trace_id must be 16 bytes and span_id 8 bytes")
-                    if received_ns is not None:
-                        check_start_time(span.start_time_unix_nano, received_ns, limits)
-                    count = _sampling_count(span.trace_state, result)
+                    start_ns = span.start_time_unix_nano
+                    if received_ns is not None and not earliest <= start_ns <= latest:
+                        check_start_time(start_ns, received_ns, limits)
+                    trace_state = span.trace_state
+                    count = _sampling_count(trace_state, result) if trace_state else None
                     if count is not None:
                         usage = _sampled(usage, count, limits.max_token_count)
                 except InvalidSpan as exc:
@@ -192,7 +209,7 @@ def prepare_request(
                 if count is not None:
                     result.outcomes["sampled"] += 1
                 parent = span.parent_span_id.hex() or None
-                event = _event(span, usage, who, ids=(trace_id, span_id), parent=parent, count=count)
+                event = _event(span, usage, who, ids=(trace_id, span_id), start_ns=start_ns, parent=parent, count=count)
                 candidates.append((event, parent))
     for item in rejected:
         _reject_undecodable(item, result, config, wanted, attribution_of)
@@ -203,14 +220,16 @@ def finish_request(prepared: PreparedRequest, nested: NestedCallFilter) -> Inges
     """Drop the wrappers of calls already counted (the innermost span wins) and remember this request's calls."""
     result, candidates = prepared.result, prepared.candidates
     parents_here = {(event.trace_id, parent) for event, parent in candidates if parent}
+    events = result.events
     for event, parent in candidates:
         if (event.trace_id, event.span_id) in parents_here or nested.is_wrapper(event.trace_id, event.span_id):
             result.outcomes["nested_duplicate"] += 1
             continue
         if parent:
             nested.remember(event.trace_id, parent)
-        result.events.append(event)
-        result.outcomes["accepted"] += 1
+        events.append(event)
+    if events:  # counted once, not per call
+        result.outcomes["accepted"] += len(events)
     return result
 
 
@@ -263,10 +282,10 @@ def _event_fields(usage: SpanUsage, attribution: dict[str, str]) -> dict[str, ob
 
 
 def _sampling_count(trace_state: str, result: IngestResult) -> Fraction | None:
-    """The calls a span stands for when it was sampled; None for a measured call. A malformed threshold
-    counts the span as measured (and is counted): a broken tracestate must not lose the call."""
+    """The calls a span with a tracestate stands for when it was sampled; None for a measured call. A malformed
+    threshold counts the span as measured (and is counted): a broken tracestate must not lose the call."""
     try:
-        count = adjusted_count(trace_state) if trace_state else None
+        count = adjusted_count(trace_state)
     except InvalidTraceState:
         result.outcomes["malformed_tracestate"] += 1
         return None
@@ -301,10 +320,10 @@ def _count_text(count: Fraction) -> str:
     return format(exact.quantize(_COUNT_QUANTUM, context=_EXACT).normalize(), "f")
 
 
-def _event(span: Span, usage: SpanUsage, who: Attribution, *, ids: tuple[str, str], parent: str | None,
-           count: Fraction | None) -> UsageEvent:
-    """The usage event of a call; `ids`: its trace and span id in hex, `count`: the calls a sampled span stands
-    for (its tokens already scaled)."""
+def _event(span: Span, usage: SpanUsage, who: Attribution, *, ids: tuple[str, str], start_ns: int,
+           parent: str | None, count: Fraction | None) -> UsageEvent:
+    """The usage event of a call; `ids`: its trace and span id in hex, `start_ns`: its start time, `count`: the
+    calls a sampled span stands for (its tokens already scaled)."""
     trace_id, span_id = ids
     extra = {"reported_cost_usd": usage.reported_cost_usd} if usage.reported_cost_usd else {}
     if usage.modality_tokens:
@@ -314,7 +333,7 @@ def _event(span: Span, usage: SpanUsage, who: Attribution, *, ids: tuple[str, st
         trace_id=trace_id,
         span_id=span_id,
         parent_span_id=parent,
-        start_time_unix_nano=span.start_time_unix_nano,
+        start_time_unix_nano=start_ns,
         end_time_unix_nano=span.end_time_unix_nano,
         operation=usage.operation,
         provider=usage.provider,
@@ -323,7 +342,7 @@ def _event(span: Span, usage: SpanUsage, who: Attribution, *, ids: tuple[str, st
         tokens=usage.tokens,
         attribution=who.values,
         attribution_key=who.key,
-        allocated=who.allocated,
+        allocated=not who.missing,  # `who.allocated`, without a property call per event
         service_tier=usage.service_tier,
         server_address=usage.server_address,
         dialect=usage.dialect,

@@ -8,6 +8,7 @@ tokens exclusive of cache tokens.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Mapping
 from typing import Final
 
@@ -154,6 +155,9 @@ class SpanUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 def any_value_str(value: AnyValue) -> str | None:
     """The value as a string if it is a scalar, else None (arrays and maps are never identities)."""
+    text = value.string_value  # the common case in one read: only a string value makes it non-empty
+    if text:
+        return text
     kind = value.WhichOneof("value")
     if kind == "string_value":
         return value.string_value
@@ -177,6 +181,9 @@ def _first_str(attrs: Attrs, names: tuple[str, ...], max_chars: int) -> str | No
 
 
 def _to_int(name: str, value: AnyValue) -> int:
+    count = value.int_value  # the common case in one read: only an integer value makes it non-zero
+    if count:
+        return count
     kind = value.WhichOneof("value")
     if kind == "int_value":
         return value.int_value
@@ -225,6 +232,7 @@ def _dialect(attrs: Attrs, resource: Attrs, scope_name: str) -> str:
     return "semconv"
 
 
+@functools.lru_cache(maxsize=1024)  # a handful of spellings and hosts, for every call
 def normalize_provider(raw: str | None, server_address: str | None) -> str | None:
     """Canonical semconv provider name: deprecated spellings mapped, else inferred from the host."""
     if raw:
@@ -317,20 +325,21 @@ def _tokens(attrs: Attrs, dialect: str, provider: str | None, max_tokens: int) -
         input_count, output_count = _count(attrs, _INPUT), _count(attrs, _OUTPUT)
         if input_count is None and output_count is None:
             return None
+        keys = attrs.keys()  # a meter most spans do not report is skipped by one test (in C) of all its names
         counts = {
             "input": input_count or 0,
             "output": output_count or 0,
-            "cache_read": _count(attrs, _CACHE_READ) or 0,
-            "cache_write": _count(attrs, _CACHE_WRITE) or 0,
-            "reasoning": _count(attrs, _REASONING) or 0,
+            "cache_read": 0 if keys.isdisjoint(_CACHE_READ) else _count(attrs, _CACHE_READ) or 0,
+            "cache_write": 0 if keys.isdisjoint(_CACHE_WRITE) else _count(attrs, _CACHE_WRITE) or 0,
+            "reasoning": 0 if keys.isdisjoint(_REASONING) else _count(attrs, _REASONING) or 0,
         }
         if dialect == "litellm":
             counts.update(_litellm_details(attrs))
         # OpenLIT's Anthropic instrumentation reports Anthropic's own input_tokens, which exclude cache
         input_is_exclusive = dialect == "openlit" and provider == "anthropic"
-    for meter, count in counts.items():
-        if count < 0 or count > max_tokens:
-            raise InvalidSpan("invalid_token_count", f"{meter} token count {count} is outside 0..{max_tokens}")
+    if min(counts.values()) < 0 or max(counts.values()) > max_tokens:  # two tests in C, not ten in Python
+        meter, count = next((meter, n) for meter, n in counts.items() if n < 0 or n > max_tokens)
+        raise InvalidSpan("invalid_token_count", f"{meter} token count {count} is outside 0..{max_tokens}")
     cached = counts["cache_read"] + counts["cache_write"]
     uncached = counts["input"] if input_is_exclusive else max(counts["input"] - cached, 0)
     return TokenCounts(
@@ -376,7 +385,9 @@ def normalize_span(
     if operation is None and not any(name in attrs for name in _TOKEN_TOTALS):
         return None  # neither names an operation nor reports tokens: not a model call
     dialect = _dialect(attrs, resource, scope_name)
-    server_address = _first_str(attrs, _SERVER_ADDRESS, max_chars)
+    # the names most spans do not carry are skipped by one test (in C) of all of them, not looked up one by one
+    keys = attrs.keys()
+    server_address = None if keys.isdisjoint(_SERVER_ADDRESS) else _first_str(attrs, _SERVER_ADDRESS, max_chars)
     raw_provider = _first_str(attrs, _PROVIDER, max_chars)
     if dialect == "vercel_ai":  # its gen_ai.system is e.g. "openai.chat"; ai.model.provider is the same
         raw_provider = _vercel_provider(attrs) or raw_provider
@@ -385,7 +396,7 @@ def normalize_span(
     if operation is None:
         operation = "chat"  # a legacy span with token counts (checked above) and no operation name
     request_model = _first_str(attrs, _REQUEST_MODEL, max_chars)
-    response_model = _first_str(attrs, _RESPONSE_MODEL, max_chars)
+    response_model = None if keys.isdisjoint(_RESPONSE_MODEL) else _first_str(attrs, _RESPONSE_MODEL, max_chars)
     if dialect == "litellm":
         # its gen_ai.response.model is the model group the client named, not the model that answered
         request_model, response_model = _litellm_model(attrs, raw_provider, max_chars) or request_model, None
@@ -400,9 +411,9 @@ def normalize_span(
         response_model=response_model,
         tokens=tokens or TokenCounts(),
         dialect=dialect,
-        service_tier=_first_str(attrs, _SERVICE_TIER, max_chars),
+        service_tier=None if keys.isdisjoint(_SERVICE_TIER) else _first_str(attrs, _SERVICE_TIER, max_chars),
         server_address=server_address,
         error=_ERROR_TYPE in attrs or span.status.code == Status.STATUS_CODE_ERROR,
-        reported_cost_usd=_first_str(attrs, _REPORTED_COST, 64),
+        reported_cost_usd=None if keys.isdisjoint(_REPORTED_COST) else _first_str(attrs, _REPORTED_COST, 64),
         modality_tokens=_modality_tokens(attrs, max_tokens),
     )

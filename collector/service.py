@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector import metrics
-from collector.attribution import TokenIdentity, token_identities
+from collector.attribution import SettledAttributions, TokenIdentity, token_identities
 from collector.decode import DecodedRequest, decode_json, decode_protobuf
 from collector.ingest import NestedCallFilter, PreparedRequest, finish_request, prepare_request
 from collector.publisher import Publisher
@@ -76,6 +76,7 @@ class TraceIngestService:
         self._user_key = user_key
         self._topics = TopicNames(config.kafka.topic_prefix)
         self._nested = NestedCallFilter()
+        self._settled = SettledAttributions()
         self._identities = token_identities(config.ingest_tokens, config.collector.max_value_chars)
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otlp-decode")
 
@@ -101,7 +102,7 @@ class TraceIngestService:
                  received_ns: int) -> tuple[PreparedRequest, int, ExportTraceServiceRequest]:
         decoded: DecodedRequest = decode_protobuf(payload) if encoding == "protobuf" else decode_json(payload)
         prepared = prepare_request(decoded.request, self._config, identity, received_ns,
-                                   rejected=decoded.rejected, user_key=self._user_key)
+                                   rejected=decoded.rejected, user_key=self._user_key, settled=self._settled)
         return prepared, decoded.span_count, decoded.request
 
     async def export(self, payload: bytes, encoding: Encoding, identity: TokenIdentity | None,

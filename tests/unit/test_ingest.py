@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector.attribution import TokenIdentity, token_identities
+from collector.attribution import SettledAttributions, TokenIdentity, token_identities
 from collector.ingest import IngestResult, NestedCallFilter, ingest_request
 from schemas.config import AttributionConfig, Config
 from tests.dialects import DIALECTS, Dialect, assert_matches
@@ -229,6 +229,32 @@ class TestAttribution:
         [event] = ingest([make_span({**DIALECTS[0].attrs, "enduser.id": "u-42"})], config=config,
                          user_key=None).events
         assert event.attribution["user"] == "u-42"
+
+    def test_attributions_are_kept_from_one_request_to_the_next_per_identity_and_resource(self) -> None:
+        """A collector settles each attribution once (SettledAttributions), not once per request; what it keeps
+        must not leak from one ingest token, or one resource, to another."""
+        settled = SettledAttributions()
+        claim = {**DIALECTS[0].attrs, "feature.name": "rag", "enduser.id": "alice"}
+        alpha, beta = TokenIdentity({"team": "alpha"}), TokenIdentity({"team": "beta"})
+
+        def call(identity: TokenIdentity | None, resource: dict[str, str]) -> Mapping[str, str]:
+            [event] = ingest_request(make_request([make_span(claim)], resource), CONFIG, identity,
+                                     NestedCallFilter(), user_key=USER_KEY, settled=settled).events
+            return event.attribution
+
+        first, again = call(alpha, self.resource), call(alpha, self.resource)
+        assert again is first  # settled once, by the first request
+        assert call(beta, self.resource)["team"] == "beta"
+        assert call(None, self.resource)["team"] == "support"
+        assert call(None, {**self.resource, "service.name": "other-bot"})["app"] == "other-bot"
+        assert call(alpha, self.resource) is first
+
+    def test_kept_attributions_are_bounded(self) -> None:
+        settled = SettledAttributions(capacity=2)
+        for use_case in ("a", "b", "c"):
+            ingest_request(make_request([make_span({**DIALECTS[0].attrs, "feature.name": use_case})]), CONFIG, None,
+                           NestedCallFilter(), user_key=USER_KEY, settled=settled)
+        assert len(settled.of(None)) <= 2
 
 
 class TestTokenBinding:
