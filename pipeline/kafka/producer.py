@@ -103,15 +103,18 @@ class BatchProducer:
             return []
         partitions = await self.partitions_of(topic)
         placed = self._placed.setdefault(topic, {})
-        out: list[PlacedRecord] = []
-        for key, value in records:
-            partition = placed.get(key)
+        by_partition: dict[int, list[Record]] = {}
+        for record in records:
+            partition = placed.get(record[0])
             if partition is None:
                 if len(placed) >= _PLACED_MAX:
                     placed.clear()  # a flood of distinct keys must not grow memory
-                partition = placed[key] = self._partitioner(key, partitions, partitions)
-            out.append((partition, (key, value)))
-        return await self.enqueue_to(topic, out)
+                partition = placed[record[0]] = self._partitioner(record[0], partitions, partitions)
+            part = by_partition.get(partition)
+            if part is None:
+                part = by_partition[partition] = []
+            part.append(record)
+        return await self._enqueue(topic, by_partition)
 
     async def send_everywhere(self, topic: str, value: bytes) -> None:
         """The same value to every partition of `topic` (e.g. a clock tick), acknowledged."""
@@ -123,9 +126,13 @@ class BatchProducer:
 
     async def enqueue_to(self, topic: str, records: Sequence[PlacedRecord]) -> list[Delivery]:
         """Records to the partitions given with them, handed to the producer; returns their deliveries."""
-        by_partition: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        by_partition: defaultdict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
         for partition, record in records:
             by_partition[partition].append(record)
+        return await self._enqueue(topic, by_partition)
+
+    async def _enqueue(self, topic: str, by_partition: Mapping[int, Sequence[tuple[bytes, bytes | None]]]
+                       ) -> list[Delivery]:
         producer, stamp = self._producer, int(time.time() * 1000)
         futures = []
         for partition, items in by_partition.items():

@@ -89,10 +89,11 @@ def encode_record_batch(records: Sequence[KeyValue], codec: int, timestamp_ms: i
         key_field = keys.get(key)
         if key_field is None:
             key_field = keys[key] = _sized(key) + (key or b"")
-        # attributes (none) and timestamp delta (0), offset delta, key, value length
-        head = b"\x00\x00" + _varint_of(offset) + key_field + _sized(value)
-        size = len(head) + (len(value) if value is not None else 0) + 1
-        parts += (_varint_of(size) + head, value or b"", b"\x00")  # the value, then no headers
+        value_size, data = _sized(value), value or b""
+        offset_delta = _varint_of(offset)
+        # attributes (none), timestamp delta (0), offset delta, key, value, no headers
+        size = 2 + len(offset_delta) + len(key_field) + len(value_size) + len(data) + 1
+        parts += (_varint_of(size), b"\x00\x00", offset_delta, key_field, value_size, data, b"\x00")
     body = b"".join(parts)
     if codec:
         body = _COMPRESS[codec](body)
