@@ -74,7 +74,7 @@ def record_batches(records: Sequence[KeyValue], max_bytes: int) -> list[Sequence
             start, grown = end, grown - size
         size = grown
     if start < len(records):
-        out.append(records[start:])
+        out.append(records[start:] if start else records)
     return out
 
 
