@@ -12,7 +12,6 @@ error, so a supervisor sees it, rather than leaving half a worker running.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.stage import GuardrailStage
+from pipeline.kafka.malloc import keep_freed_memory
 from pipeline.observability.metrics import CATALOG_INFO
 from pipeline.pricing.catalog import PriceCatalog
 from pipeline.pricing.focus import Billing
@@ -33,23 +33,6 @@ POLICY_CHECK_EVERY_S = 2.0
 #: ~9 us instead of ~2 us, pricing a batch 40% more CPU. The stages make few reference cycles, so collections can
 #: be rarer, and what lives from the start (the catalog) is frozen out of them.
 GC_THRESHOLDS = (50_000, 20, 10)
-#: glibc's malloc hands freed memory back to the kernel: blocks over its mmap threshold at once, and the heap's top
-#: once more than its trim threshold is free there. Every record batch the producers build allocates a few blocks
-#: of 0.25-1 MiB (zstd's context and output, the batch buffer and its copies) and frees them, so each one was
-#: mapped again, page fault by page fault, zeroed by the kernel: a tenth of the worker's CPU. Blocks up to
-#: MALLOC_MMAP_MAX_BYTES come from the heap instead, which keeps up to MALLOC_KEEP_FREE_BYTES free at its top.
-MALLOC_MMAP_MAX_BYTES = 16 * 1024 * 1024
-MALLOC_KEEP_FREE_BYTES = 64 * 1024 * 1024
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Tune glibc's malloc as MALLOC_MMAP_MAX_BYTES says; False where the C library has no mallopt (not glibc)."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_MAX_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, MALLOC_KEEP_FREE_BYTES))
 
 
 async def _watch_policy(policy: PolicyFile) -> None:
@@ -67,7 +50,7 @@ async def run_worker(config: Config, config_path: Path | None, data_dir: Path | 
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    keep_freed_memory()
+    keep_freed_memory()  # for its producers' record batches
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policy.request_reload)
     tasks = [asyncio.create_task(PricingStage(config, catalog, Billing.from_config(config), policy, data_dir).run()),
              asyncio.create_task(GuardrailStage(config, policy, data_dir).run()),

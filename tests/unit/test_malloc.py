@@ -1,5 +1,5 @@
-"""The worker's malloc tuning (pipeline.cli.worker.keep_freed_memory): building zstd record batches, as its
-producers do, must not map memory afresh (page faults) batch after batch."""
+"""The malloc tuning the worker runs with (pipeline.kafka.malloc.keep_freed_memory): building zstd record batches,
+as its producers do, must not map memory afresh (page faults) batch after batch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 _BUILD_BATCHES = """
 import os, resource, sys
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from pipeline.cli.worker import keep_freed_memory
+from pipeline.kafka.malloc import keep_freed_memory
 if sys.argv[1] == "tuned":
     assert keep_freed_memory()
 value = os.urandom(1500).hex().encode()  # a FOCUS row's size; random, so zstd works as hard as on 80 rows
