@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.guardrails.stage import GuardrailStage
+from pipeline.kafka.malloc import keep_freed_memory
 from pipeline.observability.metrics import CATALOG_INFO
 from pipeline.pricing.catalog import PriceCatalog
 from pipeline.pricing.focus import Billing
@@ -49,6 +50,7 @@ async def run_worker(config: Config, config_path: Path | None, data_dir: Path | 
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    keep_freed_memory()  # for its producers' record batches
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policy.request_reload)
     tasks = [asyncio.create_task(PricingStage(config, catalog, Billing.from_config(config), policy, data_dir).run()),
              asyncio.create_task(GuardrailStage(config, policy, data_dir).run()),

@@ -106,6 +106,9 @@ class _PricePoint:
     list_unit: Decimal
     contract_unit: Decimal
     pc_contract_unit: Decimal
+    #: ListUnitPrice, ContractedUnitPrice and PricingCurrencyContractedUnitPrice are one Decimal (a list price
+    #: billed in USD): ListCost and PricingCurrencyEffectiveCost are then the row's BilledCost, not computed again
+    one_unit_price: bool
     per: Decimal
     row_id_end: bytes  # the end of a row: its x_RowId after the usage id ("/<meter>"), then the closing brace
     keep_alive: object  # holds what the cache key names by id(), so those ids are never reused
@@ -169,7 +172,8 @@ def _new_price_point(priced: PricedUsage, line: PricedLine, billing: Billing) ->
         "x_PriceTier": tier,
     }
     return _PricePoint(columns, encode_row(columns)[1:-1] + b",", list_unit, contract_unit, pc_contract_unit,
-                       Decimal(line.per), orjson.dumps("/" + line.meter)[1:] + b"}", (price, billing))
+                       list_unit == contract_unit == pc_contract_unit, Decimal(line.per),
+                       orjson.dumps("/" + line.meter)[1:] + b"}", (price, billing))
 
 
 def _contract_cost(point: _PricePoint, pricing_quantity: Decimal) -> Decimal:
@@ -199,7 +203,8 @@ def encoded_focus_rows(priced: PricedUsage, billing: Billing) -> list[tuple[byte
 
 
 def focus_values(priced: PricedUsage, billing: Billing, costs: Sequence[Decimal]) -> list[bytes]:
-    """The FOCUS rows of one priced call as `genai.cost.focus` values, given each line's BilledCost (line_costs).
+    """The FOCUS rows of one priced call as `genai.cost.focus` values, given each line's BilledCost (line_costs:
+    the same products of the same price point, so it stands for ListCost too where the unit prices are one).
     A row's JSON object is spliced from encoded parts: the constant columns, the call's columns (cached runs
     around its times and ids), the price point's (encoded once, cached) and the row's own quantities and costs,
     written as encode_row would."""
@@ -210,11 +215,15 @@ def focus_values(priced: PricedUsage, billing: Billing, costs: Sequence[Decimal]
         point = _price_point(priced, line, billing)
         pricing_quantity = _EXACT.divide(Decimal(line.quantity), point.per)
         billed = _plain(contract_cost)
-        quantities = _QUANTITIES % (
-            billed, line.quantity, billed, billed,
-            _plain(_EXACT.multiply(point.list_unit, pricing_quantity).quantize(MONEY_QUANTUM, context=_EXACT)),
-            _plain(_EXACT.multiply(point.pc_contract_unit, pricing_quantity).quantize(MONEY_QUANTUM, context=_EXACT)),
-            _plain(pricing_quantity))
+        if point.one_unit_price:
+            list_cost = pc_effective_cost = billed
+        else:
+            list_cost = _plain(_EXACT.multiply(point.list_unit, pricing_quantity).quantize(MONEY_QUANTUM,
+                                                                                          context=_EXACT))
+            pc_effective_cost = _plain(_EXACT.multiply(point.pc_contract_unit, pricing_quantity).quantize(
+                MONEY_QUANTUM, context=_EXACT))
+        quantities = _QUANTITIES % (billed, line.quantity, billed, billed, list_cost, pc_effective_cost,
+                                    _plain(pricing_quantity))
         out.append(b"".join((head, point.fragment, quantities.encode(), usage_id, point.row_id_end)))
     return out
 

@@ -12,11 +12,6 @@ from aiokafka.errors import KafkaTimeoutError
 from pipeline.kafka.producer import BatchProducer
 
 
-class _Batch:
-    def append(self, **_: object) -> object:
-        return object()  # never full
-
-
 class _Producer:
     """Just enough of AIOKafkaProducer: batches handed over, never acknowledged until the test says."""
 
@@ -26,10 +21,7 @@ class _Producer:
     async def partitions_for(self, topic: str) -> set[int]:
         return {0, 1}
 
-    def create_batch(self) -> _Batch:
-        return _Batch()
-
-    async def send_batch(self, batch: _Batch, topic: str, *, partition: int) -> asyncio.Future[object]:
+    async def send_batch(self, batch: object, topic: str, *, partition: int) -> asyncio.Future[object]:
         self.sent.append(asyncio.get_running_loop().create_future())
         return self.sent[-1]
 
