@@ -18,7 +18,7 @@ from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.kafka.producer import Delivery
 from pipeline.pricing import PriceCatalog, PricedUsage, cost_records
 from pipeline.pricing.dedupe import SeenUsage
-from pipeline.pricing.focus import Billing
+from pipeline.pricing.focus import Billing, focus_values
 from pipeline.pricing.stage import ROWS_CHUNK_CALLS, PricingStage, RowsBacklog
 from schemas.codec import Record
 from schemas.config import Config
@@ -115,7 +115,7 @@ def test_a_batch_fetched_before_a_rebalance_is_left_to_the_next_fetch_of_its_par
 def test_a_message_whose_rows_fail_in_two_chunks_is_dead_lettered_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # rows are made ROWS_CHUNK_CALLS calls at a time: a message's calls can straddle two chunks
     bad = {usage_event(n).id for n in (ROWS_CHUNK_CALLS, ROWS_CHUNK_CALLS + 1)}  # the last of one, the first of next
-    values = cost_records.focus_values
+    values = focus_values
 
     def breaks(priced: PricedUsage, billing: Billing, costs: Sequence[Decimal]) -> list[bytes]:
         if priced.event.id in bad:
