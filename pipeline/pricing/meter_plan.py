@@ -96,15 +96,15 @@ def compile_plan(model_id: str, brackets: Sequence[tuple[int | None, Sequence[Me
     for index in unbilled:
         units = _UNITS_SOURCE[(index,)]
         body += [f"if {units}:", f"    raise unbilled(c0, {index}, {units})"]
-    body.append("lines = []")
     for number, (threshold, steps) in enumerate(brackets):
         if threshold is not None:
             body.append(f"{'el' if number else ''}if ti > {constant(threshold)}:")
         elif number:
             body.append("else:")
         indent = "    " if len(brackets) > 1 else ""
-        body += [indent + line for step in steps for line in _step_source(step, constant)] or [indent + "pass"]
-    body.append("return tuple(lines)")
+        sources = [_step_source(position, step, constant) for position, step in enumerate(steps)]
+        body += [indent + line for lines, _ in sources for line in lines]
+        body += [indent + line for line in _lines_tree([count for _, count in sources])]
     # read only the counts the plan uses (most bill no reasoning or requests), those it derives from last
     used = set(re.findall(r"\b[a-z]+\b", "\n".join(body)))
     counts = [f"{name} = {value}" for name, value in _COUNTS.items()
@@ -130,20 +130,34 @@ _INPUT: Final = frozenset({"iu", "cr", "cw"})
 _CODE: dict[str, CodeType] = {}
 
 
-def _step_source(step: MeterStep, constant: Callable[[object], str]) -> list[str]:
+def _step_source(position: int, step: MeterStep, constant: Callable[[object], str]) -> tuple[list[str], str]:
+    """The source that sets `line<position>` when the meter bills units (raising if its units are negative), and
+    the name of its count."""
     units = _UNITS_SOURCE[step.units]
     # a count the meter bills whole is read as it is; a difference is worked out once
-    leaf, assign = (units, []) if units.isidentifier() else ("leaf", [f"leaf = {units}"])
+    leaf, assign = (units, []) if units.isidentifier() else (f"leaf{position}", [f"leaf{position} = {units}"])
     key = constant(step.usage_key)
     unit = constant(step.list_unit)
     contract_cost = "cost" if step.contract_unit is None else f"{constant(step.contract_unit)} * {leaf}"
     return [*assign,
             f"if {leaf} > 0:",
             f"    cost = {unit} * {leaf}",
-            f"    lines.append(Line({key}, {leaf}, {constant(step.per)}, {constant(step.list_price)}, "
-            f"{constant(step.contract_price)}, cost, {contract_cost}, {constant(step.tier)}))",
+            f"    line{position} = Line({key}, {leaf}, {constant(step.per)}, {constant(step.list_price)}, "
+            f"{constant(step.contract_price)}, cost, {contract_cost}, {constant(step.tier)})",
             f"elif {leaf}:",
-            f"    raise exceeded({key}, {constant(step.units)}, {_UNITS_SOURCE[step.units[:1]]})"]
+            f"    raise exceeded({key}, {constant(step.units)}, {_UNITS_SOURCE[step.units[:1]]})"], leaf
+
+
+def _lines_tree(counts: Sequence[str], position: int = 0, made: tuple[str, ...] = ()) -> list[str]:
+    """The source that returns the lines made: `line<i>` for each count of `counts` from `position` on that is
+    not 0 (none is negative by then), after those of `made`. A branch per count, so that the tuple is built at
+    once, never through a list: 2**len(counts) short returns (len(counts) <= 6)."""
+    if position == len(counts):
+        return [f"return ({''.join(name + ', ' for name in made)})"]
+    return [f"if {counts[position]}:",
+            *("    " + line for line in _lines_tree(counts, position + 1, (*made, f"line{position}"))),
+            "else:",
+            *("    " + line for line in _lines_tree(counts, position + 1, made))]
 
 
 def _exceeded(meter: str, units: tuple[int, ...], total: int) -> UnpricedError:
