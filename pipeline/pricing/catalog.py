@@ -313,11 +313,9 @@ class PriceCatalog:
         found = self.looked_up.get(key)
         if type(found) is ResolvedPrice:  # the hot path: a price already looked up that day
             return found
-        return self.lookup(key, start_unix_nano)
+        return self._lookup(key, start_unix_nano)
 
-    def lookup(self, key: tuple[str | None, str, int, str | None], start_unix_nano: int) -> ResolvedPrice:
-        """resolve's answer given its key: for a price that `looked_up` does not hold at the key (first seen
-        that day, priced by time of day, or unpriced). Raises UnpricedError."""
+    def _lookup(self, key: tuple[str | None, str, int, str | None], start_unix_nano: int) -> ResolvedPrice:
         provider, model, _, service_tier = key
         found = self.looked_up.get(key)
         if found is None:
