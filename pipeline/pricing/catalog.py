@@ -311,7 +311,7 @@ class PriceCatalog:
         """The prices in force for `model` at the call's start. Raises UnpricedError if there are none."""
         key = (provider, model, start_unix_nano // NS_PER_S // S_PER_DAY, service_tier)
         found = self.looked_up.get(key)
-        if found.__class__ is ResolvedPrice:  # the hot path: a price already looked up that day
+        if type(found) is ResolvedPrice:  # the hot path: a price already looked up that day
             return found
         return self._lookup(key, start_unix_nano)
 
@@ -325,12 +325,12 @@ class PriceCatalog:
                 self.looked_up.clear()  # a flood of distinct model names must not grow memory
             self.looked_up[key] = found
         if isinstance(found, _ByTimeOfDay):
-            slot = start_unix_nano % NS_PER_DAY // found.slot_ns
+            # slots divide the day, so a slot's number since the epoch is one division (a slot of the day, two)
+            slot = start_unix_nano // found.slot_ns
             by_slot = found.answers.get(slot)
             if by_slot is None:
                 # resolved at the slot's start, so one answer holds for every instant in the slot
-                slot_start = start_unix_nano - start_unix_nano % found.slot_ns
-                by_slot = self._intern(self._resolve(provider, model, slot_start, service_tier)[0])
+                by_slot = self._intern(self._resolve(provider, model, slot * found.slot_ns, service_tier)[0])
                 if len(found.answers) >= _LOOKUP_CACHE_MAX:
                     found.answers.clear()
                 found.answers[slot] = by_slot
@@ -462,7 +462,8 @@ class PriceCatalog:
 
 @dataclass(slots=True)
 class _ByTimeOfDay:
-    """A day's answers for a model priced by time of day, one per slot of `slot_ns` (which divides the day)."""
+    """A day's answers for a model priced by time of day, one per slot of `slot_ns` (which divides the day), by
+    the slot's number since the epoch."""
 
     slot_ns: int
     answers: dict[int, ResolvedPrice | UnpricedError]

@@ -5,8 +5,8 @@ which of a call's units at which rates. Walking that structure for every call co
 so each price is compiled once into a Python function that does only the arithmetic: the units each meter
 bills, one Decimal product per cost, one PricedLine per meter used. The function's source is generated from
 the plan's shape (which units each meter bills, whether a contracted price differs, the tier thresholds) and
-compiled once per shape; the prices themselves are the globals of each price's copy of that code, never written
-into the source.
+compiled once per shape; the prices themselves are the constants of each price's copy of that code, never written
+into the source (it names each by a placeholder string, which the copy's constants replace).
 
 Pure: no I/O.
 """
@@ -88,23 +88,23 @@ def compile_plan(model_id: str, brackets: Sequence[tuple[int | None, Sequence[Me
     (REPORTED_USAGE positions; a price with no meter for them, which would bill them at 0) is refused."""
     constants: list[object] = [model_id]
 
-    def constant(value: object) -> str:
+    def constant(value: object) -> str:  # the placeholder of `value` in the source
         constants.append(value)
-        return f"c{len(constants) - 1}"
+        return f"'c{len(constants) - 1}'"
 
     body = []
     for index in unbilled:
         units = _UNITS_SOURCE[(index,)]
-        body += [f"if {units}:", f"    raise unbilled(c0, {index}, {units})"]
-    body.append("lines = []")
+        body += [f"if {units}:", f"    raise unbilled('c0', {index}, {units})"]
     for number, (threshold, steps) in enumerate(brackets):
         if threshold is not None:
             body.append(f"{'el' if number else ''}if ti > {constant(threshold)}:")
         elif number:
             body.append("else:")
         indent = "    " if len(brackets) > 1 else ""
-        body += [indent + line for step in steps for line in _step_source(step, constant)] or [indent + "pass"]
-    body.append("return tuple(lines)")
+        sources = [_step_source(position, step, constant) for position, step in enumerate(steps)]
+        body += [indent + line for lines, _ in sources for line in lines]
+        body += [indent + line for line in _lines_tree([count for _, count in sources])]
     # read only the counts the plan uses (most bill no reasoning or requests), those it derives from last
     used = set(re.findall(r"\b[a-z]+\b", "\n".join(body)))
     counts = [f"{name} = {value}" for name, value in _COUNTS.items()
@@ -116,10 +116,11 @@ def compile_plan(model_id: str, brackets: Sequence[tuple[int | None, Sequence[Me
         namespace: dict[str, Any] = {}
         exec(compile(source, "<meter plan>", "exec"), namespace)  # our own source: no data is ever written in it
         code = _CODE[source] = namespace["price_lines"].__code__
-    # the prices are the function's globals, not closure cells (a call copies every cell into its frame);
-    # and each price its own copy of the code: CPython specialises a code object's global reads for one dict
+    # the prices are constants of each price's copy of the code: a constant is read with no lookup at all, where a
+    # global costs a dictionary check and a closure cell a copy into every call's frame
     names = {f"c{i}": value for i, value in enumerate(constants)}
-    return cast(PriceLines, FunctionType(code.replace(), {**_GLOBALS, **names}, "price_lines"))
+    consts = tuple(names.get(c, c) if type(c) is str else c for c in code.co_consts)
+    return cast(PriceLines, FunctionType(code.replace(co_consts=consts), _GLOBALS, "price_lines"))
 
 
 #: the counts a plan's source reads, as it computes them from a UsageEvent; `ti` from the three of _INPUT
@@ -130,20 +131,37 @@ _INPUT: Final = frozenset({"iu", "cr", "cw"})
 _CODE: dict[str, CodeType] = {}
 
 
-def _step_source(step: MeterStep, constant: Callable[[object], str]) -> list[str]:
+def _step_source(position: int, step: MeterStep, constant: Callable[[object], str]) -> tuple[list[str], str]:
+    """The source that sets `line<position>` when the meter bills units (raising if its units are negative), and
+    the name of its count."""
     units = _UNITS_SOURCE[step.units]
     # a count the meter bills whole is read as it is; a difference is worked out once
-    leaf, assign = (units, []) if units.isidentifier() else ("leaf", [f"leaf = {units}"])
+    leaf, assign = (units, []) if units.isidentifier() else (f"leaf{position}", [f"leaf{position} = {units}"])
+    # the total a refusal names; the input total is worked out there, so that calls with no tiers never add it up
+    total = _UNITS_SOURCE[step.units[:1]]
+    total = _COUNTS["ti"] if total == "ti" else total
     key = constant(step.usage_key)
     unit = constant(step.list_unit)
     contract_cost = "cost" if step.contract_unit is None else f"{constant(step.contract_unit)} * {leaf}"
     return [*assign,
             f"if {leaf} > 0:",
             f"    cost = {unit} * {leaf}",
-            f"    lines.append(Line({key}, {leaf}, {constant(step.per)}, {constant(step.list_price)}, "
-            f"{constant(step.contract_price)}, cost, {contract_cost}, {constant(step.tier)}))",
+            f"    line{position} = Line({key}, {leaf}, {constant(step.per)}, {constant(step.list_price)}, "
+            f"{constant(step.contract_price)}, cost, {contract_cost}, {constant(step.tier)})",
             f"elif {leaf}:",
-            f"    raise exceeded({key}, {constant(step.units)}, {_UNITS_SOURCE[step.units[:1]]})"]
+            f"    raise exceeded({key}, {constant(step.units)}, {total})"], leaf
+
+
+def _lines_tree(counts: Sequence[str], position: int = 0, made: tuple[str, ...] = ()) -> list[str]:
+    """The source that returns the lines made: `line<i>` for each count of `counts` from `position` on that is
+    not 0 (none is negative by then), after those of `made`. A branch per count, so that the tuple is built at
+    once, never through a list: 2**len(counts) short returns (len(counts) <= 6)."""
+    if position == len(counts):
+        return [f"return ({''.join(name + ', ' for name in made)})"]
+    return [f"if {counts[position]}:",
+            *("    " + line for line in _lines_tree(counts, position + 1, (*made, f"line{position}"))),
+            "else:",
+            *("    " + line for line in _lines_tree(counts, position + 1, made))]
 
 
 def _exceeded(meter: str, units: tuple[int, ...], total: int) -> UnpricedError:
@@ -156,5 +174,5 @@ def _unbilled(model_id: str, index: int, count: int) -> UnpricedError:
                                            f"{REPORTED_USAGE[index]} ({count})")
 
 
-_GLOBALS: Final[Mapping[str, object]] = {"__builtins__": builtins, "Line": PricedLine, "exceeded": _exceeded,
+_GLOBALS: Final[dict[str, object]] = {"__builtins__": builtins, "Line": PricedLine, "exceeded": _exceeded,
                                          "unbilled": _unbilled}

@@ -51,9 +51,10 @@ def price_usages(events: Iterable[UsageEvent], catalog: PriceCatalog) -> list[Pr
             # PriceCatalog.resolve's hot path, spelt out: a call to it costs a twentieth of pricing a call
             resolved = looked_up((event.provider, model, event.start_time_unix_nano // NS_PER_S // S_PER_DAY,
                                   event.service_tier))
-            if resolved.__class__ is not ResolvedPrice:
+            if type(resolved) is not ResolvedPrice:
                 resolved = resolve(event.provider, model, event.start_time_unix_nano, event.service_tier)
-            out.append(PricedUsage(event, resolved, resolved.price_lines(event), version))
+            price_lines = resolved.price_lines  # read as an attribute: as a method call, no read of it is cached
+            out.append(PricedUsage(event, resolved, price_lines(event), version))
         except UnpricedError as exc:
             out.append(exc)
     return out

@@ -98,6 +98,33 @@ def test_prices_of_one_shape_run_the_same_code_with_their_own_prices() -> None:
     catalog = PriceCatalog()
     tokens = TokenCounts(input_uncached=10, output=5)
     gpt_4o, gpt_41 = (price_usage(_event("openai", model, tokens), catalog).price for model in ("gpt-4o", "gpt-4.1"))
-    assert gpt_4o.price_lines.__code__ == gpt_41.price_lines.__code__  # cache reads, input, output; no tiers
+    # cache reads, input, output; no tiers: one bytecode, each price's constants its own
+    assert gpt_4o.price_lines.__code__.co_code == gpt_41.price_lines.__code__.co_code
     assert [line.list_price for line in gpt_4o.price_lines(_call(10, 0, 0, 5))] == [Decimal("2.5"), Decimal(10)]
     assert [line.list_price for line in gpt_41.price_lines(_call(10, 0, 0, 5))] == [Decimal(2), Decimal(8)]
+
+
+def test_every_combination_of_billed_meters_gives_its_lines_in_meter_order() -> None:
+    # all six meters, below and above a tier: each meter with units makes a line, in the plan's order, whichever
+    # others have none (a compiled plan returns one tuple per combination, 2**6 per bracket)
+    def steps(rate: str, tier: int | None) -> list[MeterStep]:
+        return [_step((1,), "cache_read_tokens", rate, tier), _step((2,), "cache_write_tokens", rate, tier),
+                _step((0, 1, 2), "input_tokens", rate, tier), _step((3, 4), "output_tokens", rate, tier),
+                _step((4,), "output_reasoning_tokens", rate, tier), _step((5,), "requests", rate, tier)]
+
+    price_lines = compile_plan("m", [(1_000, steps("2", 1_000)), (None, steps("1", None))], [])
+    for combination in range(64):
+        has = [bool(combination >> meter & 1) for meter in range(6)]
+        for scale in (1, 100):  # input up to the threshold, then above it
+            cache_read, cache_write, uncached = (7 * scale * has[0], 5 * scale * has[1], 3 * scale * has[2])
+            reasoning, output = 11 * has[4], 11 * has[4] + 13 * has[3]
+            event = _event(None, "m", TokenCounts(input_uncached=uncached, cache_read=cache_read,
+                                                  cache_write=cache_write, output=output, reasoning=reasoning),
+                           adjusted_count=None if has[5] else "0.4")  # 0.4 calls round to 0 requests
+            rate, tier = (Decimal(2), 1_000) if uncached + cache_read + cache_write > 1_000 else (Decimal(1), None)
+            expected = [(key, units, rate * units / 1_000_000, tier) for key, units in (
+                ("cache_read_tokens", cache_read), ("cache_write_tokens", cache_write), ("input_tokens", uncached),
+                ("output_tokens", output - reasoning), ("output_reasoning_tokens", reasoning),
+                ("requests", event.requests)) if units]
+            assert [(line.meter, line.quantity, line.list_cost, line.tier) for line in price_lines(event)] == \
+                expected, (has, scale)
