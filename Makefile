@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python bench/authz.py
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/export.py
+	$(BIN)/python bench/floor.py
 
 # regenerates the checked-in modules of the vendored Envoy ext_authz protos (pipeline/gateway/ext_authz/).
 # protoc 31.1 (grpcio-tools 1.74.0) writes gencode 6.31.1, which every protobuf runtime our dependencies
