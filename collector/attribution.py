@@ -14,6 +14,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 import msgspec
 
@@ -67,6 +68,8 @@ def token_identities(tokens: Mapping[str, Mapping[str, str]], max_chars: int) ->
     return identities
 
 
+#: sets of names a DimensionReader remembers the order of (a request's spans mostly carry a few)
+MAX_ORDERS: Final = 1_024
 #: Prefix of an HMAC pseudonym; the unkeyed SHA-256 ones of earlier versions started with `u_`.
 USER_HASH_PREFIX = "uh_"
 
@@ -93,7 +96,7 @@ class DimensionReader:
     A span carries a handful of attributes and the configured names are a few dozen, so only the names it
     carries are looked at (one set intersection, in C), not every configured name in turn; the order to read
     them in is worked out once for each set of names (the spans of a request mostly carry the same few). Made
-    for one request: it remembers every set of names it met.
+    for one request: it remembers the first MAX_ORDERS sets of names it met.
     """
 
     def __init__(self, config: AttributionConfig) -> None:
@@ -111,9 +114,12 @@ class DimensionReader:
         self._orders: dict[frozenset[str], tuple[tuple[str, str], ...]] = {}
 
     def _order(self, present: frozenset[str]) -> tuple[tuple[str, str], ...]:
-        """(dimension, name) of the names present, in the order they are tried."""
+        """(dimension, name) of the names present, in the order they are tried; remembered for the first
+        MAX_ORDERS sets (2**names are possible: a request's spans could each carry another)."""
         places = sorted([place for name in present for place in self._places[name]])
-        order = self._orders[present] = tuple([(dim, name) for _, dim, name in places])
+        order = tuple([(dim, name) for _, dim, name in places])
+        if len(self._orders) < MAX_ORDERS:
+            self._orders[present] = order
         return order
 
     def read(self, attrs: Attrs, max_chars: int) -> dict[str, str]:
@@ -129,35 +135,75 @@ class DimensionReader:
         return values
 
 
-#: (the resource's dimension values, the span's claims) -> their Attribution
-Settled = dict[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]], Attribution]
+#: (the resource's dimension values, the span's claims): what an Attribution is settled from
+SettledKey = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]
+
+
+class AttributionMemory:
+    """Attributions settled for one identity, by SettledKey. Alone (no `budget`), one resource's for one request,
+    as big as the request; in a SettledAttributions, bounded by its budget on every insert."""
+
+    def __init__(self, budget: SettledAttributions | None = None) -> None:
+        self._budget = budget
+        self._settled: dict[SettledKey, Attribution] = {}
+        self.get = self._settled.get
+
+    def put(self, key: SettledKey, attribution: Attribution) -> None:
+        if self._budget is not None:
+            self._budget.take(key, attribution)
+        self._settled[key] = attribution
+
+    def __len__(self) -> int:
+        return len(self._settled)
+
+    def clear(self) -> None:
+        self._settled.clear()
 
 
 class SettledAttributions:
     """Attributions kept from one request to the next: the calls of a service mostly repeat a few teams, use cases,
     keys and users, and settling one (merge, token binding, user-id HMAC, Kafka key) costs more than the rest of
     its span's attribution. One memory per ingest identity (the token's binding changes the outcome); made for
-    one configuration and user-id key (a collector's). Bounded: a memory is forgotten whole when full (an entry
-    is about 1.1 kB: ~18 MB at most). Shared by the event loop and the decode thread: each step is one dict
-    operation, and a lost entry is settled again.
+    one configuration and user-id key (a collector's).
+
+    Bounded by one budget for all identities, checked on every insert: `capacity` entries and `max_chars`
+    characters of the texts they hold (claimed values are up to `max_value_chars` each, and any text may take 4
+    bytes a character); past either, every memory is forgotten whole and settled again. At the defaults about
+    20-30 MB at most, whatever the spans claim. Shared by the event loop and the decode thread: each step is one
+    dict operation, a lost entry is settled again, and the counts may be off by a racing insert or two.
     """
 
-    def __init__(self, capacity: int = 16_384) -> None:
+    def __init__(self, capacity: int = 16_384, max_chars: int = 2_000_000) -> None:
         self._capacity = capacity
+        self._max_chars = max_chars
         # id(identity) -> (the identity, its memory); the identity is held so that its id cannot be reused
-        self._by_identity: dict[int, tuple[TokenIdentity | None, Settled]] = {}
+        self._by_identity: dict[int, tuple[TokenIdentity | None, AttributionMemory]] = {}
+        self._entries = 0
+        self._chars = 0
 
-    def of(self, identity: TokenIdentity | None) -> Settled:
+    def of(self, identity: TokenIdentity | None) -> AttributionMemory:
         """The memory of the calls made with this identity (None: no ingest token)."""
         entry = self._by_identity.get(id(identity))
         if entry is None or entry[0] is not identity:
             if len(self._by_identity) >= 64:  # a collector has a few configured identities; tests make many
+                self._forget()
                 self._by_identity.clear()
-            entry = self._by_identity[id(identity)] = (identity, {})
-        settled = entry[1]
-        if len(settled) >= self._capacity:
-            settled.clear()
-        return settled
+            entry = self._by_identity[id(identity)] = (identity, AttributionMemory(self))
+        return entry[1]
+
+    def take(self, key: SettledKey, attribution: Attribution) -> None:
+        """Count an entry about to be kept; forget everything first if it would not fit."""
+        resource, claims = key
+        chars = len(attribution.key) + sum([len(name) + len(value) for name, value in resource + claims])
+        if self._entries >= self._capacity or self._chars + chars > self._max_chars:
+            self._forget()
+        self._entries += 1
+        self._chars += chars
+
+    def _forget(self) -> None:
+        for _, memory in list(self._by_identity.values()):
+            memory.clear()
+        self._entries = self._chars = 0
 
 
 class ResourceAttribution:
@@ -171,7 +217,7 @@ class ResourceAttribution:
 
     def __init__(self, resource: Attrs, dimensions: DimensionReader, config: AttributionConfig,
                  identity: TokenIdentity | None, max_chars: int, *, user_key: bytes | None = None,
-                 settled: Settled | None = None) -> None:
+                 settled: AttributionMemory | None = None) -> None:
         """`resource`: the resource's attributes; `dimensions` reads `config`'s; `user_key`: the HMAC key for user
         ids; `settled`: attributions settled before with this identity, config and key (`SettledAttributions`),
         else this resource's own."""
@@ -182,7 +228,7 @@ class ResourceAttribution:
         self._identity = identity
         self._max_chars = max_chars
         self._user_key = user_key
-        self._settled: Settled = {} if settled is None else settled
+        self._settled = AttributionMemory() if settled is None else settled
 
     def of(self, span_attrs: Attrs) -> Attribution:
         """The attribution of the call a span with these attributes made."""
@@ -190,7 +236,8 @@ class ResourceAttribution:
         seen = (self._resource_key, tuple(claims.items()))
         who = self._settled.get(seen)
         if who is None:
-            who = self._settled[seen] = self._settle(claims)
+            who = self._settle(claims)
+            self._settled.put(seen, who)
         return who
 
     def _settle(self, claims: dict[str, str]) -> Attribution:

@@ -132,7 +132,7 @@ def prepare_request(
     user_key: bytes | None = None,
     settled: SettledAttributions | None = None,
 ) -> PreparedRequest:
-    """Normalise and attribute every span of a request. Shares no state: safe on any thread.
+    """Normalise and attribute every span of a request. Safe on any thread (`settled` may be shared).
 
     Spans that are not model calls are skipped; model calls that cannot be priced as sent
     are rejected (counted in the OTLP partial success) and kept as dead letters. With

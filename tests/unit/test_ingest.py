@@ -9,9 +9,16 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 import pytest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from collector.attribution import SettledAttributions, TokenIdentity, token_identities
+from collector.attribution import (
+    MAX_ORDERS,
+    DimensionReader,
+    SettledAttributions,
+    TokenIdentity,
+    token_identities,
+)
 from collector.ingest import IngestResult, NestedCallFilter, ingest_request
 from schemas.config import AttributionConfig, Config
 from tests.dialects import DIALECTS, Dialect, assert_matches
@@ -255,6 +262,35 @@ class TestAttribution:
             ingest_request(make_request([make_span({**DIALECTS[0].attrs, "feature.name": use_case})]), CONFIG, None,
                            NestedCallFilter(), user_key=USER_KEY, settled=settled)
         assert len(settled.of(None)) <= 2
+
+    def test_kept_attributions_are_bounded_within_a_request_and_across_identities(self) -> None:
+        # one request of many distinct claims: the bound holds on every insert, not once a request
+        settled = SettledAttributions(capacity=10)
+        spans = [make_span({**DIALECTS[0].attrs, "feature.name": f"uc-{n}"}) for n in range(50)]
+        ingest_request(make_request(spans), CONFIG, None, NestedCallFilter(), user_key=USER_KEY, settled=settled)
+        assert 0 < len(settled.of(None)) <= 10
+        # one budget for every identity: two tokens together stay within it
+        identities = token_identities({"tok-a-secret": {"team": "a"}, "tok-b-secret": {"team": "b"}}, 256)
+        for identity in identities.values():
+            ingest_request(make_request(spans), CONFIG, identity, NestedCallFilter(), user_key=USER_KEY,
+                           settled=settled)
+        assert sum(len(settled.of(identity)) for identity in [None, *identities.values()]) <= 10
+
+    def test_kept_attributions_are_bounded_by_the_text_they_hold(self) -> None:
+        settled = SettledAttributions(max_chars=3_000)
+        spans = [make_span({**DIALECTS[0].attrs, "feature.name": f"{n:03d}" + "\U0001f600" * 250})
+                 for n in range(40)]
+        result = ingest_request(make_request(spans), CONFIG, None, NestedCallFilter(), user_key=USER_KEY,
+                                settled=settled)
+        assert len(result.events) == 40
+        assert len(settled.of(None)) <= 3_000 // 256  # ~256 characters each
+
+    def test_a_reader_remembers_the_order_of_a_bounded_number_of_name_sets(self) -> None:
+        reader = DimensionReader(CONFIG.attribution)
+        names = sorted({name for dim_names in CONFIG.attribution.dimensions.values() for name in dim_names})[:12]
+        for n in range(2 ** len(names)):  # each span of a request could carry another set of configured names
+            reader.read({name: AnyValue(string_value="x") for i, name in enumerate(names) if n >> i & 1}, 256)
+        assert len(reader._orders) == MAX_ORDERS
 
 
 class TestTokenBinding:
