@@ -13,6 +13,7 @@ from decimal import Decimal
 import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
+from prometheus_client import REGISTRY
 
 from pipeline.guardrails.policy_file import PolicyFile
 from pipeline.kafka.producer import Delivery
@@ -137,3 +138,24 @@ def test_a_message_whose_rows_fail_in_two_chunks_is_dead_lettered_once(monkeypat
     assert orjson.loads(letter)["fields"]["offset"] == 10
     assert len({orjson.loads(value)["x_UsageId"] for _, value in rows.sent["genai.cost.focus"]}) == \
         2 * ROWS_CHUNK_CALLS - 2
+
+
+def test_the_spend_and_the_rows_are_timed_apart() -> None:
+    """spendstream_publish_seconds{stage="pricing"} times a batch's spend (the breaker's path) from sent to
+    acknowledged, {stage="focus_rows"} its rows' acknowledgement: not the rows' making, which takes longer."""
+
+    def count(stage: str) -> float:
+        return REGISTRY.get_sample_value("spendstream_publish_seconds_count", {"stage": stage}) or 0.0
+
+    async def one_batch() -> None:
+        stage = _stage()
+        tp = TopicPartition(stage._names.usage, 0)
+        backlog = RowsBacklog(1000)
+        await backlog.put(await stage._price(_fetched(stage, 10, 1), _Producer(), stage._revocations))  # type: ignore[arg-type]
+        assert count("pricing") == before["pricing"] + 1 and count("focus_rows") == before["focus_rows"]
+        await _published(stage, _Consumer({tp}), _Producer(), backlog)
+
+    before = {stage: count(stage) for stage in ("pricing", "focus_rows")}
+    asyncio.run(one_batch())
+    assert count("pricing") == before["pricing"] + 1
+    assert count("focus_rows") == before["focus_rows"] + 1
