@@ -163,13 +163,13 @@ def pack_values(values: Sequence[bytes]) -> tuple[list[Packed], list[tuple[int, 
     value is left), and the values left out: (index in `values`, why), in order.
 
     A value is kept if and only if it is a FOCUS row the files can hold: what `decode_row` accepts, but for one
-    case: an object repeating a money, quantity or JSON column's key, with an invalid first value and a valid last
-    one, is kept with the last (decode_row checks each; only a hostile producer writes such keys). Each is decoded
-    once, into a `ROW_STRUCTS` struct (its types checked by msgspec as it decodes); the patterns of money,
-    quantities and times, real dates and the correction nulls are then checked column by column (RE2, in C++), and
-    a value refused says what `decode_row` says of it. A packed table takes about 620 bytes a FOCUS 1.4 row, where a
-    decoded row takes about 7.6 KB: repeating columns are dictionary-encoded (`PACKED_COLUMNS`); `unpack` gives the
-    file schema back (the version is in the table's metadata)."""
+    case: an object repeating a money, quantity, time, currency or JSON column's key, with an invalid first value
+    and a valid last one, is kept with the last (decode_row checks each; only a hostile producer writes such keys).
+    Each is decoded once, into a `ROW_STRUCTS` struct (its types checked by msgspec as it decodes); the patterns of
+    money, quantities and times, real dates and the correction nulls are then checked column by column (RE2, in
+    C++), and a value refused says what `decode_row` says of it. A packed table takes about 620 bytes a FOCUS 1.4
+    row, where a decoded row takes about 7.6 KB: repeating columns are dictionary-encoded (`PACKED_COLUMNS`);
+    `unpack` gives the file schema back (the version is in the table's metadata)."""
     with _collector_paused():
         return _pack(values)
 
@@ -568,24 +568,34 @@ def writer_lock(data_dir: Path) -> Iterator[None]:
 
 
 class DayIds:
-    """The row ids of one charge date as 64-bit hashes, 8 bytes an id: a sorted array, and a sorted array of the
-    hashes added since they were last merged into it (merged once they are an eighth of it: each hash is copied
-    a few times, in C). A flush's hashes are looked up and added at once (numpy), not one by one in Python."""
+    """The row ids of one charge date as 64-bit hashes, 8 bytes an id: sorted runs, each older one more than twice
+    the size of the next (a flush's hashes are a new run, merged with the one before while that is at most twice
+    its size). So a day of n ids has at most ~log2(n / flush) runs, each hash is copied O(log n) times in all, in
+    C, and a flush's hashes are looked up and added at once (numpy), not one by one in Python; one sorted pending
+    array merged into the rest had cost a copy of it every flush, growing with the day."""
 
-    __slots__ = ("late", "sealed")
+    __slots__ = ("runs",)
 
     def __init__(self, hashes: npt.NDArray[np.int64]) -> None:
-        self.sealed = np.sort(hashes)
-        self.late: npt.NDArray[np.int64] = np.empty(0, np.int64)
+        self.runs: list[npt.NDArray[np.int64]] = [np.sort(hashes)] if len(hashes) else []
 
     def holds(self, hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Which of `hashes` it holds."""
-        return _in_sorted(self.sealed, hashes) | _in_sorted(self.late, hashes)
+        found = np.zeros(len(hashes), np.bool_)
+        for run in self.runs:
+            found |= _in_sorted(run, hashes)
+        return found
 
     def add(self, hashes: npt.NDArray[np.int64]) -> None:
-        self.late = np.sort(np.concatenate([self.late, hashes]))
-        if len(self.late) * 8 > len(self.sealed):
-            self.sealed, self.late = np.sort(np.concatenate([self.sealed, self.late])), self.late[:0]
+        if not len(hashes):
+            return
+        runs = self.runs
+        runs.append(np.sort(hashes))
+        while len(runs) > 1 and len(runs[-2]) <= 2 * len(runs[-1]):
+            newer = runs.pop()
+            merged = np.concatenate([runs.pop(), newer])
+            merged.sort(kind="stable")  # in place; two sorted runs (numpy's stable sort of int64 is a radix sort)
+            runs.append(merged)
 
 
 def _in_sorted(sorted_hashes: npt.NDArray[np.int64], hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,6 +32,7 @@ from pipeline.export.files import (
     ARROW_SCHEMA,
     ARROW_SCHEMAS,
     DECODE_ROWS,
+    DayIds,
     RowLedger,
     focus_dir,
     pack_values,
@@ -652,3 +654,20 @@ def test_the_report_and_the_workers_history_never_read_across_a_swap(tmp_path: P
         assert answers and set(answers) == {total} and failures == 0
     else:
         assert failures or set(answers) - {total}, "no unlocked query met a swap: the control proves nothing"
+
+
+def test_a_days_ids_stay_a_few_sorted_runs_however_many_flushes_add_to_it() -> None:
+    # a flush's hashes are a run of their own; runs merge as a binary counter does, so a day of n ids is at most
+    # ~log2(n / flush) runs and each hash is copied O(log n) times (one pending array merged anew every flush
+    # had cost a copy of it per flush: per row, linear in the day's size)
+    rng = np.random.default_rng(7)
+    day = DayIds(rng.integers(-(2**63), 2**63 - 1, 5_000, dtype=np.int64))
+    added = [rng.integers(-(2**63), 2**63 - 1, 100, dtype=np.int64) for _ in range(1_000)]
+    for hashes in added:
+        assert not day.holds(hashes).any()
+        day.add(hashes)
+    assert len(day.runs) <= 12  # log2(105,000 / 100) + 2
+    assert all(len(older) > 2 * len(newer) for older, newer in zip(day.runs, day.runs[1:], strict=False))
+    assert all(bool(np.all(run[:-1] <= run[1:])) for run in day.runs)
+    assert day.holds(np.concatenate(added)).all()
+    assert not day.holds(rng.integers(-(2**63), 2**63 - 1, 1_000, dtype=np.int64)).any()
