@@ -18,7 +18,7 @@ from typing import Any, Final
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from pipeline.kafka.record_batch import CODECS, encode_record_batch, record_batches
+from pipeline.kafka.record_batch import CODECS, encode_record_batch, record_batches, with_producer_state
 from schemas.codec import Record
 from schemas.config import KafkaConfig
 
@@ -169,7 +169,8 @@ class _Encoded:
         pass
 
     def _set_producer_state(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
-        raise NotImplementedError("BatchProducer's batches carry no producer id: it is not idempotent")
+        # called by an idempotent producer only (ours are not): the batch then carries its id and sequence
+        self._data = with_producer_state(self._data, producer_id, producer_epoch, base_sequence)
 
 
 #: a batch handed to the producer: done when the broker acknowledged it

@@ -31,7 +31,11 @@ _COMPRESS: Final[dict[int, Callable[[bytes], bytes]]] = {
 #: maxTimestamp, producerId, producerEpoch, baseSequence, recordCount
 _HEADER: Final = struct.Struct(">qiibIhiqqqhii")
 _CRC_FROM: Final = 21  # the crc covers the batch from its attributes on
+_CRC_AT: Final = 17
 _LENGTH_FROM: Final = 12  # batchLength counts the bytes after itself
+#: producerId, producerEpoch, baseSequence: an idempotent producer's, set once the batch is about to be sent
+_PRODUCER_STATE: Final = struct.Struct(">qhi")
+_PRODUCER_STATE_AT: Final = 43
 
 
 def _varint(value: int) -> bytes:
@@ -82,8 +86,8 @@ def record_batches(records: Sequence[KeyValue], max_bytes: int) -> list[Sequence
 def encode_record_batch(records: Sequence[KeyValue], codec: int, timestamp_ms: int) -> bytes:
     """One v2 record batch of `records` (at least one), every record stamped `timestamp_ms`, its records
     compressed with `codec` (CODECS), even should that not make them smaller, as aiokafka does. Base offset 0
-    and no producer id: the broker assigns offsets, and the producer is not idempotent (base sequence 0, as
-    aiokafka writes it)."""
+    and no producer id (base sequence 0, as aiokafka writes it): the broker assigns offsets, and an idempotent
+    producer's state is set by `with_producer_state`."""
     parts: list[bytes] = []
     keys: dict[bytes | None, bytes] = {}  # a key's field: most records of a batch share a few keys
     for offset, (key, value) in enumerate(records):
@@ -101,4 +105,13 @@ def encode_record_batch(records: Sequence[KeyValue], codec: int, timestamp_ms: i
     header = _HEADER.pack(0, _HEADER.size - _LENGTH_FROM + len(body), -1, 2, 0, codec, len(records) - 1,
                           timestamp_ms, timestamp_ms, -1, -1, 0, len(records))
     crc = calc_crc32c(header[_CRC_FROM:] + body)
-    return b"".join((header[:17], crc.to_bytes(4, "big"), header[_CRC_FROM:], body))
+    return b"".join((header[:_CRC_AT], crc.to_bytes(4, "big"), header[_CRC_FROM:], body))
+
+
+def with_producer_state(batch: bytes, producer_id: int, producer_epoch: int, base_sequence: int) -> bytes:
+    """`batch` (encode_record_batch's) stamped with an idempotent producer's id, epoch and first sequence, as
+    aiokafka stamps its own batches before sending them; the crc, which covers them, made anew."""
+    data = bytearray(batch)
+    _PRODUCER_STATE.pack_into(data, _PRODUCER_STATE_AT, producer_id, producer_epoch, base_sequence)
+    data[_CRC_AT:_CRC_FROM] = calc_crc32c(bytes(data[_CRC_FROM:])).to_bytes(4, "big")
+    return bytes(data)

@@ -12,7 +12,14 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
 from pipeline.kafka import record_batch
-from pipeline.kafka.record_batch import CODECS, RECORD_OVERHEAD, KeyValue, encode_record_batch, record_batches
+from pipeline.kafka.record_batch import (
+    CODECS,
+    RECORD_OVERHEAD,
+    KeyValue,
+    encode_record_batch,
+    record_batches,
+    with_producer_state,
+)
 
 STAMP = 1_767_225_600_123
 
@@ -47,6 +54,23 @@ def test_a_batch_is_what_aiokafka_builds_of_its_records(codec: str, monkeypatch:
 
 
 @pytest.mark.parametrize("codec", CODECS)
+def test_an_idempotent_producers_state_is_stamped_as_aiokafka_stamps_it(codec: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(record_batch, "ZSTD_LEVEL", 3)  # aiokafka's
+    monkeypatch.setattr(gzip, "time", types.SimpleNamespace(time=lambda: 0.0))
+    records = _records(11, 50)
+    builder = BatchBuilder(1 << 30, CODECS[codec])
+    for key, value in records:
+        assert builder.append(key=key, value=value, timestamp=STAMP) is not None
+    builder._set_producer_state(4_321, 7, 1_000)
+    stamped = with_producer_state(encode_record_batch(records, CODECS[codec], STAMP), 4_321, 7, 1_000)
+    assert stamped == bytes(builder._build())
+    batch = DefaultRecordBatch(bytearray(stamped))
+    assert batch.validate_crc()
+    assert (batch.producer_id, batch.producer_epoch, batch.base_sequence) == (4_321, 7, 1_000)
+
+
+@pytest.mark.parametrize("codec", CODECS)
 def test_aiokafka_reads_back_every_record_at_the_batch_time(codec: str) -> None:
     records = _records(7, 300) + [(b"team=a", b'{"BilledCost":"0.5"}' * 150)] * 100  # compressible
     batch = DefaultRecordBatch(bytearray(encode_record_batch(records, CODECS[codec], STAMP)))
@@ -69,3 +93,13 @@ def test_batches_hold_at_most_max_bytes_but_a_longer_record_goes_alone() -> None
     batches = record_batches(records, 200 + 3 * RECORD_OVERHEAD)
     assert [list(b) for b in batches] == [records[:3], records[3:4], records[4:]]
     assert record_batches([], 200) == []
+
+
+def test_a_batch_handed_to_aiokafka_takes_the_producer_state_it_is_given() -> None:
+    from pipeline.kafka.producer import _Encoded  # noqa: PLC0415  # the shape aiokafka's sender takes
+
+    records = _records(12, 5)
+    data = encode_record_batch(records, CODECS["zstd"], STAMP)
+    encoded = _Encoded(data, len(records))
+    encoded._set_producer_state(99, 1, 42)
+    assert encoded._build() == with_producer_state(data, 99, 1, 42) != data
