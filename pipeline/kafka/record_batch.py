@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from aiokafka.codec import gzip_encode, lz4_encode, snappy_encode, zstd_encode
-from aiokafka.record.util import calc_crc32c
+from aiokafka.record.util import calc_crc32c, encode_varint
 
 #: a record: key and value, either may be None (a None value is a tombstone on a compacted topic)
 KeyValue = tuple[bytes | None, bytes | None]
@@ -39,13 +39,9 @@ _PRODUCER_STATE_AT: Final = 43
 
 
 def _varint(value: int) -> bytes:
-    """A zigzag varint, as Kafka writes lengths and deltas."""
-    zigzag = (value << 1) ^ (value >> 63)
+    """A zigzag varint, as Kafka writes lengths and deltas (aiokafka's encoder)."""
     out = bytearray()
-    while zigzag > 0x7F:
-        out.append(zigzag & 0x7F | 0x80)
-        zigzag >>= 7
-    out.append(zigzag)
+    encode_varint(value, out.append)
     return bytes(out)
 
 
